@@ -1,0 +1,34 @@
+"""nbcompress: neural-network compression as IPython magics.
+
+In a notebook: ``%load_ext nbcompress``, then ``%nbcompress``, ``%prune``, ``%quantize``,
+``%lowrank``, ``%distill``, ``%undo``/``%redo``, ``%compress_history``. The same techniques are
+plain functions here (``nbcompress.prune(model, 0.5)``) and undoable steps through
+:class:`History`.
+"""
+from __future__ import annotations
+
+from .core import BadInput, CompressionResult, NBCompressError, StepConfig, StepContext, compress
+from .history import History, Workspace
+from .metrics import Metrics, measure
+from .storage import load, save
+from .train import evaluate, fit
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BadInput", "CompressionResult", "NBCompressError", "StepConfig", "StepContext", "compress",
+    "History", "Workspace", "Metrics", "measure", "save", "load", "evaluate", "fit",
+    "load_ipython_extension", "unload_ipython_extension",
+]
+
+
+def load_ipython_extension(ipython):
+    from .magics import load_ipython_extension as _load
+
+    _load(ipython)
+
+
+def unload_ipython_extension(ipython):
+    from .magics import unload_ipython_extension as _unload
+
+    _unload(ipython)

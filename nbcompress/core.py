@@ -1,0 +1,171 @@
+"""The shared shapes every technique speaks: a step config, the context a step runs in, its result,
+and the errors a user sees.
+
+A technique is a :class:`StepConfig` subclass (a small dataclass, as torchao's configs are) whose
+``run(model, ctx)`` compresses ``model`` *in place* and returns a :class:`CompressionResult`.
+``model`` is always a private deep copy already on ``ctx.device``: :func:`compress` makes the copy,
+moves it, and moves the result back, so a technique never touches the caller's model and never
+handles devices for the model itself (data batches are moved with ``nbcompress.train.to_device``).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar
+
+import torch
+from torch import nn
+
+
+class NBCompressError(Exception):
+    """An ordinary exception: what strict mode raises from a magic, and the base of our errors."""
+
+
+class BadInput(NBCompressError, ValueError):
+    """A wrong argument or an unsupported model/layer. The message is one clear line meant for the
+    user; the magics show it as a ``UsageError`` (no traceback), and the model is never changed."""
+
+
+@dataclass
+class StepContext:
+    """Where and how a step runs. Built by :func:`compress` / ``History.apply``."""
+
+    device: torch.device
+    origin_device: torch.device
+    evaluator: Any = None          # DataLoader or callable f(model) -> float | dict, or None
+    example_input: Any = None      # a tensor (batch of 1) for FLOPs / latency / tracing
+    progress: bool = True
+    init_state: dict | None = None  # initial weights recorded for the name (lottery tickets)
+    history: Any = None            # the History the step is applied through, if any
+
+    def evaluate(self, model: nn.Module) -> float | None:
+        """Top-1 accuracy (or the evaluator's 'accuracy') of ``model`` on this context's evaluator."""
+        from .metrics import run_evaluator
+
+        acc, _ = run_evaluator(model, self.evaluator, device=self.device)
+        return acc
+
+
+@dataclass
+class CompressionResult:
+    """What a step returns: the new model plus what the dashboard should show about it.
+
+    ``layers``: one dict per layer the step touched (e.g. name, kind, rank, sparsity, bits,
+    reconstruction error) shown as the step's detail table. ``notes``: short sentences for the user
+    ("skipped fc3: factorising would not save parameters"). ``extra``: any further numbers (per-round
+    accuracies, ticket vs random re-init, ...), kept in the history and shown as a small table.
+    ``tables``: named pandas DataFrames (e.g. a sensitivity scan); ``figures``: named PNG bytes.
+    """
+
+    model: nn.Module
+    layers: list[dict] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    extra: dict = field(default_factory=dict)
+    tables: dict = field(default_factory=dict)
+    figures: dict = field(default_factory=dict)
+    changes_model: bool = True     # False for analysis-only steps (e.g. --sensitivity)
+    compare: dict = field(default_factory=dict)  # other models to measure and show beside, e.g. {"teacher": t}
+
+
+@dataclass
+class StepConfig:
+    """Base for technique configs. Subclasses set ``technique`` and implement ``run``."""
+
+    technique: ClassVar[str] = "step"
+    device: str | None = None
+    progress: bool = True
+
+    def run(self, model: nn.Module, ctx: StepContext) -> CompressionResult:  # pragma: no cover
+        raise NotImplementedError
+
+    def validate(self, model: nn.Module) -> None:
+        """Check arguments against the model before any work; raise :class:`BadInput`."""
+
+    def describe(self) -> str:
+        """The arguments as a compact, deterministic string (history 'args' column)."""
+        parts = []
+        for f in dataclasses.fields(self):
+            if f.name in ("device", "progress"):
+                continue
+            v = getattr(self, f.name)
+            if v == f.default or (f.default_factory is not dataclasses.MISSING and v == f.default_factory()):
+                continue
+            parts.append(f"{f.name}={_short(v)}")
+        return " ".join(parts)
+
+
+def _short(v: Any) -> str:
+    if isinstance(v, nn.Module):
+        return type(v).__name__
+    if isinstance(v, (list, tuple)):
+        return "[" + ",".join(_short(x) for x in v) + "]"
+    if isinstance(v, float):
+        return f"{v:g}"
+    if isinstance(v, (int, str, bool)) or v is None:
+        return str(v)
+    return type(v).__name__
+
+
+def model_device(model: nn.Module) -> torch.device:
+    for t in list(model.parameters()) + list(model.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """``None`` means CUDA when available, else CPU. A CUDA request without CUDA is bad input."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise BadInput(f"unknown device {device!r} (use cpu, cuda or cuda:N)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise BadInput(f"device {device!r} asked for, but CUDA is not available here")
+    return dev
+
+
+def compress(model: nn.Module, config: StepConfig, *, ctx: StepContext | None = None,
+             evaluator: Any = None, example_input: Any = None,
+             device: str | torch.device | None = None) -> CompressionResult:
+    """Run one technique on a private copy of ``model``; the caller's model is never changed.
+
+    The copy is made and moved to the work device here, the result is moved back to the model's
+    own device here: techniques only compress.
+    """
+    if not isinstance(model, nn.Module):
+        raise BadInput(f"expected a torch.nn.Module, got {type(model).__name__}")
+    config.validate(model)
+    origin = model_device(model)
+    if ctx is None:
+        ctx = StepContext(device=resolve_device(device if device is not None else config.device),
+                          origin_device=origin, evaluator=evaluator,
+                          example_input=example_input, progress=config.progress)
+    work = copy.deepcopy(model).to(ctx.device)
+    result = config.run(work, ctx)
+    if not result.changes_model:
+        result.model = model
+    else:
+        result.model = _to_device(result.model, origin)
+    return result
+
+
+def _to_device(model: nn.Module, device: torch.device) -> nn.Module:
+    try:
+        return model.to(device)
+    except (RuntimeError, NotImplementedError):
+        # e.g. int8 CPU kernels that have no CUDA form: keep it where it is, usable there.
+        return model
+
+
+# Techniques register their config classes here so the demo, history and docs can list them.
+TECHNIQUES: dict[str, type[StepConfig]] = {}
+
+
+def register_technique(cls: type[StepConfig]) -> type[StepConfig]:
+    TECHNIQUES[cls.technique] = cls
+    return cls
+
+
+ProgressFn = Callable[[str], None]

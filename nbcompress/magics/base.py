@@ -1,0 +1,177 @@
+"""What every nbcompress magic shares: name lookup and rebinding, error handling, strict mode,
+the per-shell workspace of histories, and running one step as a transaction.
+
+Magics stay thin: parse arguments (``IPython.core.magic_arguments``), look names up, call the API,
+return the report (IPython displays it; ``r = %prune m 0.5`` keeps it).
+"""
+from __future__ import annotations
+
+import functools
+import os
+import re
+import shlex
+from typing import Any
+
+from IPython.core.error import UsageError
+from IPython.core.magic import Magics
+from IPython.core.magic_arguments import argument
+from torch import nn
+
+from ..core import BadInput, NBCompressError, StepConfig
+from ..history import History, Workspace
+from ..metrics import check_evaluator, is_loader, parse_input_shape
+
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+
+
+def strict() -> bool:
+    """``NBCOMPRESS_STRICT=1``: magic errors become ordinary exceptions, so notebook tests
+    (``pytest --nbval-lax``, which ignores ``UsageError``) fail when a magic fails."""
+    return os.environ.get("NBCOMPRESS_STRICT", "").lower() in ("1", "true", "yes", "on")
+
+
+def user_errors(fn):
+    """Show argument mistakes and unsupported input as one line: a plain ``UsageError`` (IPython
+    prints no traceback for it; not a subclass, see ipython#14024), or in strict mode an
+    ordinary :class:`NBCompressError`."""
+
+    @functools.wraps(fn)
+    def wrapper(self, line="", local_ns=None):
+        try:
+            return fn(self, line, local_ns)
+        except (BadInput, UsageError) as e:
+            msg = str(e)
+            if strict():
+                raise NBCompressError(msg) from None
+            raise UsageError(msg) from None
+
+    return wrapper
+
+
+def step_options(fn):
+    """The options every compressing magic takes."""
+    for deco in reversed([
+        argument("--eval", dest="eval_obj", metavar="OBJ", default=None,
+                 help="DataLoader (top-1 accuracy) or callable f(model) -> float|dict; "
+                      "remembered for this name"),
+        argument("--device", default=None, help="cpu, cuda, cuda:N (default: CUDA when available)"),
+        argument("--no-progress", action="store_true", help="hide progress bars"),
+    ]):
+        fn = deco(fn)
+    return fn
+
+
+def workspace_for(shell) -> Workspace:
+    ws = getattr(shell, "_nbcompress_workspace", None)
+    if ws is None:
+        ws = Workspace()
+        shell._nbcompress_workspace = ws
+    return ws
+
+
+class NBMagics(Magics):
+    """Base class with the shared helpers; the magics live in subclasses, one per technique."""
+
+    @property
+    def workspace(self) -> Workspace:
+        return workspace_for(self.shell)
+
+    # ---------------------------------------------------------------- names
+    def _ns(self, local_ns) -> dict:
+        ns = dict(self.shell.user_ns)
+        if local_ns:
+            ns.update(local_ns)
+        return ns
+
+    def lookup(self, name: str, local_ns=None, what: str = "name") -> Any:
+        """The object a (dotted) name refers to; UsageError naming what was not found."""
+        name = name.strip()
+        if not _NAME.match(name):
+            raise BadInput(f"{what} must be a variable name (optionally dotted, like model.encoder), "
+                           f"got {name!r}")
+        ns = self._ns(local_ns)
+        head, *rest = name.split(".")
+        if head not in ns:
+            raise BadInput(f"{what}: no variable named {head!r} in the notebook")
+        obj = ns[head]
+        for i, part in enumerate(rest):
+            if not hasattr(obj, part):
+                raise BadInput(f"{what}: {'.'.join([head] + rest[:i])} has no attribute {part!r}")
+            obj = getattr(obj, part)
+        return obj
+
+    def lookup_model(self, name: str, local_ns=None) -> nn.Module:
+        obj = self.lookup(name, local_ns)
+        if not isinstance(obj, nn.Module):
+            raise BadInput(f"{name} is a {type(obj).__name__}, not a torch.nn.Module")
+        return obj
+
+    def lookup_loader(self, name: str | None, local_ns=None, what: str = "--data"):
+        if name is None:
+            return None
+        obj = self.lookup(name, local_ns, what)
+        if not is_loader(obj):
+            raise BadInput(f"{what} {name} is a {type(obj).__name__}, not a torch DataLoader")
+        return obj
+
+    def lookup_evaluator(self, name: str | None, local_ns=None):
+        if name is None:
+            return None
+        obj = self.lookup(name, local_ns, "--eval")
+        try:
+            check_evaluator(obj)
+        except BadInput:
+            raise BadInput(f"--eval {name} is a {type(obj).__name__}: give a DataLoader or a "
+                           f"callable f(model) -> float | dict") from None
+        return obj
+
+    def rebind(self, name: str, obj: Any, local_ns=None) -> None:
+        head, *rest = name.split(".")
+        if not rest:
+            self.shell.user_ns[head] = obj
+            if local_ns is not None and head in local_ns:
+                local_ns[head] = obj
+            return
+        parent = self.lookup(".".join([head] + rest[:-1]), local_ns)
+        setattr(parent, rest[-1], obj)
+
+    # ---------------------------------------------------------------- histories
+    def history(self, name: str, local_ns=None, *, eval_obj=None, example_input=None,
+                device=None) -> History:
+        model = self.lookup_model(name, local_ns)
+        h = self.workspace.ensure(name, model)
+        h.configure(evaluator=eval_obj, example_input=example_input, device=device)
+        return h
+
+    def existing_history(self, name: str, local_ns=None) -> History:
+        h = self.workspace.get(name)
+        if h is None:
+            self.lookup_model(name, local_ns)   # a clearer message when the name is wrong
+            raise BadInput(f"{name} has no history yet: compress it (or %nbcompress {name}) first")
+        model = self.lookup(name, local_ns)
+        h.observe(model)
+        return h
+
+    def run_step(self, name: str, config: StepConfig, args, local_ns=None, magic: str = ""):
+        """Apply ``config`` to the model named ``name`` as one undoable step; rebind the name only
+        when the step completed."""
+        h = self.history(name, local_ns, eval_obj=self.lookup_evaluator(args.eval_obj, local_ns),
+                         device=args.device)
+        report = h.apply(config, progress=not args.no_progress, magic=magic,
+                         device=args.device)
+        self.rebind(name, h.current, local_ns)
+        return report
+
+
+def parse_shape(text: str):
+    return parse_input_shape(text)
+
+
+def split_names(text: str | None) -> list[str]:
+    if not text:
+        return []
+    return [t for t in re.split(r"[,\s]+", text) if t]
+
+
+def quote(s: str) -> str:
+    return shlex.quote(s)

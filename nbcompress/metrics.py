@@ -1,0 +1,353 @@
+"""One measurement for every before and after: size, FLOPs, latency, accuracy.
+
+Honest numbers: ``dense_bytes`` is what the tensors occupy now (a masked-but-dense tensor is not
+smaller), ``packed_bytes`` is the length of what :func:`nbcompress.save` writes, ``flops`` come
+from ``torch.utils.flop_counter`` on a real forward pass of the example input, and
+``sparse_flops`` is the same count with each layer's share scaled by its weight density (labelled
+as such: dense hardware does not skip zeros). A model whose work depends on its input (early exits)
+reports the FLOPs it actually spent on the evaluator's data through ``nbc_flops`` (see
+:func:`dynamic_flops`). Accuracy comes only from the user's evaluator.
+"""
+from __future__ import annotations
+
+import io
+import re
+import statistics
+import time
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from .core import BadInput, model_device
+
+
+@dataclass
+class Metrics:
+    params: int
+    nonzero_params: int
+    dense_bytes: int
+    packed_bytes: int
+    flops: int | None = None            # per forward pass of the example input
+    sparse_flops: int | None = None     # the same, zero weights skipped (not a dense-hardware speed)
+    latency_ms: float | None = None     # median of timed forwards after warm-up, on `device`
+    accuracy: float | None = None       # from the evaluator only
+    dense_bytes_by_dtype: dict = field(default_factory=dict)
+    eval_extra: dict = field(default_factory=dict)   # the rest of an evaluator's dict
+    layers: list = field(default_factory=list)       # per-layer: name, type, params, nonzero, sparsity, flops, dtype
+    device: str = "cpu"
+    batch_size: int | None = None       # of the example input used for FLOPs and latency
+
+    @property
+    def sparsity(self) -> float:
+        return 1.0 - self.nonzero_params / self.params if self.params else 0.0
+
+    def as_row(self) -> dict:
+        d = asdict(self)
+        for k in ("layers", "eval_extra", "dense_bytes_by_dtype"):
+            d.pop(k)
+        d.update({f"eval_{k}": v for k, v in self.eval_extra.items()})
+        return d
+
+
+# ----------------------------------------------------------------------------------- counting
+
+def _weight_like(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Tensors that are the module's learned content: its own parameters, plus buffers a module
+    declares as weights (``_nbc_weight_buffers``, e.g. int codes of a quantized layer)."""
+    out = {n: p for n, p in module.named_parameters(recurse=False)}
+    for n in getattr(module, "_nbc_weight_buffers", ()):
+        b = getattr(module, n, None)
+        if isinstance(b, torch.Tensor):
+            out[n] = b
+    return out
+
+
+def count_params(model: nn.Module) -> tuple[int, int]:
+    """(params, nonzero params). A module may override with ``nbc_count() -> (params, nonzero)``
+    (used by layers whose weights live outside ``parameters()``, like packed int8 kernels)."""
+    total = nz = 0
+    for m in model.modules():
+        if hasattr(m, "nbc_count"):
+            p, z = m.nbc_count()
+            total += p
+            nz += z
+            continue
+        for t in _weight_like(m).values():
+            total += t.numel()
+            nz += int(torch.count_nonzero(t).item())
+    return total, nz
+
+
+def dense_bytes(model: nn.Module) -> tuple[int, dict]:
+    """Bytes the model's tensors occupy in memory now, total and per dtype (state_dict tensors,
+    each storage counted once)."""
+    seen: set = set()
+    per: dict[str, int] = {}
+    for t in _state_tensors(model):
+        key = (t.untyped_storage().data_ptr(), t.device.type) if t.numel() else id(t)
+        if key in seen:
+            continue
+        seen.add(key)
+        nbytes = t.untyped_storage().nbytes() if t.numel() else 0
+        name = str(t.dtype).replace("torch.", "")
+        per[name] = per.get(name, 0) + nbytes
+    return sum(per.values()), per
+
+
+def _state_tensors(model: nn.Module) -> Iterable[torch.Tensor]:
+    for v in model.state_dict(keep_vars=True).values():
+        if isinstance(v, torch.Tensor):
+            yield v.detach()
+        elif isinstance(v, (tuple, list)):
+            yield from (x.detach() for x in v if isinstance(x, torch.Tensor))
+
+
+def packed_bytes(model: nn.Module) -> int:
+    """The length of what ``nbcompress.save`` writes for this model."""
+    from .storage import save
+
+    buf = io.BytesIO()
+    save(model, buf)
+    return buf.tell()
+
+
+def count_flops(model: nn.Module, example_input: Any) -> tuple[int, int, dict[str, int]]:
+    """(flops, sparse_flops, per-leaf-module flops) of one forward of ``example_input``.
+
+    FLOPs come from ``torch.utils.flop_counter.FlopCounterMode``; the per-module split is read by
+    snapshotting its running total around each leaf module's forward. ``sparse_flops`` scales each
+    leaf's count by the density of its weight tensors.
+    """
+    per_leaf: dict[str, int] = {}
+    counter = FlopCounterMode(display=False)
+    handles = []
+    starts: dict[str, list[int]] = {}
+
+    for name, m in model.named_modules():
+        if any(True for _ in m.children()):
+            continue
+
+        def pre(mod, args, _n=name):
+            starts.setdefault(_n, []).append(counter.get_total_flops())
+
+        def post(mod, args, out, _n=name):
+            s = starts[_n].pop()
+            per_leaf[_n] = per_leaf.get(_n, 0) + counter.get_total_flops() - s
+
+        handles.append(m.register_forward_pre_hook(pre))
+        handles.append(m.register_forward_hook(post))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), counter:
+            _forward(model, example_input)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    total = counter.get_total_flops()
+    saved = 0.0
+    modules = dict(model.named_modules())
+    for n, f in per_leaf.items():
+        w = _weight_like(modules[n]).get("weight")
+        if w is not None and w.numel():
+            density = float(torch.count_nonzero(w).item()) / w.numel()
+            saved += f * (1.0 - density)
+    return int(total), int(round(total - saved)), per_leaf
+
+
+def dynamic_flops(model: nn.Module, example_input: Any, evaluator: Any) -> tuple[int, dict] | None:
+    """For a model whose work depends on its input (early exits): its own count of the FLOPs a
+    forward of ``example_input`` costs on average over the evaluator's data.
+
+    Hook: the model may define ``nbc_flops(example_input, evaluator) -> (flops, details) | None``:
+    ``flops`` for a batch the size of ``example_input`` (so it compares with the static count of
+    any other model), averaged over the data it actually ran; ``details`` (numbers) are shown
+    beside the evaluator's. ``None`` from the hook, or no hook: the static count stands.
+    """
+    hook = getattr(model, "nbc_flops", None)
+    if not callable(hook):
+        return None
+    got = hook(example_input, evaluator)
+    if got is None:
+        return None
+    flops, details = got
+    return int(flops), dict(details or {})
+
+
+def _forward(model: nn.Module, x: Any):
+    if isinstance(x, dict):
+        return model(**x)
+    if isinstance(x, (tuple, list)):
+        return model(*x)
+    return model(x)
+
+
+def measure_latency(model: nn.Module, example_input: Any, *, runs: int = 30, warmup: int = 5,
+                    max_seconds: float = 2.0) -> float:
+    """Median milliseconds of a no-grad forward, after warm-up, on the model's device."""
+    dev = model_device(model)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    was_training = model.training
+    model.eval()
+    times = []
+    try:
+        with torch.inference_mode():
+            for _ in range(warmup):
+                _forward(model, example_input)
+            sync()
+            budget_end = time.perf_counter() + max_seconds
+            for i in range(runs):
+                t0 = time.perf_counter()
+                _forward(model, example_input)
+                sync()
+                times.append((time.perf_counter() - t0) * 1e3)
+                if i >= 9 and time.perf_counter() > budget_end:
+                    break
+    finally:
+        model.train(was_training)
+    return statistics.median(times)
+
+
+# --------------------------------------------------------------------------------- evaluation
+
+def is_loader(obj: Any) -> bool:
+    return isinstance(obj, torch.utils.data.DataLoader)
+
+
+def check_evaluator(obj: Any, what: str = "--eval") -> None:
+    if obj is None or is_loader(obj) or callable(obj):
+        return
+    raise BadInput(f"{what} must be a DataLoader or a callable f(model) -> float | dict, "
+                   f"got {type(obj).__name__}")
+
+
+def run_evaluator(model: nn.Module, evaluator: Any, device=None) -> tuple[float | None, dict]:
+    """(accuracy, other numbers). A DataLoader gives top-1 accuracy; a callable may return a float
+    (taken as accuracy) or a dict (its 'accuracy' key, if any, is the accuracy)."""
+    if evaluator is None:
+        return None, {}
+    check_evaluator(evaluator)
+    if is_loader(evaluator):
+        from .train import evaluate
+
+        return float(evaluate(model, evaluator, device=device, progress=False)), {}
+    out = evaluator(model)
+    if isinstance(out, dict):
+        rest = {k: v for k, v in out.items() if k != "accuracy"}
+        acc = out.get("accuracy")
+        return (float(acc) if acc is not None else None), rest
+    if isinstance(out, torch.Tensor):
+        out = out.item()
+    return float(out), {}
+
+
+def example_from(obj: Any) -> torch.Tensor | None:
+    """A batch-of-1 example input from a DataLoader's first batch (or None)."""
+    if is_loader(obj):
+        batch = next(iter(obj))
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        return x[:1].clone()
+    return None
+
+
+def parse_input_shape(text: str) -> tuple[int, ...]:
+    try:
+        parts = re.split(r"[,x]", str(text).strip().strip("()[]"))
+        shape = tuple(int(s) for s in parts)
+    except ValueError:
+        shape = ()
+    if not shape or any(s <= 0 for s in shape):
+        raise BadInput(f"--input-shape must be positive integers separated by commas, like "
+                       f"1,1,28,28; got {text!r}")
+    return shape
+
+
+# ------------------------------------------------------------------------------------ measure
+
+def measure(model: nn.Module, example_input: Any = None, evaluator: Any = None, device=None, *,
+            latency: bool = True, pack: bool = True) -> Metrics:
+    """Measure ``model`` the one way every before and after is measured.
+
+    ``example_input``: a tensor (FLOPs and latency are per forward of it; a batch of 1 gives
+    per-sample numbers) or a shape tuple; when None and ``evaluator`` is a DataLoader, the first
+    sample of its first batch. ``device``: where to run; default the model's own device (the model
+    is moved there and back if different).
+    """
+    if not isinstance(model, nn.Module):
+        raise BadInput(f"expected a torch.nn.Module, got {type(model).__name__}")
+    check_evaluator(evaluator)
+    origin = model_device(model)
+    dev = torch.device(device) if device is not None else origin
+    if isinstance(example_input, (tuple, list)) and all(isinstance(s, int) for s in example_input):
+        example_input = torch.randn(*example_input)
+    if example_input is None:
+        example_input = example_from(evaluator)
+    moved = dev != origin
+    if moved:
+        model.to(dev)
+    try:
+        params, nonzero = count_params(model)
+        dbytes, per_dtype = dense_bytes(model)
+        pbytes = packed_bytes(model) if pack else 0
+        flops = sparse = lat = None
+        per_leaf: dict[str, int] = {}
+        flops_details: dict = {}
+        batch = None
+        x = None
+        if example_input is not None:
+            from .train import to_device
+
+            x = to_device(example_input, dev)
+            batch = int(x.shape[0]) if isinstance(x, torch.Tensor) and x.dim() else None
+            try:
+                flops, sparse, per_leaf = count_flops(model, x)
+            except Exception as e:  # noqa: BLE001 - an op the counter cannot trace: say so, keep going
+                raise BadInput(f"could not run the model on the example input "
+                               f"(shape {tuple(x.shape) if isinstance(x, torch.Tensor) else '?'}): "
+                               f"{type(e).__name__}: {str(e).splitlines()[0]}") from None
+            dynamic = dynamic_flops(model, x, evaluator)
+            if dynamic is not None:
+                dyn, flops_details = dynamic
+                if flops:
+                    sparse = int(round(sparse * dyn / flops))
+                flops = dyn
+            if latency:
+                lat = measure_latency(model, x)
+        acc, extra = run_evaluator(model, evaluator, device=dev)
+        extra = {**flops_details, **extra}
+        layers = _layer_table(model, per_leaf)
+    finally:
+        if moved:
+            model.to(origin)
+    return Metrics(params=params, nonzero_params=nonzero, dense_bytes=dbytes, packed_bytes=pbytes,
+                   flops=flops, sparse_flops=sparse, latency_ms=lat, accuracy=acc,
+                   dense_bytes_by_dtype=per_dtype, eval_extra=extra, layers=layers,
+                   device=str(dev), batch_size=batch)
+
+
+def _layer_table(model: nn.Module, per_leaf: dict[str, int]) -> list[dict]:
+    rows = []
+    for name, m in model.named_modules():
+        if hasattr(m, "nbc_count"):
+            p, z = m.nbc_count()
+            dtype = getattr(m, "nbc_dtype", "packed")
+        else:
+            ws = _weight_like(m)
+            if not ws:
+                continue
+            p = sum(t.numel() for t in ws.values())
+            z = sum(int(torch.count_nonzero(t).item()) for t in ws.values())
+            w = ws.get("weight", next(iter(ws.values())))
+            dtype = str(w.dtype).replace("torch.", "")
+        if p == 0:
+            continue
+        bits = getattr(m, "nbc_bits", None)
+        rows.append({"layer": name or "(model)", "type": type(m).__name__, "params": p,
+                     "nonzero": z, "sparsity": 1.0 - z / p if p else 0.0,
+                     "flops": per_leaf.get(name), "dtype": dtype, "bits": bits})
+    return rows

@@ -1,0 +1,415 @@
+"""The one training and evaluation loop every technique reuses.
+
+Fine-tuning after pruning, distillation, quantization-aware training and lottery-ticket rewinds all
+call :func:`fit`; every accuracy the dashboard shows for a DataLoader comes from :func:`evaluate`.
+Both work on the model's own device (the caller places the model) and move data batch by batch
+with :func:`to_device`, so the same code runs on CPU and CUDA.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import numbers
+import time
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from .core import BadInput, model_device, resolve_device
+
+__all__ = ["to_device", "split_batch", "evaluate", "fit", "make_optimizer"]
+
+OPTIMIZERS = ("adam", "adamw", "sgd")
+_POSTFIX_EVERY = 10     # steps between progress-bar loss updates (each one syncs a CUDA device)
+
+
+# ------------------------------------------------------------------------------------ batches
+
+def to_device(obj: Any, device: str | torch.device) -> Any:
+    """Move a tensor, or tuples / lists / dicts of them (nested), to ``device``.
+
+    Copies from pinned memory to CUDA are non-blocking. Anything that is not a tensor or a
+    container of them is returned unchanged."""
+    device = torch.device(device)
+    if isinstance(obj, torch.Tensor):
+        if obj.device == device:
+            return obj
+        non_blocking = device.type == "cuda" and obj.device.type == "cpu" and obj.is_pinned()
+        return obj.to(device, non_blocking=non_blocking)
+    if isinstance(obj, dict):
+        moved = {k: to_device(v, device) for k, v in obj.items()}
+        if type(obj) is dict:
+            return moved
+        try:
+            return type(obj)(moved)
+        except TypeError:       # e.g. defaultdict: a plain dict of the same items
+            return moved
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):          # namedtuple
+        return type(obj)(*(to_device(v, device) for v in obj))
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(to_device(v, device) for v in obj)
+    return obj
+
+
+def split_batch(batch: Any) -> tuple[Any, Any]:
+    """``(inputs, targets or None)`` of one batch: ``(x, y)``, ``[x, y]``, ``(x,)`` or a bare
+    tensor ``x`` (unlabelled transfer data). Extra items after ``y`` are ignored."""
+    if isinstance(batch, torch.Tensor):
+        return batch, None
+    if isinstance(batch, (tuple, list)):
+        if len(batch) == 0:
+            raise BadInput("the loader yielded an empty batch")
+        if len(batch) == 1:
+            return batch[0], None
+        return batch[0], batch[1]
+    raise BadInput(f"a batch must be a tensor x or a tuple/list (x, y); the loader yielded a "
+                   f"{type(batch).__name__}")
+
+
+def _logits(out: Any) -> torch.Tensor:
+    """The class scores of a model's output: the tensor itself, the first item of a tuple/list,
+    or a dict's 'logits'."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    if isinstance(out, dict) and isinstance(out.get("logits"), torch.Tensor):
+        return out["logits"]
+    raise BadInput(f"the model's output is a {type(out).__name__}, not a tensor of class scores")
+
+
+def _check_loader(loader: Any, what: str = "loader") -> None:
+    if not isinstance(loader, DataLoader):
+        raise BadInput(f"{what} must be a torch.utils.data.DataLoader, got {type(loader).__name__}")
+
+
+def _loader_len(loader: DataLoader) -> int | None:
+    try:
+        return len(loader)
+    except TypeError:       # an IterableDataset without __len__
+        return None
+
+
+def _forward(model: nn.Module, x: Any) -> Any:
+    if isinstance(x, dict):
+        return model(**x)
+    return model(x)
+
+
+# --------------------------------------------------------------------------------- evaluation
+
+def evaluate(model: nn.Module, loader: DataLoader, device: str | torch.device | None = None,
+             progress: bool = False) -> float:
+    """Top-1 accuracy of ``model`` on a labelled ``loader``, as a fraction in [0, 1].
+
+    Runs in eval mode without autograd on ``device`` (default: the model's device; the model is
+    not moved), batch by batch, and restores the model's train/eval mode afterwards. Targets may be
+    class indices or one-hot / soft labels (argmax taken).
+
+    Autograd is off with ``torch.no_grad`` rather than ``torch.inference_mode``: a module that
+    caches or re-binds a buffer during forward (observers, lazily built masks) would otherwise keep
+    an inference tensor that a later :func:`fit` cannot train through; the speed is the same.
+    """
+    if not isinstance(model, nn.Module):
+        raise BadInput(f"expected a torch.nn.Module, got {type(model).__name__}")
+    _check_loader(loader, "the evaluation loader")
+    dev = model_device(model) if device is None else resolve_device(device)
+    was_training = model.training
+    correct = 0
+    total = 0
+    bar = tqdm(total=_loader_len(loader), desc="eval", disable=not progress, leave=False)
+    model.eval()
+    try:
+        with torch.no_grad():
+            correct_t = torch.zeros((), dtype=torch.long, device=dev)
+            for batch in loader:
+                x, y = split_batch(batch)
+                if y is None:
+                    raise BadInput("the evaluation loader yields no labels: accuracy needs "
+                                   "(inputs, labels) batches")
+                x = to_device(x, dev)
+                y = to_device(y, dev)
+                scores = _logits(_forward(model, x))
+                pred = scores.argmax(dim=1)
+                if y.dim() == scores.dim() and y.shape == scores.shape:   # one-hot / soft labels
+                    y = y.argmax(dim=1)
+                if pred.shape != y.shape:
+                    raise BadInput(f"the model's predictions have shape {tuple(pred.shape)} but "
+                                   f"the labels have shape {tuple(y.shape)}")
+                correct_t += (pred == y).sum()
+                total += y.numel()
+                bar.update(1)
+            correct = int(correct_t.item())
+    finally:
+        bar.close()
+        model.train(was_training)
+    if total == 0:
+        raise BadInput("the evaluation loader yielded no samples")
+    return correct / total
+
+
+# ------------------------------------------------------------------------------------ training
+
+def make_optimizer(optimizer: Any, params: Any, *, lr: float = 1e-3, weight_decay: float = 0.0,
+                   momentum: float = 0.9) -> torch.optim.Optimizer:
+    """An optimizer from a name ("adam", "adamw", "sgd"), a ready ``torch.optim.Optimizer``
+    (returned as it is) or a callable ``f(params) -> Optimizer``."""
+    if isinstance(optimizer, torch.optim.Optimizer):
+        return optimizer
+    if isinstance(optimizer, str):
+        name = optimizer.lower()
+        if name == "adam":
+            return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+        if name == "adamw":
+            return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        if name == "sgd":
+            return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+        raise BadInput(f"unknown optimizer {optimizer!r} (use {', '.join(OPTIMIZERS)}, a "
+                       f"torch.optim.Optimizer or a callable f(params) -> Optimizer)")
+    if callable(optimizer):
+        opt = optimizer(params)
+        if not isinstance(opt, torch.optim.Optimizer):
+            raise BadInput(f"the optimizer callable returned a {type(opt).__name__}, not a "
+                           f"torch.optim.Optimizer")
+        return opt
+    raise BadInput(f"optimizer must be one of {', '.join(OPTIMIZERS)}, a torch.optim.Optimizer or "
+                   f"a callable f(params) -> Optimizer; got {type(optimizer).__name__}")
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def _validate(model, loader, epochs, lr, optimizer, weight_decay, momentum, loss_fn, after_step,
+              on_epoch_end, eval_loader, scheduler, grad_clip, seed, amp) -> None:
+    if not isinstance(model, nn.Module):
+        raise BadInput(f"expected a torch.nn.Module to train, got {type(model).__name__}")
+    _check_loader(loader, "the training loader")
+    if not isinstance(epochs, numbers.Integral) or isinstance(epochs, bool) or epochs < 1:
+        raise BadInput(f"epochs must be a positive int, got {epochs!r}")
+    if not _is_number(lr) or not math.isfinite(lr) or lr <= 0:
+        raise BadInput(f"lr must be a positive number, got {lr!r}")
+    if not _is_number(weight_decay) or not math.isfinite(weight_decay) or weight_decay < 0:
+        raise BadInput(f"weight_decay must be a number >= 0, got {weight_decay!r}")
+    if not _is_number(momentum) or not 0 <= momentum < 1:
+        raise BadInput(f"momentum must be in [0, 1), got {momentum!r}")
+    if isinstance(optimizer, str) and optimizer.lower() not in OPTIMIZERS:
+        raise BadInput(f"unknown optimizer {optimizer!r} (use {', '.join(OPTIMIZERS)}, a "
+                       f"torch.optim.Optimizer or a callable f(params) -> Optimizer)")
+    if not (isinstance(optimizer, (str, torch.optim.Optimizer)) or callable(optimizer)):
+        raise BadInput(f"optimizer must be one of {', '.join(OPTIMIZERS)}, a torch.optim.Optimizer "
+                       f"or a callable f(params) -> Optimizer; got {type(optimizer).__name__}")
+    for name, fn in (("loss_fn", loss_fn), ("after_step", after_step),
+                     ("on_epoch_end", on_epoch_end)):
+        if fn is not None and not callable(fn):
+            raise BadInput(f"{name} must be callable, got {type(fn).__name__}")
+    if eval_loader is not None:
+        _check_loader(eval_loader, "eval_loader")
+    if scheduler is not None:
+        if isinstance(scheduler, str):
+            if scheduler.lower() != "cosine":
+                raise BadInput(f"unknown scheduler {scheduler!r} (use 'cosine', a callable "
+                               f"f(optimizer, total_steps) -> scheduler, or None)")
+        elif not (callable(scheduler)
+                  or isinstance(scheduler, torch.optim.lr_scheduler.LRScheduler)):
+            raise BadInput(f"scheduler must be 'cosine', a callable f(optimizer, total_steps) or "
+                           f"None; got {type(scheduler).__name__}")
+    if grad_clip is not None and (not _is_number(grad_clip) or grad_clip <= 0):
+        raise BadInput(f"grad_clip must be a positive number or None, got {grad_clip!r}")
+    if seed is not None and (not isinstance(seed, numbers.Integral) or isinstance(seed, bool)):
+        raise BadInput(f"seed must be an int or None, got {seed!r}")
+    if amp is not None and not isinstance(amp, bool):
+        raise BadInput(f"amp must be True, False or None (automatic), got {amp!r}")
+
+
+def _amp_setup(amp: bool | None, device: torch.device):
+    """(autocast context factory, GradScaler or None).
+
+    ``amp=None``: mixed precision on CUDA only (bf16 where supported, else fp16 with a gradient
+    scaler); ``amp=True`` on CPU: bf16 autocast; ``amp=False``: full precision."""
+    use = (device.type == "cuda") if amp is None else amp
+    if not use:
+        return contextlib.nullcontext, None
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return (lambda: torch.autocast("cuda", dtype=torch.bfloat16)), None
+        return (lambda: torch.autocast("cuda", dtype=torch.float16)), torch.amp.GradScaler("cuda")
+    return (lambda: torch.autocast(device.type, dtype=torch.bfloat16)), None
+
+
+def _param_tensors(opt: torch.optim.Optimizer) -> list[torch.Tensor]:
+    return [p for g in opt.param_groups for p in g["params"]]
+
+
+def _seed_scope(seed: int | None, device: torch.device):
+    """Seed torch for the duration of the run, restoring the global RNG state afterwards."""
+    if seed is None:
+        return contextlib.nullcontext()
+    stack = contextlib.ExitStack()
+    cuda = device.type == "cuda"
+    idx = (device.index if device.index is not None else torch.cuda.current_device()) if cuda else None
+    stack.enter_context(torch.random.fork_rng(devices=[idx] if cuda else []))
+    torch.random.default_generator.manual_seed(int(seed))
+    if cuda:
+        with torch.cuda.device(idx):
+            torch.cuda.manual_seed(int(seed))
+    return stack
+
+
+def fit(model: nn.Module, loader: DataLoader, *, epochs: int = 1, lr: float = 1e-3,
+        optimizer: Any = "adam", weight_decay: float = 0.0, momentum: float = 0.9,
+        loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
+        params: Iterable | None = None, device: str | torch.device | None = None,
+        amp: bool | None = None, progress: bool = True, desc: str = "fit",
+        after_step: Callable[[nn.Module], Any] | None = None,
+        on_epoch_end: Callable[[int, dict], Any] | None = None,
+        eval_loader: DataLoader | None = None, scheduler: Any = None,
+        grad_clip: float | None = None, seed: int | None = None) -> list[dict]:
+    """Train ``model`` in place; one record per epoch: ``{"epoch", "loss", "seconds", "lr"}`` plus
+    ``"accuracy"`` (on ``eval_loader``) when one is given.
+
+    - ``loader``: a DataLoader; batches are moved to the device one at a time.
+    - ``optimizer``: "adam" | "adamw" | "sgd" (``lr``, ``weight_decay``, ``momentum`` apply), a
+      ready ``torch.optim.Optimizer`` (used as it is; ``lr`` is then ignored) or a callable
+      ``f(params) -> Optimizer``.
+    - ``loss_fn``: default cross-entropy of ``model(x)`` against ``y``; otherwise
+      ``loss_fn(model, batch) -> scalar tensor`` with ``batch`` already on the device (so
+      unlabelled batches and teacher models work).
+    - ``params``: the parameters (or param groups) to optimise; default all that require grad.
+    - ``device``: default the model's device; if given and different, the model is moved there.
+    - ``amp``: None = mixed precision on CUDA only; True forces it (bf16 autocast on CPU); False
+      turns it off.
+    - ``after_step(model)``: after every optimizer step, under ``no_grad`` (re-apply masks, clip).
+    - ``on_epoch_end(epoch, record)``: after each epoch (``epoch`` counts from 1, as in the
+      record); returning ``True`` stops training early.
+    - ``scheduler``: None, "cosine" (cosine annealing over all steps), a callable
+      ``f(optimizer, total_steps) -> scheduler`` or a ready LR scheduler; stepped every step.
+    - ``grad_clip``: max global gradient norm. ``seed``: seeds torch for the run (the global RNG
+      state is restored afterwards; shuffling order is the loader's own generator).
+
+    An exception or ``KeyboardInterrupt`` (also one raised inside ``loss_fn``) propagates
+    unchanged; the model's train/eval mode is restored and the progress bar closed either way.
+    Parameters keep whatever the finished steps wrote; ``.grad`` holds the last step's gradients
+    (None for parameters left out of ``params``).
+    """
+    _validate(model, loader, epochs, lr, optimizer, weight_decay, momentum, loss_fn, after_step,
+              on_epoch_end, eval_loader, scheduler, grad_clip, seed, amp)
+    dev = model_device(model) if device is None else resolve_device(device)
+    if model_device(model) != dev:
+        model.to(dev)
+
+    if params is None:
+        params = [p for p in model.parameters() if p.requires_grad]
+    else:
+        if isinstance(params, torch.Tensor):
+            params = [params]
+        params = list(params)
+    if not isinstance(optimizer, torch.optim.Optimizer) and not params:
+        raise BadInput("there are no parameters to train (none require grad)")
+    opt = make_optimizer(optimizer, params, lr=lr, weight_decay=weight_decay, momentum=momentum)
+    opt_params = _param_tensors(opt)
+    trained = {id(p) for p in opt_params}
+    params_subset = any(p.requires_grad and id(p) not in trained for p in model.parameters())
+
+    steps_per_epoch = _loader_len(loader)
+    if steps_per_epoch == 0:
+        raise BadInput("the training loader is empty")
+    total_steps = steps_per_epoch * epochs if steps_per_epoch is not None else None
+    if scheduler is None:
+        sched = None
+    elif isinstance(scheduler, torch.optim.lr_scheduler.LRScheduler):
+        sched = scheduler
+    elif isinstance(scheduler, str):
+        if total_steps is None:
+            raise BadInput("scheduler='cosine' needs a loader with a length (len(loader))")
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total_steps)
+    else:
+        sched = scheduler(opt, total_steps)
+
+    autocast, scaler = _amp_setup(amp, dev)
+    history: list[dict] = []
+    was_training = model.training
+    bar = None
+    try:
+        with _seed_scope(seed, dev):
+            for epoch in range(1, epochs + 1):
+                model.train()
+                bar = tqdm(total=steps_per_epoch, desc=f"{desc} {epoch}/{epochs}",
+                           disable=not progress, leave=False)
+                t0 = time.perf_counter()
+                loss_sum = torch.zeros((), dtype=torch.float32, device=dev)  # no float64 on MPS
+                n_steps = 0
+                for batch in loader:
+                    batch = to_device(batch, dev)
+                    with autocast():
+                        if loss_fn is None:
+                            x, y = split_batch(batch)
+                            if y is None:
+                                raise BadInput("the training loader yields no labels; pass "
+                                               "loss_fn(model, batch) to train on unlabelled data")
+                            loss = F.cross_entropy(_logits(_forward(model, x)).float(), y)
+                        else:
+                            loss = loss_fn(model, batch)
+                    if n_steps == 0:
+                        _check_loss(loss)
+                    opt.zero_grad(set_to_none=True)
+                    if params_subset:       # grads of parameters not trained must not pile up
+                        model.zero_grad(set_to_none=True)
+                    if scaler is not None:
+                        scaler.scale(loss).backward()
+                        if grad_clip is not None:
+                            scaler.unscale_(opt)
+                            torch.nn.utils.clip_grad_norm_(opt_params, grad_clip)
+                        scaler.step(opt)
+                        scaler.update()
+                    else:
+                        loss.backward()
+                        if grad_clip is not None:
+                            torch.nn.utils.clip_grad_norm_(opt_params, grad_clip)
+                        opt.step()
+                    if sched is not None:
+                        sched.step()
+                    if after_step is not None:
+                        with torch.no_grad():
+                            after_step(model)
+                    loss_sum += loss.detach().float()
+                    n_steps += 1
+                    bar.update(1)
+                    if progress and n_steps % _POSTFIX_EVERY == 0:
+                        bar.set_postfix(loss=f"{loss_sum.item() / n_steps:.4f}", refresh=False)
+                if n_steps == 0:
+                    raise BadInput("the training loader yielded no batches")
+                mean_loss = loss_sum.item() / n_steps
+                seconds = time.perf_counter() - t0
+                bar.set_postfix(loss=f"{mean_loss:.4f}")
+                bar.close()
+                record = {"epoch": epoch, "loss": mean_loss, "seconds": seconds,
+                          "lr": float(opt.param_groups[0]["lr"])}
+                if eval_loader is not None:
+                    record["accuracy"] = evaluate(model, eval_loader, device=dev)
+                history.append(record)
+                if on_epoch_end is not None and on_epoch_end(epoch, record) is True:
+                    break
+    finally:
+        if bar is not None:
+            bar.close()
+        if params_subset:
+            for p in model.parameters():
+                if id(p) not in trained:
+                    p.grad = None
+        model.train(was_training)
+    return history
+
+
+def _check_loss(loss: Any) -> None:
+    if not isinstance(loss, torch.Tensor):
+        raise BadInput(f"loss_fn must return a scalar tensor, got {type(loss).__name__}")
+    if loss.numel() != 1:
+        raise BadInput(f"loss_fn must return a scalar tensor, got shape {tuple(loss.shape)}")
+    if not loss.requires_grad:
+        raise BadInput("the loss does not depend on any trainable parameter (no grad); was it "
+                       "computed under torch.no_grad, or are all parameters frozen?")
