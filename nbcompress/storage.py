@@ -9,6 +9,10 @@ The JSON header is::
     {"format": "nbcompress", "version": 1, "huffman": bool, "torch": "2.x",
      "root": <node>, "objects": [<object>], "tensors": [<tensor>], "blob_bytes": int}
 
+preceded by ``"crc32": "<8 hex digits>"`` as the header's first key: zlib's CRC-32 of the JSON
+header (with those digits written as zeros) followed by the blob, checked on load, so a changed
+bit anywhere after the prefix is an error, never a silently different model.
+
 A ``<node>`` describes one module::
 
     {"class": "<module>.<qualname>", "training": bool, "attrs": {name: value},
@@ -59,6 +63,7 @@ import os
 import re
 import struct
 import types
+import zlib
 from collections.abc import Iterable
 from typing import Any, Callable
 
@@ -76,6 +81,9 @@ MAGIC = b"NBC1"
 FORMAT_VERSION = 1
 _LEN = struct.Struct("<I")
 _PREFIX_BYTES = len(MAGIC) + _LEN.size      # 8: magic + header length
+_CRC_KEY = b'{"crc32":"'                    # the header's first key: CRC-32 of header and blob,
+_CRC_AT = len(_CRC_KEY)                     # 8 hex digits, computed with them set to zeros
+_CRC_BLANK = "00000000"
 MAX_CODEBOOK = 1 << 16
 _HUFF_LIMIT = 20                            # longest Huffman code, bits
 _LEN_BITS = 5                               # bits per stored code length
@@ -903,11 +911,13 @@ def _build(model: nn.Module, huffman: bool) -> bytes:
         tj["seg"] = [len(s) for s in segs]
         blobs.extend(segs)
     blob = b"".join(blobs)
-    header = {"format": "nbcompress", "version": FORMAT_VERSION, "huffman": bool(huffman),
-              "torch": torch.__version__.split("+")[0], "root": root, "objects": objects,
-              "tensors": tensors, "blob_bytes": len(blob)}
+    header = {"crc32": _CRC_BLANK, "format": "nbcompress", "version": FORMAT_VERSION,
+              "huffman": bool(huffman), "torch": torch.__version__.split("+")[0], "root": root,
+              "objects": objects, "tensors": tensors, "blob_bytes": len(blob)}
     hb = json.dumps(header, separators=(",", ":"), ensure_ascii=False, allow_nan=False
                     ).encode("utf-8")
+    crc = b"%08x" % (zlib.crc32(blob, zlib.crc32(hb)) & 0xFFFFFFFF)
+    hb = hb[:_CRC_AT] + crc + hb[_CRC_AT + 8:]
     return MAGIC + _LEN.pack(len(hb)) + hb + blob
 
 
@@ -1002,6 +1012,13 @@ def _read_stream(f, check_end: bool = True) -> tuple[dict, memoryview, bool]:
     if len(blob) < nblob:
         raise BadInput(f"truncated nbcompress file (the data ends after {len(blob)} of "
                        f"{nblob} bytes)")
+    if hb[:_CRC_AT] == _CRC_KEY:
+        # a changed bit in the header or the packed data would otherwise load as a silently
+        # different model
+        blank = hb[:_CRC_AT] + _CRC_BLANK.encode() + hb[_CRC_AT + 8:]
+        crc = b"%08x" % (zlib.crc32(blob, zlib.crc32(blank)) & 0xFFFFFFFF)
+        if crc != hb[_CRC_AT:_CRC_AT + 8]:
+            raise BadInput("corrupt nbcompress file: its bytes do not match their CRC-32 checksum")
     extra = bool(_read_exact(f, 1)) if check_end else False
     header["_overhead"] = _PREFIX_BYTES + hlen
     return header, memoryview(blob), extra
