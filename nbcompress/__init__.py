@@ -12,12 +12,19 @@ from .history import History, Workspace
 from .metrics import Metrics, measure
 from .storage import load, save
 from .train import evaluate, fit
+from .prune import PruneConfig, prune, sensitivity
+from .quantize import QuantizeConfig, quantize
+from .distill import DistillConfig, distill
+from .lowrank import LowRankConfig, lowrank
+from .earlyexit import EarlyExitConfig, early_exit
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BadInput", "CompressionResult", "NBCompressError", "StepConfig", "StepContext", "compress",
     "History", "Workspace", "Metrics", "measure", "save", "load", "evaluate", "fit",
+    "PruneConfig", "prune", "sensitivity", "QuantizeConfig", "quantize", "DistillConfig", "distill",
+    "LowRankConfig", "lowrank", "EarlyExitConfig", "early_exit",
     "load_ipython_extension", "unload_ipython_extension",
 ]
 

@@ -6,6 +6,7 @@ technique the package has as an undoable step, and prints the before/after table
 from __future__ import annotations
 
 import argparse
+import copy
 import io
 import time
 
@@ -15,11 +16,17 @@ from . import History, load, save
 from .data import lenet_300_100, mnist_loaders, train_reference
 
 
-def demo_steps(train_loader, test_loader):
-    """(label, StepConfig) pairs, applied in order to the trained model. Each technique adds its
-    step here when it lands."""
-    steps = []
-    return steps
+def demo_pipelines(train_loader, test_loader):
+    """{history name: [(label, StepConfig), ...]}: each technique's own demo step, in two
+    pipelines over the same trained model: Deep-Compression style (prune, distill back from the
+    original, int8) and architecture (low-rank, then early exits)."""
+    import importlib
+
+    # import the modules by path: the package re-exports functions with the same names
+    steps = {t: importlib.import_module(f"nbcompress.{t}").demo_config(train_loader, test_loader)
+             for t in ("prune", "quantize", "lowrank", "distill", "earlyexit")}
+    return {"model": [steps["prune"], steps["distill"], steps["quantize"]],
+            "model_arch": [steps["lowrank"], steps["earlyexit"]]}
 
 
 def format_table(df) -> str:
@@ -42,21 +49,27 @@ def format_table(df) -> str:
     return "\n".join(lines)
 
 
-def run(epochs: int = 20, seed: int = 0, progress: bool = False) -> History:
+def run(epochs: int = 20, seed: int = 0, progress: bool = False) -> dict:
     torch.manual_seed(seed)
     t0 = time.perf_counter()
     train_loader, test_loader = mnist_loaders(seed=seed)
     print(f"nbcompress demo: LeNet-300-100 on the embedded MNIST subset "
           f"({len(train_loader.dataset)} train / {len(test_loader.dataset)} test digits)")
     model = lenet_300_100(seed=seed)
-    hist = History(model, name="model", evaluator=test_loader)
+    init = copy.deepcopy(model.state_dict())
     train_reference(model, train_loader, epochs=epochs, seed=seed, progress=progress)
     print(f"trained {epochs} epochs in {time.perf_counter() - t0:.1f} s")
-    print(hist.measure_report())
-    for label, config in demo_steps(train_loader, test_loader):
-        print(f"\n== {label}")
-        report = hist.apply(config, progress=progress)
-        print(report)
+    histories = {}
+    for name, steps in demo_pipelines(train_loader, test_loader).items():
+        h = History(copy.deepcopy(model), name=name, evaluator=test_loader, remember_init=False)
+        h.init_state = init
+        histories[name] = h
+        print(f"\n##### {name}: " + " -> ".join(label for label, _ in steps))
+        print(h.measure_report())
+        for label, config in steps:
+            print(f"\n== {label}")
+            print(h.apply(config, progress=progress))
+    hist = histories["model"]
     buf = io.BytesIO()
     save(hist.current, buf)
     buf.seek(0)
@@ -66,10 +79,11 @@ def run(epochs: int = 20, seed: int = 0, progress: bool = False) -> History:
         same = torch.equal(hist.current.eval()(x), restored.eval()(x))
     print(f"\nsaved with nbcompress.save: {buf.getbuffer().nbytes:,} bytes; "
           f"reloaded outputs identical: {same}")
-    print("\nHistory (%compress_history model):")
-    print(format_table(hist.table()))
+    for name, h in histories.items():
+        print(f"\nHistory (%compress_history {name}):")
+        print(format_table(h.table()))
     print(f"\ndone in {time.perf_counter() - t0:.1f} s")
-    return hist
+    return histories
 
 
 def main(argv=None) -> int:

@@ -1,38 +1,27 @@
-"""IPython front end. Each technique adds its Magics class to MAGIC_CLASSES."""
+"""IPython front end: one Magics class per technique, all sharing magics/base.py."""
 from __future__ import annotations
 
 from .core import CoreMagics
+from .distill import DistillMagics
+from .earlyexit import EarlyExitMagics
+from .lowrank import LowRankMagics
+from .prune import PruneMagics
+from .quantize import QuantizeMagics
 
-MAGIC_CLASSES = [CoreMagics]
-
-
-def _technique_magics():
-    import importlib
-
-    out = []
-    for mod, cls in [("prune", "PruneMagics"), ("quantize", "QuantizeMagics"),
-                     ("distill", "DistillMagics"), ("lowrank", "LowRankMagics"),
-                     ("earlyexit", "EarlyExitMagics")]:
-        try:
-            m = importlib.import_module(f"{__name__}.{mod}")
-        except ModuleNotFoundError as e:
-            if e.name == f"{__name__}.{mod}":
-                continue          # that technique has not landed
-            raise
-        out.append(getattr(m, cls))
-    return out
+MAGIC_CLASSES = [CoreMagics, PruneMagics, QuantizeMagics, LowRankMagics, DistillMagics,
+                 EarlyExitMagics]
 
 
 def load_ipython_extension(ipython):
-    for cls in MAGIC_CLASSES + _technique_magics():
+    for cls in MAGIC_CLASSES:
         ipython.register_magics(cls)
 
 
 def unload_ipython_extension(ipython):
     mm = ipython.magics_manager
-    for cls in MAGIC_CLASSES + _technique_magics():
+    for cls in MAGIC_CLASSES:
         for kind, names in cls.magics.items():
             for name in names:
                 mm.magics[kind].pop(name, None)
-    mm.registry = {k: v for k, v in mm.registry.items()
-                   if type(v).__name__ not in {c.__name__ for c in MAGIC_CLASSES + _technique_magics()}}
+    names = {c.__name__ for c in MAGIC_CLASSES}
+    mm.registry = {k: v for k, v in mm.registry.items() if type(v).__name__ not in names}

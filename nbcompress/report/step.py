@@ -76,6 +76,19 @@ class StepReport:
     extra_models: dict = field(default_factory=dict)   # e.g. {"teacher": Metrics}
     _cache: dict = field(default_factory=dict, init=False, compare=False)
 
+    def __post_init__(self):
+        # The live dashboard of this name (shown by ``%nbcompress NAME``), if one is on screen,
+        # now shows this report: a step, %undo or %redo updates it even when not displayed.
+        if self.kind != "measure" and display_mode() == "auto" and kernel_has_comms():
+            try:
+                from .widgets import Dashboard
+
+                live = Dashboard._registry.get(self.name)
+                if live is not None:
+                    live.update(self)
+            except Exception:  # noqa: BLE001 - a display must never break a step
+                pass
+
     # ------------------------------------------------------------------------------ pieces
 
     @property
@@ -299,6 +312,17 @@ class StepReport:
 
         return build_widget(self)
 
+    def _display_widget(self):
+        """The widget a live kernel shows for this report. A ``measure`` report (what
+        ``%nbcompress NAME`` returns) shows the name's live :class:`Dashboard`, which every later
+        report of that name updates in place (see ``__post_init__``); a step, undo or redo shows
+        its own widget, a fixed record of that step."""
+        if self.kind == "measure":
+            from .widgets import Dashboard
+
+            return Dashboard.for_name(self.name, self).widget
+        return self.widget()
+
     def _repr_mimebundle_(self, include=None, exclude=None) -> dict:
         bundle: dict = {"text/plain": self._safe_text()}
         mode = display_mode()
@@ -314,7 +338,7 @@ class StepReport:
             try:
                 w = self._cache.get("widget")
                 if w is None:
-                    w = self._cache["widget"] = self.widget()
+                    w = self._cache["widget"] = self._display_widget()
                 view = widget_view(w)
                 if view:
                     bundle[WIDGET_MIME] = view

@@ -1,0 +1,687 @@
+"""The quantized layer classes ``%quantize`` produces, each storable by :mod:`nbcompress.storage`.
+
+Two families:
+
+* **Real int8 kernels** (CPU, ``torch.ao`` x86/fbgemm/qnnpack backends): :class:`DynamicInt8Linear`,
+  :class:`DynamicInt8LSTM`, :class:`DynamicInt8GRU` (int8 weights, activations quantized per batch
+  on the fly) and :class:`StaticInt8Linear` /
+  :class:`StaticInt8Conv1d` / ``2d`` / ``3d`` (int8 weights and activations, activation ranges
+  calibrated on data). They subclass the ``torch.ao.nn.quantized`` modules, whose weights live in
+  packed, backend-specific objects that are not plain tensors; each class therefore exports its
+  int8 weight + scales + zero points + bias as plain tensors (``nbc_export``) and re-packs them on
+  load (``nbc_import``), counts its parameters (``nbc_count``) and says its bits (``nbc_bits``).
+  The static layers take float input and return float output (quantize, int8 kernel, dequantize),
+  so they drop into any model without rewriting its ``forward``.
+
+* **Stored codes, simulated arithmetic** (any device): :class:`QuantizedWeightLayer` keeps B-bit
+  integer codes, a scale (per tensor or per output channel) and an optional zero point as buffers
+  and dequantizes in ``forward``; ``nbcompress.save`` bit-packs the codes (a tensor holding 2^B
+  distinct integers is written at B bits), so the file is about params*B/8 bytes plus scales.
+  Binary weights are the same layer with codes in {-1, +1} and a per-channel scale.
+
+FLOPs: ``torch.utils.flop_counter.FlopCounterMode`` has no formula for the ``quantized::`` ops, so
+an int8 model would count 0 FLOPs. :func:`_register_quantized_flop_formulas` (run on import) adds
+formulas for them: 2 * MACs from the input shape and the unpacked weight shape, the same
+convention the counter uses for ``aten.mm`` / ``aten.convolution``. Integer multiply-adds are thus
+counted like float ones: the work is the same, only cheaper. The int8 LSTM/GRU ops are counted
+from the input and hidden sizes (gates * H * (in + H) per token, layer and direction), and so is
+the fp32 LSTM's CPU op ``aten.mkldnn_rnn_layer``, which torch does not count either: an LSTM
+model's FLOPs then compare before and after.
+
+:class:`ReducedPrecision` wraps a module cast to fp16/bf16 and casts float inputs to that dtype
+(and outputs back to float32), so loaders, evaluators and losses keep working unchanged.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "QuantizedWeightLayer", "DynamicInt8Linear", "DynamicInt8LSTM", "DynamicInt8GRU",
+    "StaticInt8Linear", "StaticInt8Conv1d",
+    "StaticInt8Conv2d", "StaticInt8Conv3d", "ReducedPrecision", "compact_float",
+]
+
+
+class quiet(warnings.catch_warnings):
+    """Hide torch.ao.quantization's deprecation warnings around our own calls (quantize.py says
+    why we still use it): they say nothing the user can act on."""
+
+    def __enter__(self):
+        out = super().__enter__()
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", message=r"(?s).*deprecated.*")
+        return out
+
+
+def compact_float(t: torch.Tensor) -> torch.Tensor:
+    """The same values in the narrowest float dtype that holds them exactly (fp16, fp32 or fp64):
+    scales chosen on an fp16 grid cost 2 bytes each in the file, and the load is bit-exact."""
+    t = t.detach()
+    for dt in (torch.float16, torch.float32):
+        if t.dtype == dt:
+            return t
+        c = t.to(dt)
+        if torch.isfinite(c).all() and torch.equal(c.to(t.dtype), t):
+            return c
+    return t
+
+
+def round_scale(scale: torch.Tensor) -> torch.Tensor:
+    """A positive float32 scale moved to the nearest value fp16 represents exactly (when every
+    scale is in fp16's normal range): 2 bytes per scale in storage, a relative change < 5e-4."""
+    scale = scale.float()
+    if scale.numel() and bool(((scale >= 6.2e-5) & (scale <= 6.0e4)).all()):
+        return scale.half().float()
+    return scale
+
+
+# ------------------------------------------------------------------- stored codes (simulated)
+
+_OPS = {"linear": None, "conv1d": F.conv1d, "conv2d": F.conv2d, "conv3d": F.conv3d}
+
+
+class QuantizedWeightLayer(nn.Module):
+    """A Linear or Conv layer whose weight is stored as integer codes: ``w = (codes - zero_point)
+    * scale``, dequantized in every forward.
+
+    ``scale`` has one entry per output channel or one in all (per tensor); ``zero_point`` (uint8
+    codes) exists only for the asymmetric scheme; symmetric codes are int8 around 0, and 1-bit
+    symmetric codes are -1/+1 (binary weights: sign * scale). Only what cannot be derived from the
+    tensors is an attribute (``op``, ``bits`` and, for convs, the geometry): the safe storage
+    rebuilds the layer without pickle, and a small model's file is not mostly header.
+    """
+
+    _nbc_weight_buffers = ("codes",)
+
+    def __init__(self, op: str, weight_shape: tuple, bits: int, *, per_channel: bool = True,
+                 symmetric: bool = True, bias: bool = True, stride=1, padding=0, dilation=1,
+                 groups: int = 1):
+        super().__init__()
+        if op not in _OPS:
+            raise ValueError(f"unknown op {op!r}")
+        self.op = op
+        self.bits = int(bits)
+        if op != "linear":
+            self.stride = _tuple(stride)
+            self.padding = padding if isinstance(padding, str) else _tuple(padding)
+            self.dilation = _tuple(dilation)
+            self.groups = int(groups)
+        shape = tuple(int(s) for s in weight_shape)
+        n_scale = shape[0] if per_channel else 1
+        code_dtype = torch.int8 if symmetric else torch.uint8
+        self.register_buffer("codes", torch.zeros(shape, dtype=code_dtype))
+        self.register_buffer("scale", torch.ones(n_scale))
+        if symmetric:
+            self.register_buffer("zero_point", None)
+        else:
+            self.register_buffer("zero_point", torch.zeros(n_scale, dtype=torch.uint8))
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(shape[0]))
+        else:
+            self.register_parameter("bias", None)
+
+    # ---------------------------------------------------------------- derived
+    @property
+    def weight_shape(self) -> tuple:
+        return tuple(self.codes.shape)
+
+    @property
+    def per_channel(self) -> bool:
+        return self.scale.numel() == self.codes.shape[0] and self.codes.shape[0] > 1
+
+    @property
+    def symmetric(self) -> bool:
+        return self.zero_point is None
+
+    @property
+    def scheme(self) -> str:
+        return "binary" if self.bits == 1 and self.zero_point is None else "uniform"
+
+    @property
+    def in_features(self) -> int:
+        return self.codes.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.codes.shape[0]
+
+    # ---------------------------------------------------------------- what metrics shows
+    @property
+    def nbc_bits(self) -> int:
+        return self.bits
+
+    def nbc_count(self) -> tuple[int, int]:
+        nz = int((self.codes.to(torch.int16) != self._zero_code()).sum().item())
+        p = self.codes.numel()
+        if self.bias is not None:
+            p += self.bias.numel()
+            nz += int(torch.count_nonzero(self.bias).item())
+        return p, nz
+
+    def _channel_shape(self) -> tuple:
+        if self.scale.numel() == 1:
+            return (1,) * self.codes.dim()
+        return (-1,) + (1,) * (self.codes.dim() - 1)
+
+    def _zero_code(self):
+        if self.zero_point is None:
+            return 0
+        return self.zero_point.to(torch.int16).reshape(self._channel_shape())
+
+    # ---------------------------------------------------------------- compute
+    def dequantized_weight(self, dtype=None) -> torch.Tensor:
+        dtype = dtype or (self.bias.dtype if self.bias is not None else torch.float32)
+        shape = self._channel_shape()
+        codes = self.codes.to(dtype)
+        if self.zero_point is not None:
+            codes = codes - self.zero_point.to(dtype).reshape(shape)
+        return codes * self.scale.to(dtype).reshape(shape)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.dequantized_weight(x.dtype if x.is_floating_point() else None)
+        if self.op == "linear":
+            return F.linear(x, w, self.bias)
+        return _OPS[self.op](x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def extra_repr(self) -> str:
+        grain = "per-channel" if self.scale.numel() > 1 else "per-tensor"
+        kind = ("binary" if self.scheme == "binary" else
+                f"{self.bits}-bit {'symmetric' if self.symmetric else 'asymmetric'}")
+        return f"{self.op}, weight {self.weight_shape}, {kind}, {grain} scale"
+
+
+def _tuple(v):
+    if isinstance(v, (list, tuple)):
+        return tuple(int(x) for x in v)
+    return int(v)
+
+
+# ----------------------------------------------------------------------- real int8 kernels
+
+with quiet():
+    import torch.ao.nn.quantized as _nnq  # noqa: E402  (deprecated upstream: see quantize.py)
+    import torch.ao.nn.quantized.dynamic as _nnqd  # noqa: E402
+
+
+_FLAGS = ("nbc_huffman",)      # plain attributes set on a layer after it is built (see quantize.py)
+
+
+def _flags_out(m: nn.Module, attrs: dict) -> dict:
+    attrs.update({k: m.__dict__[k] for k in _FLAGS if k in m.__dict__})
+    return attrs
+
+
+def _flags_in(m: nn.Module, attrs: dict) -> nn.Module:
+    for k in _FLAGS:
+        if k in attrs:
+            setattr(m, k, attrs[k])
+    return m
+
+
+def _rebuild(cls, attrs: dict, tensors: dict, training: bool) -> nn.Module:
+    m = cls.nbc_import(attrs, tensors)
+    m.train(training)
+    return m
+
+
+class _CopyByCodec:
+    """Copies and pickles go through ``nbc_export`` / ``nbc_import``: the torch.ao base classes'
+    own ``__getstate__`` / ``__deepcopy__`` keep only their fixed fields and would drop ours
+    (calibrated input ranges, fused ReLU, storage flags)."""
+
+    def _codec_parts(self):
+        attrs, tensors = self.nbc_export()
+        return (type(self), attrs, {k: v.detach().clone() for k, v in tensors.items()},
+                self.training)
+
+    def __reduce__(self):
+        return (_rebuild, self._codec_parts())
+
+    def __deepcopy__(self, memo):
+        return _rebuild(*self._codec_parts())
+
+    def __copy__(self):
+        return _rebuild(*self._codec_parts())
+
+
+def _qweight_export(qw: torch.Tensor) -> tuple[dict, dict]:
+    """(tensors, attributes) that describe an int8 quantized weight exactly."""
+    tensors = {"weight_int8": qw.int_repr()}
+    if qw.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
+        tensors["weight_scales"] = compact_float(qw.q_per_channel_scales())
+        zp = qw.q_per_channel_zero_points()
+        if bool((zp != 0).any()):
+            tensors["weight_zero_points"] = zp.to(torch.int32)
+        attrs = {"weight_axis": int(qw.q_per_channel_axis())}
+    else:
+        attrs = {"weight_scale": float(qw.q_scale()), "weight_zero_point": int(qw.q_zero_point())}
+    return tensors, attrs
+
+
+def _qweight_import(tensors: dict, attrs: dict, shape: tuple) -> torch.Tensor:
+    w = tensors.get("weight_int8")
+    if not isinstance(w, torch.Tensor) or w.dtype != torch.int8 or tuple(w.shape) != tuple(shape):
+        raise ValueError(f"int8 weight missing or of the wrong shape/dtype (expected "
+                         f"{tuple(shape)})")
+    if "weight_scales" in tensors:
+        s = tensors["weight_scales"].double()
+        axis = int(attrs.get("weight_axis", 0))
+        if s.dim() != 1 or s.numel() != w.shape[axis] or not bool((s > 0).all()):
+            raise ValueError("per-channel weight scales do not match the weight")
+        zp = tensors.get("weight_zero_points")
+        zp = torch.zeros(s.numel(), dtype=torch.long) if zp is None else zp.long()
+        if zp.numel() != s.numel():
+            raise ValueError("per-channel zero points do not match the weight")
+        return torch._make_per_channel_quantized_tensor(w, s, zp, axis)
+    scale = float(attrs["weight_scale"])
+    if not scale > 0 or not math.isfinite(scale):
+        raise ValueError("weight scale must be positive")
+    return torch._make_per_tensor_quantized_tensor(w, scale, int(attrs["weight_zero_point"]))
+
+
+def _bias_import(tensors: dict, n: int):
+    b = tensors.get("bias")
+    if b is not None and (b.dim() != 1 or b.numel() != n):
+        raise ValueError(f"bias of shape {tuple(b.shape)} does not match {n} outputs")
+    return None if b is None else b.float()
+
+
+def _count_qweight(qw: torch.Tensor, bias) -> tuple[int, int]:
+    """(params, nonzero): a weight entry is zero when its int8 code equals its zero point."""
+    r = qw.int_repr().to(torch.int16)
+    if qw.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
+        shape = [1] * r.dim()
+        shape[qw.q_per_channel_axis()] = -1
+        zp = qw.q_per_channel_zero_points().to(torch.int16).reshape(shape)
+    else:
+        zp = int(qw.q_zero_point())
+    p, nz = r.numel(), int((r != zp).sum().item())
+    if bias is not None:
+        p += bias.numel()
+        nz += int(torch.count_nonzero(bias).item())
+    return p, nz
+
+
+class DynamicInt8Linear(_CopyByCodec, _nnqd.Linear):
+    """``torch.ao`` dynamic int8 Linear (int8 weight in a packed, backend-specific form; each
+    batch of activations is quantized to uint8 on the fly with its own range), made countable
+    and storable."""
+
+    nbc_bits = 8
+
+    def nbc_count(self) -> tuple[int, int]:
+        w, b = self._weight_bias()
+        return _count_qweight(w, b)
+
+    def nbc_export(self) -> tuple[dict, dict]:  # (attrs, tensors), as storage expects
+        w, b = self._weight_bias()
+        tensors, attrs = _qweight_export(w)
+        if b is not None:
+            tensors["bias"] = b.detach()
+        attrs.update(in_features=int(self.in_features), out_features=int(self.out_features))
+        return _flags_out(self, attrs), tensors
+
+    @classmethod
+    def nbc_import(cls, attrs: dict, tensors: dict) -> "DynamicInt8Linear":
+        n_in, n_out = int(attrs["in_features"]), int(attrs["out_features"])
+        with quiet():
+            m = cls(n_in, n_out, dtype=torch.qint8)
+            m.set_weight_bias(_qweight_import(tensors, attrs, (n_out, n_in)),
+                              _bias_import(tensors, n_out))
+        return _flags_in(m, attrs)
+
+    @classmethod
+    def from_linear(cls, lin: nn.Linear, qweight: torch.Tensor) -> "DynamicInt8Linear":
+        with quiet():
+            m = cls(lin.in_features, lin.out_features, dtype=torch.qint8)
+            bias = None if lin.bias is None else lin.bias.detach().float().cpu()
+            m.set_weight_bias(qweight, bias)
+        return m
+
+
+def _rnn_keys(m) -> list[tuple[str, str]]:
+    """(weight name, bias name) of every gate matrix of a (quantized) LSTM/GRU, in order."""
+    out = []
+    for layer in range(m.num_layers):
+        for suffix in ("", "_reverse")[: 2 if m.bidirectional else 1]:
+            for ihhh in ("ih", "hh"):
+                out.append((f"weight_{ihhh}_l{layer}{suffix}", f"bias_{ihhh}_l{layer}{suffix}"))
+    return out
+
+
+def _rnn_in_features(m, weight_name: str) -> int:
+    if "_hh_" in weight_name:
+        return m.hidden_size
+    layer = int(weight_name.split("_l")[1].split("_")[0])
+    return m.input_size if layer == 0 else m.hidden_size * (2 if m.bidirectional else 1)
+
+
+class _DynamicInt8RNN(_CopyByCodec):
+    """``torch.ao`` dynamic int8 LSTM/GRU (int8 gate weights, activations quantized on the fly),
+    made countable and storable: each gate matrix is exported as int8 + scales like a Linear."""
+
+    nbc_bits = 8
+
+    def _gates(self):
+        wb = self._weight_bias()
+        return [(wk, wb["weight"][wk], wb["bias"][bk]) for wk, bk in _rnn_keys(self)]
+
+    def nbc_count(self) -> tuple[int, int]:
+        p = nz = 0
+        for _, w, b in self._gates():
+            a, c = _count_qweight(w, b)
+            p, nz = p + a, nz + c
+        return p, nz
+
+    def nbc_export(self):
+        tensors: dict = {}
+        attrs = {k: getattr(self, k) for k in ("input_size", "hidden_size", "num_layers",
+                                                "batch_first", "dropout", "bidirectional")}
+        gate_attrs = {}
+        for (wk, bk), (_, w, b) in zip(_rnn_keys(self), self._gates()):
+            t, a = _qweight_export(w)
+            tensors.update({f"{wk}.{k}": v for k, v in t.items()})
+            tensors[bk] = b.detach()
+            gate_attrs[wk] = a
+        attrs["gates"] = gate_attrs
+        return _flags_out(self, attrs), tensors
+
+    @classmethod
+    def nbc_import(cls, attrs, tensors):
+        with quiet():
+            m = cls(int(attrs["input_size"]), int(attrs["hidden_size"]), int(attrs["num_layers"]),
+                    True, bool(attrs["batch_first"]), float(attrs["dropout"]),
+                    bool(attrs["bidirectional"]), dtype=torch.qint8)
+            gates = 4 if cls.__name__.endswith("LSTM") else 3
+            d = {}
+            for wk, bk in _rnn_keys(m):
+                n_in = _rnn_in_features(m, wk)
+                sub = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith(wk + ".")}
+                d[wk] = _qweight_import(sub, dict(attrs["gates"][wk]),
+                                        (gates * m.hidden_size, n_in))
+                d[bk] = _bias_import({"bias": tensors.get(bk)}, gates * m.hidden_size)
+                if d[bk] is None:
+                    raise ValueError(f"{bk} missing")
+            m.set_weight_bias(d)
+        return _flags_in(m, attrs)
+
+    @classmethod
+    def from_float(cls, rnn: nn.Module, quantize_weight) -> nn.Module:
+        """``quantize_weight(w) -> qint8 tensor``; biases stay float (the kernel's choice)."""
+        with quiet():
+            m = cls(rnn.input_size, rnn.hidden_size, rnn.num_layers, True, rnn.batch_first,
+                    float(rnn.dropout), rnn.bidirectional, dtype=torch.qint8)
+            d = {}
+            for wk, bk in _rnn_keys(m):
+                d[wk] = quantize_weight(getattr(rnn, wk).detach().float().cpu())
+                b = getattr(rnn, bk, None) if rnn.bias else None
+                d[bk] = (b.detach().float().cpu() if b is not None
+                         else torch.zeros(d[wk].shape[0]))
+            m.set_weight_bias(d)
+        return m
+
+
+class DynamicInt8LSTM(_DynamicInt8RNN, _nnqd.LSTM):
+    """``torch.ao`` dynamic int8 LSTM, countable and storable."""
+
+
+class DynamicInt8GRU(_DynamicInt8RNN, _nnqd.GRU):
+    """``torch.ao`` dynamic int8 GRU, countable and storable."""
+
+
+class _StaticInt8Mixin(_CopyByCodec):
+    """Float in, float out: quantize the input with the calibrated (input_scale,
+    input_zero_point), run the int8 kernel (output requantized with the calibrated output scale;
+    ReLU fused when ``fused_relu``), dequantize."""
+
+    nbc_bits = 8
+    _relu_op = None
+    _op = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not x.is_quantized:
+            x = torch.quantize_per_tensor(x.float(), self.input_scale, self.input_zero_point,
+                                          torch.quint8)
+        op = self._relu_op if self.fused_relu else self._op
+        return self._run(op, x).dequantize()
+
+    def nbc_count(self) -> tuple[int, int]:
+        w, b = self._weight_bias()
+        return _count_qweight(w, b)
+
+    def _static_attrs(self) -> dict:
+        return {"input_scale": float(self.input_scale),
+                "input_zero_point": int(self.input_zero_point),
+                "output_scale": float(self.scale), "output_zero_point": int(self.zero_point),
+                "fused_relu": bool(self.fused_relu)}
+
+    def _set_static(self, attrs: dict) -> None:
+        for k in ("input_scale", "output_scale"):
+            v = float(attrs[k])
+            if not v > 0 or not math.isfinite(v):
+                raise ValueError(f"{k} must be positive")
+        self.input_scale = float(attrs["input_scale"])
+        self.input_zero_point = int(attrs["input_zero_point"])
+        self.scale = float(attrs["output_scale"])
+        self.zero_point = int(attrs["output_zero_point"])
+        self.fused_relu = bool(attrs["fused_relu"])
+
+
+class StaticInt8Linear(_StaticInt8Mixin, _nnq.Linear):
+    """``torch.ao`` static int8 Linear (int8 weights and activations, activation ranges from
+    calibration data), float in / float out."""
+
+    def _run(self, op, x):
+        return op(x, self._packed_params._packed_params, self.scale, self.zero_point)
+
+    def nbc_export(self):
+        w, b = self._weight_bias()
+        tensors, attrs = _qweight_export(w)
+        if b is not None:
+            tensors["bias"] = b.detach()
+        attrs.update(self._static_attrs(), in_features=int(self.in_features),
+                     out_features=int(self.out_features))
+        return _flags_out(self, attrs), tensors
+
+    @classmethod
+    def nbc_import(cls, attrs, tensors):
+        n_in, n_out = int(attrs["in_features"]), int(attrs["out_features"])
+        with quiet():
+            m = cls(n_in, n_out, dtype=torch.qint8)
+            m.set_weight_bias(_qweight_import(tensors, attrs, (n_out, n_in)),
+                              _bias_import(tensors, n_out))
+        m._set_static(attrs)
+        return _flags_in(m, attrs)
+
+    @classmethod
+    def build(cls, lin: nn.Linear, qweight, bias, attrs: dict) -> "StaticInt8Linear":
+        with quiet():
+            m = cls(lin.in_features, lin.out_features, dtype=torch.qint8)
+            m.set_weight_bias(qweight, bias)
+        m._set_static(attrs)
+        return m
+
+
+StaticInt8Linear._op = staticmethod(torch.ops.quantized.linear)
+StaticInt8Linear._relu_op = staticmethod(torch.ops.quantized.linear_relu)
+
+
+def _conv_class(base, op, relu_op, dims: int):
+    class StaticInt8Conv(_StaticInt8Mixin, base):
+        __doc__ = (f"``torch.ao`` static int8 Conv{dims}d (int8 weights and activations, "
+                   f"calibrated activation ranges; BatchNorm folded and ReLU fused when they "
+                   f"follow it), float in / float out.")
+
+        def _run(self, op_, x):
+            if self.padding_mode != "zeros":
+                x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            return op_(x, self._packed_params, self.scale, self.zero_point)
+
+        def nbc_export(self):
+            w, b = self._weight_bias()
+            tensors, attrs = _qweight_export(w)
+            if b is not None:
+                tensors["bias"] = b.detach()
+            attrs.update(self._static_attrs(), in_channels=int(self.in_channels),
+                         out_channels=int(self.out_channels),
+                         kernel_size=tuple(int(k) for k in self.kernel_size),
+                         stride=tuple(int(s) for s in self.stride),
+                         padding=tuple(int(p) for p in self.padding),
+                         dilation=tuple(int(d) for d in self.dilation),
+                         groups=int(self.groups), padding_mode=str(self.padding_mode))
+            return _flags_out(self, attrs), tensors
+
+        @classmethod
+        def nbc_import(cls, attrs, tensors):
+            m = cls._make(attrs)
+            shape = (int(attrs["out_channels"]), int(attrs["in_channels"]) // int(attrs["groups"]),
+                     *attrs["kernel_size"])
+            with quiet():
+                m.set_weight_bias(_qweight_import(tensors, attrs, shape),
+                                  _bias_import(tensors, int(attrs["out_channels"])))
+            m._set_static(attrs)
+            return _flags_in(m, attrs)
+
+        @classmethod
+        def _make(cls, a: dict):
+            with quiet():
+                return cls(int(a["in_channels"]), int(a["out_channels"]), tuple(a["kernel_size"]),
+                           stride=tuple(a["stride"]), padding=tuple(a["padding"]),
+                           dilation=tuple(a["dilation"]), groups=int(a["groups"]), bias=True,
+                           padding_mode=str(a["padding_mode"]))
+
+        @classmethod
+        def build(cls, conv: nn.Module, qweight, bias, attrs: dict):
+            a = {"in_channels": conv.in_channels, "out_channels": conv.out_channels,
+                 "kernel_size": conv.kernel_size, "stride": conv.stride, "padding": conv.padding,
+                 "dilation": conv.dilation, "groups": conv.groups,
+                 "padding_mode": conv.padding_mode}
+            m = cls._make(a)
+            with quiet():
+                m.set_weight_bias(qweight, bias)
+            m._set_static(attrs)
+            return m
+
+    StaticInt8Conv._op = staticmethod(op)
+    StaticInt8Conv._relu_op = staticmethod(relu_op)
+    return StaticInt8Conv
+
+
+_q = torch.ops.quantized
+StaticInt8Conv1d = _conv_class(_nnq.Conv1d, _q.conv1d, _q.conv1d_relu, 1)
+StaticInt8Conv1d.__name__ = StaticInt8Conv1d.__qualname__ = "StaticInt8Conv1d"
+StaticInt8Conv2d = _conv_class(_nnq.Conv2d, _q.conv2d.new, _q.conv2d_relu.new, 2)
+StaticInt8Conv2d.__name__ = StaticInt8Conv2d.__qualname__ = "StaticInt8Conv2d"
+StaticInt8Conv3d = _conv_class(_nnq.Conv3d, _q.conv3d.new, _q.conv3d_relu.new, 3)
+StaticInt8Conv3d.__name__ = StaticInt8Conv3d.__qualname__ = "StaticInt8Conv3d"
+STATIC_CONV = {1: StaticInt8Conv1d, 2: StaticInt8Conv2d, 3: StaticInt8Conv3d}
+
+
+# -------------------------------------------------------------------------- fp16 / bf16
+
+class ReducedPrecision(nn.Module):
+    """``module`` with its floating-point parameters and buffers in ``dtype`` (fp16 or bf16).
+    Float inputs are cast to ``dtype`` on the way in and float outputs back to float32 on the way
+    out, so the rest of the program (loaders, losses, evaluators) is unchanged."""
+
+    def __init__(self, module: nn.Module, dtype: torch.dtype):
+        super().__init__()
+        self.module = module
+        self.dtype = dtype
+
+    @property
+    def nbc_bits(self) -> int:
+        return torch.finfo(self.dtype).bits
+
+    def forward(self, *args, **kwargs):
+        args = _cast_tree(args, self.dtype, only_float32=True)
+        kwargs = _cast_tree(kwargs, self.dtype, only_float32=True)
+        return _cast_tree(self.module(*args, **kwargs), torch.float32, only_from=self.dtype)
+
+    def extra_repr(self) -> str:
+        return str(self.dtype).replace("torch.", "")
+
+
+def _cast_tree(obj: Any, dtype: torch.dtype, only_float32: bool = False, only_from=None):
+    if isinstance(obj, torch.Tensor):
+        if not obj.is_floating_point():
+            return obj
+        if only_float32 and obj.dtype not in (torch.float32, torch.float64):
+            return obj
+        if only_from is not None and obj.dtype != only_from:
+            return obj
+        return obj.to(dtype)
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):
+        return type(obj)(*(_cast_tree(v, dtype, only_float32, only_from) for v in obj))
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_cast_tree(v, dtype, only_float32, only_from) for v in obj)
+    if isinstance(obj, dict):
+        return {k: _cast_tree(v, dtype, only_float32, only_from) for k, v in obj.items()}
+    return obj
+
+
+# ------------------------------------------------------------------------------- FLOPs
+
+def _register_quantized_flop_formulas() -> None:
+    """Teach ``FlopCounterMode`` the int8 ops (see the module docstring): 2 * MACs, from the
+    input shape and the weight shape read back from the packed parameters."""
+    from torch.utils.flop_counter import flop_registry, register_flop_formula
+
+    def _linear(x, packed, *args, out_val=None, **kwargs):
+        w, _ = torch.ops.quantized.linear_unpack(packed)
+        n_out, n_in = w.shape
+        return 2 * (x.numel() // x.shape[-1]) * n_in * n_out
+
+    def _conv(x, packed, *args, out_val=None, **kwargs):
+        w = packed.weight() if hasattr(packed, "weight") else packed.unpack()[0]
+        # each output element costs (in_channels / groups) * prod(kernel) MACs: w.shape[1:]
+        out_elems = out_val.numel() if isinstance(out_val, torch.Tensor) else 0
+        return 2 * out_elems * math.prod(w.shape[1:])
+
+    def _rnn(gates):
+        # every token, layer and direction: gates * H * (in + H) multiply-adds (the fp32 GRU's
+        # decomposition into addmm counts exactly this)
+        def count(x, *args, out_val=None, **kwargs):
+            try:
+                if args and isinstance(args[0], torch.Tensor) and args[0].dim() == 1 \
+                        and not args[0].is_floating_point():       # packed sequence
+                    tokens, (hx, _, _, layers, _, _, bidir) = x.shape[0], args[1:8]
+                else:
+                    hx, _, _, layers, _, _, bidir = args[:7]
+                    tokens = x.shape[0] * x.shape[1] if x.dim() == 3 else x.shape[0]
+                h = hx[0] if isinstance(hx, (list, tuple)) else hx
+                hidden, dirs = h.shape[-1], (2 if bidir else 1)
+                per_token = sum(gates * hidden * ((x.shape[-1] if i == 0 else hidden * dirs)
+                                                  + hidden) for i in range(layers))
+                return 2 * tokens * dirs * per_token
+            except Exception:  # noqa: BLE001 - an unexpected signature is not counted
+                return 0
+        return count
+
+    def _mkldnn_rnn_layer(x, w_ih, w_hh, *args, out_val=None, **kwargs):
+        tokens = x.shape[0] * x.shape[1] if x.dim() == 3 else x.shape[0]
+        return 2 * tokens * (w_ih.numel() + w_hh.numel())
+
+    formulas = {name: _linear for name in ("linear_dynamic", "linear", "linear_relu",
+                                           "linear_relu_dynamic")}
+    formulas.update({name: _conv for name in ("conv1d", "conv2d", "conv3d", "conv1d_relu",
+                                              "conv2d_relu", "conv3d_relu")})
+    packets = [(getattr(torch.ops.quantized, n, None), f) for n, f in formulas.items()]
+    # the int8 LSTM/GRU ops, and the fp32 LSTM's CPU op (uncounted by torch too), so that an LSTM
+    # model's FLOPs compare before and after
+    packets += [(getattr(torch.ops.aten, "quantized_lstm", None), _rnn(4)),
+                (getattr(torch.ops.aten, "quantized_gru", None), _rnn(3)),
+                (getattr(torch.ops.aten, "mkldnn_rnn_layer", None), _mkldnn_rnn_layer)]
+    for packet, fn in packets:
+        if packet is None or packet in flop_registry:
+            continue
+        register_flop_formula(packet, get_raw=True)(fn)
+
+
+_register_quantized_flop_formulas()

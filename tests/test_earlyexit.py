@@ -1,0 +1,378 @@
+"""%earlyexit / nbcompress.early_exit: heads after chosen blocks, per-sample exits in a batch,
+honest average FLOPs in the history, the threshold-only step, and every bad input."""
+from __future__ import annotations
+
+import copy
+import io
+from collections import OrderedDict
+
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+from IPython.core.error import UsageError
+from torch import nn
+
+import nbcompress
+from nbcompress import BadInput, NBCompressError, compress, measure
+from nbcompress.earlyexit import (EarlyExitConfig, EarlyExitModel, demo_config, early_exit,
+                                  sequential_cnn, threshold_sweep)
+from conftest import same_as_snapshot, snapshot, state_equal
+
+FC1, FC2, FC3 = 2 * 784 * 300, 2 * 300 * 100, 2 * 100 * 10
+LENET_FLOPS = FC1 + FC2 + FC3
+HEAD1 = 2 * 300 * 10          # the linear head after relu1 (300 features -> 10 classes)
+
+
+@pytest.fixture(scope="module")
+def small_train(mnist):
+    """1,000 of the training digits (the conv models here are trained on these, for speed)."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    x, y = mnist[0].dataset.tensors
+    return DataLoader(TensorDataset(x[:1000], y[:1000]), batch_size=32, shuffle=True,
+                      generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(scope="module")
+def small_cnn(small_train):
+    """The benchmark's sequential CNN at width 4, trained briefly (BatchNorm in every block)."""
+    from nbcompress.train import fit
+
+    model = sequential_cnn(4, seed=0)
+    fit(model, small_train, epochs=3, lr=2e-2, seed=0, progress=False)
+    return model.eval()
+
+
+def _head_decisions(lenet, ee, x):
+    """By hand: the head's logits after relu1, whether each sample is confident enough, and the
+    original network's output."""
+    with torch.no_grad():
+        h = lenet.relu1(lenet.fc1(lenet.flatten(x)))
+        head = ee.heads[0](h)
+        conf = torch.softmax(head, dim=1).amax(dim=1)
+        return head, conf >= ee.threshold, lenet(x)
+
+
+# ---------------------------------------------------------------------------------- the model
+
+def test_api_lenet_per_sample_exits_in_a_batch(trained_lenet, mnist):
+    train, test = mnist
+    snap = snapshot(trained_lenet)
+    label, config = demo_config(train, test)
+    assert isinstance(label, str) and isinstance(config, EarlyExitConfig)
+    config.progress = False
+    result = compress(trained_lenet, config, evaluator=test)
+    ee = result.model
+    assert same_as_snapshot(trained_lenet, snap) and trained_lenet.training is False
+    assert isinstance(ee, EarlyExitModel) and not ee.training
+    assert ee.exit_names == ("relu1",) and ee.exit_after == (2,)
+    assert ee.block_names == ("flatten", "fc1", "relu1", "fc2", "relu2", "fc3")
+    assert ee.threshold == 0.9 and ee.num_classes == 10
+    # the backbone's own weights are the trained network's, untouched by head training
+    assert torch.equal(ee.backbone[1].weight, trained_lenet.fc1.weight)
+
+    x = next(iter(test))[0][:300]
+    head, leaves, full = _head_decisions(trained_lenet, ee, x)
+    n_exit = int(leaves.sum())
+    assert 0 < n_exit < len(x), "some samples should leave early and some go on"
+    ee.reset_exit_counts()
+    with torch.no_grad():
+        out = ee(x)
+        singles = torch.cat([ee(x[i:i + 1]) for i in range(len(x))])
+    assert torch.allclose(out[leaves], head[leaves], atol=1e-5)
+    assert torch.allclose(out[~leaves], full[~leaves], atol=1e-5)
+    assert torch.allclose(out, singles, atol=1e-5)
+    assert ee.exit_counts == (2 * n_exit, 2 * (len(x) - n_exit))
+    assert ee.exit_shares()["after relu1"] == pytest.approx(n_exit / len(x))
+    # training mode runs the whole network (for ordinary fine-tuning)
+    ee.train()
+    with torch.no_grad():
+        assert torch.allclose(ee(x), full, atol=1e-5)
+    ee.eval()
+
+    # the step's result: per-exit rows, the sweep table and plot, the notes
+    rows = {r["exit"]: r for r in result.layers}
+    assert rows["1"]["layer"] == "relu1" and rows["1"]["params"] == 300 * 10 + 10
+    assert rows["1"]["path_flops"] == FC1 + HEAD1
+    assert rows["final"]["path_flops"] == LENET_FLOPS + HEAD1
+    sweep = result.tables["threshold sweep"]
+    assert isinstance(sweep, pd.DataFrame) and sweep["current"].sum() == 1
+    assert list(sweep["threshold"]) == sorted(sweep["threshold"])
+    assert (sweep["avg_flops"].diff().dropna() >= 0).all()   # a higher threshold never costs less
+    assert result.figures["accuracy vs FLOPs"][:8] == b"\x89PNG\r\n\x1a\n"
+    assert any("threshold 0.9 on the eval data" in n for n in result.notes)
+
+
+def test_flops_are_averaged_over_the_eval_data_by_hand(trained_lenet, mnist):
+    train, test = mnist
+    ee = early_exit(trained_lenet, train, exits="relu1", threshold=0.9, epochs=1)
+    n_exit = n = 0
+    for x, _ in test:
+        _, leaves, _ = _head_decisions(trained_lenet, ee, x)
+        n_exit += int(leaves.sum())
+        n += len(x)
+    expected = (n_exit * (FC1 + HEAD1) + (n - n_exit) * (LENET_FLOPS + HEAD1)) / n
+    m = measure(ee, example_input=torch.randn(1, 1, 28, 28), evaluator=test, latency=False)
+    assert m.flops == round(expected)
+    assert m.eval_extra["share after relu1"] == pytest.approx(n_exit / n)
+    assert m.eval_extra["share final"] == pytest.approx(1 - n_exit / n)
+    # the same basis as the dense count: a batch of 4 as the example gives 4x the FLOPs
+    m4 = measure(ee, example_input=torch.randn(4, 1, 28, 28), evaluator=test, latency=False)
+    assert m4.flops == round(4 * expected)
+    # the sweep's prediction at the model's threshold is what the real run spent
+    sweep = threshold_sweep(ee, test)
+    cur = sweep[sweep["current"]].iloc[0]
+    assert cur["avg_flops"] == pytest.approx(expected)
+    assert cur["accuracy"] == pytest.approx(m.accuracy)
+    # the hook's own pass does not add to what the model has counted
+    ee.reset_exit_counts()
+    flops, details = ee.nbc_flops(torch.randn(1, 1, 28, 28), test)
+    assert ee.exit_counts == (0, 0) and flops == m.flops and details == m.eval_extra
+    # a plain network keeps its static count
+    assert measure(trained_lenet, torch.randn(1, 1, 28, 28), latency=False).flops == LENET_FLOPS
+
+
+# ---------------------------------------------------------------------------------- the magic
+
+def test_magic_history_threshold_step_and_undo(shell, trained_lenet, mnist):
+    train, test = mnist
+    shell.user_ns.update(model=trained_lenet, train_loader=train, test_loader=test)
+    shell.run_line_magic("nbcompress", "model --eval test_loader")
+    r = shell.run_line_magic("earlyexit", "model --data train_loader --exits relu1 "
+                                          "--threshold 0.9 --epochs 2 --no-progress")
+    ee = shell.user_ns["model"]
+    assert isinstance(ee, EarlyExitModel) and ee is not trained_lenet
+    assert "share after relu1" in r.after.eval_extra
+    df = shell.run_line_magic("compress_history", "model --no-plot")
+    assert list(df["technique"]) == ["baseline", "earlyexit"]
+    assert df["flops"].iloc[0] == LENET_FLOPS
+    share = r.after.eval_extra["share after relu1"]
+    hand = share * (FC1 + HEAD1) + (1 - share) * (LENET_FLOPS + HEAD1)
+    assert df["flops"].iloc[1] == round(hand) and df["flops"].iloc[1] < LENET_FLOPS
+    assert df["accuracy"].iloc[1] == pytest.approx(nbcompress.evaluate(ee, test))
+
+    # only the threshold: same weights, new version, more FLOPs at a stricter threshold
+    r2 = shell.run_line_magic("earlyexit", "model --threshold 0.999 --no-progress")
+    ee2 = shell.user_ns["model"]
+    assert ee2 is not ee and ee2.threshold == 0.999 and ee.threshold == 0.9
+    assert state_equal(ee2, ee)
+    assert any("weights unchanged" in n for n in r2.result.notes)
+    assert r2.after.eval_extra["share after relu1"] < share
+    df = shell.run_line_magic("compress_history", "model --no-plot")
+    assert len(df) == 3 and df["flops"].iloc[2] > df["flops"].iloc[1]
+    assert "threshold=0.999" in df["args"].iloc[2]
+
+    shell.run_line_magic("undo", "model")
+    assert shell.user_ns["model"] is ee and ee.threshold == 0.9
+    shell.run_line_magic("undo", "model")
+    assert shell.user_ns["model"] is trained_lenet
+    shell.run_line_magic("redo", "model 2")
+    assert shell.user_ns["model"] is ee2
+
+
+# ------------------------------------------------------------------------- structures, options
+
+def test_sequential_cnn_exits_every_and_named(small_cnn, small_train, mnist):
+    train, test = small_train, mnist[1]
+    snap = snapshot(small_cnn)
+    result = compress(small_cnn, EarlyExitConfig(data=train, epochs=2, threshold=0.7,
+                                                 progress=False), evaluator=test)
+    ee = result.model
+    assert same_as_snapshot(small_cnn, snap)
+    # default: after every conv block, moved past the pools, not just before the classifier
+    assert ee.exit_names == ("0", "2", "3", "5", "6")
+    assert [r["head"] for r in result.layers[:2]] == ["avgpool 4x4 + linear"] * 2
+    x = next(iter(test))[0][:200]
+    with torch.no_grad():
+        out = ee(x)
+        singles = torch.cat([ee(x[i:i + 1]) for i in range(len(x))])
+        full = small_cnn(x)
+    assert torch.allclose(out, singles, atol=1e-4)
+    final_rows = torch.isclose(out, full, atol=1e-4).all(dim=1)
+    assert final_rows.sum() == ee.exit_counts[-1] // 2 < len(x)
+    # measured = predicted by the sweep at the current threshold
+    m = measure(ee, example_input=x[:1], evaluator=test, latency=False)
+    cur = result.tables["threshold sweep"].query("current").iloc[0]
+    assert m.flops == pytest.approx(cur["avg_flops"], rel=0.01)
+    assert m.accuracy == pytest.approx(cur["accuracy"], abs=0.003)
+    assert m.flops < measure(small_cnn, x[:1], latency=False).flops
+
+    every2 = early_exit(small_cnn, train, every=2, epochs=1)
+    assert every2.exit_names == ("2", "5") and every2.exit_after == (2, 5)
+    named = early_exit(small_cnn, train, exits="4,1", epochs=1)
+    assert named.exit_names == ("1", "4")
+    assert [type(h[0]).__name__ for h in named.heads] == ["AdaptiveAvgPool2d"] * 2
+    assert named.heads[0][2].in_features == 4 * 4 * 4 and named.heads[1][2].in_features == 8 * 4 * 4
+
+
+def test_nested_blocks_and_plain_module_chain(small_train):
+    train = small_train
+    torch.manual_seed(0)
+    model = nn.Sequential(OrderedDict(
+        features=nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                               nn.Conv2d(4, 8, 3, padding=1), nn.ReLU()),
+        pool=nn.AdaptiveAvgPool2d(1), flatten=nn.Flatten(), fc=nn.Linear(8, 10)))
+    ee = early_exit(model, train, exits="features.2", epochs=1, threshold=0.5)
+    assert ee.exit_names == ("features.2",)
+    assert ee.block_names == ("features.0", "features.1", "features.2", "features.3",
+                              "features.4", "pool", "flatten", "fc")
+    x = next(iter(train))[0][:16]
+    ee.threshold = 1.5              # nothing can reach it: every sample runs to the end
+    with torch.no_grad():
+        assert torch.allclose(ee(x), model(x), atol=1e-5)
+    # a module (not a Sequential) whose forward runs its children in order: LeNet-5
+    from nbcompress.data import lenet5
+
+    ee5 = early_exit(lenet5(seed=0), train, exits="pool1", epochs=1)
+    assert ee5.exit_names == ("pool1",) and ee5.heads[0][0].output_size == (4, 4)
+
+
+def test_joint_training_changes_the_backbone_not_the_original(trained_lenet, mnist):
+    train, test = mnist
+    snap = snapshot(trained_lenet)
+    ee = early_exit(trained_lenet, train, exits="relu1", epochs=1, joint=True, lr=1e-4)
+    assert same_as_snapshot(trained_lenet, snap)
+    assert not torch.equal(ee.backbone[1].weight, trained_lenet.fc1.weight)
+    assert all(p.requires_grad for p in ee.parameters())
+    assert nbcompress.evaluate(ee, test) > 0.85
+
+
+def test_frozen_training_without_the_feature_cache(trained_lenet, mnist, monkeypatch):
+    import nbcompress.earlyexit as eemod
+
+    train, test = mnist
+    monkeypatch.setattr(eemod, "CACHE_BYTES", 0)      # the backbone then runs every epoch
+    b = early_exit(trained_lenet, train, exits="relu1", epochs=1)
+    assert torch.equal(b.backbone[1].weight, trained_lenet.fc1.weight)
+    assert all(p.requires_grad for p in b.parameters())
+    x, y = next(iter(test))
+    with torch.no_grad():
+        head_acc = (b.forward_all(x)[0].argmax(1) == y).float().mean()
+    assert head_acc > 0.8
+
+
+def test_save_load_round_trip(trained_lenet, mnist):
+    train, test = mnist
+    ee = early_exit(trained_lenet, train, exits="relu1", threshold=0.8, epochs=1)
+    buf = io.BytesIO()
+    nbcompress.save(ee, buf)
+    buf.seek(0)
+    back = nbcompress.load(buf)
+    assert isinstance(back, EarlyExitModel)
+    assert (back.threshold, back.exit_names, back.exit_after) == (0.8, ("relu1",), (2,))
+    x = next(iter(test))[0]
+    with torch.no_grad():
+        assert torch.equal(back.eval()(x), ee.eval()(x))
+
+
+def test_no_eval_loader_no_sweep(trained_lenet, mnist):
+    train, _ = mnist
+    result = compress(trained_lenet, EarlyExitConfig(data=train, exits=("relu1",), epochs=1,
+                                                     progress=False))
+    assert any("no threshold sweep" in n for n in result.notes)
+    assert result.tables == {} and [r["exit"] for r in result.layers] == ["1", "final"]
+
+
+# -------------------------------------------------------------------------------- bad input
+
+class FunctionalNet(nn.Module):
+    """Blocks glued by functions in forward: cannot be listed as a chain."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(784, 32)
+        self.fc2 = nn.Linear(32, 10)
+
+    def forward(self, x):
+        return self.fc2(F.relu(self.fc1(x.view(len(x), -1))))
+
+
+BAD = [
+    ("--data train_loader --threshold 0", "(0, 1]"),
+    ("--data train_loader --threshold 1.5", "(0, 1]"),
+    ("--data train_loader --threshold -0.2", "(0, 1]"),
+    ("--data train_loader --threshold nan", "(0, 1]"),
+    ("--data train_loader --threshold abc", "invalid float value"),
+    ("--data train_loader --exits nosuch", "no module named 'nosuch'"),
+    ("--data train_loader --exits fc3", "is the last block"),
+    ("--data train_loader --exits relu1,relu1", "twice"),
+    ("--data train_loader --exits relu1 --every 1", "either --exits or --every"),
+    ("--data train_loader --every 0", "--every must be a positive int"),
+    ("--data train_loader --every 3", "puts no exit"),
+    ("--exits relu1", "--data LOADER is needed"),
+    ("--data not_a_loader --exits relu1", "not a torch DataLoader"),
+    ("--data missing_loader --exits relu1", "no variable named 'missing_loader'"),
+    ("--data train_loader --epochs 0", "--epochs must be a positive int"),
+    ("--data train_loader --alpha 1.5", "--alpha must be in [0, 1]"),
+    ("--data train_loader -T 0", "-T must be a positive number"),
+    ("--data train_loader --lr -1", "--lr must be a positive number"),
+    ("--data train_loader --head-pool 0", "--head-pool must be a positive int"),
+    ("--data train_loader --device nosuchdevice", "unknown device"),
+]
+
+
+@pytest.mark.parametrize("args,message", BAD)
+def test_bad_input_one_line_model_unchanged(shell, trained_lenet, mnist, args, message):
+    shell.user_ns.update(model=trained_lenet, train_loader=mnist[0], not_a_loader=[1, 2])
+    snap = snapshot(trained_lenet)
+    with pytest.raises(UsageError) as e:
+        shell.run_line_magic("earlyexit", f"model {args}")
+    assert message in str(e.value) and "\n" not in str(e.value)
+    assert shell.user_ns["model"] is trained_lenet and same_as_snapshot(trained_lenet, snap)
+
+
+def _resnet():
+    from nbcompress.data import reference_cnn
+
+    return reference_cnn(width=4, seed=0)
+
+
+@pytest.mark.parametrize("make,args,message", [
+    (FunctionalNet, "", "cannot list the blocks of the model (FunctionalNet)"),
+    (_resnet, "--exits layer1.conv1", "cannot list the blocks of layer1 (ResidualBlock)"),
+    (lambda: nn.Linear(784, 10), "", "it has no sub-modules"),
+    (lambda: 3, "", "not a torch.nn.Module"),
+])
+def test_models_whose_blocks_cannot_be_listed(shell, mnist, make, args, message):
+    model = make()
+    shell.user_ns.update(model=model, train_loader=mnist[0])
+    snap = snapshot(model) if isinstance(model, nn.Module) else None
+    with pytest.raises(UsageError, match=None) as e:
+        shell.run_line_magic("earlyexit", f"model --data train_loader {args}")
+    assert message in str(e.value) and "\n" not in str(e.value)
+    assert shell.user_ns["model"] is model
+    if snap is not None:
+        assert same_as_snapshot(model, snap)
+
+
+def test_early_exit_model_only_takes_a_threshold(shell, trained_lenet, mnist):
+    train, _ = mnist
+    ee = early_exit(trained_lenet, train, exits="relu1", epochs=1)
+    shell.user_ns.update(model=ee, train_loader=train)
+    for args, message in [("--data train_loader --exits relu1", "only --threshold can change"),
+                          ("--epochs 2 --threshold 0.5", "not --epochs"),
+                          ("", "give --threshold P")]:
+        with pytest.raises(UsageError) as e:
+            shell.run_line_magic("earlyexit", f"model {args}")
+        assert message in str(e.value)
+        assert shell.user_ns["model"] is ee and ee.threshold == 0.95
+
+
+def test_strict_mode_and_api_errors(shell, trained_lenet, mnist, monkeypatch):
+    train, _ = mnist
+    shell.user_ns.update(model=trained_lenet, train_loader=train)
+    monkeypatch.setenv("NBCOMPRESS_STRICT", "1")
+    with pytest.raises(NBCompressError, match=r"\(0, 1\]"):
+        shell.run_line_magic("earlyexit", "model --data train_loader --threshold 2")
+    snap = snapshot(trained_lenet)
+    for kwargs, message in [(dict(threshold=2), r"\(0, 1\]"), (dict(threshold=True), r"\(0, 1\]"),
+                            (dict(exits=["fc9"]), "no module named 'fc9'"),
+                            (dict(exits=[1.5]), "module names"),
+                            (dict(nonsense=1), "unknown option"),
+                            (dict(exits=[]), "names no module")]:
+        with pytest.raises(BadInput, match=message):
+            early_exit(trained_lenet, train, **kwargs)
+    with pytest.raises(BadInput, match="--data LOADER"):
+        early_exit(trained_lenet, exits="relu1")
+    assert same_as_snapshot(trained_lenet, snap)

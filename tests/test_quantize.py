@@ -1,0 +1,487 @@
+"""%quantize: int8 with real kernels (dynamic, static), fp16/bf16, k-bit uniform codes stored
+packed, k-means weight clustering with Huffman-coded storage, binary weights, QAT; the magic
+through a real InteractiveShell, the API, storage round trips, and every bad input."""
+from __future__ import annotations
+
+import copy
+import io
+import struct
+
+import numpy as np
+import pytest
+import torch
+from IPython.core.error import UsageError
+from torch import nn
+
+import nbcompress
+from nbcompress import BadInput, NBCompressError, load, measure, save
+from nbcompress.data import digits_loaders, reference_cnn
+from nbcompress.qmodules import (DynamicInt8GRU, DynamicInt8Linear, DynamicInt8LSTM,
+                                 QuantizedWeightLayer, ReducedPrecision, StaticInt8Conv2d,
+                                 StaticInt8Linear)
+from nbcompress.quantize import (QuantizeConfig, binarize, demo_config, kmeans_cluster, quantize,
+                                 uniform_quantize)
+from nbcompress.storage import breakdown
+from nbcompress.train import evaluate
+from conftest import same_as_snapshot, snapshot
+
+LENET_FLOPS = 2 * (784 * 300 + 300 * 100 + 100 * 10)
+X1 = torch.randn(1, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+
+
+def packed(model, **kw) -> int:
+    buf = io.BytesIO()
+    return save(model, buf, **kw)
+
+
+def roundtrip(model):
+    buf = io.BytesIO()
+    save(model, buf)
+    data = buf.getvalue()
+    return load(io.BytesIO(data)), data
+
+
+def outputs(model, x):
+    with torch.no_grad():
+        return model.eval()(x)
+
+
+@pytest.fixture(scope="module")
+def test_batch(mnist):
+    return next(iter(mnist[1]))[0][:200]
+
+
+# ------------------------------------------------------------------------------ int8 dynamic
+def test_dynamic_int8_real_kernels_size_flops_accuracy_roundtrip(trained_lenet, mnist, test_batch):
+    snap = snapshot(trained_lenet)
+    before = measure(trained_lenet, X1, mnist[1])
+    q = quantize(trained_lenet, mode="dynamic")
+    assert same_as_snapshot(trained_lenet, snap)                 # the argument is untouched
+    assert [type(m) for m in (q.fc1, q.fc2, q.fc3)] == [DynamicInt8Linear] * 3
+    assert q.fc1._packed_params._packed_params.__class__.__name__ == "ScriptObject"  # real kernel
+    after = measure(q, X1, mnist[1])
+    assert after.params == before.params == 266_610
+    assert after.flops == before.flops == LENET_FLOPS            # int8 ops counted, not dropped
+    assert before.packed_bytes / after.packed_bytes >= 3.9
+    assert after.dense_bytes < before.dense_bytes / 3.8          # int8 in memory too
+    assert before.accuracy - after.accuracy <= 0.005
+    assert {r["bits"] for r in after.layers if r["type"] == "DynamicInt8Linear"} == {8}
+    back, data = roundtrip(q)
+    assert len(data) == after.packed_bytes
+    assert torch.equal(outputs(back, test_batch), outputs(q, test_batch))
+    assert type(back.fc1) is DynamicInt8Linear
+
+
+def test_dynamic_per_channel_scales_and_weights_exact(trained_lenet):
+    q = quantize(trained_lenet, mode="dynamic", per_channel=True)
+    w, _ = q.fc1._weight_bias()
+    assert w.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric)
+    assert w.int_repr().abs().max() <= 127
+    err = (w.dequantize() - trained_lenet.fc1.weight.detach()).abs()
+    scales = w.q_per_channel_scales().float()[:, None]
+    assert bool((err <= scales / 2 + 1e-7).all())                # round-to-nearest on the grid
+    assert torch.equal(scales, scales.half().float())            # fp16-exact: 2 bytes in the file
+
+
+class RecurrentNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lstm = nn.LSTM(16, 32, num_layers=2, batch_first=True, bidirectional=True)
+        self.gru = nn.GRU(64, 24)
+        self.fc = nn.Linear(24, 5)
+
+    def forward(self, x):
+        y, _ = self.lstm(x)
+        y, _ = self.gru(y)
+        return self.fc(y[:, -1])
+
+
+def test_dynamic_int8_lstm_gru_counted_and_stored():
+    torch.manual_seed(0)
+    model = RecurrentNet().eval()
+    x = torch.randn(4, 7, 16)
+    res = nbcompress.compress(model, QuantizeConfig(per_channel=True))
+    q = res.model
+    assert (type(q.lstm), type(q.gru), type(q.fc)) == (DynamicInt8LSTM, DynamicInt8GRU,
+                                                       DynamicInt8Linear)
+    assert "1 Linear and 2 LSTM/GRU layers" in " ".join(res.notes)
+    assert (outputs(q, x) - outputs(model, x)).abs().max() < 0.02
+    before, after = measure(model, x[:1]), measure(q, x[:1])
+    gates = 2 * (4 * 32 * (16 + 32) + 4 * 32 * (64 + 32)) + 3 * 24 * (64 + 24)   # per token
+    assert before.flops == after.flops == 2 * 7 * gates + 2 * 24 * 5
+    assert before.params == after.params
+    assert before.packed_bytes / after.packed_bytes >= 3.0
+    buf = io.BytesIO()
+    save(q, buf)
+    back = load(io.BytesIO(buf.getvalue()), classes=[RecurrentNet])
+    assert type(back.lstm) is DynamicInt8LSTM and torch.equal(outputs(back, x), outputs(q, x))
+
+
+def test_auto_magic_picks_int8_says_which_and_undo(shell, trained_lenet, mnist):
+    shell.user_ns.update(model=trained_lenet, test_loader=mnist[1])
+    orig = trained_lenet
+    snap = snapshot(orig)
+    shell.run_line_magic("nbcompress", "model --eval test_loader")
+    r = shell.run_line_magic("quantize", "model --no-progress")
+    q = shell.user_ns["model"]
+    assert type(q.fc1) is DynamicInt8Linear
+    text = repr(r)
+    assert "chose dynamic int8" in text and "torch.ao" in text
+    assert r.after.packed_bytes * 3.9 <= r.before.packed_bytes
+    assert same_as_snapshot(orig, snap)
+    shell.run_line_magic("undo", "model")
+    assert shell.user_ns["model"] is orig and same_as_snapshot(orig, snap)
+
+
+def test_auto_on_conv_model_needs_calib_or_goes_static(shell):
+    cnn = reference_cnn(width=8, seed=0).eval()
+    shell.user_ns["cnn"] = cnn
+    with pytest.raises(UsageError, match="--calib LOADER"):
+        shell.run_line_magic("quantize", "cnn --layers conv --no-progress")
+    assert shell.user_ns["cnn"] is cnn
+
+
+# ------------------------------------------------------------------------------ int8 static
+@pytest.fixture(scope="module")
+def digits_cnn():
+    from nbcompress.data import train_reference
+
+    train, test = digits_loaders(batch_size=64)
+    model = reference_cnn(width=8, seed=0)
+    train_reference(model, train, epochs=2, seed=0)
+    return model.eval(), train, test
+
+
+def test_static_int8_convnet_folds_bn_fuses_relu(digits_cnn):
+    model, train, test = digits_cnn
+    x = next(iter(test))[0]
+    res = nbcompress.compress(model, QuantizeConfig(mode="static", calib=train, calib_batches=4,
+                                                    per_channel=True), device="cpu")
+    q = res.model
+    convs = [m for m in q.modules() if isinstance(m, StaticInt8Conv2d)]
+    assert len(convs) == 6 and type(q.fc) is StaticInt8Linear
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in q.modules())          # all folded
+    assert {n for n, m in q.named_modules() if getattr(m, "fused_relu", False)} == \
+        {"conv1", "layer1.conv1", "down_conv", "layer2.conv1"}                  # relu after BN
+    assert isinstance(q.relu, nn.Identity) and isinstance(q.layer1.relu2, nn.ReLU)  # after add
+    notes = " ".join(res.notes)
+    assert "folded 6 BatchNorm" in notes and "fused 4 ReLU" in notes
+    ref, out = outputs(model, x), outputs(q, x)
+    assert (ref.argmax(1) == out.argmax(1)).float().mean() >= 0.95
+    assert abs(evaluate(model, test) - evaluate(q, test)) <= 0.02
+    fp, qm = measure(model, x[:1]), measure(q, x[:1])
+    bn = sum(m.weight.numel() + m.bias.numel() for m in model.modules()
+             if isinstance(m, nn.BatchNorm2d))
+    new_bias = sum(m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d))
+    assert qm.flops == fp.flops and qm.params == fp.params - bn + new_bias   # BN folded into convs
+    tensor_bytes = [sum(r["bytes"] for r in breakdown(m)) for m in (model, q)]
+    assert tensor_bytes[0] / tensor_bytes[1] >= 3.5          # (a 7k-param file is mostly header)
+    back, _ = roundtrip(q)
+    assert torch.equal(outputs(back, x), out) and back.conv1.nbc_huffman is False
+    # copies and pickles (History spills to disk with torch.save) keep the calibrated state
+    cp = copy.deepcopy(q)
+    assert torch.equal(outputs(cp, x), out) and cp.conv1.fused_relu and cp.conv1.nbc_huffman is False
+    buf = io.BytesIO()
+    torch.save(q, buf)
+    buf.seek(0)
+    assert torch.equal(outputs(torch.load(buf, weights_only=False), x), out)
+
+
+def test_static_magic_with_calib(shell, digits_cnn):
+    model, train, test = digits_cnn
+    shell.user_ns.update(cnn=copy.deepcopy(model), calib=train, test=test)
+    r = shell.run_line_magic("quantize", "cnn --calib calib --calib-batches 2 --eval test "
+                                         "--no-progress")
+    assert "chose static int8" in repr(r)
+    assert isinstance(shell.user_ns["cnn"].conv1, StaticInt8Conv2d)
+    assert r.after.accuracy >= r.before.accuracy - 0.03
+
+
+# ------------------------------------------------------------------------------ uniform k-bit
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_uniform_codes_grid_and_error_fall_with_bits(symmetric):
+    torch.manual_seed(0)
+    w = torch.randn(64, 100) * torch.linspace(0.1, 2, 64)[:, None]
+    w[:, :5] = 0
+    errs = []
+    for bits in range(1, 9):
+        codes, scale, zp = uniform_quantize(w, bits, per_channel=True, symmetric=symmetric)
+        assert torch.unique(codes).numel() <= 2 ** bits
+        shape = (-1, 1)
+        deq = (codes.float() - (zp.float().reshape(shape) if zp is not None else 0)) * \
+            scale.reshape(shape)
+        if symmetric and bits == 1:
+            assert set(torch.unique(codes).tolist()) <= {-1, 1}
+        else:
+            assert torch.equal(deq[:, :5], torch.zeros(64, 5))     # zeros stay exactly zero
+        errs.append(float((deq - w).norm() / w.norm()))
+    assert all(a > b for a, b in zip(errs, errs[1:])), errs
+    assert errs[-1] < 0.01
+
+
+def test_uniform_4bit_per_channel_stored_packed(trained_lenet, mnist, test_batch):
+    before = measure(trained_lenet, X1, mnist[1])
+    q = quantize(trained_lenet, bits=4, per_channel=True)
+    assert type(q.fc1) is QuantizedWeightLayer and q.fc1.bits == 4 and q.fc1.per_channel
+    assert not any(t.dim() > 1 for t in q.parameters())              # no float weight left
+    after = measure(q, X1, mnist[1])
+    assert after.params == before.params and after.flops == before.flops
+    assert before.accuracy - after.accuracy <= 0.01
+    rows = {r["name"]: r for r in breakdown(q)}
+    assert rows["fc1.codes"]["encoding"] == "dense/codebook"          # no Huffman without --huffman
+    assert rows["fc1.codes"]["bits_per_element"] <= 4.001
+    payload = sum(r["bytes"] for r in rows.values())
+    assert payload <= 266_200 * 4 / 8 + 410 * 4 + 410 * 2 + 200     # codes + biases + fp16 scales
+    assert before.packed_bytes / after.packed_bytes >= 7.5
+    w = q.fc2.dequantized_weight()
+    assert torch.equal(w, q.fc2.codes.float() * q.fc2.scale.float()[:, None])
+    back, _ = roundtrip(q)
+    assert torch.equal(outputs(back, test_batch), outputs(q, test_batch))
+
+
+def test_uniform_asymmetric_per_tensor_and_huffman_flag(trained_lenet):
+    q = quantize(trained_lenet, bits=3, symmetric=False)
+    assert q.fc1.zero_point is not None and q.fc1.scale.numel() == 1
+    assert q.fc1.codes.dtype == torch.uint8 and int(q.fc1.codes.max()) <= 7
+    plain = packed(q)
+    qh = quantize(trained_lenet, bits=3, symmetric=False, huffman=True)
+    assert any("huffman" in r["encoding"] for r in breakdown(qh))
+    assert packed(qh) < plain                                         # skewed codes: Huffman wins
+    back, _ = roundtrip(qh)
+    assert torch.equal(back.fc1.codes, qh.fc1.codes)
+
+
+def test_uniform_on_conv_layers(digits_cnn):
+    model, train, test = digits_cnn
+    q = quantize(model, bits=8, mode="uniform", per_channel=True, layers="conv")
+    assert isinstance(q.layer1.conv1, QuantizedWeightLayer) and isinstance(q.fc, nn.Linear)
+    x = next(iter(test))[0]
+    assert (outputs(q, x).argmax(1) == outputs(model, x).argmax(1)).float().mean() >= 0.97
+
+
+# ------------------------------------------------------------------------------ clustering
+def test_kmeans_linear_init_lloyd_fixed_point_and_zeros():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(200, 50, generator=g)
+    w[w.abs() < 0.7] = 0
+    w[0, 0] = 9.0                                           # one outlier keeps its own centroid
+    centroids, index = kmeans_cluster(w, 4)
+    assert centroids.numel() == 16 and bool((centroids[1:] >= centroids[:-1]).all())
+    assert torch.equal(index == -1, w == 0)
+    assert float(centroids[-1]) == 9.0                      # linear init: the outlier is a cluster
+    for j in range(16):                                     # Lloyd converged: centroid = mean
+        members = w[index == j]
+        if members.numel():
+            assert abs(float(members.mean()) - float(centroids[j])) < 1e-5
+    few = torch.tensor([0.0, 1.0, 1.0, 2.0, 0.0])
+    c, i = kmeans_cluster(few, 5)
+    assert c.tolist() == [1.0, 2.0] and i.tolist() == [-1, 0, 0, 1, -1]
+
+
+def test_cluster_keeps_pruned_zeros_and_storage_codebook(trained_lenet, test_batch):
+    pruned = copy.deepcopy(trained_lenet)
+    with torch.no_grad():
+        for m in (pruned.fc1, pruned.fc2):
+            m.weight[m.weight.abs() < m.weight.abs().quantile(0.9)] = 0
+    q = quantize(pruned, mode="cluster", bits=5)
+    for name in ("fc1", "fc2", "fc3"):
+        w, w0 = getattr(q, name).weight, getattr(pruned, name).weight
+        assert torch.equal(w == 0, w0 == 0)
+        assert torch.unique(w[w != 0]).numel() <= 32
+        assert getattr(q, name).nbc_bits == 5
+    rows = {r["name"]: r for r in breakdown(q)}
+    assert "huffman" not in rows["fc1.weight"]["encoding"]           # fixed-width without --huffman
+    assert "codebook" in rows["fc1.weight"]["encoding"]
+    qh = quantize(pruned, mode="cluster", bits=5, huffman=True)
+    assert torch.equal(qh.fc1.weight, q.fc1.weight)
+    rows_h = {r["name"]: r for r in breakdown(qh)}
+    assert "huffman" in rows_h["fc1.weight"]["encoding"]
+    assert packed(qh) < packed(q) < packed(pruned) / 3
+    back, _ = roundtrip(qh)
+    assert torch.equal(back.fc1.weight, qh.fc1.weight)
+    assert torch.equal(outputs(back, test_batch), outputs(qh, test_batch))
+
+
+def test_cluster_qat_fine_tunes_centroids(trained_lenet, mnist):
+    train, test = mnist
+    res = nbcompress.compress(trained_lenet, QuantizeConfig(mode="cluster", bits=2, qat=train,
+                                                            epochs=1, lr=1e-3, progress=False))
+    plain = quantize(trained_lenet, mode="cluster", bits=2)
+    q = res.model
+    assert not torch.equal(q.fc1.weight, plain.fc1.weight)           # centroids moved
+    assert torch.unique(q.fc1.weight).numel() <= 4                   # still shared
+    assert all(not hasattr(m, "parametrizations") for m in q.modules())
+    assert q.fc1.weight.requires_grad
+    assert len(res.extra["qat"]) == 1 and "loss" in res.extra["qat"][0]
+    assert evaluate(q, test) >= evaluate(plain, test) - 0.005
+    assert {"positions", "indices", "codebook"} <= set(res.tables["storage"])
+
+
+# ------------------------------------------------------------------------------ binary + QAT
+def test_binarize_scale_is_mean_abs_per_channel():
+    w = torch.tensor([[0.5, -1.5, 0.0], [2.0, 2.0, -2.0]])
+    codes, scale = binarize(w)
+    assert codes.tolist() == [[1, -1, 1], [1, 1, -1]]
+    assert torch.allclose(scale, torch.tensor([2.0 / 3, 2.0]), rtol=1e-3)
+
+
+def test_binary_qat_trains_shadow_and_stores_1bit(trained_lenet, mnist, test_batch):
+    train, test = mnist
+    fp32 = measure(trained_lenet, X1, test)
+    plain = quantize(trained_lenet, mode="binary")
+    res = nbcompress.compress(trained_lenet, QuantizeConfig(mode="binary", qat=train, epochs=1,
+                                                            progress=False))
+    q = res.model
+    assert set(torch.unique(q.fc1.codes).tolist()) == {-1, 1}
+    assert q.fc1.scale.numel() == 300 and q.fc1.scheme == "binary"
+    assert set(q.state_dict()) == {f"fc{i}.{t}" for i in (1, 2, 3)
+                                   for t in ("codes", "scale", "bias")}
+    assert all(not hasattr(m, "parametrizations") for m in q.modules())   # shadow gone
+    acc_plain, acc_qat = evaluate(plain, test), evaluate(q, test)
+    assert acc_qat > acc_plain and acc_qat >= fp32.accuracy - 0.03
+    m = measure(q, X1, test)
+    assert fp32.packed_bytes / m.packed_bytes >= 25
+    assert breakdown(q)[1]["bits_per_element"] <= 1.001 or \
+        {r["name"]: r for r in breakdown(q)}["fc1.codes"]["bits_per_element"] <= 1.001
+    back, _ = roundtrip(q)
+    assert torch.equal(outputs(back, test_batch), outputs(q, test_batch))
+
+
+# ------------------------------------------------------------------------------ fp16 / bf16
+def test_bf16_cast_on_cpu(trained_lenet, mnist, test_batch):
+    q = quantize(trained_lenet, dtype="bf16", example_input=X1)
+    assert isinstance(q, ReducedPrecision) and q.module.fc1.weight.dtype == torch.bfloat16
+    out = outputs(q, test_batch)
+    assert out.dtype == torch.float32
+    assert (out.argmax(1) == outputs(trained_lenet, test_batch).argmax(1)).float().mean() >= 0.98
+    back, _ = roundtrip(q)
+    assert torch.equal(outputs(back, test_batch), out)
+
+
+def test_fp16_on_cpu_is_honest(trained_lenet):
+    res = nbcompress.compress(trained_lenet, QuantizeConfig(dtype="fp16"), example_input=X1,
+                              device="cpu")
+    assert res.model.module.fc1.weight.dtype == torch.float16
+    assert any("fp16 on CPU" in n and "slower" in n for n in res.notes)
+
+
+def test_int8_and_dtype_device_checks_without_cuda(trained_lenet):
+    meta = torch.device("meta")                 # stands for a device with no int8 kernels
+    with pytest.raises(BadInput, match="CPU only"):
+        QuantizeConfig(mode="dynamic")._choose(trained_lenet, meta)
+    mode, notes = QuantizeConfig()._choose(trained_lenet, torch.device("cpu"), meta)
+    assert mode.startswith("dtype") and "CPU-only" in notes[0]
+    with pytest.raises(BadInput, match="lives on meta"):
+        QuantizeConfig(mode="dynamic")._choose(trained_lenet, torch.device("cpu"), meta)
+
+
+# ------------------------------------------------------------------------------ API + demo
+def test_layers_regex_and_api_options(trained_lenet):
+    q = quantize(trained_lenet, 4, layers=r"fc[12]")
+    assert isinstance(q.fc1, QuantizedWeightLayer) and isinstance(q.fc3, nn.Linear)
+    with pytest.raises(BadInput, match="unknown quantize option 'bitz'"):
+        quantize(trained_lenet, bitz=4)
+
+
+def test_demo_config_is_fast_int8(mnist):
+    label, cfg = demo_config(*mnist)
+    assert isinstance(cfg, QuantizeConfig) and "int8" in label and cfg.mode == "dynamic"
+
+
+# ------------------------------------------------------------------------------ bad input
+class OnlyActivations(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm1d(4)
+        self.act = nn.ReLU()
+
+    def forward(self, x):
+        return self.act(self.bn(x))
+
+
+@pytest.mark.parametrize("line,match", [
+    ("model --bits 0", r"--bits must be an integer from 1 to 8; got 0"),
+    ("model --bits 9", r"--bits must be an integer from 1 to 8; got 9"),
+    ("model --mode static", r"--mode static needs calibration data: add --calib LOADER"),
+    ("model --mode foo", r"--mode must be one of dynamic, static, uniform, cluster, binary"),
+    ("model --dtype int4", r"--dtype must be fp16 or bf16; got 'int4'"),
+    ("model --dtype fp16 --bits 4", r"does not combine with --mode or --bits"),
+    ("model --mode dynamic --bits 4", r"runs int8 kernels"),
+    ("model --mode binary --bits 2", r"stores 1 bit per weight"),
+    ("model --qat train_loader --mode dynamic", r"--qat trains --mode uniform, cluster or binary"),
+    ("model --epochs 2 --bits 4", r"--epochs needs --qat LOADER"),
+    ("model --bits 4 --qat train_loader --epochs 0", r"--epochs must be a positive integer"),
+    ("model --mode cluster --asymmetric", r"--asymmetric applies to --mode uniform"),
+    ("model --mode cluster --per-channel", r"does not apply to --mode cluster"),
+    ("model --mode uniform --calib train_loader", r"does not apply to --mode uniform"),
+    ("model --calib nothere", r"--calib: no variable named 'nothere'"),
+    ("model --calib model", r"--calib model is a LeNet300100, not a torch DataLoader"),
+    ("model --layers zzz --bits 4", r"--layers 'zzz' matches none of the quantizable layers: fc1"),
+    ("model --layers ( --bits 4", r"--layers is not a valid regular expression"),
+    ("acts --bits 4", r"no quantizable layer .* it has: OnlyActivations, BatchNorm1d, ReLU"),
+    ("acts --mode dynamic", r"no quantizable layer for --mode dynamic \(Linear\)"),
+    ("missing", r"no variable named 'missing'"),
+])
+def test_bad_input_one_line_model_unchanged(shell, trained_lenet, mnist, line, match):
+    acts = OnlyActivations()
+    shell.user_ns.update(model=trained_lenet, train_loader=mnist[0], acts=acts)
+    snap, asnap = snapshot(trained_lenet), snapshot(acts)
+    with pytest.raises(UsageError, match=match) as ei:
+        shell.run_line_magic("quantize", line)
+    assert type(ei.value) is UsageError and "\n" not in str(ei.value)
+    assert shell.user_ns["model"] is trained_lenet and same_as_snapshot(trained_lenet, snap)
+    assert shell.user_ns["acts"] is acts and same_as_snapshot(acts, asnap)
+
+
+def test_strict_mode_raises_plain_error(shell, trained_lenet, monkeypatch):
+    monkeypatch.setenv("NBCOMPRESS_STRICT", "1")
+    shell.user_ns["model"] = trained_lenet
+    with pytest.raises(NBCompressError, match="from 1 to 8"):
+        shell.run_line_magic("quantize", "model --bits 12")
+
+
+def test_interrupt_mid_qat_leaves_model_unchanged(shell, trained_lenet, mnist):
+    class Boom(torch.utils.data.DataLoader):
+        def __iter__(self):
+            it = super().__iter__()
+            yield next(it)
+            raise KeyboardInterrupt
+
+    shell.user_ns.update(model=trained_lenet, boom=Boom(mnist[0].dataset, batch_size=32))
+    snap = snapshot(trained_lenet)
+    with pytest.raises(KeyboardInterrupt):
+        shell.run_line_magic("quantize", "model --mode binary --qat boom --no-progress")
+    assert shell.user_ns["model"] is trained_lenet and same_as_snapshot(trained_lenet, snap)
+
+
+@pytest.mark.parametrize("opts", [dict(mode="dynamic"), dict(bits=4, per_channel=True),
+                                  dict(mode="cluster", bits=4, huffman=True)])
+def test_truncated_or_corrupted_file_is_an_error_never_a_wrong_model(trained_lenet, opts,
+                                                                     test_batch):
+    q = quantize(trained_lenet, **opts)
+    _, data = roundtrip(q)
+    for cut in (10, len(data) // 2, len(data) - 1):
+        with pytest.raises(BadInput, match="truncated"):
+            load(io.BytesIO(data[:cut]))
+    (hlen,) = struct.unpack("<I", data[4:8])
+    rng = np.random.default_rng(0)
+    ref = outputs(q, test_batch)
+    for _ in range(20):
+        b = bytearray(data)
+        i = int(rng.integers(8 + hlen, len(b)))
+        b[i] ^= 1 << int(rng.integers(0, 8))
+        with pytest.raises(BadInput, match="corrupt"):
+            load(io.BytesIO(bytes(b)))
+    # header bytes: an error, or (a flip in a name's letter case, say) a model that is still right
+    for _ in range(20):
+        b = bytearray(data)
+        b[int(rng.integers(8, 8 + hlen))] ^= 1
+        try:
+            back = load(io.BytesIO(bytes(b)))
+        except BadInput:
+            continue
+        try:
+            same = torch.equal(outputs(back, test_batch), ref)
+        except Exception:  # noqa: BLE001 - a model that cannot even run is not a wrong answer
+            continue
+        assert same
