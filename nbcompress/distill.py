@@ -490,8 +490,8 @@ class DistillConfig(StepConfig):
                 return loss
 
             def after_step(student: nn.Module) -> None:
-                for p, m in masks.items():
-                    p.mul_(m)
+                for p, zero in masks.items():
+                    p.masked_fill_(zero, 0.0)   # +0.0: p * 0 would leave -0.0, which packs as a value
 
             params = [p for p in model.parameters() if p.requires_grad] + list(adapters.parameters())
             with torch.enable_grad():       # training works whatever the caller's grad mode
@@ -926,12 +926,13 @@ def _cached_loader(loader: DataLoader, teachers, T: float, dev, progress: bool) 
 
 
 def _sparsity_masks(model: nn.Module, min_zero_fraction: float = 0.01) -> dict:
+    """{weight: bool mask of its zeros} for the weights that are already sparse (pruned)."""
     masks = {}
     for p in model.parameters():
         if p.requires_grad and p.is_floating_point() and p.dim() >= 2:
             zeros = (p == 0)
             if zeros.float().mean().item() >= min_zero_fraction:
-                masks[p] = (~zeros).to(p.dtype)
+                masks[p] = zeros
     return masks
 
 
@@ -999,6 +1000,9 @@ def _per_class_table(columns: dict[str, dict]) -> pd.DataFrame:
 def demo_config(train_loader: DataLoader, test_loader: DataLoader):
     """The terminal demo's step: distil the model (whatever the earlier steps made of it) from its
     own first version, the trained uncompressed LeNet, for 2 epochs; pruned zeros stay zero.
-    It needs trainable float weights, so it belongs before any integer quantization step."""
+    A fine-tune of a trained model, hence the small learning rate (Adam at 1e-3 first knocks a
+    trained network about). It needs trainable float weights, so it belongs before any integer
+    quantization step."""
     return ("distill from the uncompressed original (version 0), 2 epochs, T=4, alpha=0.9",
-            DistillConfig(teacher_version=0, loader=train_loader, epochs=2, T=4.0, alpha=0.9))
+            DistillConfig(teacher_version=0, loader=train_loader, epochs=2, T=4.0, alpha=0.9,
+                          lr=3e-4))

@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from nbcompress import (BadInput, CompressionResult, History, NBCompressError, StepConfig, compress,
                         evaluate)
 from nbcompress.data import lenet5, mnist_arrays, reference_cnn
+from nbcompress.metrics import packed_bytes
 from nbcompress.distill import (DistillConfig, MLPStudent, choose_bias_raise, demo_config, distill,
                                 distillation_loss, looks_like_probs, mlp_student, peek_batch,
                                 soft_target_loss, soft_target_loss_from_probs)
@@ -314,19 +315,22 @@ def test_pruned_zeros_stay_zero(teacher, small):
     zeros = student.fc1.weight == 0
     out = distill(student, teacher, tr, epochs=1, progress=False)
     assert (out.fc1.weight[zeros] == 0).all()
+    # +0.0, not -0.0 (which the lossless packing would have to store as a value of its own)
+    assert not torch.signbit(out.fc1.weight[zeros]).any()
+    assert packed_bytes(out) < 1.05 * packed_bytes(student)
     assert (out.fc1.weight[~zeros] != student.fc1.weight[~zeros]).any()
     loose = distill(student, teacher, tr, epochs=1, keep_sparsity=False, progress=False)
     assert (loose.fc1.weight[zeros] != 0).any()
 
 
 class _HalfZero(StepConfig):
-    """A tiny real compression step for the test: zero the smallest 97% of fc1's weights."""
+    """A tiny real compression step for the test: zero the smallest 99% of fc1's weights."""
     technique = "half_zero"
 
     def run(self, model, ctx):
         with torch.no_grad():
             w = model.fc1.weight
-            w[w.abs() < w.abs().flatten().quantile(0.97)] = 0
+            w[w.abs() < w.abs().flatten().quantile(0.99)] = 0
         return CompressionResult(model)
 
 
@@ -344,9 +348,9 @@ def test_demo_step_wins_back_accuracy_from_version_0_keeping_zeros(teacher, smal
     rep = h.apply(cfg, progress=False)
     out = h.current
     assert (out.fc1.weight[zeros] == 0).all()
-    assert base > 0.85 and acc_pruned < base - 0.05      # the "pruning" hurt
+    assert base > 0.85 and acc_pruned < base - 0.03      # the "pruning" hurt
     assert rep.after.accuracy > acc_pruned + 0.02, (acc_pruned, rep.after.accuracy)
-    assert rep.args == "teacher=version 0 epochs=1 T=4 alpha=0.9"
+    assert rep.args == "teacher=version 0 epochs=1 T=4 alpha=0.9 lr=0.0003"
     # without a History there are no versions to learn from
     with pytest.raises(BadInput, match="needs the step to run through a History"):
         compress(mlp_student(), DistillConfig(teacher_version=0, loader=tr, progress=False))
