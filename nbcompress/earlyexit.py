@@ -320,8 +320,16 @@ def _check_chains(model: nn.Module, opened: list[tuple[str, nn.Module]], x: torc
 
 
 def _has_weights(m: nn.Module) -> bool:
-    return any(True for sub in m.modules() if not isinstance(sub, _NORMS)
-               for _ in sub.parameters(recurse=False))
+    """Whether a block computes with weights (a norm layer's scale and shift do not count):
+    parameters, weight buffers a module declares (``_nbc_weight_buffers``, ``nbc_count``) or
+    packed int8 kernels."""
+    for sub in m.modules():
+        if isinstance(sub, _NORMS):
+            continue
+        if any(True for _ in sub.parameters(recurse=False)) or hasattr(sub, "nbc_count") \
+                or getattr(sub, "_nbc_weight_buffers", ()) or hasattr(sub, "_packed_params"):
+            return True
+    return False
 
 
 def _every_positions(chain: list[tuple[str, nn.Module]], k: int) -> list[int]:

@@ -28,9 +28,9 @@ its weights). The shadows exist only during training: the result stores codes an
 
 Without ``mode`` (``%quantize model``) the fastest real int8 kernel for the model's layers on its
 device is chosen and the step says which: static int8 when calibration data is given, else
-dynamic int8 for the Linear layers. ``torch.ao`` int8 kernels are CPU-only, so on CUDA the
-automatic choice is bf16 (fp16 where bf16 is not supported), and asking for int8 there is bad
-input.
+dynamic int8 for the Linear/LSTM/GRU layers. ``torch.ao`` int8 kernels are CPU-only: a model
+that lives on the CPU is quantized there (whatever the work device); for a model on CUDA the
+automatic choice is bf16 (fp16 where bf16 is not supported), and asking for int8 is bad input.
 """
 from __future__ import annotations
 
@@ -423,26 +423,30 @@ class QuantizeConfig(StepConfig):
 
     def _choose(self, model: nn.Module, device: torch.device,
                 origin: torch.device | None = None) -> tuple[str, list[str]]:
-        """The mode to run on ``device`` (the automatic int8 choice included), and why.
-        ``origin``: where the model lives (and the result goes back to)."""
+        """The mode to run (the automatic int8 choice included), and why. ``device``: the work
+        device; ``origin``: where the model lives and the result goes back to. torch.ao's int8
+        kernels run on the CPU only, so int8 needs a model that lives on the CPU (it is then
+        quantized on the CPU whatever the work device)."""
         notes: list[str] = []
         mode = self._mode_without_device()
         origin = device if origin is None else origin
-        backend = int8_kernel_backend(device)
+        backend = int8_kernel_backend("cpu")
         if mode in ("dynamic", "static"):
             if backend is None:
-                raise BadInput(f"int8 kernels (torch.ao x86/fbgemm/qnnpack) run on CPU only, not "
-                               f"on {device}; move the model to the CPU (model.cpu()) and use "
-                               f"--device cpu, or use --dtype bf16/fp16 or --mode uniform")
+                raise BadInput(f"this PyTorch build has no int8 CPU kernels (quantized engines: "
+                               f"{torch.backends.quantized.supported_engines}); use --mode "
+                               f"uniform or --dtype bf16")
             if origin.type != "cpu":
-                raise BadInput(f"int8 kernels run on CPU only and the model lives on {origin}: "
-                               f"move it to the CPU first (model = model.cpu())")
-        if origin.type != "cpu":
-            backend = None
+                raise BadInput(f"int8 kernels (torch.ao) run on CPU only and the model lives on "
+                               f"{origin}: move it to the CPU first (model = model.cpu()), or use "
+                               f"--dtype bf16/fp16 or --mode uniform there")
+            if device.type != "cpu":
+                notes.append(f"int8 kernels run on the CPU: quantized there, not on {device}")
+            return mode, notes
         if mode is not None:
             return mode, notes
-        # automatic: the fastest real kernel for these layers on this device
-        if backend is None:
+        # automatic: the fastest real kernel for these layers where the model lives
+        if origin.type != "cpu" or backend is None:
             where = origin if origin.type != "cpu" else device
             if self.bits == 8:
                 notes.append(f"no int8 kernels on {where} (torch.ao's are CPU-only): 8-bit "
@@ -479,6 +483,7 @@ class QuantizeConfig(StepConfig):
 
     # ------------------------------------------------------------------ int8 dynamic
     def _dynamic(self, model, targets, notes) -> CompressionResult:
+        model = model.cpu()        # int8 kernels are CPU kernels (the model lives on the CPU)
         layers = []
         with quiet():
             for name, mod in targets:
@@ -510,7 +515,8 @@ class QuantizeConfig(StepConfig):
     def _static(self, model, ctx, targets, notes) -> CompressionResult:
         from .train import split_batch, to_device
 
-        model.eval()
+        model = model.cpu().eval()      # int8 kernels are CPU kernels (the model lives there)
+        cpu = torch.device("cpu")
         names = [n for n, _ in targets]
         fused = _fold_and_find_relus(model, names, notes)
         modules = dict(model.named_modules())
@@ -537,7 +543,7 @@ class QuantizeConfig(StepConfig):
                     if i >= self.calib_batches:
                         break
                     x, _ = split_batch(batch)
-                    x = to_device(x, ctx.device)
+                    x = to_device(x, cpu)
                     first = x if first is None else first
                     model(x)
                     seen += 1

@@ -35,12 +35,20 @@ def small_train(mnist):
 
 
 @pytest.fixture(scope="module")
-def small_cnn(small_train):
-    """The benchmark's sequential CNN at width 4, trained briefly (BatchNorm in every block)."""
+def digits():
+    from nbcompress.data import digits_loaders
+
+    return digits_loaders(batch_size=64)
+
+
+@pytest.fixture(scope="module")
+def small_cnn(digits):
+    """The benchmark's sequential CNN at width 8 (BatchNorm in every block), trained briefly on
+    the 8x8 digits (fast)."""
     from nbcompress.train import fit
 
-    model = sequential_cnn(4, seed=0)
-    fit(model, small_train, epochs=3, lr=2e-2, seed=0, progress=False)
+    model = sequential_cnn(8, seed=0)
+    fit(model, digits[0], epochs=6, lr=1e-2, seed=0, progress=False)
     return model.eval()
 
 
@@ -173,10 +181,10 @@ def test_magic_history_threshold_step_and_undo(shell, trained_lenet, mnist):
 
 # ------------------------------------------------------------------------- structures, options
 
-def test_sequential_cnn_exits_every_and_named(small_cnn, small_train, mnist):
-    train, test = small_train, mnist[1]
+def test_sequential_cnn_exits_every_and_named(small_cnn, digits):
+    train, test = digits
     snap = snapshot(small_cnn)
-    result = compress(small_cnn, EarlyExitConfig(data=train, epochs=2, threshold=0.7,
+    result = compress(small_cnn, EarlyExitConfig(data=train, epochs=2, threshold=0.9,
                                                  progress=False), evaluator=test)
     ee = result.model
     assert same_as_snapshot(small_cnn, snap)
@@ -203,7 +211,8 @@ def test_sequential_cnn_exits_every_and_named(small_cnn, small_train, mnist):
     named = early_exit(small_cnn, train, exits="4,1", epochs=1)
     assert named.exit_names == ("1", "4")
     assert [type(h[0]).__name__ for h in named.heads] == ["AdaptiveAvgPool2d"] * 2
-    assert named.heads[0][2].in_features == 4 * 4 * 4 and named.heads[1][2].in_features == 8 * 4 * 4
+    # 8 channels of 8x8 pooled to 4x4; 16 channels of 4x4 kept
+    assert named.heads[0][2].in_features == 8 * 4 * 4 and named.heads[1][2].in_features == 16 * 4 * 4
 
 
 def test_nested_blocks_and_plain_module_chain(small_train):

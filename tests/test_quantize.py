@@ -180,7 +180,8 @@ def test_static_int8_convnet_folds_bn_fuses_relu(digits_cnn):
     assert torch.equal(outputs(back, x), out) and back.conv1.nbc_huffman is False
     # copies and pickles (History spills to disk with torch.save) keep the calibrated state
     cp = copy.deepcopy(q)
-    assert torch.equal(outputs(cp, x), out) and cp.conv1.fused_relu and cp.conv1.nbc_huffman is False
+    assert torch.equal(outputs(cp, x), out)
+    assert cp.conv1.fused_relu and cp.conv1.nbc_huffman is False
     buf = io.BytesIO()
     torch.save(q, buf)
     buf.seek(0)
@@ -366,13 +367,15 @@ def test_fp16_on_cpu_is_honest(trained_lenet):
 
 
 def test_int8_and_dtype_device_checks_without_cuda(trained_lenet):
-    meta = torch.device("meta")                 # stands for a device with no int8 kernels
-    with pytest.raises(BadInput, match="CPU only"):
+    cpu, meta = torch.device("cpu"), torch.device("meta")   # meta: a device with no int8 kernels
+    with pytest.raises(BadInput, match="run on CPU only and the model lives on meta"):
         QuantizeConfig(mode="dynamic")._choose(trained_lenet, meta)
-    mode, notes = QuantizeConfig()._choose(trained_lenet, torch.device("cpu"), meta)
-    assert mode.startswith("dtype") and "CPU-only" in notes[0]
-    with pytest.raises(BadInput, match="lives on meta"):
-        QuantizeConfig(mode="dynamic")._choose(trained_lenet, torch.device("cpu"), meta)
+    mode, notes = QuantizeConfig()._choose(trained_lenet, cpu, meta)   # model on an accelerator
+    assert mode == "dtype:bf16" and "CPU-only" in notes[0]
+    mode, notes = QuantizeConfig(bits=8)._choose(trained_lenet, meta, meta)
+    assert mode == "uniform" and "8-bit uniform codes instead" in notes[0]
+    mode, notes = QuantizeConfig(mode="static", calib=object())._choose(trained_lenet, meta, cpu)
+    assert mode == "static" and "quantized there, not on meta" in notes[0]   # a CPU model: CPU
 
 
 # ------------------------------------------------------------------------------ API + demo
@@ -419,7 +422,7 @@ class OnlyActivations(nn.Module):
     ("model --layers zzz --bits 4", r"--layers 'zzz' matches none of the quantizable layers: fc1"),
     ("model --layers ( --bits 4", r"--layers is not a valid regular expression"),
     ("acts --bits 4", r"no quantizable layer .* it has: OnlyActivations, BatchNorm1d, ReLU"),
-    ("acts --mode dynamic", r"no quantizable layer for --mode dynamic \(Linear\)"),
+    ("acts --mode dynamic", r"no quantizable layer for --mode dynamic \(Linear, LSTM, GRU\)"),
     ("missing", r"no variable named 'missing'"),
 ])
 def test_bad_input_one_line_model_unchanged(shell, trained_lenet, mnist, line, match):
