@@ -6,7 +6,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 pip install -q -e ".[test]"
 export NBCOMPRESS_STRICT=1 NBCOMPRESS_DISPLAY=text MPLBACKEND=Agg
-# Notebooks seen passing under nbval on this machine; 03, 06 and 07 join once seen passing too.
-NOTEBOOKS="notebooks/01_quickstart.ipynb notebooks/02_pruning.ipynb notebooks/04_distillation.ipynb notebooks/05_architecture.ipynb"
-python -m pytest -q -p no:cacheprovider --durations=15 tests $NOTEBOOKS \
+python -m pytest -q -p no:cacheprovider --durations=15 tests notebooks \
     --nbval-lax --nbval-current-env --nbval-cell-timeout=600 "$@"

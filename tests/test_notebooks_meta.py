@@ -55,14 +55,34 @@ def test_notebook_conventions(path):
             assert o.get("output_type") != "error", f"{path.name}: cell {i} has a stored error"
 
 
-def test_notebook_suite_is_strict_with_a_cell_timeout():
+def _test_command() -> tuple[str, list[str]]:
+    """scripts/test.sh: (the whole script, the words of its ``python -m pytest`` command with the
+    script's own ``NAME="..."`` variables expanded)."""
     script = (ROOT / "scripts" / "test.sh").read_text()
-    run = script[script.index("pytest"):]
-    assert "notebooks" in run and "--nbval-lax" in run and "--nbval-current-env" in run
-    m = re.search(r"--nbval-cell-timeout[= ](\d+)", run)
-    assert m and 0 < int(m.group(1)) <= 600, "each notebook cell needs a timeout of at most 600 s"
+    code = "\n".join(line for line in script.splitlines() if not line.lstrip().startswith("#"))
+    code = code.replace("\\\n", " ")
+    variables = dict(re.findall(r'^\s*([A-Za-z_]\w*)="([^"]*)"\s*$', code, flags=re.M))
+    commands = [line for line in code.splitlines() if re.search(r"python\S* -m pytest\b", line)]
+    assert len(commands) == 1, "scripts/test.sh should run one pytest command"
+    words = []
+    for w in commands[0].split():
+        m = re.fullmatch(r'"?\$\{?([A-Za-z_]\w*)\}?"?', w)
+        words += variables.get(m.group(1), "").split() if m else [w.strip('"')]
+    return script, words
+
+
+def test_notebook_suite_runs_every_notebook_strictly_with_a_cell_timeout():
+    script, words = _test_command()
+    assert "--nbval-lax" in words and "--nbval-current-env" in words
+    timeout = [w for w in words if w.startswith("--nbval-cell-timeout=")]
+    assert timeout and 0 < int(timeout[0].split("=")[1]) <= 600, \
+        "each notebook cell needs a timeout of at most 600 s"
     assert re.search(r"NBCOMPRESS_STRICT=1", script), "notebooks must run with NBCOMPRESS_STRICT=1"
     assert re.search(r"NBCOMPRESS_DISPLAY=text", script)
+    paths = {w.rstrip("/") for w in words}
+    missing = [p.name for p in NOTEBOOKS if "notebooks" not in paths
+               and f"notebooks/{p.name}" not in paths]
+    assert not missing, f"scripts/test.sh does not run {missing} under nbval"
 
 
 def test_readme_gallery_lists_every_notebook_with_a_small_screenshot():

@@ -364,15 +364,15 @@ def test_lottery_rewinds_survivors_to_init(trained_lenet, lenet_init, mnist, sma
 
 
 def test_lottery_ticket_beats_random_reinit(trained_lenet, lenet_init, mnist):
-    """A short real run from the trained LeNet: 2 rounds of 2 epochs to 90% sparsity."""
+    """A short real run from the trained LeNet: 2 rounds of 1 epoch to 90% sparsity."""
     train, test = mnist
     res = compress(trained_lenet, PruneConfig(amount=0.9, lottery=True, steps=2, finetune=train,
-                                              epochs=2, progress=False),
+                                              epochs=1, progress=False),
                    ctx=StepContext(device=torch.device("cpu"), origin_device=torch.device("cpu"),
                                    evaluator=test, init_state=lenet_init, progress=False))
     e = res.extra
     assert e["ticket_accuracy"] > e["random_reinit_accuracy"]
-    assert e["ticket_accuracy"] > 0.85
+    assert e["ticket_accuracy"] > 0.8
     assert list(res.tables["lottery rounds"]["weights_left"].round(2)) == [0.32, 0.1]
 
 
