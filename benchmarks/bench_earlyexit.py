@@ -42,7 +42,8 @@ sys.path.insert(0, str(ROOT))
 
 from nbcompress import evaluate, fit, measure  # noqa: E402
 from nbcompress.data import mnist_arrays  # noqa: E402
-from nbcompress.earlyexit import DEFAULT_THRESHOLD, early_exit, sequential_cnn, threshold_sweep  # noqa: E402
+from nbcompress.earlyexit import (DEFAULT_THRESHOLD, early_exit, sequential_cnn,  # noqa: E402
+                                  threshold_sweep)
 
 AGREEMENT = 0.995       # validation agreement the chosen threshold must keep
 TARGET_SAVING = 0.50
@@ -160,7 +161,7 @@ def main(argv=None) -> int:
             met = e["flops_saving"] >= TARGET_SAVING and e["accuracy_drop_pts"] <= 100 * TARGET_DROP
             lines.append([str(r["seed"]), f"{e['threshold']:g} ({label})",
                           f"{100 * r['full']['accuracy']:.2f}%", f"{100 * e['accuracy']:.2f}%",
-                          f"{e['accuracy_drop_pts']:+.2f}", f"{e['flops'] / 1e6:.2f}",
+                          f"{e['accuracy_drop_pts']:.2f}", f"{e['flops'] / 1e6:.2f}",
                           f"{100 * e['flops_saving']:.1f}%",
                           f"{r['latency']['batched_speedup']:.2f}" if label == "chosen" else "",
                           f"{r['latency']['single_speedup']:.2f}" if label == "chosen" else "",
@@ -181,8 +182,9 @@ def main(argv=None) -> int:
                                         r[label]["accuracy_drop_pts"] <= 100 * TARGET_DROP
                                         for r in results)}
     log(f"\nmean over {len(results)} seeds: " + "; ".join(
-        f"{k}: {100 * v['mean_flops_saving']:.1f}% fewer FLOPs, {v['mean_accuracy_drop_pts']:+.2f} "
-        f"pts, target met on {v['seeds_meeting_target']}/{len(results)}" for k, v in summary.items()))
+        f"{k}: {100 * v['mean_flops_saving']:.1f}% fewer FLOPs, "
+        f"{v['mean_accuracy_drop_pts']:.2f} pts below the full network, "
+        f"target met on {v['seeds_meeting_target']}/{len(results)}" for k, v in summary.items()))
     log("latency (CPU, 1 thread, median of %d): batched speedup %s; one-at-a-time speedup %s" % (
         a.runs, ", ".join(f"{r['latency']['batched_speedup']:.2f}x" for r in results),
         ", ".join(f"{r['latency']['single_speedup']:.2f}x" for r in results)))

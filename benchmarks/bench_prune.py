@@ -364,7 +364,11 @@ def main(argv=None) -> int:
     p.add_argument("--step-epochs", type=int, default=3, help="iterative: fine-tune epochs/round")
     p.add_argument("--speed-runs", type=int, default=7)
     p.add_argument("--cache-dir", default="/tmp/nbc_bench_prune")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads for training (timings always use 1); on a shared machine "
+                        "1 avoids OpenMP oversubscription, which can be 10x slower")
     a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
     a.seeds = [int(s) for s in a.seeds.split(",") if s]
     if a.quick:              # 1 seed, 7 rounds of 6 epochs at a faster per-round rate
         a.seeds = a.seeds[:1]

@@ -125,15 +125,29 @@ def speedups(fp32: nn.Module, candidates: dict, x: torch.Tensor, runs: int) -> d
 
 
 _CACHE: dict = {}
+CACHE_DIR: Path | None = None      # --cache-dir: trained fp32 weights kept between runs
+
+
+def trained(name: str, build, train, epochs: int, seed: int) -> nn.Module:
+    """``build()`` trained ``epochs`` epochs with ``seed`` (once per process, or read back from
+    ``--cache-dir``); a fresh copy each call."""
+    key = (name, seed, epochs)
+    if key not in _CACHE:
+        m = build()
+        path = CACHE_DIR / f"{name}_s{seed}_e{epochs}.pt" if CACHE_DIR else None
+        if path is not None and path.exists():
+            m.load_state_dict(torch.load(path, weights_only=True))
+        else:
+            train_reference(m, train, epochs=epochs, seed=seed)
+            if path is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                torch.save(m.state_dict(), path)
+        _CACHE[key] = m.eval()
+    return copy.deepcopy(_CACHE[key])
 
 
 def trained_lenet(seed: int, epochs: int, train):
-    key = ("lenet", seed, epochs)
-    if key not in _CACHE:
-        m = lenet_300_100(seed=seed)
-        train_reference(m, train, epochs=epochs, seed=seed)
-        _CACHE[key] = m.eval()
-    return copy.deepcopy(_CACHE[key])
+    return trained("lenet300100", lambda: lenet_300_100(seed=seed), train, epochs, seed)
 
 
 def wide_mlp(seed: int) -> nn.Module:
@@ -192,7 +206,11 @@ def torchao_pt2e(model: nn.Module, calib, x: torch.Tensor) -> dict:
                     if i >= 16:
                         break
                     prepared(xb)
-            return {"torchao pt2e (no compile)": convert_pt2e(prepared)}
+            converted = convert_pt2e(prepared)
+            from torchao.quantization.pt2e import allow_exported_model_train_eval
+
+            allow_exported_model_train_eval(converted)
+            return {"torchao pt2e (no compile)": converted}
     except Exception as e:  # noqa: BLE001 - torchao is optional
         log(f"  (torchao PT2E skipped: {type(e).__name__}: {str(e)[:120]})")
         return {}
@@ -222,9 +240,7 @@ def part_int8(a, train, test) -> dict:
                      f"{r['int8_ms']:.3f}", f"{r['speedup']:.2f}x",
                      " ".join(f"{v:.2f}x" for v in r["torchao_speedups"].values()) or "-",
                      f"{100 * acc0:.1f}", f"{100 * acc1:.1f}"])
-    wide = wide_mlp(0)
-    train_reference(wide, train, epochs=a.wide_epochs, seed=0)
-    wide.eval()
+    wide = trained("wide_mlp", lambda: wide_mlp(0), train, a.wide_epochs, 0)
     qw = quantize(wide, mode="dynamic")
     lat = speedups(wide, {"torch.ao int8 dyn": qw, **torchao_variants(wide)}, x, a.runs)
     fp_ms, q_ms = lat.pop("torch.ao int8 dyn")
@@ -239,9 +255,7 @@ def part_int8(a, train, test) -> dict:
                  " ".join(f"{v:.2f}x" for v in w["torchao_speedups"].values()) or "-",
                  f"{100 * acc0:.1f}", f"{100 * acc1:.1f}"])
     # static int8 for the reference CNN
-    cnn = reference_cnn(seed=0)
-    train_reference(cnn, train, epochs=a.cnn_epochs, seed=0)
-    cnn.eval()
+    cnn = trained("smallresnet", lambda: reference_cnn(seed=0), train, a.cnn_epochs, 0)
     qc = quantize(cnn, mode="static", calib=train, per_channel=True)
     lat = speedups(cnn, {"torch.ao int8 static": qc, **torchao_pt2e(cnn, train, x)}, x, a.runs)
     fp_ms, q_ms = lat.pop("torch.ao int8 static")
@@ -406,8 +420,12 @@ def main(argv=None) -> int:
     p.add_argument("--runs", type=int, default=40,
                    help="at least this many timed forwards per model (median; more for fast ones)")
     p.add_argument("--out", default=str(RESULTS / "quantize.json"))
+    p.add_argument("--cache-dir", default=None,
+                   help="keep the trained fp32 models here between runs (a directory)")
     a = p.parse_args(argv)
     a.seeds = [int(s) for s in a.seeds.split(",") if s.strip()]
+    global CACHE_DIR
+    CACHE_DIR = Path(a.cache_dir) if a.cache_dir else None
     parts = [s.strip() for s in a.parts.split(",") if s.strip()]
     bad = [s for s in parts if s not in PARTS]
     if bad:
@@ -419,7 +437,7 @@ def main(argv=None) -> int:
     out_path = Path(a.out)
     results = json.loads(out_path.read_text()) if out_path.exists() else {}
     results.update({"benchmark": "quantize", "targets": TARGETS})
-    settings = {k: v for k, v in vars(a).items() if k not in ("out", "parts")}
+    settings = {k: v for k, v in vars(a).items() if k not in ("out", "parts", "cache_dir")}
     for name in parts:
         t1 = time.perf_counter()
         results[name] = PARTS[name](a, train, test)

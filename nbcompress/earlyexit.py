@@ -232,8 +232,12 @@ def _children(name: str, m: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def _close(a: Any, b: Any) -> bool:
-    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
-        return a.shape == b.shape and torch.allclose(a.float(), b.float(), rtol=1e-4, atol=1e-5)
+    """Same shape and values up to float noise (a different kernel for the same op, TF32); a
+    missing activation or reshape differs by far more."""
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape:
+        a, b = a.float(), b.float()
+        scale = float(b.abs().max()) if b.numel() else 0.0
+        return bool(torch.allclose(a, b, rtol=1e-3, atol=1e-4 * max(1.0, scale)))
     return False
 
 
@@ -552,7 +556,7 @@ class EarlyExitConfig(StepConfig):
                            f"{tuple(h.shape) if isinstance(h, torch.Tensor) else type(h).__name__}"
                            f": early exits need class scores of shape (N, classes)")
         for p, f in zip(positions, feats):
-            if not isinstance(f, torch.Tensor) or not 2 <= f.dim() <= 5 or not f.is_floating_point():
+            if not (isinstance(f, torch.Tensor) and 2 <= f.dim() <= 5 and f.is_floating_point()):
                 shape = tuple(f.shape) if isinstance(f, torch.Tensor) else type(f).__name__
                 raise BadInput(f"--exits: the output of {blocks[p][0]} ({shape}) is not a float "
                                f"feature tensor (N, C[, ...]) a head can read")
@@ -870,17 +874,22 @@ def sweep_plot_png(sweep: pd.DataFrame, *, full_accuracy: float | None = None,
     ax = fig.add_subplot(1, 1, 1)
     xs, ys = df["avg_flops"] / 1e6, 100 * df[ycol]
     ax.plot(xs, ys, "o-", color="#3b6ea5", ms=4, lw=1.5, label="early exit")
-    for t, xv, yv in zip(df["threshold"], xs, ys):
-        ax.annotate(f"{t:g}", (xv, yv), textcoords="offset points", xytext=(3, -10), fontsize=7,
-                    color="#555555")
+    span = max(float(xs.max() - xs.min()), 1e-12)
+    last = None
+    for t, xv, yv in zip(df["threshold"], xs, ys):      # label points not crowding the last one
+        if last is None or abs(xv - last[0]) > 0.04 * span or abs(yv - last[1]) > 1.0:
+            ax.annotate(f"{t:g}", (xv, yv), textcoords="offset points", xytext=(3, -10),
+                        fontsize=7, color="#555555")
+            last = (xv, yv)
     cur = df[df["current"]]
     if len(cur):
         ax.plot(cur["avg_flops"] / 1e6, 100 * cur[ycol], "*", color="#d9822b", ms=13,
                 label=f"threshold {cur['threshold'].iloc[0]:g}")
     full_flops = float(full.iloc[0]) / 1e6
-    ax.axvline(full_flops, color="#888888", ls=":", lw=1)
+    ax.axvline(full_flops, color="#888888", ls=":", lw=1, label="full network FLOPs")
     if labelled and full_accuracy is not None and full_accuracy == full_accuracy:
-        ax.axhline(100 * full_accuracy, color="#888888", ls="--", lw=1, label="full network")
+        ax.axhline(100 * full_accuracy, color="#888888", ls="--", lw=1,
+                   label="full network accuracy")
     elif not labelled:
         ax.axhline(100.0, color="#888888", ls="--", lw=1, label="full network")
     ax.set_xlabel("average MFLOPs per sample")
@@ -938,6 +947,7 @@ def sequential_cnn(width: int = 16, num_classes: int = 10, in_channels: int = 1,
 
 
 def demo_config(train_loader: DataLoader, test_loader: DataLoader) -> tuple[str, EarlyExitConfig]:
-    """The terminal demo's step: one exit after LeNet-300-100's first hidden layer."""
-    return ("early exit after fc1 (threshold 0.9)",
+    """The terminal demo's step: one exit after LeNet-300-100's first hidden layer (fc1 + ReLU),
+    a linear head distilled from the final output for 2 epochs."""
+    return ("%earlyexit model --data train_loader --exits relu1 --threshold 0.9 --epochs 2",
             EarlyExitConfig(data=train_loader, exits=("relu1",), threshold=0.9, epochs=2))

@@ -73,21 +73,23 @@ def int8_kernel_backend(device: torch.device | str = "cpu") -> str | None:
 
     ``torch.ao.quantization`` is deprecated upstream in favour of torchao (``quantize_`` and the
     PT2E flow), which we would prefer as the maintained path. We measured both on this project's
-    CPU (AMD EPYC, AVX-512 VNNI, one thread, batch 64, median of 40 alternated runs,
-    ``benchmarks/bench_quantize.py`` re-measures it), fp32 = 1.0:
+    CPU (AMD EPYC, AVX-512 VNNI, x86 engine, one thread, batch 64, each candidate alternated with
+    fp32, median; ``benchmarks/bench_quantize.py`` re-measures it), speed-up over fp32:
 
-    ======================================  ==============  =================  ===============
-    model                                   torch.ao dyn.   torchao int8 dyn.  torchao int8 w.o.
-    ======================================  ==============  =================  ===============
-    LeNet-300-100 (784-300-100-10)          1.8x faster     2.3x *slower*      1.1x slower
-    MLP 1024-4096-1024                      4.4x faster     1.8x faster        1.1x slower
-    ======================================  ==============  =================  ===============
+    ==========================  ===============  =================  =================  ========
+    model                       torch.ao int8    torchao int8 dyn   torchao int8       torchao
+                                (ours)           act. + weight      weight-only        PT2E
+    ==========================  ===============  =================  =================  ========
+    LeNet-300-100 (dynamic)     2.2x             0.46x (slower)     0.87x (slower)     -
+    MLP 784-1024-4096-1024-10   6.2x             1.4x               0.82x (slower)     -
+    SmallResNet (static)        2.9x             -                  -                  0.74x
+    ==========================  ===============  =================  =================  ========
 
-    For convs, torch.ao static int8 (x86 engine) ran SmallResNet 5x faster than fp32 while torchao's
-    PT2E flow without ``torch.compile`` runs reference (dequantize - fp32 op - quantize) graphs,
-    and with it a compile per model is needed, which a stored model cannot keep. torchao has no
-    eager int8 CPU kernel that beats torch.ao here, so torch.ao it is, until it is removed
-    (then: torchao ``quantize_`` + ``torch.compile``). torch.ao's quantized kernels are CPU-only.
+    torchao's eager int8 configs lose here (their CPU path is not a fused int8 GEMM), and PT2E
+    without ``torch.compile`` runs reference quantize / fp32 op / dequantize graphs; with
+    ``torch.compile`` it would need a compile per model, which a stored model cannot keep. So
+    torch.ao it is, until it is removed (then: torchao ``quantize_`` + ``torch.compile``).
+    torch.ao's quantized kernels are CPU-only: for other devices this returns None.
     """
     dev = torch.device(device)
     if dev.type != "cpu":

@@ -2,7 +2,6 @@
 honest average FLOPs in the history, the threshold-only step, and every bad input."""
 from __future__ import annotations
 
-import copy
 import io
 from collections import OrderedDict
 
@@ -26,7 +25,7 @@ HEAD1 = 2 * 300 * 10          # the linear head after relu1 (300 features -> 10 
 
 @pytest.fixture(scope="module")
 def small_train(mnist):
-    """1,000 of the training digits (the conv models here are trained on these, for speed)."""
+    """1,000 of the training digits (for the small conv models of the structure tests)."""
     from torch.utils.data import DataLoader, TensorDataset
 
     x, y = mnist[0].dataset.tensors
@@ -212,7 +211,8 @@ def test_sequential_cnn_exits_every_and_named(small_cnn, digits):
     assert named.exit_names == ("1", "4")
     assert [type(h[0]).__name__ for h in named.heads] == ["AdaptiveAvgPool2d"] * 2
     # 8 channels of 8x8 pooled to 4x4; 16 channels of 4x4 kept
-    assert named.heads[0][2].in_features == 8 * 4 * 4 and named.heads[1][2].in_features == 16 * 4 * 4
+    assert named.heads[0][2].in_features == 8 * 4 * 4
+    assert named.heads[1][2].in_features == 16 * 4 * 4
 
 
 def test_nested_blocks_and_plain_module_chain(small_train):
@@ -366,6 +366,8 @@ def test_early_exit_model_only_takes_a_threshold(shell, trained_lenet, mnist):
             shell.run_line_magic("earlyexit", f"model {args}")
         assert message in str(e.value)
         assert shell.user_ns["model"] is ee and ee.threshold == 0.95
+    shell.run_line_magic("earlyexit", "model --threshold 1")      # (0, 1]: 1 is allowed
+    assert shell.user_ns["model"].threshold == 1.0 and ee.threshold == 0.95
 
 
 def test_strict_mode_and_api_errors(shell, trained_lenet, mnist, monkeypatch):
@@ -383,5 +385,6 @@ def test_strict_mode_and_api_errors(shell, trained_lenet, mnist, monkeypatch):
         with pytest.raises(BadInput, match=message):
             early_exit(trained_lenet, train, **kwargs)
     with pytest.raises(BadInput, match="--data LOADER"):
-        early_exit(trained_lenet, exits="relu1")
+        nbcompress.early_exit(trained_lenet, exits="relu1")
+    assert nbcompress.early_exit is early_exit and nbcompress.EarlyExitConfig is EarlyExitConfig
     assert same_as_snapshot(trained_lenet, snap)

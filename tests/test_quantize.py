@@ -26,6 +26,7 @@ from nbcompress.train import evaluate
 from conftest import same_as_snapshot, snapshot
 
 LENET_FLOPS = 2 * (784 * 300 + 300 * 100 + 100 * 10)
+# (latency=False below: these tests check sizes, FLOPs and accuracy; benchmarks time things)
 X1 = torch.randn(1, 1, 28, 28, generator=torch.Generator().manual_seed(0))
 
 
@@ -54,12 +55,12 @@ def test_batch(mnist):
 # ------------------------------------------------------------------------------ int8 dynamic
 def test_dynamic_int8_real_kernels_size_flops_accuracy_roundtrip(trained_lenet, mnist, test_batch):
     snap = snapshot(trained_lenet)
-    before = measure(trained_lenet, X1, mnist[1])
+    before = measure(trained_lenet, X1, mnist[1], latency=False)
     q = quantize(trained_lenet, mode="dynamic")
     assert same_as_snapshot(trained_lenet, snap)                 # the argument is untouched
     assert [type(m) for m in (q.fc1, q.fc2, q.fc3)] == [DynamicInt8Linear] * 3
     assert q.fc1._packed_params._packed_params.__class__.__name__ == "ScriptObject"  # real kernel
-    after = measure(q, X1, mnist[1])
+    after = measure(q, X1, mnist[1], latency=False)
     assert after.params == before.params == 266_610
     assert after.flops == before.flops == LENET_FLOPS            # int8 ops counted, not dropped
     assert before.packed_bytes / after.packed_bytes >= 3.9
@@ -106,7 +107,7 @@ def test_dynamic_int8_lstm_gru_counted_and_stored():
                                                        DynamicInt8Linear)
     assert "1 Linear and 2 LSTM/GRU layers" in " ".join(res.notes)
     assert (outputs(q, x) - outputs(model, x)).abs().max() < 0.02
-    before, after = measure(model, x[:1]), measure(q, x[:1])
+    before, after = measure(model, x[:1], latency=False), measure(q, x[:1], latency=False)
     gates = 2 * (4 * 32 * (16 + 32) + 4 * 32 * (64 + 32)) + 3 * 24 * (64 + 24)   # per token
     assert before.flops == after.flops == 2 * 7 * gates + 2 * 24 * 5
     assert before.params == after.params
@@ -169,7 +170,7 @@ def test_static_int8_convnet_folds_bn_fuses_relu(digits_cnn):
     ref, out = outputs(model, x), outputs(q, x)
     assert (ref.argmax(1) == out.argmax(1)).float().mean() >= 0.95
     assert abs(evaluate(model, test) - evaluate(q, test)) <= 0.02
-    fp, qm = measure(model, x[:1]), measure(q, x[:1])
+    fp, qm = measure(model, x[:1], latency=False), measure(q, x[:1], latency=False)
     bn = sum(m.weight.numel() + m.bias.numel() for m in model.modules()
              if isinstance(m, nn.BatchNorm2d))
     new_bias = sum(m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d))
@@ -221,11 +222,11 @@ def test_uniform_codes_grid_and_error_fall_with_bits(symmetric):
 
 
 def test_uniform_4bit_per_channel_stored_packed(trained_lenet, mnist, test_batch):
-    before = measure(trained_lenet, X1, mnist[1])
+    before = measure(trained_lenet, X1, mnist[1], latency=False)
     q = quantize(trained_lenet, bits=4, per_channel=True)
     assert type(q.fc1) is QuantizedWeightLayer and q.fc1.bits == 4 and q.fc1.per_channel
     assert not any(t.dim() > 1 for t in q.parameters())              # no float weight left
-    after = measure(q, X1, mnist[1])
+    after = measure(q, X1, mnist[1], latency=False)
     assert after.params == before.params and after.flops == before.flops
     assert before.accuracy - after.accuracy <= 0.01
     rows = {r["name"]: r for r in breakdown(q)}
@@ -328,7 +329,7 @@ def test_binarize_scale_is_mean_abs_per_channel():
 
 def test_binary_qat_trains_shadow_and_stores_1bit(trained_lenet, mnist, test_batch):
     train, test = mnist
-    fp32 = measure(trained_lenet, X1, test)
+    fp32 = measure(trained_lenet, X1, test, latency=False)
     plain = quantize(trained_lenet, mode="binary")
     res = nbcompress.compress(trained_lenet, QuantizeConfig(mode="binary", qat=train, epochs=1,
                                                             progress=False))
@@ -340,7 +341,7 @@ def test_binary_qat_trains_shadow_and_stores_1bit(trained_lenet, mnist, test_bat
     assert all(not hasattr(m, "parametrizations") for m in q.modules())   # shadow gone
     acc_plain, acc_qat = evaluate(plain, test), evaluate(q, test)
     assert acc_qat > acc_plain and acc_qat >= fp32.accuracy - 0.03
-    m = measure(q, X1, test)
+    m = measure(q, X1, test, latency=False)
     assert fp32.packed_bytes / m.packed_bytes >= 25
     assert breakdown(q)[1]["bits_per_element"] <= 1.001 or \
         {r["name"]: r for r in breakdown(q)}["fc1.codes"]["bits_per_element"] <= 1.001

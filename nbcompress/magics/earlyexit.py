@@ -29,7 +29,8 @@ class EarlyExitMagics(NBMagics):
               help="leave at the first exit whose max softmax probability is >= P, in (0, 1] "
                    "(default 0.95); on an early-exit model only the threshold changes")
     @argument("--epochs", type=int, default=None, help="head training epochs (default 5)")
-    @argument("--lr", type=float, default=None, help="learning rate (default 1e-2, cosine schedule; use less with --joint)")
+    @argument("--lr", type=float, default=None,
+              help="learning rate (default 1e-2, cosine schedule; use less with --joint)")
     @argument("--joint", action="store_true",
               help="train the backbone with the heads (default: backbone frozen)")
     @argument("-T", "--temperature", dest="T", type=float, default=None, metavar="TEMP",
