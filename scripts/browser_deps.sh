@@ -12,6 +12,6 @@ if ! command -v chromium >/dev/null 2>&1; then
     $SUDO apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium >/dev/null
 fi
-pip install -q "jupyterlab>=4" "playwright>=1.40"
+pip install -q -e ".[browser]"
 chromium --version 2>/dev/null | head -n 1
 python -c "import jupyterlab, playwright.sync_api; print('jupyterlab', jupyterlab.__version__)"

@@ -6,5 +6,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 pip install -q -e ".[test]"
 export NBCOMPRESS_STRICT=1 NBCOMPRESS_DISPLAY=text MPLBACKEND=Agg
-python -m pytest -q -p no:cacheprovider --durations=15 tests notebooks \
+python -m pytest -q -rs -p no:cacheprovider --durations=15 tests notebooks \
     --nbval-lax --nbval-current-env --nbval-cell-timeout=600 "$@"

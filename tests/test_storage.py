@@ -6,6 +6,7 @@ import json
 import math
 import os
 import struct
+import zlib
 import time
 
 import numpy as np
@@ -382,15 +383,36 @@ def test_describe_sums_to_file_size_minus_header(tmp_path):
     rows = describe(path)
     data = path.read_bytes()
     (hlen,) = struct.unpack("<I", data[4:8])
-    # overhead = 4 magic bytes + 4-byte header length + the JSON header
+    # overhead = 4 magic bytes + 4-byte header length + the (zlib-compressed) JSON header
     assert sum(r["bytes"] for r in rows) == size - 8 - hlen
     assert storage.overhead_bytes(path) == 8 + hlen
     for r in rows:
         assert r["bytes"] == r["positions"] + r["indices"] + r["codebook"] + r["raw"]
     assert [r["name"] for r in rows] == [k for k in m.state_dict()]
     assert rows == breakdown(m)
-    header = json.loads(data[8:8 + hlen])
+    raw = zlib.decompress(data[8:8 + hlen])
+    assert len(raw) > 2 * hlen                          # the header compresses well
+    header = json.loads(raw)
     assert header["root"]["class"] == "torch.nn.modules.container.Sequential"
+
+
+def test_plain_json_header_still_loads_and_bad_compressed_header_is_an_error(tmp_path):
+    """Files may carry the header uncompressed (it starts with '{'): same model. A compressed
+    header that does not inflate, or inflates to more than it should, is an error."""
+    m = mlp()
+    data = storage._build(m, True)
+    (hlen,) = struct.unpack("<I", data[4:8])
+    raw = zlib.decompress(data[8:8 + hlen])
+    plain = data[:4] + struct.pack("<I", len(raw)) + raw + data[8 + hlen:]
+    x = torch.randn(3, 784)
+    assert torch.equal(load(io.BytesIO(plain))(x), m(x))
+    bad = bytearray(data)
+    bad[8 + hlen // 2] ^= 0x10
+    with pytest.raises(BadInput, match="corrupt nbcompress file"):
+        load(io.BytesIO(bytes(bad)))
+    trailing = zlib.compress(raw) + b"xx"
+    with pytest.raises(BadInput, match="header does not decompress"):
+        load(io.BytesIO(data[:4] + struct.pack("<I", len(trailing)) + trailing + data[8 + hlen:]))
 
 
 def test_packed_bytes_equals_file_size(tmp_path):
@@ -421,7 +443,7 @@ def test_save_266k_mlp_is_fast():
 
 def _with_class(data: bytes, new_class: str) -> bytes:
     (hlen,) = struct.unpack("<I", data[4:8])
-    header = json.loads(data[8:8 + hlen])
+    header = json.loads(zlib.decompress(data[8:8 + hlen]))
     header["root"]["class"] = new_class
     hb = json.dumps(header).encode()
     return data[:4] + struct.pack("<I", len(hb)) + hb + data[8 + hlen:]
