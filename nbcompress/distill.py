@@ -562,7 +562,7 @@ class DistillConfig(StepConfig):
                            "History.apply): a plain compress() call has no earlier versions")
         if k >= len(h.versions) or h.versions[k].model is None and h.versions[k].where != "disk":
             raise BadInput(f"teacher_version {k}: {h.name} has versions 0..{len(h.versions) - 1}")
-        teacher = h._materialize(h.versions[k])
+        teacher = h.version_model(k)
         from .train import split_batch
 
         x, _ = split_batch(peek_batch(self.loader))

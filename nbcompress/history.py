@@ -100,12 +100,12 @@ class History:
     # ------------------------------------------------------------------ configuration
     def configure(self, *, evaluator: Any = None, example_input: Any = None,
                   device: str | None = None) -> None:
-        if evaluator is not None:
+        if evaluator is not None and evaluator is not self.evaluator:
             check_evaluator(evaluator)
             self.evaluator = evaluator
             for v in self.versions:   # accuracy now means something else: re-measure lazily
                 v.metrics = None
-        if example_input is not None:
+        if example_input is not None and example_input is not self.example_input:
             self.example_input = example_input
             for v in self.versions:
                 v.metrics = None
@@ -128,6 +128,13 @@ class History:
     @property
     def current(self) -> nn.Module:
         return self._materialize(self.versions[self.pos])
+
+    def version_model(self, k: int) -> nn.Module:
+        """The model of version ``k`` (0 = as registered), brought back from CPU or disk if the
+        memory budget moved it there. The object the history keeps: copy it before changing it."""
+        if not isinstance(k, int) or isinstance(k, bool) or not 0 <= k < len(self.versions):
+            raise BadInput(f"no version {k!r}: this history has versions 0..{len(self.versions) - 1}")
+        return self._materialize(self.versions[k])
 
     @property
     def current_version(self) -> Version:

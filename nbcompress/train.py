@@ -335,7 +335,9 @@ def fit(model: nn.Module, loader: DataLoader, *, epochs: int = 1, lr: float = 1e
     was_training = model.training
     bar = None
     try:
-        with _seed_scope(seed, dev):
+        # training works even when called under torch.no_grad() / inference_mode() (a notebook
+        # cell inside a `with torch.no_grad():` block, an evaluation helper)
+        with _seed_scope(seed, dev), torch.inference_mode(False), torch.enable_grad():
             for epoch in range(1, epochs + 1):
                 model.train()
                 bar = tqdm(total=steps_per_epoch, desc=f"{desc} {epoch}/{epochs}",

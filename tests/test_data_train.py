@@ -271,6 +271,18 @@ def test_fit_is_deterministic_with_seed_and_leaves_global_rng():
     assert all(torch.equal(p, q) for p, q in zip(*results))
 
 
+@pytest.mark.parametrize("ctx", ["no_grad", "inference_mode"])
+def test_fit_trains_inside_no_grad_and_inference_mode(ctx):
+    x, y = data.mnist_arrays()[0][:256], data.mnist_arrays()[1][:256]
+    loader = DataLoader(TensorDataset(x, y), batch_size=64, shuffle=False)
+    model = data.lenet_300_100(seed=0)
+    before = model.fc1.weight.detach().clone()
+    with getattr(torch, ctx)():
+        hist = train.fit(model, loader, epochs=2, progress=False, seed=0)
+    assert not torch.equal(before, model.fc1.weight.detach())
+    assert hist[-1]["loss"] < hist[0]["loss"]
+
+
 def test_fit_with_loss_fn_on_unlabelled_batches():
     # distillation-like: match a fixed teacher's logits on bare-tensor batches
     x = data.mnist_arrays()[0][:256]

@@ -181,6 +181,25 @@ def test_user_retraining_between_steps_is_remeasured(trained_lenet, mnist):
     assert m1 is not m0 and m1.accuracy < m0.accuracy
 
 
+def test_configure_same_evaluator_keeps_metrics_and_version_model(trained_lenet, mnist):
+    """Giving the same --eval again (every magic line may) does not throw away the measured
+    versions; a different evaluator does. version_model(k) reaches spilled versions too."""
+    h = History(trained_lenet, evaluator=mnist[1], measure_latency=False,
+                device_budget_bytes=0, host_budget_bytes=0)
+    h.apply(ZeroSmallest(fraction=0.5), progress=False)
+    m0 = h.metrics_of(h.versions[0])
+    h.configure(evaluator=mnist[1])
+    assert h.versions[0].metrics is m0                      # kept, not re-measured
+    h.configure(evaluator=mnist[0])
+    assert h.versions[0].metrics is None                    # another evaluator: re-measured
+    v0 = h.version_model(0)
+    assert same_as_snapshot(v0, snapshot(trained_lenet))
+    for bad in (2, -1, "0", True):
+        with pytest.raises(BadInput, match="no version"):
+            h.version_model(bad)
+    h.close()
+
+
 # --- magics through a real shell ----------------------------------------------------------------
 def test_magic_step_undo_redo_and_history(tshell, trained_lenet, mnist):
     ns = tshell.user_ns

@@ -109,4 +109,4 @@ class DistillMagics(NBMagics):
                            f"%nbcompress {name} first)")
         if k >= len(h):
             raise BadInput(f"--teacher {token}: {name} has versions 0..{len(h) - 1}")
-        return h._materialize(h.versions[k])
+        return h.version_model(k)
