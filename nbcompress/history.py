@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from .core import BadInput, CompressionResult, StepConfig, StepContext, compress, model_device, resolve_device
-from .metrics import Metrics, check_evaluator, example_from, measure
+from .metrics import Metrics, check_evaluator, check_latency_mode, example_from, measure
 
 DEFAULT_DEVICE_BUDGET = int(os.environ.get("NBCOMPRESS_DEVICE_BUDGET", 2 << 30))
 DEFAULT_HOST_BUDGET = int(os.environ.get("NBCOMPRESS_HOST_BUDGET", 8 << 30))
@@ -78,7 +78,8 @@ class History:
                  example_input: Any = None, device: str | None = None,
                  device_budget_bytes: int = DEFAULT_DEVICE_BUDGET,
                  host_budget_bytes: int = DEFAULT_HOST_BUDGET,
-                 measure_latency: bool = True, remember_init: bool = True):
+                 measure_latency: bool = True, remember_init: bool = True,
+                 latency_mode: str = "eager"):
         if not isinstance(model, nn.Module):
             raise BadInput(f"{name} is a {type(model).__name__}, not a torch.nn.Module")
         check_evaluator(evaluator)
@@ -89,6 +90,7 @@ class History:
         self.device_budget_bytes = device_budget_bytes
         self.host_budget_bytes = host_budget_bytes
         self.measure_latency = measure_latency
+        self.latency_mode = check_latency_mode(latency_mode)
         self.versions: list[Version] = [Version(model=model, metrics=None,
                                                 home_device=str(model_device(model)))]
         self.pos = 0
@@ -99,7 +101,7 @@ class History:
 
     # ------------------------------------------------------------------ configuration
     def configure(self, *, evaluator: Any = None, example_input: Any = None,
-                  device: str | None = None) -> None:
+                  device: str | None = None, latency_mode: str | None = None) -> None:
         if evaluator is not None and evaluator is not self.evaluator:
             check_evaluator(evaluator)
             self.evaluator = evaluator
@@ -108,6 +110,10 @@ class History:
         if example_input is not None and example_input is not self.example_input:
             self.example_input = example_input
             for v in self.versions:
+                v.metrics = None
+        if latency_mode is not None and latency_mode != self.latency_mode:
+            self.latency_mode = check_latency_mode(latency_mode)
+            for v in self.versions:   # latency means something else: re-measure lazily
                 v.metrics = None
         if device is not None:
             resolve_device(device)
@@ -160,7 +166,8 @@ class History:
         fp = state_fingerprint(model)
         if version.metrics is None or version.fingerprint != fp:
             version.metrics = measure(model, example_input=self._example(),
-                                      evaluator=self.evaluator, latency=self.measure_latency)
+                                      evaluator=self.evaluator, latency=self.measure_latency,
+                                 latency_mode=self.latency_mode)
             version.fingerprint = fp
         return version.metrics
 
@@ -188,13 +195,15 @@ class History:
                               history=None)
         new = result.model
         after = measure(new, example_input=self._example(), evaluator=self.evaluator,
-                        latency=self.measure_latency)
+                        latency=self.measure_latency,
+                                 latency_mode=self.latency_mode)
         self._push(Version(model=new, metrics=after, technique=config.technique,
                            args=config.describe(), config=config, result=result,
                            seconds=seconds, home_device=str(model_device(new)),
                            fingerprint=state_fingerprint(new), magic=magic))
         beside = {label: measure(m, example_input=self._example(), evaluator=self.evaluator,
-                                 latency=self.measure_latency)
+                                 latency=self.measure_latency,
+                                 latency_mode=self.latency_mode)
                   for label, m in result.compare.items()}
         result.compare = {}   # do not keep other models alive in the history
         return StepReport(name=self.name, kind="step", technique=config.technique,

@@ -10,10 +10,12 @@ reports the FLOPs it actually spent on the evaluator's data through ``nbc_flops`
 """
 from __future__ import annotations
 
+import copy
 import io
 import re
 import statistics
 import time
+import warnings
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
@@ -40,6 +42,8 @@ class Metrics:
     layers: list = field(default_factory=list)       # per-layer: name, type, params, nonzero, sparsity, flops, dtype
     device: str = "cpu"
     batch_size: int | None = None       # of the example input used for FLOPs and latency
+    latency_mode: str = "eager"         # how the timed model ran (see LATENCY_MODES); a mode that
+    #                                     could not be used reads "eager (deployed: <why>)"
 
     @property
     def sparsity(self) -> float:
@@ -187,13 +191,77 @@ def _forward(model: nn.Module, x: Any):
     return model(x)
 
 
+LATENCY_MODES = ("eager", "channels_last", "deployed")
+
+
+def check_latency_mode(mode: Any) -> str:
+    if mode not in LATENCY_MODES:
+        raise BadInput(f"--latency must be one of {', '.join(LATENCY_MODES)}; got {mode!r}")
+    return mode
+
+
+def latency_model(model: nn.Module, example_input: Any, mode: str = "eager"):
+    """``(runnable, input, mode used)``: the model as it is timed in latency ``mode``.
+
+    - ``eager``: the model itself, PyTorch's default (NCHW).
+    - ``channels_last``: a copy with 4-D tensors in channels_last memory format, and the input too
+      (what oneDNN's CPU convolution, pooling and BatchNorm kernels run fastest on).
+    - ``deployed``: a copy traced and passed through ``torch.jit.optimize_for_inference``
+      (frozen; BatchNorm folded into convs, conv + ReLU fused): how PyTorch deploys a model for
+      inference. A model with data-dependent control flow (an early-exit model) cannot be traced
+      faithfully; then, or when tracing fails or changes the outputs, it is timed eager and the
+      mode used says why.
+
+    The caller's model is never changed (the other modes work on a deep copy).
+    """
+    check_latency_mode(mode)
+    if mode == "eager":
+        return model, example_input, "eager"
+    x = example_input
+    if mode == "channels_last":
+        try:
+            m = copy.deepcopy(model).to(memory_format=torch.channels_last)
+        except Exception as e:  # noqa: BLE001 - a module that cannot change its format
+            return model, example_input, f"eager (channels_last: {_why(e)})"
+        if isinstance(x, torch.Tensor) and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return m, x, "channels_last"
+    try:
+        m = copy.deepcopy(model).eval()
+        args = tuple(x) if isinstance(x, (tuple, list)) else (x,)
+        with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            traced = torch.jit.trace(m, args, check_trace=False)
+            if any(issubclass(w.category, torch.jit.TracerWarning) for w in caught):
+                return model, example_input, "eager (deployed: data-dependent control flow)"
+            deployed = torch.jit.optimize_for_inference(traced)
+            ref, out = m(*args), deployed(*args)
+        if not (isinstance(ref, torch.Tensor) and isinstance(out, torch.Tensor)
+                and ref.shape == out.shape
+                and torch.allclose(out.float(), ref.float(), rtol=1e-3,
+                                   atol=1e-4 * max(1.0, float(ref.abs().max())))):
+            return model, example_input, "eager (deployed: outputs changed)"
+        return deployed, x, "deployed"
+    except Exception as e:  # noqa: BLE001 - any model TorchScript cannot take: time it eager
+        return model, example_input, (f"eager (deployed: TorchScript cannot trace or freeze it, "
+                                      f"{type(e).__name__})")
+
+
+def _why(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:80] if text else type(e).__name__
+
+
 def measure_latency(model: nn.Module, example_input: Any, *, runs: int = 30, warmup: int = 5,
-                    max_seconds: float = 2.0) -> float:
-    """Median milliseconds of a no-grad forward, after warm-up, on the model's device."""
-    dev = model_device(model)
+                    max_seconds: float = 2.0, device: torch.device | str | None = None) -> float:
+    """Median milliseconds of a no-grad forward, after warm-up, on the model's device (or
+    ``device``: a frozen TorchScript module has no parameters to tell it)."""
+    dev = torch.device(device) if device is not None else model_device(model)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    was_training = model.training
-    model.eval()
+    scripted = isinstance(model, torch.jit.ScriptModule)     # frozen: no train/eval mode
+    was_training = False if scripted else model.training
+    if not scripted:
+        model.eval()
     times = []
     try:
         with torch.inference_mode():
@@ -209,7 +277,8 @@ def measure_latency(model: nn.Module, example_input: Any, *, runs: int = 30, war
                 if i >= 9 and time.perf_counter() > budget_end:
                     break
     finally:
-        model.train(was_training)
+        if not scripted:
+            model.train(was_training)
     return statistics.median(times)
 
 
@@ -270,17 +339,20 @@ def parse_input_shape(text: str) -> tuple[int, ...]:
 # ------------------------------------------------------------------------------------ measure
 
 def measure(model: nn.Module, example_input: Any = None, evaluator: Any = None, device=None, *,
-            latency: bool = True, pack: bool = True) -> Metrics:
+            latency: bool = True, pack: bool = True, latency_mode: str = "eager") -> Metrics:
     """Measure ``model`` the one way every before and after is measured.
 
     ``example_input``: a tensor (FLOPs and latency are per forward of it; a batch of 1 gives
     per-sample numbers) or a shape tuple; when None and ``evaluator`` is a DataLoader, the first
     sample of its first batch. ``device``: where to run; default the model's own device (the model
-    is moved there and back if different).
+    is moved there and back if different). ``latency_mode``: how the model is timed, one of
+    :data:`LATENCY_MODES` (see :func:`latency_model`); the mode actually used is
+    ``Metrics.latency_mode``.
     """
     if not isinstance(model, nn.Module):
         raise BadInput(f"expected a torch.nn.Module, got {type(model).__name__}")
     check_evaluator(evaluator)
+    check_latency_mode(latency_mode)
     origin = model_device(model)
     dev = torch.device(device) if device is not None else origin
     if isinstance(example_input, (tuple, list)) and all(isinstance(s, int) for s in example_input):
@@ -295,6 +367,7 @@ def measure(model: nn.Module, example_input: Any = None, evaluator: Any = None, 
         dbytes, per_dtype = dense_bytes(model)
         pbytes = packed_bytes(model) if pack else 0
         flops = sparse = lat = None
+        used_mode = latency_mode
         per_leaf: dict[str, int] = {}
         flops_details: dict = {}
         batch = None
@@ -317,7 +390,9 @@ def measure(model: nn.Module, example_input: Any = None, evaluator: Any = None, 
                     sparse = int(round(sparse * dyn / flops))
                 flops = dyn
             if latency:
-                lat = measure_latency(model, x)
+                timed, tx, used_mode = latency_model(model, x, latency_mode)
+                lat = measure_latency(timed, tx, device=dev)
+                del timed
         acc, extra = run_evaluator(model, evaluator, device=dev)
         extra = {**flops_details, **extra}
         layers = _layer_table(model, per_leaf)
@@ -327,7 +402,8 @@ def measure(model: nn.Module, example_input: Any = None, evaluator: Any = None, 
     return Metrics(params=params, nonzero_params=nonzero, dense_bytes=dbytes, packed_bytes=pbytes,
                    flops=flops, sparse_flops=sparse, latency_ms=lat, accuracy=acc,
                    dense_bytes_by_dtype=per_dtype, eval_extra=extra, layers=layers,
-                   device=str(dev), batch_size=batch)
+                   device=str(dev), batch_size=batch,
+                   latency_mode=used_mode if lat is not None else latency_mode)
 
 
 def _layer_table(model: nn.Module, per_leaf: dict[str, int]) -> list[dict]:

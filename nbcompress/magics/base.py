@@ -137,10 +137,11 @@ class NBMagics(Magics):
 
     # ---------------------------------------------------------------- histories
     def history(self, name: str, local_ns=None, *, eval_obj=None, example_input=None,
-                device=None) -> History:
+                device=None, latency_mode=None) -> History:
         model = self.lookup_model(name, local_ns)
         h = self.workspace.ensure(name, model)
-        h.configure(evaluator=eval_obj, example_input=example_input, device=device)
+        h.configure(evaluator=eval_obj, example_input=example_input, device=device,
+                    latency_mode=latency_mode)
         return h
 
     def existing_history(self, name: str, local_ns=None) -> History:

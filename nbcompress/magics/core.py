@@ -5,6 +5,7 @@ from IPython.core.magic import line_magic, magics_class, needs_local_scope, no_v
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 
 from ..core import BadInput
+from ..metrics import LATENCY_MODES, check_latency_mode
 from .base import NBMagics, parse_shape, user_errors
 
 
@@ -36,6 +37,10 @@ class CoreMagics(NBMagics):
               help="example input shape for FLOPs and latency, e.g. 1,1,28,28 "
                    "(default: one sample of the --eval loader)")
     @argument("--device", default=None, help="default work device for this name's steps")
+    @argument("--latency", default=None, metavar="|".join(LATENCY_MODES),
+              help="how latency is timed: eager (default, as the model is), channels_last, or "
+                   "deployed (traced + torch.jit.optimize_for_inference: BatchNorm folded, conv + "
+                   "ReLU fused); remembered for this name")
     @argument("--remember-init", action="store_true",
               help="record the current weights as the initial weights (lottery-ticket rewind)")
     def nbcompress(self, line="", local_ns=None):
@@ -49,8 +54,11 @@ class CoreMagics(NBMagics):
         evaluator = self.lookup_evaluator(args.eval_obj, local_ns)
         import torch
 
+        if args.latency is not None:
+            check_latency_mode(args.latency)
         h = self.history(args.name, local_ns, eval_obj=evaluator,
-                         example_input=torch.randn(*shape) if shape else None, device=args.device)
+                         example_input=torch.randn(*shape) if shape else None, device=args.device,
+                         latency_mode=args.latency)
         if args.remember_init:
             h.remember_init()
         return h.measure_report()

@@ -215,6 +215,9 @@ class StepReport:
         parts = [str(dev)] if dev else []
         if bs:
             parts.append(f"batch {bs}")
+        mode = getattr(self.after, "latency_mode", "eager")
+        if mode and mode != "eager":
+            parts.append(mode)
         return ", ".join(parts)
 
     def summary_html(self) -> str:
