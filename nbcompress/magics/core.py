@@ -72,12 +72,7 @@ class CoreMagics(NBMagics):
     @argument("steps", nargs="?", default=None, help="how many steps back (default 1)")
     def undo(self, line="", local_ns=None):
         """Rebind the name to the previous version of the model (bit-identical weights)."""
-        args = parse_argstring(self.undo, line)
-        n = _steps(args.steps, "undo")
-        h = self.existing_history(args.name, local_ns)
-        report = h.undo(n)
-        self.rebind(args.name, h.current, local_ns)
-        return report
+        return self._walk(parse_argstring(self.undo, line), "undo", local_ns)
 
     @line_magic
     @needs_local_scope
@@ -88,10 +83,13 @@ class CoreMagics(NBMagics):
     @argument("steps", nargs="?", default=None, help="how many steps forward (default 1)")
     def redo(self, line="", local_ns=None):
         """Rebind the name to the next version after an undo."""
-        args = parse_argstring(self.redo, line)
-        n = _steps(args.steps, "redo")
+        return self._walk(parse_argstring(self.redo, line), "redo", local_ns)
+
+    def _walk(self, args, direction: str, local_ns):
+        """%undo / %redo: move the history N steps and rebind the name to that version."""
+        n = _steps(args.steps, direction)
         h = self.existing_history(args.name, local_ns)
-        report = h.redo(n)
+        report = getattr(h, direction)(n)
         self.rebind(args.name, h.current, local_ns)
         return report
 
