@@ -346,6 +346,8 @@ class DistillConfig(StepConfig):
             raise BadInput(f"bias_tolerance must be in [0, 1), got {self.bias_tolerance!r}")
         if self.seed is not None and not _is_int(self.seed):
             raise BadInput(f"seed must be an integer or None, got {self.seed!r}")
+        if not isinstance(self.soft_only, bool):
+            raise BadInput(f"soft_only must be True or False, got {self.soft_only!r}")
         if self.amp is not None and not isinstance(self.amp, bool):
             raise BadInput(f"amp must be True, False or None, got {self.amp!r}")
         if self.cache_teacher is not None and not isinstance(self.cache_teacher, bool):
@@ -385,6 +387,12 @@ class DistillConfig(StepConfig):
         if s_out.dim() < 2:
             raise BadInput(f"the student's output has shape {tuple(s_out.shape)}: distillation "
                            f"needs class scores (N, C)")
+        if self.effective_alpha < 1 and isinstance(y, torch.Tensor) and y.numel() \
+                and not y.is_floating_point():         # hard labels are trained on: classes
+            lo, hi, c = int(y.min()), int(y.max()), s_out.shape[1]
+            if lo < 0 or hi >= c:
+                raise BadInput(f"--data has label {hi if hi >= c else lo}, but the student scores "
+                               f"{c} classes (labels 0..{c - 1}); is it the data this model takes?")
         for i, t in enumerate(teachers):
             t_out, t_feats = _probe(t, x, [tn for _, tn in pairs] if i == 0 else [],
                                     "teacher" if len(teachers) == 1 else f"teacher {i + 1}")
@@ -688,27 +696,11 @@ def _first_tensor(out: Any) -> torch.Tensor | None:
     return None
 
 
-def peek_batch(loader: DataLoader) -> Any:
-    """The loader's first batch, leaving its shuffling state as it was (the sampler's generator
-    and the global RNG are restored), so a peek does not change the data order of training."""
-    gens = []
-    for obj in (loader, loader.sampler, getattr(loader.batch_sampler, "sampler", None)):
-        g = getattr(obj, "generator", None)
-        if isinstance(g, torch.Generator) and all(g is not h for h in gens):
-            gens.append(g)
-    states = [g.get_state() for g in gens]
-    try:
-        with torch.random.fork_rng(devices=[]):
-            it = iter(loader)
-            try:
-                return next(it)
-            except StopIteration:
-                raise BadInput("the transfer data (--data) yielded no batches") from None
-            finally:
-                del it
-    finally:
-        for g, st in zip(gens, states):
-            g.set_state(st)
+def peek_batch(loader: DataLoader, what: str = "the transfer data (--data)") -> Any:
+    """The loader's first batch, its shuffling order left alone (:func:`nbcompress.train.peek_batch`)."""
+    from .train import peek_batch as peek
+
+    return peek(loader, what)
 
 
 def _check_layer(name: str, modules: dict, who: str) -> None:

@@ -567,6 +567,10 @@ class EarlyExitConfig(StepConfig):
         if isinstance(model, EarlyExitModel):
             return self._retune(model, ctx)
         plan = self.plan(model)
+        if self.alpha < 1:                 # the heads train on the labels: they must be classes
+            from .train import check_loader_runs
+
+            check_loader_runs(model, self.data, "--data", ctx.device)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
             heads = nn.ModuleList(make_head(f, plan.num_classes, self.head_pool)

@@ -35,23 +35,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from .core import BadInput
+from .train import forward_batch as _forward
+from .train import logits_of
 
 __all__ = ["Importance", "MagnitudeImportance", "L1Importance", "L2Importance",
            "TaylorImportance", "HessianImportance", "ActivationImportance", "BNScaleImportance",
            "RandomImportance", "IMPORTANCES", "get_importance", "logits_of"]
 
 _NORMS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)
-
-
-def logits_of(out: Any) -> torch.Tensor:
-    """Class scores of a model output: a tensor, the first item of a tuple, or a dict's logits."""
-    if isinstance(out, torch.Tensor):
-        return out
-    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
-        return out[0]
-    if isinstance(out, dict) and isinstance(out.get("logits"), torch.Tensor):
-        return out["logits"]
-    raise BadInput(f"the model's output is a {type(out).__name__}, not a tensor of class scores")
 
 
 def _batches(loader, n: int):
@@ -481,12 +472,6 @@ def get_importance(spec: str | Importance, *, seed: int = 0) -> Importance:
         raise BadInput(f"unknown importance {spec!r} (use {', '.join(IMPORTANCES)})")
     cls = IMPORTANCES[spec.lower()]
     return cls(seed=seed) if cls is RandomImportance else cls()
-
-
-def _forward(model: nn.Module, x: Any):
-    if isinstance(x, dict):
-        return model(**x)
-    return model(x)
 
 
 def normalized(scores: torch.Tensor) -> torch.Tensor:

@@ -620,7 +620,8 @@ class LowRankConfig(StepConfig):
         if not found:
             kinds = Counter(type(m).__name__ for m in model.modules()
                             if m is not model and not any(True for _ in m.children()))
-            what = ", ".join(f"{k} x{v}" if v > 1 else k for k, v in sorted(kinds.items())) or "no layers"
+            what = ", ".join(f"{k} x{v}" if v > 1 else k for k, v in sorted(kinds.items())) or \
+                f"only the {type(model).__name__} itself, no sub-modules"
             raise BadInput(f"no nn.Linear or nn.Conv2d layer to factorise in this "
                            f"{type(model).__name__} (found: {what})")
         notes: list[str] = []
@@ -687,6 +688,13 @@ class LowRankConfig(StepConfig):
         if self.layers is not None and not isinstance(self.layers, str):
             raise BadInput(f"--layers must be a regular expression (a string), got "
                            f"{type(self.layers).__name__}")
+        if self.finetune is None:
+            unused = [f for f, on in (("--epochs", self.epochs != 1), ("--lr", self.lr != 3e-4))
+                      if on]
+            if unused:
+                flags = " and ".join(unused)
+                raise BadInput(f"{flags} only appl{'y' if len(unused) > 1 else 'ies'} to "
+                               f"fine-tuning: give --finetune LOADER too (or leave out {flags})")
         cands, _ = self._candidates(model)
         plans = [_make_plan(n, m, self.conv) for n, m, _ in cands]
         if mode == "rank":
@@ -748,6 +756,10 @@ class LowRankConfig(StepConfig):
         from .metrics import count_flops
         from .train import fit, to_device
 
+        from .train import check_loader_runs
+
+        check_loader_runs(model, self.finetune, "--finetune", ctx.device)
+        check_loader_runs(model, self.data, "--data", ctx.device, labels=False)  # BN statistics
         cands, notes = self._candidates(model)
         if self._mode() == "default" and self.conv == "separable":
             # multiplier 1 on a conv that reads one channel per group is a rank-1 conv (every

@@ -25,6 +25,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from .core import BadInput, model_device
+from .train import forward_batch as _forward
 
 
 @dataclass
@@ -181,14 +182,6 @@ def dynamic_flops(model: nn.Module, example_input: Any, evaluator: Any) -> tuple
         return None
     flops, details = got
     return int(flops), dict(details or {})
-
-
-def _forward(model: nn.Module, x: Any):
-    if isinstance(x, dict):
-        return model(**x)
-    if isinstance(x, (tuple, list)):
-        return model(*x)
-    return model(x)
 
 
 LATENCY_MODES = ("eager", "channels_last", "deployed")

@@ -45,6 +45,9 @@ from .core import (BadInput, CompressionResult, StepConfig, StepContext, compres
                    register_technique, resolve_device)
 from .importance import (IMPORTANCES, Importance, MagnitudeImportance, get_importance, logits_of,
                          normalized)
+from .train import check_loader_runs, first_line, peek_batch
+from .train import eval_mode as _eval_mode
+from .train import forward_batch as _forward
 
 __all__ = ["PruneConfig", "prune", "sensitivity", "prune_weights_", "ChannelPruner",
            "weight_targets", "recalibrate_bn", "demo_config"]
@@ -67,30 +70,56 @@ def _is_loader(v: Any) -> bool:
     return isinstance(v, torch.utils.data.DataLoader)
 
 
-def _forward(model: nn.Module, x: Any):
-    if isinstance(x, dict):
-        return model(**x)
-    if isinstance(x, (tuple, list)):
-        return model(*x)
-    return model(x)
 
 
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module):
-    was = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was)
 
 
 def _example_from_loader(loader) -> torch.Tensor | None:
     if not _is_loader(loader):
         return None
-    batch = next(iter(loader))
+    batch = peek_batch(loader)      # leaves a shuffled loader's order as it was
     x = batch[0] if isinstance(batch, (tuple, list)) else batch
     return x[:1].clone() if isinstance(x, torch.Tensor) else None
+
+
+def _smallest_amount(value: Callable[[float], float], target: float, hi: float) -> float:
+    """The smallest amount in [0, hi] (to 1e-4) whose ``value`` (falling as the amount grows) is
+    at most ``target``; the caller has checked that ``value(hi)`` reaches it."""
+    lo = 0.0
+    for _ in range(30):
+        mid = (lo + hi) / 2
+        if value(mid) <= target:
+            hi = mid
+        else:
+            lo = mid
+        if hi - lo < 1e-4:
+            break
+    return hi
+
+
+def _shared_layer(model: nn.Module, example: Any) -> tuple[str, str, int] | None:
+    """(name, type, calls) of the first layer with weights that one forward calls more than once
+    (shared weights: structured pruning cannot shrink it for one use and not the other)."""
+    counts: dict[nn.Module, int] = {}
+    names = {}
+    handles = []
+    for name, m in model.named_modules():
+        if any(p is not None for p in m._parameters.values()):
+            names[m] = name or "(model)"
+            handles.append(m.register_forward_hook(
+                lambda mod, args, out: counts.__setitem__(mod, counts.get(mod, 0) + 1)))
+    try:
+        with torch.no_grad(), _eval_mode(model):
+            _forward(model, example)
+    except Exception:  # noqa: BLE001 - tracing reports a model that does not run
+        return None
+    finally:
+        for h in handles:
+            h.remove()
+    for m, n in counts.items():
+        if n > 1:
+            return names[m], type(m).__name__, n
+    return None
 
 
 def _float_weight(m: nn.Module) -> bool:
@@ -557,16 +586,7 @@ class ChannelPruner:
             base = self._base()[idx]
             raise BadInput(f"--target-{metric} cannot be reached: removing as many channels as "
                            f"possible keeps {best / base:.1%} of the {metric}")
-        lo, hi = 0.0, max_amount
-        for _ in range(30):
-            mid = (lo + hi) / 2
-            if value(mid) <= target:
-                hi = mid
-            else:
-                lo = mid
-            if hi - lo < 1e-4:
-                break
-        return hi
+        return _smallest_amount(value, target, max_amount)
 
     def apply(self, plan: dict[str, list[int]]) -> list[dict]:
         """Remove the planned channels. One row per group: its layers and channels before/after."""
@@ -577,7 +597,11 @@ class ChannelPruner:
             if idxs:
                 g = self.DG.get_pruning_group(gi.root, gi.handler, list(idxs))
                 if not self.DG.check_pruning_group(g):
-                    raise BadInput(f"--structured would remove every channel of {gi.name}")
+                    raise BadInput(
+                        f"--structured cannot handle layer {gi.name!r} ({type(gi.root).__name__}):"
+                        f" removing {len(idxs)} of its {before} channels would leave a coupled "
+                        f"layer with none (its output is probably reshaped, split or shared in a "
+                        f"way the dependency graph cannot follow); try --layers to leave it out")
                 g.prune()
             after = before - len(idxs or [])
             rows.append({"layer": gi.name, "type": type(gi.root).__name__,
@@ -763,6 +787,16 @@ class PruneConfig(StepConfig):
                                "LOADER (and --epochs)")
             if targets:
                 raise BadInput("--lottery takes AMOUNT (the final sparsity), not a target")
+        if not self.sensitivity and amounts != _DEFAULT_AMOUNTS:
+            raise BadInput("--amounts lists the amounts --sensitivity scans: add --sensitivity "
+                           "(or leave out --amounts)")
+        if self.finetune is None:
+            unused = [f for f, on in (("--epochs", self.epochs != 1), ("--lr", self.lr != 1e-3))
+                      if on]
+            if unused:
+                flags = " and ".join(unused)
+                raise BadInput(f"{flags} only appl{'y' if len(unused) > 1 else 'ies'} to "
+                               f"fine-tuning: give --finetune LOADER too (or leave out {flags})")
         if self.sensitivity and (self.finetune is not None or self.steps != 1):
             raise BadInput("--sensitivity only measures (the model is not changed): leave out "
                            "--finetune and --steps")
@@ -797,6 +831,9 @@ class PruneConfig(StepConfig):
 
     # ------------------------------------------------------------------ run
     def run(self, model: nn.Module, ctx: StepContext) -> CompressionResult:
+        check_loader_runs(model, self.finetune, "--finetune", ctx.device)
+        check_loader_runs(model, self.data, "--data", ctx.device,       # labels: only for losses
+                          labels=self.importance_name in ("taylor", "hessian"))
         if self.sensitivity:
             return _run_sensitivity(self, model, ctx)
         if self.lottery:
@@ -867,6 +904,13 @@ def _run_prune(cfg: PruneConfig, model: nn.Module, ctx: StepContext) -> Compress
     if cfg.structured and example is None:
         raise BadInput("--structured traces the model: give an example input (--eval LOADER, "
                        "--data LOADER or %nbcompress NAME --input-shape ...)")
+    if cfg.structured:
+        shared = _shared_layer(model, example)
+        if shared is not None:
+            name, typ, calls = shared
+            raise BadInput(f"--structured cannot handle layer {name!r} ({typ}): forward calls it "
+                           f"{calls} times (shared weights), so its channels cannot be removed "
+                           f"for one use only (prune single weights instead: leave out --structured)")
     scope = cfg.resolved_scope
     rows: list[dict] = []
     layer_rows: list[dict] = []
@@ -1053,14 +1097,43 @@ def recalibrate_bn(model: nn.Module, loader, device, batches: int = 8) -> bool:
 
 
 def _check_runs(model: nn.Module, example) -> None:
+    """The pruned model must still run on the example; if not, name the layer where it fails:
+    the innermost one whose forward raised, else the last one that ran before the failing op."""
     if example is None:
         return
+    names = {m: n for n, m in model.named_modules() if n}
+    open_: list[nn.Module] = []
+    last: list[nn.Module] = []
+    handles = []
+    def enter(mod, args):
+        open_.append(mod)
+
+    def leave(mod, args, out):      # returns None: the output is left as it is
+        if open_:
+            open_.pop()
+        last.append(mod)
+
+    for m in names:
+        handles.append(m.register_forward_pre_hook(enter))
+        handles.append(m.register_forward_hook(leave))
     try:
         with torch.no_grad(), _eval_mode(model):
             _forward(model, example)
     except Exception as e:  # noqa: BLE001
-        raise BadInput(f"--structured left a model that does not run ({type(e).__name__}: "
-                       f"{str(e).splitlines()[0] if str(e) else ''}); nothing was changed") from None
+        if open_:
+            where, how = open_[-1], "fails inside it"
+        elif last:
+            where, how = last[-1], "fails right after it"
+        else:
+            where, how = None, ""
+        what = (f"layer {names[where]!r} ({type(where).__name__}): the pruned model {how}"
+                if where is not None else f"{type(model).__name__}: the pruned model does not run")
+        raise BadInput(f"--structured cannot handle {what} ({first_line(e)}); its channels are "
+                       f"probably reshaped or split in a way the dependency graph cannot follow. "
+                       f"Nothing was changed") from None
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def _layer_sparsities(targets, outputs: set[str], s: float, out_rate: float,
@@ -1127,16 +1200,7 @@ def _weight_final_sparsity(cfg, model, ctx, targets, example, imp, data) -> floa
     if sparse_flops_at(0.999) > want:
         raise BadInput(f"--target-flops {cfg.target_flops:g} cannot be reached by pruning the "
                        f"selected weights (layers without weights to prune keep their FLOPs)")
-    lo, hi = 0.0, 0.999
-    for _ in range(20):
-        mid = (lo + hi) / 2
-        if sparse_flops_at(mid) <= want:
-            hi = mid
-        else:
-            lo = mid
-        if hi - lo < 1e-4:
-            break
-    return hi
+    return _smallest_amount(sparse_flops_at, want, 0.999)
 
 
 # ================================================================================ lottery
@@ -1368,6 +1432,20 @@ def _context(model, config, *, evaluator=None, example_input=None, device=None, 
                        init_state=init_state)
 
 
+def _check_options(options: dict, fn: str, exclude: set = frozenset()) -> None:
+    """Unknown keyword options are one line naming the closest field, not a TypeError."""
+    import dataclasses
+    import difflib
+
+    names = sorted({f.name for f in dataclasses.fields(PruneConfig)} - set(exclude))
+    unknown = sorted(set(options) - set(names))
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], names, n=3)
+        raise BadInput(f"{fn}() got an unknown option {unknown[0]!r}"
+                       + (f"; did you mean {', '.join(close)}?" if close else
+                          f"; options: {', '.join(names)}"))
+
+
 def prune(model: nn.Module, amount: float | None = None, *, evaluator: Any = None,
           example_input: Any = None, device: str | None = None, init_state: dict | None = None,
           progress: bool = False, **options) -> nn.Module:
@@ -1381,6 +1459,7 @@ def prune(model: nn.Module, amount: float | None = None, *, evaluator: Any = Non
     """
     if not isinstance(model, nn.Module):
         raise BadInput(f"expected a torch.nn.Module, got {type(model).__name__}")
+    _check_options(options, "prune", exclude={"amount"})
     config = PruneConfig(amount=amount, **options)
     ctx = _context(model, config, evaluator=evaluator, example_input=example_input, device=device,
                    init_state=init_state, progress=progress)
@@ -1393,8 +1472,13 @@ def sensitivity(model: nn.Module, evaluator: Any, *, amounts=_DEFAULT_AMOUNTS,
     """Prune each layer alone at each of ``amounts``, evaluate; return the table (a DataFrame:
     layer, type, amount, accuracy, drop_points). The model is not changed. The figure is in
     ``table.attrs["figure"]`` (PNG bytes)."""
-    config = PruneConfig(sensitivity=True, structured=structured, amounts=tuple(amounts),
-                         **options)
+    _check_options(options, "sensitivity", exclude={"sensitivity", "amounts", "structured"})
+    try:
+        amounts = tuple(amounts)
+    except TypeError:
+        raise BadInput(f"amounts must be a list of fractions between 0 and 1, got "
+                       f"{amounts!r}") from None
+    config = PruneConfig(sensitivity=True, structured=structured, amounts=amounts, **options)
     ctx = _context(model, config, evaluator=evaluator, example_input=example_input, device=device,
                    progress=progress)
     res = compress(model, config, ctx=ctx)

@@ -300,7 +300,16 @@ class QuantizeConfig(StepConfig):
 
     # ------------------------------------------------------------------ checks
     def validate(self, model: nn.Module) -> None:
-        if self.mode is not None and self.mode not in MODES:
+        for flag, v in (("--per-channel", self.per_channel), ("symmetric", self.symmetric),
+                        ("--huffman", self.huffman)):
+            if not isinstance(v, bool):
+                raise BadInput(f"{flag} must be True or False; got {v!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise BadInput(f"--seed must be an integer; got {self.seed!r}")
+        if self.layers is not None and not isinstance(self.layers, str):
+            raise BadInput(f"--layers must be a regular expression (a string); got "
+                           f"{type(self.layers).__name__}")
+        if self.mode is not None and (not isinstance(self.mode, str) or self.mode not in MODES):
             raise BadInput(f"--mode must be one of {', '.join(MODES)}; got {self.mode!r}")
         if self.dtype is not None:
             if not isinstance(self.dtype, str) or self.dtype.lower() not in DTYPES:
@@ -410,6 +419,10 @@ class QuantizeConfig(StepConfig):
 
     # ------------------------------------------------------------------ run
     def run(self, model: nn.Module, ctx: StepContext) -> CompressionResult:
+        from .train import check_loader_runs
+
+        check_loader_runs(model, self.calib, "--calib", ctx.device, labels=False)  # inputs only
+        check_loader_runs(model, self.qat, "--qat", ctx.device)
         mode, notes = self._choose(model, ctx.device, ctx.origin_device)
         pattern = self._pattern()
         if mode.startswith("dtype"):

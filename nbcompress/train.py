@@ -70,7 +70,7 @@ def split_batch(batch: Any) -> tuple[Any, Any]:
                    f"{type(batch).__name__}")
 
 
-def _logits(out: Any) -> torch.Tensor:
+def logits_of(out: Any) -> torch.Tensor:
     """The class scores of a model's output: the tensor itself, the first item of a tuple/list,
     or a dict's 'logits'."""
     if isinstance(out, torch.Tensor):
@@ -80,6 +80,9 @@ def _logits(out: Any) -> torch.Tensor:
     if isinstance(out, dict) and isinstance(out.get("logits"), torch.Tensor):
         return out["logits"]
     raise BadInput(f"the model's output is a {type(out).__name__}, not a tensor of class scores")
+
+
+_logits = logits_of
 
 
 def _check_loader(loader: Any, what: str = "loader") -> None:
@@ -94,10 +97,94 @@ def _loader_len(loader: DataLoader) -> int | None:
         return None
 
 
-def _forward(model: nn.Module, x: Any) -> Any:
+def forward_batch(model: nn.Module, x: Any) -> Any:
+    """Run ``model`` on the inputs of a batch or an example input, the one way every part of
+    nbcompress does: a dict is keyword arguments, a tuple/list positional arguments, anything
+    else the single argument."""
     if isinstance(x, dict):
         return model(**x)
+    if isinstance(x, (tuple, list)):
+        return model(*x)
     return model(x)
+
+
+_forward = forward_batch
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module):
+    """``model.eval()`` inside, its train/eval mode as it was after."""
+    was = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was)
+
+
+def first_line(e: BaseException) -> str:
+    """``Type: first line of the message`` of an exception, for one-line user errors."""
+    text = str(e)
+    return f"{type(e).__name__}: {text.splitlines()[0]}" if text.strip() else type(e).__name__
+
+
+def peek_batch(loader: DataLoader, what: str = "the loader") -> Any:
+    """The loader's first batch, leaving its shuffling state as it was (the sampler's generator
+    and the global RNG are restored), so a peek does not change the data order of training."""
+    gens = []
+    for obj in (loader, loader.sampler, getattr(loader.batch_sampler, "sampler", None)):
+        g = getattr(obj, "generator", None)
+        if isinstance(g, torch.Generator) and all(g is not h for h in gens):
+            gens.append(g)
+    states = [g.get_state() for g in gens]
+    try:
+        with torch.random.fork_rng(devices=[]):
+            it = iter(loader)
+            try:
+                return next(it)
+            except StopIteration:
+                raise BadInput(f"{what} yielded no batches") from None
+            finally:
+                del it
+    finally:
+        for g, st in zip(gens, states):
+            g.set_state(st)
+
+
+def check_loader_runs(model: nn.Module, loader: Any, flag: str, device: Any = None, *,
+                      labels: bool = True) -> None:
+    """One batch of ``loader`` must run through ``model`` (eval mode, no grad; the loader's
+    shuffling order and the global RNG are left as they were) and, with ``labels``, its integer
+    labels must be classes of the model's output: a loader of the wrong data is one clear line
+    before any work, not a traceback from deep inside training or calibration. Not a DataLoader:
+    nothing to check here (each option's own validation says what it needs)."""
+    if not isinstance(loader, DataLoader):
+        return
+    x, y = split_batch(peek_batch(loader, flag))
+    shape = f" (inputs of shape {tuple(x.shape)})" if isinstance(x, torch.Tensor) else ""
+    try:
+        with torch.no_grad(), eval_mode(model):
+            out = forward_batch(model, to_device(x, device if device is not None
+                                                 else model_device(model)))
+    except BadInput:
+        raise
+    except Exception as e:  # noqa: BLE001 - any failure to run is a one-line user error here
+        raise BadInput(f"the model cannot run on a batch of {flag}{shape}: {first_line(e)}; "
+                       f"is it the data this model takes?") from None
+    if not labels or not isinstance(y, torch.Tensor) or y.is_floating_point() or y.numel() == 0:
+        return
+    try:
+        scores = logits_of(out)
+    except BadInput:        # an output we cannot read as class scores: nothing to check
+        return
+    if scores.dim() < 2:
+        return
+    classes = scores.shape[1]
+    lo, hi = int(y.min()), int(y.max())
+    if lo < 0 or hi >= classes:
+        bad = hi if hi >= classes else lo
+        raise BadInput(f"{flag} has label {bad}, but the model scores {classes} classes "
+                       f"(labels 0..{classes - 1}); is it the data this model takes?")
 
 
 # --------------------------------------------------------------------------------- evaluation

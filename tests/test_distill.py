@@ -388,6 +388,8 @@ def test_distill_api_bad_options(teacher, small):
         distill(mlp_student(), [], tr)
     with pytest.raises(BadInput, match="DataLoader"):
         distill(mlp_student(), teacher, [1, 2, 3])
+    with pytest.raises(BadInput, match="soft_only must be True or False, got 'no'"):
+        distill(mlp_student(), teacher, tr, soft_only="no")
     with pytest.raises(BadInput, match="no trainable"):
         frozen = mlp_student()
         for p in frozen.parameters():
@@ -415,7 +417,9 @@ def ns(shell, teacher, small):
     shell.user_ns.update(student=mlp_student(seed=0), big=teacher, big2=copy.deepcopy(teacher),
                          train_loader=tr, test_loader=te, notamodel=3,
                          five=nn.Sequential(nn.Flatten(), nn.Linear(784, 5)),
-                         unlabelled=DataLoader(_Unlabelled(mnist_arrays()[0][:256]), batch_size=64))
+                         unlabelled=DataLoader(_Unlabelled(mnist_arrays()[0][:256]), batch_size=64),
+                         badlabels=DataLoader(TensorDataset(torch.rand(16, 1, 28, 28),
+                                                            torch.full((16,), 50)), batch_size=8))
     return shell.user_ns
 
 
@@ -491,6 +495,8 @@ def test_magic_help():
     ("student --teacher big --data train_loader --epochs 0", "--epochs must be a positive"),
     ("student --teacher big --data train_loader --optimizer lbfgs", "unknown optimizer"),
     ("student --teacher big --data train_loader -T x", "argument -T/--temperature: invalid float"),
+    ("student --teacher big --data badlabels", r"--data has label 50, but the student scores 10 "
+                                               r"classes \(labels 0..9\)"),
 ])
 def test_magic_bad_input_one_line_student_unchanged(shell, ns, line, match):
     original = ns["student"]

@@ -318,12 +318,18 @@ BAD = [
     ("--data train_loader --lr -1", "--lr must be a positive number"),
     ("--data train_loader --head-pool 0", "--head-pool must be a positive int"),
     ("--data train_loader --device nosuchdevice", "unknown device"),
+    ("--data bad_labels --alpha 0.5", "--data has label 50, but the model scores 10 classes"),
 ]
 
 
 @pytest.mark.parametrize("args,message", BAD)
 def test_bad_input_one_line_model_unchanged(shell, trained_lenet, mnist, args, message):
-    shell.user_ns.update(model=trained_lenet, train_loader=mnist[0], not_a_loader=[1, 2])
+    from torch.utils.data import DataLoader, TensorDataset
+
+    bad_labels = DataLoader(TensorDataset(torch.rand(16, 1, 28, 28), torch.full((16,), 50)),
+                            batch_size=8)
+    shell.user_ns.update(model=trained_lenet, train_loader=mnist[0], not_a_loader=[1, 2],
+                         bad_labels=bad_labels)
     snap = snapshot(trained_lenet)
     with pytest.raises(UsageError) as e:
         shell.run_line_magic("earlyexit", f"model {args}")

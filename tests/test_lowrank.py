@@ -435,13 +435,24 @@ def test_magic_help_lists_options(shell):
     ("notamodel --rank 2", "not a torch.nn.Module"),
     ("relus --rank 2", r"no nn.Linear or nn.Conv2d layer .*found: Flatten, ReLU x2"),
     ("convs --conv none", "--conv none leaves nothing to factorise"),
+    ("lstm --rank 2", r"in this LSTM \(found: only the LSTM itself, no sub-modules\)"),
+    ("model --rank 8 --finetune digits", r"the model cannot run on a batch of --finetune \(inputs "
+                                         r"of shape \(8, 1, 8, 8\)\): RuntimeError"),
+    ("model --rank 8 --data digits", "the model cannot run on a batch of --data"),
+    ("model --rank 8 --epochs 3", "--epochs only applies to fine-tuning: give --finetune LOADER"),
+    ("model --rank 8 --lr 0.01", "--lr only applies to fine-tuning"),
+    ("model --rank 8 --finetune badlabels", "--finetune has label 50, but the model scores 10"),
 ])
 def test_bad_input_is_one_line_and_model_unchanged(shell, trained_lenet, mnist, line, match):
     ns = shell.user_ns
     relus = nn.Sequential(nn.Flatten(), nn.ReLU(), nn.ReLU())
     convs = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Conv2d(4, 4, 3))
+    digits = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(
+        torch.rand(16, 1, 8, 8), torch.randint(0, 10, (16,))), batch_size=8)
     ns.update(model=trained_lenet, train_loader=mnist[0], notaloader=3, notamodel=3,
-              relus=relus, convs=convs)
+              relus=relus, convs=convs, lstm=nn.LSTM(4, 4), digits=digits,
+              badlabels=torch.utils.data.DataLoader(torch.utils.data.TensorDataset(
+                  torch.rand(16, 1, 28, 28), torch.full((16,), 50)), batch_size=8))
     snaps = {k: snapshot(ns[k]) for k in ("model", "convs")}
     with pytest.raises(UsageError, match=match) as ei:
         shell.run_line_magic("lowrank", line)
@@ -469,6 +480,7 @@ def test_bad_input_is_one_line_and_model_unchanged(shell, trained_lenet, mnist, 
     (dict(seed="a"), "seed must be a whole number"),
     (dict(target_params=-5), "--target-params must be positive"),
     (dict(target_params=1234.5), "must be a whole number"),
+    (dict(rank=4, epochs=2), "--epochs only applies to fine-tuning"),
 ])
 def test_api_bad_options_leave_model_unchanged(trained_lenet, options, match):
     snap = snapshot(trained_lenet)

@@ -487,6 +487,30 @@ class Scaled(nn.Module):
         return self.fc(x.flatten(1)) * self.scale
 
 
+class SharedFC(nn.Module):
+    """One Linear called twice in forward (shared weights)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(784, 784)
+        self.out = nn.Linear(784, 10)
+
+    def forward(self, x):
+        return self.out(self.fc(self.fc(x.flatten(1))))
+
+
+class Reshaped(nn.Module):
+    """A Linear whose output is reshaped: the dependency graph cannot keep its channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(784, 64)
+        self.out = nn.Linear(16, 10)
+
+    def forward(self, x):
+        return self.out(self.fc(x.flatten(1)).view(-1, 4, 16).sum(1))
+
+
 @pytest.mark.parametrize("line,match", [
     ("prune model 0", "between 0 and 1"),
     ("prune model 1", "between 0 and 1"),
@@ -516,12 +540,32 @@ class Scaled(nn.Module):
     ("prune lstm 0.5 --structured", "layer 'rnn' \\(LSTM\\)"),
     ("prune scaled 0.5 --structured", "layer '\\(model\\)' \\(Scaled\\)"),
     ("prune grouped 0.5 --structured", "layer '0' \\(Conv2d\\): a grouped convolution"),
+    ("prune shared 0.5 --structured", "layer 'fc' \\(Linear\\): forward calls it 2 times"),
+    ("prune reshaped 0.5 --structured", "--structured cannot handle layer 'fc' \\(Linear\\)"),
+    ("prune model 0.5 --finetune digits", "cannot run on a batch of --finetune \\(inputs of "
+                                          "shape \\(8, 1, 8, 8\\)\\): RuntimeError"),
+    ("prune model 0.5 --structured --finetune digits", "cannot run on a batch of --finetune"),
+    ("prune model 0.5 --importance taylor --data digits", "cannot run on a batch of --data"),
+    ("prune model 0.5 --lottery --finetune digits --eval train", "batch of --finetune"),
+    ("prune model 0.5 --finetune empty", "--finetune yielded no batches"),
+    ("prune model 0.5 --finetune badlabels", "--finetune has label 50, but the model scores 10 "
+                                             "classes \\(labels 0..9\\)"),
+    ("prune model 0.5 --amounts 0.1,0.2", "add --sensitivity"),
+    ("prune model 0.5 --epochs 3", "--epochs only applies to fine-tuning"),
+    ("prune model 0.5 --lr 0.1 --epochs 2", "--epochs and --lr only apply to fine-tuning"),
 ])
 def test_bad_input_is_one_line_and_model_unchanged(shell, trained_lenet, mnist, line, match):
     ns = shell.user_ns
     models = {"model": trained_lenet, "lstm": WithLSTM(), "scaled": Scaled(),
-              "grouped": nn.Sequential(nn.Conv2d(4, 8, 3, groups=2), nn.Flatten())}
-    ns.update(models, train=mnist[0], notaloader=[1, 2, 3])
+              "grouped": nn.Sequential(nn.Conv2d(4, 8, 3, groups=2), nn.Flatten()),
+              "shared": SharedFC(), "reshaped": Reshaped()}
+    digits = DataLoader(TensorDataset(torch.rand(16, 1, 8, 8), torch.randint(0, 10, (16,))),
+                        batch_size=8)
+    empty = DataLoader(TensorDataset(torch.rand(0, 1, 28, 28), torch.zeros(0, dtype=torch.long)))
+    badlabels = DataLoader(TensorDataset(torch.rand(16, 1, 28, 28), torch.full((16,), 50)),
+                           batch_size=8)
+    ns.update(models, train=mnist[0], notaloader=[1, 2, 3], digits=digits, empty=empty,
+              badlabels=badlabels)
     name = line.split()[1]
     shell.run_line_magic("nbcompress", f"{name} --input-shape "
                          + ("1,4,8,8" if name == "grouped" else "1,1,28,28"))
@@ -535,6 +579,33 @@ def test_bad_input_is_one_line_and_model_unchanged(shell, trained_lenet, mnist, 
     assert type(ei.value) is UsageError and "\n" not in str(ei.value).strip()
     assert ns[name] is models[name] and same_as_snapshot(models[name], snap)
     assert len(h) == 1
+
+
+def test_api_bad_input_is_one_line_and_model_unchanged(trained_lenet, small_loader):
+    snap = snapshot(trained_lenet)
+    digits = DataLoader(TensorDataset(torch.rand(16, 1, 8, 8), torch.randint(0, 10, (16,))),
+                        batch_size=8)
+    for call, match in [
+        (lambda: prune(trained_lenet, 0.5, ammount=0.3), "unknown option 'ammount'; did you mean amounts"),
+        (lambda: prune(trained_lenet, 0.5, structured=True, importance="bn"), "no BatchNorm layer"),
+        (lambda: prune(trained_lenet, 0.5, finetune=small_loader.dataset), "--finetune must be a DataLoader"),
+        (lambda: prune(trained_lenet, 0.5, finetune=digits), "cannot run on a batch of --finetune"),
+        (lambda: prune(trained_lenet, 0.5, epochs=3), "--epochs only applies to fine-tuning"),
+        (lambda: prune(SharedFC(), 0.5, structured=True, example_input=X28), "forward calls it 2"),
+        (lambda: sensitivity(trained_lenet, small_loader, amounts=0.5), "amounts must be a list"),
+        (lambda: sensitivity(trained_lenet, small_loader, bogus=1), "unknown option 'bogus'"),
+    ]:
+        with pytest.raises(BadInput, match=match) as ei:
+            call()
+        assert "\n" not in str(ei.value)
+    assert same_as_snapshot(trained_lenet, snap)
+
+
+def test_loader_check_leaves_the_shuffling_order_alone(trained_lenet, mid_loader):
+    g = mid_loader.generator
+    state = g.get_state()
+    P.check_loader_runs(trained_lenet, mid_loader, "--finetune")
+    assert torch.equal(g.get_state(), state)
 
 
 def test_strict_mode_fails_the_cell(shell, trained_lenet, monkeypatch):

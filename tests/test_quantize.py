@@ -425,16 +425,44 @@ class OnlyActivations(nn.Module):
     ("acts --bits 4", r"no quantizable layer .* it has: OnlyActivations, BatchNorm1d, ReLU"),
     ("acts --mode dynamic", r"no quantizable layer for --mode dynamic \(Linear, LSTM, GRU\)"),
     ("missing", r"no variable named 'missing'"),
+    ("model --mode static --calib digits", r"the model cannot run on a batch of --calib \(inputs "
+                                           r"of shape \(8, 1, 8, 8\)\): RuntimeError"),
+    ("model --bits 4 --qat digits", r"the model cannot run on a batch of --qat"),
+    ("model --mode cluster --qat digits", r"the model cannot run on a batch of --qat"),
+    ("model --mode static --calib empty", r"--calib yielded no batches"),
+    ("model --bits 4 --qat badlabels", r"--qat has label 50, but the model scores 10 classes"),
 ])
 def test_bad_input_one_line_model_unchanged(shell, trained_lenet, mnist, line, match):
     acts = OnlyActivations()
-    shell.user_ns.update(model=trained_lenet, train_loader=mnist[0], acts=acts)
+    digits = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(
+        torch.rand(16, 1, 8, 8), torch.randint(0, 10, (16,))), batch_size=8)
+    empty = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(
+        torch.rand(0, 1, 28, 28), torch.zeros(0, dtype=torch.long)))
+    badlabels = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(
+        torch.rand(16, 1, 28, 28), torch.full((16,), 50)), batch_size=8)
+    shell.user_ns.update(model=trained_lenet, train_loader=mnist[0], acts=acts, digits=digits,
+                         empty=empty, badlabels=badlabels)
     snap, asnap = snapshot(trained_lenet), snapshot(acts)
     with pytest.raises(UsageError, match=match) as ei:
         shell.run_line_magic("quantize", line)
     assert type(ei.value) is UsageError and "\n" not in str(ei.value)
     assert shell.user_ns["model"] is trained_lenet and same_as_snapshot(trained_lenet, snap)
     assert shell.user_ns["acts"] is acts and same_as_snapshot(acts, asnap)
+
+
+@pytest.mark.parametrize("options,match", [
+    (dict(bits=4, layers=3), r"--layers must be a regular expression \(a string\); got int"),
+    (dict(bits=4, per_channel="yes"), r"--per-channel must be True or False; got 'yes'"),
+    (dict(bits=4, huffman="no"), r"--huffman must be True or False; got 'no'"),
+    (dict(bits=4, symmetric=None), r"symmetric must be True or False"),
+    (dict(bits=4, seed="a"), r"--seed must be an integer; got 'a'"),
+    (dict(mode=["static"]), r"--mode must be one of"),
+])
+def test_api_bad_options_one_line_model_unchanged(trained_lenet, options, match):
+    snap = snapshot(trained_lenet)
+    with pytest.raises(BadInput, match=match) as ei:
+        quantize(trained_lenet, **options)
+    assert "\n" not in str(ei.value) and same_as_snapshot(trained_lenet, snap)
 
 
 def test_strict_mode_raises_plain_error(shell, trained_lenet, monkeypatch):
