@@ -213,6 +213,7 @@ def evaluate(model: nn.Module, loader: DataLoader, device: str | torch.device | 
     try:
         with torch.no_grad():
             correct_t = torch.zeros((), dtype=torch.long, device=dev)
+            lo_t = hi_t = classes = None
             for batch in loader:
                 x, y = split_batch(batch)
                 if y is None:
@@ -228,9 +229,19 @@ def evaluate(model: nn.Module, loader: DataLoader, device: str | torch.device | 
                     raise BadInput(f"the model's predictions have shape {tuple(pred.shape)} but "
                                    f"the labels have shape {tuple(y.shape)}")
                 correct_t += (pred == y).sum()
+                if y.numel() and not y.is_floating_point():   # checked at the end: no sync here
+                    lo_t = torch.minimum(lo_t, y.min()) if lo_t is not None else y.min()
+                    hi_t = torch.maximum(hi_t, y.max()) if hi_t is not None else y.max()
+                    classes = scores.shape[1] if scores.dim() > 1 else None
                 total += y.numel()
                 bar.update(1)
             correct = int(correct_t.item())
+            if hi_t is not None and classes is not None:
+                lo, hi = int(lo_t), int(hi_t)
+                if lo < 0 or hi >= classes:
+                    raise BadInput(f"the evaluation loader has label {hi if hi >= classes else lo}"
+                                   f", but the model scores {classes} classes (labels 0.."
+                                   f"{classes - 1}): the accuracy would be meaningless")
     finally:
         bar.close()
         model.train(was_training)

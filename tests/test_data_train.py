@@ -283,6 +283,16 @@ def test_fit_trains_inside_no_grad_and_inference_mode(ctx):
     assert hist[-1]["loss"] < hist[0]["loss"]
 
 
+def test_evaluate_refuses_labels_the_model_cannot_score():
+    x, y = data.mnist_arrays()[0][:64], data.mnist_arrays()[1][:64]
+    model = data.lenet_300_100(seed=0)
+    for bad, shown in ((y + 10, int((y + 10).max())), (y - 10, int((y - 10).min()))):
+        loader = DataLoader(TensorDataset(x, bad), batch_size=32)
+        with pytest.raises(BadInput, match=f"has label {shown}, but the model scores 10 classes"):
+            train.evaluate(model, loader)
+    assert 0 <= train.evaluate(model, DataLoader(TensorDataset(x, y), batch_size=32)) <= 1
+
+
 def test_fit_with_loss_fn_on_unlabelled_batches():
     # distillation-like: match a fixed teacher's logits on bare-tensor batches
     x = data.mnist_arrays()[0][:256]
