@@ -116,3 +116,18 @@ def test_magic_latency_option_shows_in_the_dashboard(shell, mnist):
     assert "deployed" not in repr(step)          # the text form stays free of timing details
     shell.run_line_magic("undo", "model")
     assert shell.user_ns["model"] is net
+
+
+def test_latency_of_different_modes_is_not_compared(mnist, trained_lenet):
+    """Deployed before, eager after (the early-exit model cannot be traced): the dashboard must
+    not call that a slow-down or a speed-up of the step."""
+    from nbcompress.report.tables import metrics_table
+
+    h = History(trained_lenet, evaluator=mnist[1], latency_mode="deployed")
+    report = h.apply(nbcompress.EarlyExitConfig(data=mnist[0], exits=("relu1",), epochs=1),
+                     progress=False)
+    assert report.before.latency_mode == "deployed"
+    assert report.after.latency_mode.startswith("eager (deployed:")
+    table = metrics_table(report.before, report.after)
+    assert table.loc["latency ms", "ratio"] == "not comparable (deployed vs eager)"
+    assert metrics_table(report.before, report.before).loc["latency ms", "ratio"] == "same"

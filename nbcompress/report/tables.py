@@ -57,6 +57,11 @@ def _get(m: Any, key: str) -> Any:
     return getattr(m, key, None)
 
 
+def _latency_mode(m: Any) -> str:
+    """How a version's latency was timed, without the reason a mode fell back ("eager (...)")."""
+    return str(getattr(m, "latency_mode", "eager") or "eager").split(" (")[0]
+
+
 @dataclass
 class Change:
     text: str
@@ -163,6 +168,11 @@ def metric_rows(before: Any, after: Any, extra: dict | None = None, *,
         change = None
         if before is not None:
             change = compute_change(spec, values["before"], values["after"], acc_scale)
+            modes = (_latency_mode(before), _latency_mode(after))
+            if spec.key == "latency_ms" and change.state != "na" and modes[0] != modes[1]:
+                # e.g. deployed before, eager after (an early-exit model cannot be traced):
+                # two different ways of running are not a speed-up or a slow-down of the step
+                change = Change(f"not comparable ({modes[0]} vs {modes[1]})", "na", None)
         rows.append(MetricRow(spec, values, texts, change))
     return [c for c, _ in cols], rows
 
