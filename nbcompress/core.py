@@ -82,6 +82,21 @@ class StepConfig:
     def validate(self, model: nn.Module) -> None:
         """Check arguments against the model before any work; raise :class:`BadInput`."""
 
+    @classmethod
+    def check_options(cls, options: dict, fn: str, exclude=()) -> None:
+        """Keyword options of the Python verb ``fn`` that are not fields of this config (less
+        ``exclude``, which the verb takes itself) are one line naming the closest field, not a
+        TypeError."""
+        import difflib
+
+        names = sorted({f.name for f in dataclasses.fields(cls)} - set(exclude))
+        unknown = sorted(set(options) - set(names))
+        if unknown:
+            close = difflib.get_close_matches(unknown[0], names, n=3)
+            raise BadInput(f"{fn}() got an unknown option {unknown[0]!r}"
+                           + (f"; did you mean {', '.join(close)}?" if close else
+                              f"; options: {', '.join(names)}"))
+
     def describe(self) -> str:
         """The arguments as a compact, deterministic string (history 'args' column)."""
         parts = []

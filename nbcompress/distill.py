@@ -611,13 +611,7 @@ def distill(student: nn.Module, teachers: Any, loader: DataLoader, *, evaluator:
     """Train a copy of ``student`` from ``teachers`` on ``loader``; returns the trained student
     (the argument itself is not changed). ``options`` are :class:`DistillConfig` fields
     (``epochs``, ``T``, ``alpha``, ``soft_only``, ``features``, ``bias_adjust``, ...)."""
-    names = {f.name for f in dataclasses.fields(DistillConfig)} - {"teachers", "loader", "device"}
-    unknown = sorted(set(options) - names)
-    if unknown:
-        close = difflib.get_close_matches(unknown[0], sorted(names), n=3)
-        raise BadInput(f"distill() got an unknown option {unknown[0]!r}"
-                       + (f"; did you mean {', '.join(close)}?" if close else
-                          f"; options: {', '.join(sorted(names))}"))
+    DistillConfig.check_options(options, "distill", exclude={"teachers", "loader", "device"})
     config = DistillConfig(teachers=teachers, loader=loader, device=device, **options)
     return compress(student, config, evaluator=evaluator, device=device).model
 

@@ -857,16 +857,7 @@ def lowrank(model: nn.Module, *, evaluator: Any = None, example_input: Any = Non
     ``target_params``, ``layers``, ``conv``, ``finetune``, ``epochs``, ``lr``, ``seed``,
     ``progress``. For the per-layer report call ``compress(model, LowRankConfig(...))``.
     """
-    import dataclasses
-    import difflib
-
-    names = {f.name for f in dataclasses.fields(LowRankConfig)} - {"device"}
-    unknown = sorted(set(options) - names)
-    if unknown:
-        close = difflib.get_close_matches(unknown[0], sorted(names), n=3)
-        raise BadInput(f"lowrank() got an unknown option {unknown[0]!r}"
-                       + (f"; did you mean {', '.join(close)}?" if close else
-                          f"; options: {', '.join(sorted(names))}"))
+    LowRankConfig.check_options(options, "lowrank", exclude={"device"})
     config = LowRankConfig(device=device, **options)
     return compress(model, config, evaluator=evaluator, example_input=example_input,
                     device=device).model

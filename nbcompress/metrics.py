@@ -395,8 +395,7 @@ def measure(model: nn.Module, example_input: Any = None, evaluator: Any = None, 
     return Metrics(params=params, nonzero_params=nonzero, dense_bytes=dbytes, packed_bytes=pbytes,
                    flops=flops, sparse_flops=sparse, latency_ms=lat, accuracy=acc,
                    dense_bytes_by_dtype=per_dtype, eval_extra=extra, layers=layers,
-                   device=str(dev), batch_size=batch,
-                   latency_mode=used_mode if lat is not None else latency_mode)
+                   device=str(dev), batch_size=batch, latency_mode=used_mode)
 
 
 def _layer_table(model: nn.Module, per_leaf: dict[str, int]) -> list[dict]:

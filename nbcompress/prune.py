@@ -1432,20 +1432,6 @@ def _context(model, config, *, evaluator=None, example_input=None, device=None, 
                        init_state=init_state)
 
 
-def _check_options(options: dict, fn: str, exclude: set = frozenset()) -> None:
-    """Unknown keyword options are one line naming the closest field, not a TypeError."""
-    import dataclasses
-    import difflib
-
-    names = sorted({f.name for f in dataclasses.fields(PruneConfig)} - set(exclude))
-    unknown = sorted(set(options) - set(names))
-    if unknown:
-        close = difflib.get_close_matches(unknown[0], names, n=3)
-        raise BadInput(f"{fn}() got an unknown option {unknown[0]!r}"
-                       + (f"; did you mean {', '.join(close)}?" if close else
-                          f"; options: {', '.join(names)}"))
-
-
 def prune(model: nn.Module, amount: float | None = None, *, evaluator: Any = None,
           example_input: Any = None, device: str | None = None, init_state: dict | None = None,
           progress: bool = False, **options) -> nn.Module:
@@ -1459,7 +1445,7 @@ def prune(model: nn.Module, amount: float | None = None, *, evaluator: Any = Non
     """
     if not isinstance(model, nn.Module):
         raise BadInput(f"expected a torch.nn.Module, got {type(model).__name__}")
-    _check_options(options, "prune", exclude={"amount"})
+    PruneConfig.check_options(options, "prune", exclude={"amount"})
     config = PruneConfig(amount=amount, **options)
     ctx = _context(model, config, evaluator=evaluator, example_input=example_input, device=device,
                    init_state=init_state, progress=progress)
@@ -1472,7 +1458,8 @@ def sensitivity(model: nn.Module, evaluator: Any, *, amounts=_DEFAULT_AMOUNTS,
     """Prune each layer alone at each of ``amounts``, evaluate; return the table (a DataFrame:
     layer, type, amount, accuracy, drop_points). The model is not changed. The figure is in
     ``table.attrs["figure"]`` (PNG bytes)."""
-    _check_options(options, "sensitivity", exclude={"sensitivity", "amounts", "structured"})
+    PruneConfig.check_options(options, "sensitivity",
+                              exclude={"sensitivity", "amounts", "structured"})
     try:
         amounts = tuple(amounts)
     except TypeError:
