@@ -920,9 +920,7 @@ def early_exit(model: nn.Module, loader: DataLoader | None = None, *, evaluator:
     ``epochs``, ``lr``, ``joint``, ``T``, ``alpha``, ``head_pool``, ``seed``). ``evaluator``: a
     loader for the threshold sweep kept in the step's result (see :func:`compress`).
     """
-    unknown = set(options) - set(EarlyExitConfig.__dataclass_fields__) - {"technique"}
-    if unknown:
-        raise BadInput(f"early_exit() got unknown option(s): {', '.join(sorted(unknown))}")
+    EarlyExitConfig.check_options(options, "early_exit", exclude={"data", "progress"})
     config = EarlyExitConfig(data=loader, progress=progress, **options)
     return compress(model, config, evaluator=evaluator, device=device).model
 
