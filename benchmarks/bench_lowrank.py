@@ -25,7 +25,6 @@ Writes ``benchmarks/results/lowrank.json``.
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import json
 import os
@@ -39,6 +38,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from nbcompress import compress, evaluate, measure  # noqa: E402
+from nbcompress.metrics import latency_model  # noqa: E402
 from nbcompress.data import lenet_300_100, mnist_loaders, reference_cnn, train_reference  # noqa: E402
 from nbcompress.lowrank import (LowRankConfig, separable_factorize_conv, svd_factorize_conv,  # noqa: E402
                                 svd_factorize_linear, tucker_factorize_conv, tucker_ranks_limit)
@@ -66,22 +66,6 @@ def latencies(models: dict, x: torch.Tensor, runs: int, warmup: int = 5) -> dict
                 wall[k].append((time.perf_counter() - w0) * 1e3)
     return {k: {"wall_ms": statistics.median(wall[k]), "cpu_ms": statistics.median(cpu[k])}
             for k in models}
-
-
-def deployed(model: torch.nn.Module, x: torch.Tensor):
-    """``model`` as PyTorch deploys a CNN for CPU inference: traced, frozen and passed through
-    ``torch.jit.optimize_for_inference`` (BatchNorm folded into the convs, conv + ReLU fused in
-    oneDNN). Checked to give the same outputs."""
-    import warnings
-
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        m = copy.deepcopy(model).eval()
-        t = torch.jit.optimize_for_inference(torch.jit.trace(m, x))
-        ref = m(x)
-        assert torch.allclose(t(x), ref, rtol=1e-3, atol=1e-4 * float(ref.abs().max())), \
-            "optimize_for_inference changed the outputs"
-    return t
 
 
 def layer_share(models: dict, names: list[str], x: torch.Tensor, runs: int) -> dict:
@@ -180,14 +164,13 @@ def bench_cnn(seed: int, epochs: int, runs: int, distill_epochs: int) -> dict:
     # PyTorch's default NCHW layout, then both models in channels_last (where the CPU kernels of
     # the unchanged stem, BatchNorm and max-pool are several times faster), then both deployed
     # (TorchScript optimize_for_inference: BatchNorm folded, conv + ReLU fused)
-    for fmt, suffix in (("nchw", ""), ("channels_last", "_cl"), ("deployed", "_dep")):
-        ms = {"original": model, **made}
-        xx = x64
-        if fmt == "channels_last":
-            ms = {k: copy.deepcopy(v).to(memory_format=torch.channels_last) for k, v in ms.items()}
-            xx = x64.contiguous(memory_format=torch.channels_last)
-        elif fmt == "deployed":
-            ms = {k: deployed(v, x64) for k, v in ms.items()}
+    # (each form made by nbcompress.metrics.latency_model, what `--latency MODE` times; deployed
+    # outputs are checked against eager there, and a fallback to eager would fail here)
+    for mode, suffix in (("eager", ""), ("channels_last", "_cl"), ("deployed", "_dep")):
+        ms = {}
+        for k, v in {"original": model, **made}.items():
+            ms[k], xx, used = latency_model(v, x64, mode)
+            assert used == mode, f"{k}: timed {used}, not {mode}"
         lat = latencies(ms, xx, runs)
         out[f"latency_ms_b64{suffix}"] = lat
         for name in variants:
