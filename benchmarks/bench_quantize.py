@@ -224,55 +224,40 @@ def part_int8(a, train, test) -> dict:
     log("\n== 1. int8 dynamic (torch.ao) vs fp32: size, latency at batch 64, accuracy")
     x = next(iter(test))[0][:64].contiguous()
     rows, res = [], {"lenet": [], "wide": None, "static_cnn": None}
+
+    def compare(label: str, seed: int, fp: nn.Module, q: nn.Module, key: str, peers: dict) -> dict:
+        """Size, latency (``q`` and the torchao ``peers`` each alternated with ``fp``) and
+        accuracy of one int8 model against its fp32 original; adds its table row."""
+        lat = speedups(fp, {key: q, **peers}, x, a.runs)
+        fp_ms, q_ms = lat.pop(key)
+        acc0, acc1 = evaluate(fp, test), evaluate(q, test)
+        r = {"size_ratio": size(fp) / size(q), "fp32_ms": fp_ms, "int8_ms": q_ms,
+             "speedup": fp_ms / q_ms, "torchao_speedups": {k: f / t for k, (f, t) in lat.items()},
+             "acc_fp32": acc0, "acc_int8": acc1, "drop_points": 100 * (acc0 - acc1)}
+        rows.append([label, seed, f"{r['size_ratio']:.2f}x", f"{fp_ms:.3f}", f"{q_ms:.3f}",
+                     f"{r['speedup']:.2f}x",
+                     " ".join(f"{v:.2f}x" for v in r["torchao_speedups"].values()) or "-",
+                     f"{100 * acc0:.1f}", f"{100 * acc1:.1f}"])
+        return r
+
     for seed in a.seeds:
         m = trained_lenet(seed, a.epochs, train)
         q = quantize(m, mode="dynamic")
-        lat = speedups(m, {"torch.ao int8 dyn": q, **torchao_variants(m)}, x, a.runs)
-        fp_ms, q_ms = lat.pop("torch.ao int8 dyn")
-        acc0, acc1 = evaluate(m, test), evaluate(q, test)
-        r = {"seed": seed, "size_ratio": size(m) / size(q),
-             "payload_ratio": payload(m) / payload(q),
-             "fp32_ms": fp_ms, "int8_ms": q_ms, "speedup": fp_ms / q_ms,
-             "torchao_speedups": {k: f / t for k, (f, t) in lat.items()},
-             "acc_fp32": acc0, "acc_int8": acc1, "drop_points": 100 * (acc0 - acc1)}
-        res["lenet"].append(r)
-        rows.append(["LeNet-300-100", seed, f"{r['size_ratio']:.2f}x", f"{r['fp32_ms']:.3f}",
-                     f"{r['int8_ms']:.3f}", f"{r['speedup']:.2f}x",
-                     " ".join(f"{v:.2f}x" for v in r["torchao_speedups"].values()) or "-",
-                     f"{100 * acc0:.1f}", f"{100 * acc1:.1f}"])
+        r = compare("LeNet-300-100", seed, m, q, "torch.ao int8 dyn", torchao_variants(m))
+        res["lenet"].append({"seed": seed, **r, "payload_ratio": payload(m) / payload(q)})
     wide = trained("wide_mlp", lambda: wide_mlp(0), train, a.wide_epochs, 0)
-    qw = quantize(wide, mode="dynamic")
-    lat = speedups(wide, {"torch.ao int8 dyn": qw, **torchao_variants(wide)}, x, a.runs)
-    fp_ms, q_ms = lat.pop("torch.ao int8 dyn")
-    acc0, acc1 = evaluate(wide, test), evaluate(qw, test)
-    res["wide"] = {"size_ratio": size(wide) / size(qw), "fp32_ms": fp_ms, "int8_ms": q_ms,
-                   "speedup": fp_ms / q_ms,
-                   "torchao_speedups": {k: f / t for k, (f, t) in lat.items()},
-                   "acc_fp32": acc0, "acc_int8": acc1, "drop_points": 100 * (acc0 - acc1)}
-    w = res["wide"]
-    rows.append(["MLP 1024-4096-1024", 0, f"{w['size_ratio']:.2f}x", f"{w['fp32_ms']:.3f}",
-                 f"{w['int8_ms']:.3f}", f"{w['speedup']:.2f}x",
-                 " ".join(f"{v:.2f}x" for v in w["torchao_speedups"].values()) or "-",
-                 f"{100 * acc0:.1f}", f"{100 * acc1:.1f}"])
+    res["wide"] = compare("MLP 1024-4096-1024", 0, wide, quantize(wide, mode="dynamic"),
+                          "torch.ao int8 dyn", torchao_variants(wide))
     # static int8 for the reference CNN
     cnn = trained("smallresnet", lambda: reference_cnn(seed=0), train, a.cnn_epochs, 0)
-    qc = quantize(cnn, mode="static", calib=train, per_channel=True)
-    lat = speedups(cnn, {"torch.ao int8 static": qc, **torchao_pt2e(cnn, train, x)}, x, a.runs)
-    fp_ms, q_ms = lat.pop("torch.ao int8 static")
-    acc0, acc1 = evaluate(cnn, test), evaluate(qc, test)
-    res["static_cnn"] = {"size_ratio": size(cnn) / size(qc), "fp32_ms": fp_ms, "int8_ms": q_ms,
-                         "speedup": fp_ms / q_ms,
-                         "torchao_speedups": {k: f / t for k, (f, t) in lat.items()},
-                         "acc_fp32": acc0, "acc_int8": acc1, "drop_points": 100 * (acc0 - acc1)}
-    s = res["static_cnn"]
-    rows.append(["SmallResNet (static)", 0, f"{s['size_ratio']:.2f}x", f"{s['fp32_ms']:.3f}",
-                 f"{s['int8_ms']:.3f}", f"{s['speedup']:.2f}x",
-                 " ".join(f"{v:.2f}x" for v in s["torchao_speedups"].values()) or "-",
-                 f"{100 * acc0:.1f}", f"{100 * acc1:.1f}"])
+    res["static_cnn"] = compare("SmallResNet (static)", 0, cnn,
+                                quantize(cnn, mode="static", calib=train, per_channel=True),
+                                "torch.ao int8 static", torchao_pt2e(cnn, train, x))
     table(["model", "seed", "smaller", "fp32 ms", "int8 ms", "faster",
            "torchao (dyn, w-only | pt2e)",
            "acc fp32", "acc int8"], rows)
     lenet_drop = statistics.mean(r["drop_points"] for r in res["lenet"])
+    w = res["wide"]
     res["summary"] = {
         "lenet_size_ratio_min": min(r["size_ratio"] for r in res["lenet"]),
         "lenet_speedup_min": min(r["speedup"] for r in res["lenet"]),
