@@ -75,3 +75,16 @@ def snapshot(model):
 def same_as_snapshot(model, snap) -> bool:
     s = model.state_dict()
     return s.keys() == snap.keys() and all(torch.equal(s[k], snap[k]) for k in s)
+
+
+class Unlabelled(torch.utils.data.Dataset):
+    """Yields bare tensors: the loader's batches are tensors, not (x, y) tuples."""
+
+    def __init__(self, x):
+        self.x = x
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i]

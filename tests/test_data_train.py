@@ -9,6 +9,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from nbcompress import data, train
 from nbcompress.core import BadInput
+from conftest import Unlabelled
 
 torch.set_num_threads(2)
 
@@ -21,19 +22,6 @@ def _small_mnist(n=512, batch_size=64, seed=0):
     tr = DataLoader(TensorDataset(x[:n], y[:n]), batch_size=batch_size, shuffle=True, generator=g)
     te = DataLoader(TensorDataset(xt[:200], yt[:200]), batch_size=100)
     return tr, te
-
-
-class _Unlabelled(torch.utils.data.Dataset):
-    """Yields bare tensors: the loader's batches are tensors, not tuples."""
-
-    def __init__(self, x):
-        self.x = x
-
-    def __len__(self):
-        return len(self.x)
-
-    def __getitem__(self, i):
-        return self.x[i]
 
 
 def _rows(x: torch.Tensor) -> set:
@@ -226,7 +214,7 @@ def test_evaluate_bad_input():
     m = data.lenet_300_100()
     x = data.mnist_arrays()[2][:10]
     with pytest.raises(BadInput, match="no labels"):
-        train.evaluate(m, DataLoader(_Unlabelled(x), batch_size=5))
+        train.evaluate(m, DataLoader(Unlabelled(x), batch_size=5))
     with pytest.raises(BadInput, match="DataLoader, got list"):
         train.evaluate(m, [(x, torch.zeros(10, dtype=torch.long))])
     with pytest.raises(BadInput, match="no samples"):
@@ -296,7 +284,7 @@ def test_evaluate_refuses_labels_the_model_cannot_score():
 def test_fit_with_loss_fn_on_unlabelled_batches():
     # distillation-like: match a fixed teacher's logits on bare-tensor batches
     x = data.mnist_arrays()[0][:256]
-    loader = DataLoader(_Unlabelled(x), batch_size=64, shuffle=False)
+    loader = DataLoader(Unlabelled(x), batch_size=64, shuffle=False)
     assert isinstance(next(iter(loader)), torch.Tensor)
     teacher = data.lenet_300_100(seed=1).eval()
     student = data.lenet_300_100(seed=2)

@@ -19,7 +19,7 @@ from nbcompress.metrics import packed_bytes
 from nbcompress.distill import (DistillConfig, MLPStudent, choose_bias_raise, demo_config, distill,
                                 distillation_loss, looks_like_probs, mlp_student, peek_batch,
                                 soft_target_loss, soft_target_loss_from_probs)
-from conftest import same_as_snapshot, snapshot
+from conftest import Unlabelled, same_as_snapshot, snapshot
 
 torch.set_num_threads(2)
 
@@ -38,17 +38,6 @@ def _loaders(n=1024, batch_size=64, seed=0, exclude=None):
     tr = DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=True, generator=g)
     te = DataLoader(TensorDataset(xt[:500], yt[:500]), batch_size=250)
     return tr, te
-
-
-class _Unlabelled(torch.utils.data.Dataset):
-    def __init__(self, x):
-        self.x = x
-
-    def __len__(self):
-        return len(self.x)
-
-    def __getitem__(self, i):
-        return self.x[i]
 
 
 class _Explodes(nn.Module):
@@ -219,7 +208,7 @@ def test_cached_teacher_outputs_give_the_same_training(teacher):
 def test_soft_only_on_unlabelled_data(teacher, small):
     _, te = small
     x, _, _, _ = mnist_arrays()
-    unl = DataLoader(_Unlabelled(x[:1024]), batch_size=64, shuffle=True,
+    unl = DataLoader(Unlabelled(x[:1024]), batch_size=64, shuffle=True,
                      generator=torch.Generator().manual_seed(0))
     out = distill(mlp_student(seed=0), teacher, unl, epochs=3, lr=3e-3, soft_only=True,
                   progress=False)
@@ -417,7 +406,7 @@ def ns(shell, teacher, small):
     shell.user_ns.update(student=mlp_student(seed=0), big=teacher, big2=copy.deepcopy(teacher),
                          train_loader=tr, test_loader=te, notamodel=3,
                          five=nn.Sequential(nn.Flatten(), nn.Linear(784, 5)),
-                         unlabelled=DataLoader(_Unlabelled(mnist_arrays()[0][:256]), batch_size=64),
+                         unlabelled=DataLoader(Unlabelled(mnist_arrays()[0][:256]), batch_size=64),
                          badlabels=DataLoader(TensorDataset(torch.rand(16, 1, 28, 28),
                                                             torch.full((16,), 50)), batch_size=8))
     return shell.user_ns
