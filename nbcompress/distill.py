@@ -24,6 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from .core import BadInput, CompressionResult, StepConfig, StepContext, compress, model_device, register_technique
+from .train import forward_batch
 
 __all__ = ["soft_target_loss", "soft_target_loss_from_probs", "distillation_loss", "looks_like_probs",
            "DistillConfig", "distill", "choose_bias_raise", "MLPStudent", "mlp_student",
@@ -486,7 +487,7 @@ class DistillConfig(StepConfig):
                     is_probs = len(teachers) > 1
                     t_feats = [t_store[t] for _, t in pairs]
                 with _capture(s_mods, [s for s, _ in pairs]) as s_store:
-                    s_logits = _scores(student(x) if not isinstance(x, dict) else student(**x))
+                    s_logits = _scores(forward_batch(student, x))
                 loss = distillation_loss(s_logits, teacher_sig, y if alpha < 1 else None, T,
                                          alpha, teacher_is_probs=is_probs)
                 if pairs:
@@ -846,7 +847,7 @@ def _describe_adapter(ad: nn.Module) -> str:
 def _teacher_signal(teachers: list[nn.Module], x: Any, T: float) -> torch.Tensor:
     """One teacher: its logits. Several: the mean of their ``softmax(logits / T)``."""
     with torch.no_grad():
-        outs = [_scores(t(**x) if isinstance(x, dict) else t(x)).float() for t in teachers]
+        outs = [_scores(forward_batch(t, x)).float() for t in teachers]
         if len(outs) == 1:
             return outs[0]
         return torch.stack([F.softmax(o / T, dim=1) for o in outs]).mean(0)

@@ -313,7 +313,7 @@ def recalibrate_batchnorm(model: nn.Module, loader, device=None, batches: int = 
     before any fine-tuning. Returns the number of batches used (0: no BatchNorm layer, or an
     empty loader, and nothing changed)."""
     from .core import model_device
-    from .train import split_batch, to_device
+    from .train import forward_batch, split_batch, to_device
 
     bns = [m for m in model.modules()
            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
@@ -336,10 +336,7 @@ def recalibrate_batchnorm(model: nn.Module, loader, device=None, batches: int = 
                     break
                 x, _ = split_batch(batch)
                 x = to_device(x, device)
-                if isinstance(x, dict):
-                    model(**x)
-                else:
-                    model(x)
+                forward_batch(model, x)
                 n += 1
     finally:
         for bn, (momentum, state) in saved.items():
