@@ -40,7 +40,8 @@ from torch.utils.data import DataLoader, TensorDataset
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from nbcompress import evaluate, fit, measure  # noqa: E402
+from _timing import alternated  # noqa: E402  (benchmarks/_timing.py: the one timing protocol)
+from nbcompress import fit, measure  # noqa: E402
 from nbcompress.data import mnist_arrays  # noqa: E402
 from nbcompress.earlyexit import (DEFAULT_THRESHOLD, early_exit, sequential_cnn,  # noqa: E402
                                   threshold_sweep)
@@ -75,19 +76,8 @@ def loaders(seed: int, n_val: int = 500):
 
 def timed(models: dict, inputs: list, runs: int) -> dict:
     """Median seconds to run every input through each model, the models alternated."""
-    times = {k: [] for k in models}
-    with torch.inference_mode():
-        for _ in range(3):
-            for m in models.values():
-                for x in inputs:
-                    m(x)
-        for _ in range(runs):
-            for k, m in models.items():
-                t0 = time.perf_counter()
-                for x in inputs:
-                    m(x)
-                times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
+    lat = alternated(models, inputs, runs=runs, warmup=3)
+    return {k: v["wall_ms"] / 1e3 for k, v in lat.items()}
 
 
 def run_seed(seed: int, epochs: int, runs: int) -> dict:

@@ -37,6 +37,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from _timing import alternated  # noqa: E402  (benchmarks/_timing.py: the one timing protocol)
 from nbcompress import compress, evaluate, measure  # noqa: E402
 from nbcompress.metrics import latency_model  # noqa: E402
 from nbcompress.data import lenet_300_100, mnist_loaders, reference_cnn, train_reference  # noqa: E402
@@ -44,28 +45,6 @@ from nbcompress.lowrank import (LowRankConfig, separable_factorize_conv, svd_fac
                                 svd_factorize_linear, tucker_factorize_conv, tucker_ranks_limit)
 
 CONV_LAYERS = "layer|down"      # the residual-stage convs: the stem (1 input channel) and the head stay
-
-
-def latencies(models: dict, x: torch.Tensor, runs: int, warmup: int = 5) -> dict:
-    """Per model: median wall-clock ms and median thread CPU ms per forward, the models alternated
-    run by run. CPU time (``time.thread_time``, one thread) leaves out the time the process waits
-    for a core, so it stays meaningful on a loaded machine where wall-clock medians do not."""
-    for m in models.values():
-        m.eval()
-    wall = {k: [] for k in models}
-    cpu = {k: [] for k in models}
-    with torch.inference_mode():
-        for _ in range(warmup):
-            for m in models.values():
-                m(x)
-        for _ in range(runs):
-            for k, m in models.items():
-                w0, c0 = time.perf_counter(), time.thread_time()
-                m(x)
-                cpu[k].append((time.thread_time() - c0) * 1e3)
-                wall[k].append((time.perf_counter() - w0) * 1e3)
-    return {k: {"wall_ms": statistics.median(wall[k]), "cpu_ms": statistics.median(cpu[k])}
-            for k in models}
 
 
 def layer_share(models: dict, names: list[str], x: torch.Tensor, runs: int) -> dict:
@@ -171,7 +150,7 @@ def bench_cnn(seed: int, epochs: int, runs: int, distill_epochs: int) -> dict:
         for k, v in {"original": model, **made}.items():
             ms[k], xx, used = latency_model(v, x64, mode)
             assert used == mode, f"{k}: timed {used}, not {mode}"
-        lat = latencies(ms, xx, runs)
+        lat = alternated(ms, xx, runs=runs)
         out[f"latency_ms_b64{suffix}"] = lat
         for name in variants:
             out[name][f"speedup_b64{suffix}"] = lat["original"]["wall_ms"] / lat[name]["wall_ms"]

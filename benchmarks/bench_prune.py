@@ -40,6 +40,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from _timing import alternated  # noqa: E402  (benchmarks/_timing.py: the one timing protocol)
 from nbcompress import compress, evaluate, measure  # noqa: E402
 from nbcompress.core import StepContext  # noqa: E402
 from nbcompress.data import lenet_300_100, mnist_loaders, reference_cnn, train_reference  # noqa: E402
@@ -75,25 +76,8 @@ def table(headers, rows):
 
 
 def latency_pair(models: dict, x: torch.Tensor, runs: int = 40, warmup: int = 5) -> dict:
-    """Median ms per forward of each model, measured alternately in one loop (1 thread)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        for m in models.values():
-            m.eval()
-        times = {k: [] for k in models}
-        with torch.inference_mode():
-            for _ in range(warmup):
-                for m in models.values():
-                    m(x)
-            for _ in range(runs):
-                for k, m in models.items():
-                    t0 = time.perf_counter()
-                    m(x)
-                    times[k].append((time.perf_counter() - t0) * 1e3)
-    finally:
-        torch.set_num_threads(threads)
-    return {k: statistics.median(v) for k, v in times.items()}
+    """Median wall-clock ms per forward of each model, alternated in one loop (1 thread)."""
+    return {k: v["wall_ms"] for k, v in alternated(models, x, runs=runs, warmup=warmup).items()}
 
 
 # ------------------------------------------------------------------------------ 1. structured

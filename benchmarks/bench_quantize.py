@@ -45,6 +45,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from _timing import alternated  # noqa: E402  (benchmarks/_timing.py: the one timing protocol)
 from nbcompress import evaluate, save  # noqa: E402
 from nbcompress.data import (lenet_300_100, mnist_loaders, reference_cnn,  # noqa: E402
                              train_reference)
@@ -89,29 +90,12 @@ def payload(model, huffman: bool = True) -> int:
 
 def latency(models: dict, x: torch.Tensor, runs: int, warmup: int = 5,
             min_seconds: float = 3.0, max_runs: int = 400) -> dict:
-    """Median ms per forward of each model, measured alternately in one loop (1 thread): at least
+    """Median wall-clock ms per forward of each model, alternated in one loop (1 thread): at least
     ``runs`` rounds, more (up to ``max_runs``) until ``min_seconds`` have passed, since short
     forwards on a busy machine need many samples for a stable median."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    times = {k: [] for k in models}
-    try:
-        with torch.inference_mode():
-            for m in models.values():
-                m.eval()
-                for _ in range(warmup):
-                    m(x)
-            start = time.perf_counter()
-            n = 0
-            while n < runs or (n < max_runs and time.perf_counter() - start < min_seconds):
-                for k, m in models.items():
-                    t0 = time.perf_counter()
-                    m(x)
-                    times[k].append(time.perf_counter() - t0)
-                n += 1
-    finally:
-        torch.set_num_threads(threads)
-    return {k: 1e3 * statistics.median(v) for k, v in times.items()}
+    lat = alternated(models, x, runs=runs, warmup=warmup, min_seconds=min_seconds,
+                     max_runs=max_runs)
+    return {k: v["wall_ms"] for k, v in lat.items()}
 
 
 def speedups(fp32: nn.Module, candidates: dict, x: torch.Tensor, runs: int) -> dict:
