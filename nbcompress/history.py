@@ -14,7 +14,6 @@ files a user hands us.
 """
 from __future__ import annotations
 
-import copy
 import os
 import shutil
 import tempfile

@@ -18,7 +18,7 @@ import time
 import warnings
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn

@@ -346,7 +346,7 @@ def test_quickstart_dashboard_in_jupyterlab(jupyterlab):
             page.evaluate(_JS_HELPERS)
             page.wait_for_function("() => nbc.kernelStatus() === 'idle'", timeout=120_000)
             assert page.evaluate("nbc.cells().length") == len(nb["cells"])
-            assert page.evaluate(f"nbc.index('%undo model')") == undo_at
+            assert page.evaluate("nbc.index('%undo model')") == undo_at
 
             # start from a blank page: no stored output can pass for a fresh one
             page.evaluate("() => { window.jupyterapp.commands.execute("

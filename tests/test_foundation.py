@@ -2,7 +2,6 @@
 spill to disk, strict mode, and bad input through a real InteractiveShell."""
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import pandas as pd
@@ -16,7 +15,7 @@ from torch import nn
 import nbcompress
 from nbcompress import BadInput, CompressionResult, History, NBCompressError, StepConfig, measure
 from nbcompress.magics.base import NBMagics, step_options, user_errors
-from conftest import same_as_snapshot, snapshot, state_equal
+from conftest import same_as_snapshot, snapshot
 
 LENET_PARAMS = 784 * 300 + 300 + 300 * 100 + 100 + 100 * 10 + 10
 LENET_FLOPS = 2 * (784 * 300 + 300 * 100 + 100 * 10)
