@@ -28,7 +28,7 @@ from .core import BadInput, model_device
 from .train import forward_batch as _forward
 
 
-@dataclass
+@dataclass(repr=False)
 class Metrics:
     params: int
     nonzero_params: int
@@ -49,6 +49,46 @@ class Metrics:
     @property
     def sparsity(self) -> float:
         return 1.0 - self.nonzero_params / self.params if self.params else 0.0
+
+    def __repr__(self) -> str:
+        """A few lines with the numbers that matter (``dataclasses.asdict`` has them all; the
+        per-layer rows are in ``.layers``)."""
+        from .report.format import (format_accuracy, format_bytes, format_count, format_flops,
+                                    format_ms, format_number)
+
+        head = f"Metrics on {self.device}" + (f", batch {self.batch_size}" if self.batch_size else "")
+        lines = [head + ":",
+                 f"  params    {format_count(self.params)} ({format_count(self.nonzero_params)} "
+                 f"nonzero: {100 * self.sparsity:.2f}% sparse)"]
+        by = ", ".join(f"{k} {format_bytes(v)}" for k, v in
+                       sorted(self.dense_bytes_by_dtype.items(), key=lambda kv: -kv[1]))
+        lines.append(f"  dense     {format_bytes(self.dense_bytes)} in memory"
+                     + (f" ({by})" if len(self.dense_bytes_by_dtype) > 1 else ""))
+        lines.append(f"  packed    {format_bytes(self.packed_bytes)} (what nbcompress.save writes)"
+                     if self.packed_bytes else "  packed    not measured")
+        if self.flops is None:
+            lines.append("  FLOPs     not counted (no example input)")
+        else:
+            lines.append(f"  FLOPs     {format_flops(self.flops)} a forward; "
+                         f"{format_flops(self.sparse_flops)} sparse (zero weights skipped)")
+        if self.latency_ms is None:
+            lines.append("  latency   not measured")
+        else:
+            lines.append(f"  latency   {format_ms(self.latency_ms)} a forward (median, "
+                         f"{self.latency_mode})")
+        if self.accuracy is None:
+            lines.append("  accuracy  not measured (no evaluator)")
+        else:
+            lines.append(f"  accuracy  {format_accuracy(self.accuracy)}")
+        if self.eval_extra:
+            items = [f"{k} {format_number(v)}" for k, v in self.eval_extra.items()]
+            more = len(items) - 4
+            lines.append("  eval      " + ", ".join(items[:4])
+                         + (f", ... {more} more (see .eval_extra)" if more > 0 else ""))
+        n = len(self.layers)
+        if n:
+            lines.append(f"  layers    {n} with weights (see .layers)")
+        return "\n".join(lines)
 
     def as_row(self) -> dict:
         d = asdict(self)
