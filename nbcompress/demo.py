@@ -29,24 +29,17 @@ def demo_pipelines(train_loader, test_loader):
             "model_arch": [steps["lowrank"], steps["earlyexit"]]}
 
 
-def format_table(df) -> str:
-    from .report import format_bytes, format_count, format_flops
+DEMO_COLUMNS = ("version", "technique", "args", "params", "nonzero_params", "packed_bytes",
+                "flops", "sparse_flops", "latency_ms", "accuracy", "size_ratio")
 
-    cols = []
-    for _, r in df.iterrows():
-        cols.append([
-            str(r["version"]), str(r["technique"]), str(r["args"])[:38],
-            format_count(r["params"]), format_count(r["nonzero_params"]),
-            format_bytes(r["packed_bytes"]), format_flops(r["flops"]),
-            "-" if r["accuracy"] is None or r["accuracy"] != r["accuracy"] else f"{100 * r['accuracy']:.2f}%",
-            "-" if r.get("size_ratio") is None or r["size_ratio"] != r["size_ratio"] else f"{r['size_ratio']:.1f}x",
-        ])
-    head = ["v", "technique", "args", "params", "nonzero", "packed", "FLOPs", "accuracy", "smaller"]
-    widths = [max(len(h), *(len(c[i]) for c in cols)) for i, h in enumerate(head)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(head, widths)),
-             "  ".join("-" * w for w in widths)]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in cols]
-    return "\n".join(lines)
+
+def format_table(df, timings: bool = True) -> str:
+    """The history as the demo prints it (see :func:`nbcompress.report.tables.history_text`):
+    plain-English headers, long args wrapped between ``key=value`` tokens (never cut inside a
+    value), latency included unless ``timings=False``."""
+    from .report.tables import history_text
+
+    return history_text(df, columns=DEMO_COLUMNS, timings=timings)
 
 
 def run(epochs: int = 20, seed: int = 0, progress: bool = False) -> dict:

@@ -79,6 +79,7 @@ def _report(**kw):
 @pytest.fixture(autouse=True)
 def _plain_display(monkeypatch):
     monkeypatch.delenv("NBCOMPRESS_DISPLAY", raising=False)
+    monkeypatch.delenv("NBCOMPRESS_TEXT_TIMINGS", raising=False)
 
 
 # ----------------------------------------------------------------------------- formatting
@@ -196,7 +197,9 @@ def test_html_escapes():
 def test_mimebundle_plain_process():
     bundle = _report()._repr_mimebundle_()
     assert set(bundle) == {"text/plain", "text/html"}
-    assert bundle["text/plain"] == repr(_report())
+    # outside a kernel (a terminal) the text view ends with the timings; repr never has them
+    assert bundle["text/plain"] == _report().text(timings=True) == str(_report())
+    assert bundle["text/plain"].startswith(repr(_report()) + "\n\ntimings")
     assert step_mod.WIDGET_MIME not in bundle
     only = _report()._repr_mimebundle_(include={"text/plain"})
     assert set(only) == {"text/plain"}
@@ -216,13 +219,14 @@ def test_mimebundle_adds_widget_in_a_kernel(monkeypatch):
     view = bundle[step_mod.WIDGET_MIME]
     assert view["model_id"]
     assert "text/plain" in bundle and "text/html" in bundle
+    assert bundle["text/plain"] == repr(_report())   # in a kernel: what nbval compares
 
 
 def test_mimebundle_never_fails(monkeypatch):
     r = _report()
     monkeypatch.setattr(StepReport, "_repr_html_", lambda self: 1 / 0)
     bundle = r._repr_mimebundle_()
-    assert bundle["text/plain"] == repr(r)
+    assert bundle["text/plain"] == str(r)
 
 
 # -------------------------------------------------------------------------------- widgets
@@ -278,7 +282,8 @@ def test_history_view_and_html():
     hv = HistoryView(df, name="model")
     text = repr(hv)
     assert "latency" not in text and "time" not in text and "12:00" not in text
-    assert "amount=0.9" in text and "packed_bytes" in text
+    assert "amount=0.9" in text and "packed" in text and "1.07 MB" in text
+    assert "_" not in text        # plain-English headers, no field names like packed_bytes
     html = hv._repr_html_()
     assert IMG in html and "nbc-history" in html and 'data-current="1"' in html
     assert IMG in history_html(df, history_plot_png(df))

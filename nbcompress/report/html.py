@@ -13,7 +13,7 @@ from html import escape
 from typing import Any
 
 from .format import MISSING, _is_missing, format_bytes, format_number
-from .tables import MetricRow, bar_key, format_layer_value
+from .tables import MetricRow, bar_key, format_column
 
 FONT = ("-apple-system,BlinkMacSystemFont,'Segoe UI',Roboto,'Helvetica Neue',Arial,sans-serif")
 MONO = "ui-monospace,SFMono-Regular,Menlo,Consolas,'Liberation Mono',monospace"
@@ -259,11 +259,13 @@ def layers_html(cols: list[str], rows: list[dict], limit: int = 80) -> str:
         f'<th style="{TH}{"" if c in ("layer", "name", "type", "kind", "dtype") else NUM}">'
         f"{escape(str(c))}</th>" for c in cols)
     body = []
-    for row in rows[:limit]:
+    shown = rows[:limit]
+    texts = {c: format_column(c, [r.get(c) for r in shown]) for c in cols}
+    for i, row in enumerate(shown):
         cells = []
         for c in cols:
             v = row.get(c)
-            text = escape(format_layer_value(c, v))
+            text = escape(texts[c][i])
             numeric = isinstance(v, (int, float)) and not isinstance(v, bool)
             style = TD + (NUM if numeric else "")
             if c in ("layer", "name"):
@@ -321,13 +323,14 @@ def dataframe_html(df: Any, max_rows: int = 60) -> str:
     head += "".join(f'<th style="{TH}{NUM if _numeric(df[c]) else ""}">{escape(str(c))}</th>'
                     for c in df.columns)
     body = []
-    for idx, row in shown.iterrows():
+    texts = {c: format_column(str(c), shown[c].tolist()) for c in df.columns}
+    for i, (idx, row) in enumerate(shown.iterrows()):
         cells = f'<td style="{TD}">{escape(str(idx))}</td>' if show_index else ""
         for c in df.columns:
             v = row[c]
             numeric = _numeric(df[c])
             cells += (f'<td style="{TD}{NUM if numeric else ""}">'
-                      f"{escape(format_layer_value(str(c), v) if numeric else ('' if _is_missing(v) else str(v)))}</td>")
+                      f"{escape(texts[c][i] if numeric else ('' if _is_missing(v) else str(v)))}</td>")
         body.append(f'<tr style="{TR}">{cells}</tr>')
     more = ""
     if len(df) > max_rows:
@@ -373,7 +376,8 @@ def history_table_html(df: Any) -> str:
                    for k, label in cols)
     head += "".join(f'<th style="{TH}">{escape(str(c))}</th>' for c in others)
     body = []
-    for _, row in df.iterrows():
+    other_texts = {c: format_column(str(c), df[c].tolist()) for c in others}
+    for i, (_, row) in enumerate(df.iterrows()):
         cur = bool(row.get("current", False)) if "current" in df.columns else False
         rstyle = "background:#fff8c5;" if cur else TR
         cells = ""
@@ -392,8 +396,7 @@ def history_table_html(df: Any) -> str:
                 style += "font-weight:600;"
             cells += f'<td style="{style}">{escape(text)}</td>'
         for c in others:
-            v = row[c]
-            cells += f'<td style="{TD}">{escape(format_layer_value(str(c), v))}</td>'
+            cells += f'<td style="{TD}">{escape(other_texts[c][i])}</td>'
         mark = ' data-current="1"' if cur else ""
         body.append(f'<tr style="{rstyle}"{mark}>{cells}</tr>')
     return (f'<table class="nbc-history" style="{TABLE}"><thead><tr style="{TR}">{head}</tr></thead>'

@@ -8,8 +8,8 @@ from typing import Any
 from . import html as H
 from .format import _is_missing
 from .plots import history_plot_png, layers_plot_png
-from .tables import (bar_key, is_timing_key, layer_rows, layers_text, metric_rows,
-                     metrics_table, text_table)
+from .tables import (bar_key, dataframe_text, history_text, is_timing_key, layer_rows,
+                     layers_text, metric_rows, metrics_table, plural, text_table)
 
 WIDGET_MIME = "application/vnd.jupyter.widget-view+json"
 
@@ -20,6 +20,19 @@ def display_mode() -> str:
     tests, since nbval compares ``text/html`` too and the HTML shows timings)."""
     mode = os.environ.get("NBCOMPRESS_DISPLAY", "auto").strip().lower()
     return mode if mode in ("auto", "html", "text") else "auto"
+
+
+def text_timings() -> bool:
+    """Whether the text view of a report (``str()``, the terminal display) ends with its timings
+    section. ``NBCOMPRESS_TEXT_TIMINGS=1`` / ``0`` decides; unset: yes, except inside a Jupyter
+    kernel, where the text/plain output is what notebook tests (nbval) compare and the HTML and
+    widget views show the timings. ``repr()`` never has them."""
+    v = os.environ.get("NBCOMPRESS_TEXT_TIMINGS", "").strip().lower()
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("0", "false", "no", "off"):
+        return False
+    return not kernel_has_comms()
 
 
 def kernel_has_comms() -> bool:
@@ -166,28 +179,20 @@ class StepReport:
     # -------------------------------------------------------------------------------- text
 
     def __repr__(self) -> str:
-        return self.text()
+        return self.text(timings=False)
 
     def __str__(self) -> str:
         return self.text()
 
-    def text(self) -> str:
-        """Plain text, deterministic: headline, metrics (no latency), per-layer detail, notes."""
+    def text(self, timings: bool | None = None) -> str:
+        """Plain text: headline, metrics, per-layer detail, notes and the step's tables, all
+        deterministic; then, when ``timings`` (default: :func:`text_timings`), a separate
+        section with the latency before -> after and how it was timed. ``repr()`` is
+        ``text(timings=False)``: what notebook tests compare."""
         out = [self.headline, ""]
         cols, rows = metric_rows(self.before if self.has_before else None, self.after,
                                  self.extra_models, latency=False)
-        main = [c for c in cols if c in ("before", "after", "value")]
-        extras = [c for c in cols if c not in main]
-        headers = ["metric"] + main + (["change"] if self.has_before else []) + extras
-        body = []
-        for r in rows:
-            line = [r.spec.label] + [r.texts[c] for c in main]
-            if self.has_before:
-                line.append(r.change.text if r.change else "")
-            line += [r.texts[c] for c in extras]
-            body.append(line)
-        right = set(range(1, 1 + len(main))) | {headers.index(e) for e in extras}
-        out.append(text_table(headers, body, right, indent="  "))
+        out.append(self._metrics_text(cols, rows))
         if _is_missing(getattr(self.after, "accuracy", None)):
             out.append("  (accuracy not measured: give an evaluator with --eval)")
 
@@ -201,11 +206,49 @@ class StepReport:
         if notes:
             out += ["", "notes:"] + [f"  - {n}" for n in notes]
         tables = getattr(self.result, "tables", None) or {}
-        if tables:
-            names = ", ".join(f"{k} ({len(v)} rows)" if hasattr(v, "__len__") else str(k)
-                              for k, v in tables.items())
-            out += ["", f"tables: {names}"]
+        for tname, df in tables.items():
+            n = len(df) if hasattr(df, "__len__") else 0
+            out += ["", f"{str(tname).replace('_', ' ')} ({plural(n, 'row')}; "
+                        f"report.result.tables[{str(tname)!r}]):", dataframe_text(df)]
+        if timings is None:
+            timings = text_timings()
+        if timings:
+            out += self._timings_text()
         return "\n".join(out)
+
+    def _metrics_text(self, cols: list[str], rows: list, labels: dict | None = None) -> str:
+        main = [c for c in cols if c in ("before", "after", "value")]
+        extras = [c for c in cols if c not in main]
+        headers = ["metric"] + main + (["change"] if self.has_before else []) + extras
+        body = []
+        for r in rows:
+            line = [(labels or {}).get(r.spec.key, r.spec.label)] + [r.texts[c] for c in main]
+            if self.has_before:
+                line.append(r.change.text if r.change else "")
+            line += [r.texts[c] for c in extras]
+            body.append(line)
+        right = set(range(1, 1 + len(main))) | {headers.index(e) for e in extras}
+        return text_table(headers, body, right, indent="  ")
+
+    def _timings_text(self) -> list[str]:
+        """The latency rows (before -> after, change) and how they were timed, as a section of
+        its own: these numbers change from run to run."""
+        cols, rows = metric_rows(self.before if self.has_before else None, self.after,
+                                 self.extra_models, latency=True)
+        rows = [r for r in rows if not r.spec.deterministic]
+        if not rows:
+            return []
+        models = ([self.before] if self.has_before else []) + [self.after]
+        modes = [str(getattr(m, "latency_mode", "eager") or "eager") for m in models]
+        how = modes[-1] if len(set(modes)) == 1 else " before, ".join(modes) + " after"
+        where = [f"on {self.after.device}"] if getattr(self.after, "device", None) else []
+        bs = getattr(self.after, "batch_size", None)
+        if bs:
+            where.append(f"batch {bs}")
+        return ["", "timings (they change from run to run: repr() and notebook text leave "
+                    "them out):", self._metrics_text(cols, rows, {"latency_ms": "latency"}),
+                f"  latency: median of timed forwards after warm-up; mode {how}"
+                + (f", {', '.join(where)}" if where else "")]
 
     # -------------------------------------------------------------------------------- html
 
@@ -351,7 +394,7 @@ class StepReport:
 
     def _safe_text(self) -> str:
         try:
-            return self.text()
+            return self.text()      # with timings only outside a Jupyter kernel (text_timings)
         except Exception as e:  # noqa: BLE001
             return f"{self.technique} {self.name} (report could not be formatted: {type(e).__name__})"
 
@@ -408,9 +451,11 @@ class HistoryView:
         return self._png
 
     def __repr__(self) -> str:
+        """The deterministic columns (no latency) with plain-English headers, numbers
+        formatted, long args wrapped; ``.df`` has the raw numbers."""
         if self.df is None or len(self.df) == 0:
             return "(no history)"
-        return deterministic_history(self.df).to_string()
+        return history_text(self.df)
 
     def _repr_html_(self) -> str | None:
         if display_mode() == "text":

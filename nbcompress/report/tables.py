@@ -223,20 +223,96 @@ def is_timing_key(key: str) -> bool:
     return any(w in k for w in _TIMING_WORDS) or k == "ms"
 
 
-_PCT_WORDS = ("sparsity", "density", "energy", "kept", "pruned", "fraction")
+_PCT_WORDS = ("sparsity", "density", "energy", "kept", "pruned", "fraction", "share", "left")
 
 
 def format_layer_value(key: str, v: Any) -> str:
+    """One value of a table column on its own (prefer :func:`format_column`, which gives a whole
+    column one format)."""
+    return format_column(key, [v])[0]
+
+
+# Metrics and history fields in plain English (a step's own per-layer and table columns keep
+# their keys: they are what ``report.layers_table()`` and ``result.tables`` are indexed by)
+_LABELS = {"nonzero_params": "nonzero params", "dense_bytes": "dense bytes",
+           "packed_bytes": "packed bytes", "flops": "FLOPs", "sparse_flops": "sparse FLOPs",
+           "latency_ms": "latency", "size_ratio": "smaller", "accuracy_delta": "accuracy change",
+           "dense_bytes_by_dtype": "dense bytes by dtype", "eval_extra": "other eval numbers",
+           "batch_size": "batch size", "latency_mode": "latency mode"}
+
+
+def column_label(key: Any) -> str:
+    """A column name for the text view: a :class:`~nbcompress.metrics.Metrics` field in plain
+    English (``nonzero_params`` -> ``nonzero params``, ``sparse_flops`` -> ``sparse FLOPs``);
+    any other column keeps its key."""
+    return _LABELS.get(str(key), str(key))
+
+
+def _is_number(v: Any) -> bool:
+    if isinstance(v, bool) or _is_missing(v):
+        return False
+    if isinstance(v, (int, float)):
+        return True
+    try:
+        import numpy as np
+
+        return isinstance(v, np.number) and not isinstance(v, np.bool_)
+    except ImportError:  # pragma: no cover
+        return False
+
+
+def _percent_kind(k: str) -> str | None:
+    """"accuracy" (2 decimals, fraction or already percent), "fraction" (1 decimal) or None."""
+    if "accuracy" in k and not any(w in k for w in ("drop", "delta", "change", "points", "pts")):
+        return "accuracy"
+    if any(w in k for w in _PCT_WORDS):
+        return "fraction"
+    return None
+
+
+def format_column(key: Any, values: list) -> list[str]:
+    """A table column formatted one way for every row: a column of fractions reads ``53.6%`` in
+    every row (never ``53.6%`` in one and ``0.9778`` in the next), byte and FLOP counts in their
+    units, other floats with the same number of decimals, missing values blank."""
     k = str(key).lower()
-    if _is_missing(v):
-        return ""
-    if isinstance(v, float) and any(w in k for w in _PCT_WORDS) and -1e-9 <= v <= 1 + 1e-9:
-        return format_pct(v, 1)
-    if "bytes" in k and isinstance(v, (int, float)) and not isinstance(v, bool):
-        return format_bytes(v)
-    if "flops" in k and isinstance(v, (int, float)) and not isinstance(v, bool):
-        return format_flops(v)
-    return format_number(v)
+    nums = [float(v) for v in values if _is_number(v)]
+    if not nums:
+        return ["" if _is_missing(v) else format_number(v) for v in values]
+
+    def each(fmt):
+        return [fmt(float(v)) if _is_number(v) else ("" if _is_missing(v) else format_number(v))
+                for v in values]
+
+    relative = any(w in k for w in ("fraction", "share", "ratio", "density"))
+    if "bytes" in k and not relative:
+        return each(format_bytes)
+    if "flops" in k and not relative:
+        return each(format_flops)
+    if is_timing_key(k) and ("ms" in k.split("_") or "latency" in k):
+        return each(format_ms)
+    kind = _percent_kind(k)
+    if not any(isinstance(v, float) or type(v).__name__.startswith("float")
+               for v in values if _is_number(v)):
+        kind = None                        # counts (kept: 23,550), not fractions
+    if kind == "accuracy":
+        scale = accuracy_scale(*nums)
+        return each(lambda v: f"{v * scale:.2f}%")
+    if kind == "fraction" and all(-1e-9 <= v <= 1 + 1e-9 for v in nums):
+        return each(lambda v: f"{100 * v:.1f}%")
+    if all(float(v).is_integer() and abs(v) < 1e15 for v in nums):
+        return each(lambda v: f"{int(v):,}")
+    big = max(abs(v) for v in nums)
+    if big >= 1e6 or 0 < big < 1e-3:
+        return each(lambda v: f"{v:.3e}")
+    digits = 4 - (len(str(int(big))) if big >= 1 else 0)
+    if big < 1:   # 4 significant digits of the largest value: 0.1995, 0.004406
+        import math
+
+        digits = 3 - math.floor(math.log10(big)) if big > 0 else 4
+    digits = max(0, min(digits, 6))
+    while digits > 1 and all(f"{v:.{digits}f}".endswith("0") for v in nums):
+        digits -= 1                        # same decimals in every row, no needless zeros
+    return each(lambda v: f"{v:.{digits}f}")
 
 
 def layer_rows(result: Any = None, after: Any = None) -> tuple[list[str], list[dict], str]:
@@ -303,9 +379,115 @@ def _looks_numeric(texts: list[str]) -> bool:
 def layers_text(cols: list[str], rows: list[dict], limit: int = 40) -> str:
     cols = [c for c in cols if not is_timing_key(c)]
     shown = rows[:limit]
-    body = [[format_layer_value(c, r.get(c)) for c in cols] for r in shown]
+    columns = [format_column(c, [r.get(c) for r in shown]) for c in cols]
+    body = [[col[i] for col in columns] for i in range(len(shown))]
     right = {i for i, c in enumerate(cols) if _looks_numeric([b[i] for b in body])}
-    out = text_table([str(c) for c in cols], body, right, indent="  ")
+    out = text_table([column_label(c) for c in cols], body, right, indent="  ")
     if len(rows) > limit:
         out += f"\n  ... {len(rows) - limit} more layers"
     return out
+
+
+def plural(n: int, word: str, many: str | None = None) -> str:
+    """``"1 row"``, ``"3 rows"``."""
+    return f"{n:,} {word if n == 1 else (many or word + 's')}"
+
+
+def dataframe_text(df: Any, limit: int = 12, indent: str = "  ") -> str:
+    """A small DataFrame (a step's extra table) as fixed-width text: plain-English headers, one
+    number format per column, columns that change from run to run (times) left out, at most
+    ``limit`` rows."""
+    if not isinstance(df, pd.DataFrame):
+        return indent + str(df)
+    cols = [c for c in df.columns if not is_timing_key(c)]
+    shown = df.head(limit)
+    columns = [format_column(c, shown[c].tolist()) for c in cols]
+    index = None
+    if not isinstance(df.index, pd.RangeIndex):
+        index = [str(i) for i in shown.index]
+    body = [([index[i]] if index else []) + [col[i] for col in columns] for i in range(len(shown))]
+    headers = ([str(df.index.name or "")] if index else []) + [column_label(c) for c in cols]
+    off = 1 if index else 0
+    right = {i + off for i in range(len(cols)) if _looks_numeric([b[i + off] for b in body])}
+    out = text_table(headers, body, right, indent=indent)
+    if len(df) > limit:
+        out += f"\n{indent}... {plural(len(df) - limit, 'more row')}"
+    return out
+
+
+# --------------------------------------------------------------------------------- history
+
+def wrap_args(text: str, width: int = 38) -> list[str]:
+    """``args`` of a step split into lines of at most ``width`` characters between ``key=value``
+    tokens, free text between words (a value is never cut: a token longer than ``width`` keeps
+    a line of its own)."""
+    import re
+
+    text = " ".join(str(text or "").split())
+    if len(text) <= width:
+        return [text]
+    import textwrap
+
+    tokens = []
+    for tok in re.split(r"\s+(?=[A-Za-z_][\w.\-]*=)", text):
+        # free text (no key=value): split between words, never inside one
+        tokens += textwrap.wrap(tok, width, break_long_words=False, break_on_hyphens=False) or [tok]
+    lines: list[str] = []
+    for tok in tokens:
+        if lines and len(lines[-1]) + 1 + len(tok) <= width:
+            lines[-1] += " " + tok
+        else:
+            lines.append(tok)
+    return lines
+
+
+# (column, label, formatter kind) of the history text table, in order
+HISTORY_TEXT_COLS = (("version", "v"), ("technique", "technique"), ("args", "args"),
+                     ("params", "params"), ("nonzero_params", "nonzero"),
+                     ("dense_bytes", "dense"), ("packed_bytes", "packed"), ("flops", "FLOPs"),
+                     ("sparse_flops", "sparse FLOPs"), ("latency_ms", "latency"),
+                     ("accuracy", "accuracy"), ("size_ratio", "smaller"))
+
+
+def history_text(df: Any, *, columns: tuple[str, ...] | None = None, timings: bool = False,
+                 args_width: int = 38, indent: str = "") -> str:
+    """The history DataFrame as fixed-width text: plain-English headers, every number formatted,
+    long ``args`` wrapped between ``key=value`` tokens, the current version marked. ``columns``:
+    the keys to show (default all that have a value); ``timings``: include latency (left out by
+    default: it changes from run to run)."""
+    if df is None or len(df) == 0:
+        return indent + "(no history)"
+    keys = [k for k, _ in HISTORY_TEXT_COLS if k in df.columns
+            and (columns is None or k in columns)
+            and (timings or not is_timing_key(k))
+            and (k == "version" or not df[k].isna().all())]
+    labels = dict(HISTORY_TEXT_COLS)
+    texts: dict[str, list[str]] = {}
+    for k in keys:
+        vals = df[k].tolist()
+        if k == "accuracy":
+            scale = accuracy_scale(*vals)
+            texts[k] = [format_accuracy(v, scale) for v in vals]
+        elif k == "size_ratio":
+            texts[k] = [MISSING if _is_missing(v) else f"{float(v):.1f}×" for v in vals]
+        elif k in ("technique", "args", "version"):
+            texts[k] = ["" if _is_missing(v) else str(v) for v in vals]
+        else:
+            texts[k] = [MISSING if not _is_number(v) else c
+                        for v, c in zip(vals, format_column(k, vals))]
+    current = df["current"].tolist() if "current" in df.columns else [False] * len(df)
+    body = []
+    for i in range(len(df)):
+        arg_lines = wrap_args(texts["args"][i], args_width) if "args" in texts else [""]
+        first = [texts[k][i] if k != "args" else arg_lines[0] for k in keys]
+        if bool(current[i]) and "current" in df.columns:
+            first.append("← current")
+        body.append(first)
+        for more in arg_lines[1:]:
+            body.append([more if k == "args" else "" for k in keys])
+    headers = [labels[k] for k in keys]
+    if any(len(r) > len(keys) for r in body):
+        headers.append("")
+        body = [r + [""] * (len(headers) - len(r)) for r in body]
+    right = {i for i, k in enumerate(keys) if k not in ("technique", "args")}
+    return text_table(headers, body, right, indent=indent)
