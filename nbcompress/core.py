@@ -27,6 +27,16 @@ class BadInput(NBCompressError, ValueError):
     user; the magics show it as a ``UsageError`` (no traceback), and the model is never changed."""
 
 
+class EvaluatorError(BadInput):
+    """The evaluator cannot be used: wrong signature, or it returned something that is not a
+    number or a dict with an accuracy. (An exception raised *inside* a user's evaluator is theirs
+    and keeps its own type and traceback.)"""
+
+
+class ExampleInputError(BadInput):
+    """The model cannot run on the example input (wrong shape or type for this model)."""
+
+
 @dataclass
 class StepContext:
     """Where and how a step runs. Built by :func:`compress` / ``History.apply``."""

@@ -11,7 +11,9 @@ reports the FLOPs it actually spent on the evaluator's data through ``nbc_flops`
 from __future__ import annotations
 
 import copy
+import inspect
 import io
+import numbers
 import re
 import statistics
 import time
@@ -24,7 +26,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .core import BadInput, model_device
+from .core import BadInput, EvaluatorError, ExampleInputError, model_device
 from .train import forward_batch as _forward
 
 
@@ -441,16 +443,48 @@ def is_loader(obj: Any) -> bool:
     return isinstance(obj, torch.utils.data.DataLoader)
 
 
+# keys an evaluator's dict may give its accuracy under (Hugging Face's Trainer prefixes "eval_")
+ACCURACY_KEYS = ("accuracy", "acc", "top1", "top1_accuracy", "eval_accuracy", "eval_acc")
+
+
+def evaluator_label(obj: Any) -> str:
+    return getattr(obj, "__name__", None) or type(obj).__name__
+
+
 def check_evaluator(obj: Any, what: str = "--eval") -> None:
-    if obj is None or is_loader(obj) or callable(obj):
+    """A DataLoader, or a callable that can be called as ``f(model)``; else :class:`BadInput`
+    (:class:`EvaluatorError` for a callable with the wrong signature), before any call."""
+    if obj is None or is_loader(obj):
         return
-    raise BadInput(f"{what} must be a DataLoader or a callable f(model) -> float | dict, "
-                   f"got {type(obj).__name__}")
+    if not callable(obj):
+        raise BadInput(f"{what} must be a DataLoader or a callable f(model) -> float | dict, "
+                       f"got {type(obj).__name__}")
+    try:
+        sig = inspect.signature(obj)
+    except (TypeError, ValueError):      # some builtins have none: checked when called
+        return
+    try:
+        sig.bind(object())
+    except TypeError:
+        raise EvaluatorError(f"evaluator {evaluator_label(obj)}{sig} cannot be called as "
+                             f"f(model): an evaluator takes the model as its only argument "
+                             f"(wrap it: lambda m: {evaluator_label(obj)}(m, ...))") from None
+
+
+def _number(v: Any) -> float | None:
+    if isinstance(v, torch.Tensor) and v.numel() == 1:
+        v = v.item()
+    if isinstance(v, bool):
+        return None
+    return float(v) if isinstance(v, numbers.Real) else None
 
 
 def run_evaluator(model: nn.Module, evaluator: Any, device=None) -> tuple[float | None, dict]:
-    """(accuracy, other numbers). A DataLoader gives top-1 accuracy; a callable may return a float
-    (taken as accuracy) or a dict (its 'accuracy' key, if any, is the accuracy)."""
+    """(accuracy, other numbers). A DataLoader gives top-1 accuracy; a callable returns a number
+    (the accuracy) or a dict of numbers with the accuracy under one of :data:`ACCURACY_KEYS`.
+    Anything else is an :class:`EvaluatorError` naming the evaluator and what it returned; an
+    exception raised inside the user's evaluator propagates as it is (their code, their
+    traceback)."""
     if evaluator is None:
         return None, {}
     check_evaluator(evaluator)
@@ -459,13 +493,31 @@ def run_evaluator(model: nn.Module, evaluator: Any, device=None) -> tuple[float 
 
         return float(evaluate(model, evaluator, device=device, progress=False)), {}
     out = evaluator(model)
+    name = evaluator_label(evaluator)
+    shown = repr(out)
+    shown = shown if len(shown) <= 60 else shown[:57] + "..."
     if isinstance(out, dict):
-        rest = {k: v for k, v in out.items() if k != "accuracy"}
-        acc = out.get("accuracy")
-        return (float(acc) if acc is not None else None), rest
-    if isinstance(out, torch.Tensor):
-        out = out.item()
-    return float(out), {}
+        values, bad = {}, []
+        for k, v in out.items():
+            x = _number(v)
+            if x is None:
+                bad.append(k)
+            else:
+                values[str(k)] = x
+        key = next((k for k in ACCURACY_KEYS if k in values), None)
+        if bad or key is None:
+            why = (f"its value for {bad[0]!r} is not a number" if bad else
+                   f"it has no accuracy key ({', '.join(ACCURACY_KEYS[:3])}, ...)")
+            raise EvaluatorError(f"evaluator {name} returned {shown}: {why}; an evaluator returns "
+                                 f"a number or a dict of numbers with an 'accuracy' key")
+        acc = values.pop(key)
+        return acc, values
+    acc = _number(out)
+    if acc is None:
+        raise EvaluatorError(f"evaluator {name} returned {shown} ({type(out).__name__}); an "
+                             f"evaluator returns a number (the accuracy) or a dict of numbers with "
+                             f"an 'accuracy' key")
+    return acc, {}
 
 
 def example_from(obj: Any) -> torch.Tensor | None:
@@ -533,7 +585,7 @@ def measure(model: nn.Module, example_input: Any = None, evaluator: Any = None, 
             try:
                 flops, sparse, per_leaf = count_flops(model, x)
             except Exception as e:  # noqa: BLE001 - an op the counter cannot trace: say so, keep going
-                raise BadInput(f"could not run the model on the example input "
+                raise ExampleInputError(f"could not run the model on the example input "
                                f"(shape {tuple(x.shape) if isinstance(x, torch.Tensor) else '?'}): "
                                f"{type(e).__name__}: {str(e).splitlines()[0]}") from None
             dynamic = dynamic_flops(model, x, evaluator)

@@ -171,11 +171,13 @@ def test_magic_history_threshold_step_and_undo(shell, trained_lenet, mnist):
     assert "threshold=0.999" in df["args"].iloc[2]
 
     shell.run_line_magic("undo", "model")
-    assert shell.user_ns["model"] is ee and ee.threshold == 0.9
+    back = shell.user_ns["model"]
+    assert back is not ee and back.threshold == 0.9 and state_equal(back, ee)
     shell.run_line_magic("undo", "model")
-    assert shell.user_ns["model"] is trained_lenet
+    assert state_equal(shell.user_ns["model"], trained_lenet)
     shell.run_line_magic("redo", "model 2")
-    assert shell.user_ns["model"] is ee2
+    again = shell.user_ns["model"]
+    assert again.threshold == ee2.threshold and state_equal(again, ee2)
 
 
 # ------------------------------------------------------------------------- structures, options

@@ -15,7 +15,7 @@ from torch import nn
 import nbcompress
 from nbcompress import BadInput, CompressionResult, History, NBCompressError, StepConfig, measure
 from nbcompress.magics.base import NBMagics, step_options, user_errors
-from conftest import same_as_snapshot, snapshot
+from conftest import same_as_snapshot, snapshot, state_equal
 
 LENET_PARAMS = 784 * 300 + 300 + 300 * 100 + 100 + 100 * 10 + 10
 LENET_FLOPS = 2 * (784 * 300 + 300 * 100 + 100 * 10)
@@ -127,7 +127,8 @@ def test_history_undo_redo_bit_identical(trained_lenet, mnist):
     h.apply(ZeroSmallest(fraction=0.8))
     assert len(h) == 3 and h.pos == 2
     h.undo(2)
-    assert h.current is trained_lenet and same_as_snapshot(h.current, snap)
+    # a fresh copy of the record, bit-identical; never the object the history keeps
+    assert h.current is not trained_lenet and same_as_snapshot(h.current, snap)
     h.redo()
     assert same_as_snapshot(h.current, pruned_snap)
     # a new step after undo drops the redo branch
@@ -155,36 +156,37 @@ def test_interrupted_step_leaves_model_untouched(trained_lenet, explode):
 
 
 def test_spill_to_disk_and_back_is_exact(trained_lenet):
-    h = History(trained_lenet, device_budget_bytes=0, host_budget_bytes=0, measure_latency=False)
+    h = History(trained_lenet, host_budget_bytes=0, measure_latency=False)
     snaps = [snapshot(trained_lenet)]
     for f in (0.3, 0.6, 0.9):
         h.apply(ZeroSmallest(fraction=f), progress=False)
         snaps.append(snapshot(h.current))
-    assert [v.where for v in h.versions] == ["disk", "disk", "disk", "live"]
-    assert all(v.model is None for v in h.versions[:3])
+    assert [v.where for v in h.versions] == ["disk"] * 4     # every record, the current last
+    assert all(v.record is None for v in h.versions)
     for i in (2, 1, 0):
         h.undo()
         assert same_as_snapshot(h.current, snaps[i])
-        assert h.current_version.where == "live"
     h.redo(3)
     assert same_as_snapshot(h.current, snaps[3])
     h.close()
 
 
-def test_user_retraining_between_steps_is_remeasured(trained_lenet, mnist):
+def test_user_retraining_between_steps_is_a_new_version(trained_lenet, mnist):
     h = History(trained_lenet, evaluator=mnist[1], measure_latency=False)
     m0 = h.metrics_of(h.current_version)
     with torch.no_grad():
         trained_lenet.fc3.weight.zero_()
+    assert h.metrics_of(h.versions[0]) is m0         # the record did not change with the model
+    assert h.sync() and len(h) == 2 and h.current_version.technique == "edited"
     m1 = h.metrics_of(h.current_version)
     assert m1 is not m0 and m1.accuracy < m0.accuracy
+    assert not h.sync()                               # nothing new: no second version
 
 
 def test_configure_same_evaluator_keeps_metrics_and_version_model(trained_lenet, mnist):
     """Giving the same --eval again (every magic line may) does not throw away the measured
     versions; a different evaluator does. version_model(k) reaches spilled versions too."""
-    h = History(trained_lenet, evaluator=mnist[1], measure_latency=False,
-                device_budget_bytes=0, host_budget_bytes=0)
+    h = History(trained_lenet, evaluator=mnist[1], measure_latency=False, host_budget_bytes=0)
     h.apply(ZeroSmallest(fraction=0.5), progress=False)
     m0 = h.metrics_of(h.versions[0])
     h.configure(evaluator=mnist[1])
@@ -212,7 +214,7 @@ def test_magic_step_undo_redo_and_history(tshell, trained_lenet, mnist):
     assert r.after.nonzero_params < 0.55 * LENET_PARAMS
     assert same_as_snapshot(trained_lenet, snap)
     r = tshell.run_line_magic("undo", "model")
-    assert ns["model"] is trained_lenet and same_as_snapshot(ns["model"], snap)
+    assert ns["model"] is not trained_lenet and same_as_snapshot(ns["model"], snap)
     assert r.kind == "undo"
     tshell.run_line_magic("redo", "model")
     assert ns["model"] is not trained_lenet
@@ -234,7 +236,7 @@ def test_magic_dotted_name_rebinds_attribute(tshell, trained_lenet):
     tshell.run_line_magic("zero_smallest", "holder.net 0.5 --no-progress")
     assert holder.net is not trained_lenet
     tshell.run_line_magic("undo", "holder.net")
-    assert holder.net is trained_lenet
+    assert holder.net is not trained_lenet and state_equal(holder.net, trained_lenet)
 
 
 def test_magic_interrupt_keeps_binding(tshell, trained_lenet):

@@ -115,7 +115,7 @@ def test_magic_latency_option_shows_in_the_dashboard(shell, mnist):
     assert "batch 16, deployed" in html
     assert "deployed" not in repr(step)          # the text form stays free of timing details
     shell.run_line_magic("undo", "model")
-    assert shell.user_ns["model"] is net
+    assert shell.user_ns["model"] is not net and same_as_snapshot(shell.user_ns["model"], snap)
 
 
 def test_latency_of_different_modes_is_not_compared(mnist, trained_lenet):

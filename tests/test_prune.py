@@ -16,7 +16,7 @@ from IPython.core.error import UsageError
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from conftest import same_as_snapshot, snapshot
+from conftest import same_as_snapshot, snapshot, state_equal
 from nbcompress import BadInput, History, NBCompressError, compress, measure
 from nbcompress.core import StepContext
 from nbcompress.data import lenet5, reference_cnn
@@ -433,9 +433,10 @@ def test_magic_prune_undo_and_report(shell, trained_lenet, mnist):
     text = repr(r)
     assert "prune model" in text and "fc1" in text
     shell.run_line_magic("undo", "model")
-    assert ns["model"] is trained_lenet
+    undone = ns["model"]
+    assert undone is not trained_lenet and state_equal(undone, trained_lenet)
     s = shell.run_line_magic("prune", "model --sensitivity --amounts 0.5 --no-progress")
-    assert ns["model"] is trained_lenet and len(shell._nbcompress_workspace.get("model")) == 2
+    assert ns["model"] is undone and len(shell._nbcompress_workspace.get("model")) == 2
     assert "sensitivity" in s.result.tables and "sensitivity" in s.result.figures
 
 
@@ -454,7 +455,10 @@ def test_magic_structured_and_lottery_with_remember_init(shell, mnist, mid_loade
     assert "random re-init" in r.extra_models and "lottery ticket" in repr(r)
     # the ticket was rewound to the weights recorded by --remember-init, then trained one epoch:
     # its survivors are closer to those than to the trained dense weights
-    trained = shell._nbcompress_workspace.get("net").versions[0].model
+    # training in place after --remember-init is recorded as its own version, "edited"
+    h = shell._nbcompress_workspace.get("net")
+    assert [v.technique for v in h.versions] == ["baseline", "edited", "prune"]
+    trained = h.versions[1].record
     keep = t.fc1.weight != 0
     d_init = (t.fc1.weight[keep] - init["fc1.weight"][keep]).abs().mean()
     d_dense = (t.fc1.weight[keep] - trained.fc1.weight[keep]).abs().mean()
@@ -633,7 +637,7 @@ def test_history_and_demo_config(trained_lenet, mnist, mid_loader):
                                                                         trained_lenet)[0], abs=1e-4)
     assert rep.after.accuracy > rep.before.accuracy - 0.02
     h.undo()
-    assert h.current is trained_lenet
+    assert h.current is not trained_lenet and state_equal(h.current, trained_lenet)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -6,10 +6,12 @@ return the report (IPython displays it; ``r = %prune m 0.5`` keeps it).
 """
 from __future__ import annotations
 
+import difflib
 import functools
 import os
 import re
 import shlex
+from contextlib import contextmanager
 from typing import Any
 
 from IPython.core.error import UsageError
@@ -33,7 +35,13 @@ def strict() -> bool:
 def user_errors(fn):
     """Show argument mistakes and unsupported input as one line: a plain ``UsageError`` (IPython
     prints no traceback for it; not a subclass, see ipython#14024), or in strict mode an
-    ordinary :class:`NBCompressError`."""
+    ordinary :class:`NBCompressError`.
+
+    Options are never abbreviated: argparse would run ``--structure`` as ``--structured``, a
+    different step than the one typed. An unknown option is refused with the closest real ones."""
+    parser = getattr(fn, "parser", None)
+    if parser is not None:
+        parser.allow_abbrev = False
 
     @functools.wraps(fn)
     def wrapper(self, line="", local_ns=None):
@@ -41,11 +49,30 @@ def user_errors(fn):
             return fn(self, line, local_ns)
         except (BadInput, UsageError) as e:
             msg = str(e)
+            if parser is not None and isinstance(e, UsageError):
+                msg = _suggest_options(msg, parser)
             if strict():
                 raise NBCompressError(msg) from None
             raise UsageError(msg) from None
 
     return wrapper
+
+
+def _suggest_options(msg: str, parser) -> str:
+    """argparse's "unrecognized arguments: --structure" with "did you mean --structured?"."""
+    prefix = "unrecognized arguments: "
+    if not msg.startswith(prefix):
+        return msg
+    flags = sorted(o for o in parser._option_string_actions if o.startswith("--"))
+    unknown = [a for a in msg[len(prefix):].split() if a.startswith("-")]
+    if not unknown:
+        return msg
+    bad = unknown[0].split("=", 1)[0]
+    close = [f for f in flags if f.startswith(bad)] or difflib.get_close_matches(bad, flags, n=3)
+    hint = (f"did you mean {' or '.join(close)}?" if close else
+            f"%{parser.prog}? lists every option")
+    what = "unknown option" if len(unknown) == 1 else "unknown options"
+    return f"{what} {', '.join(unknown)}: {hint} (options are never abbreviated)"
 
 
 def step_options(fn):
@@ -118,11 +145,13 @@ class NBMagics(Magics):
         if name is None:
             return None
         obj = self.lookup(name, local_ns, "--eval")
+        if not (is_loader(obj) or callable(obj)):
+            raise BadInput(f"--eval {name} is a {type(obj).__name__}: give a DataLoader or a "
+                           f"callable f(model) -> float | dict")
         try:
             check_evaluator(obj)
-        except BadInput:
-            raise BadInput(f"--eval {name} is a {type(obj).__name__}: give a DataLoader or a "
-                           f"callable f(model) -> float | dict") from None
+        except BadInput as e:
+            raise type(e)(f"--eval {name}: {e}") from None
         return obj
 
     def rebind(self, name: str, obj: Any, local_ns=None) -> None:
@@ -136,31 +165,36 @@ class NBMagics(Magics):
         setattr(parent, rest[-1], obj)
 
     # ---------------------------------------------------------------- histories
-    def history(self, name: str, local_ns=None, *, eval_obj=None, example_input=None,
-                device=None, latency_mode=None) -> History:
+    @contextmanager
+    def transaction(self, name: str, local_ns=None, *, eval_obj=None, eval_name=None,
+                    example_input=None, input_shape=None, device=None, latency_mode=None):
+        """The history of the model named ``name`` (made on first use) with this command's
+        settings, inside one transaction: if the block fails, the settings, versions and (for a
+        new name) the history itself are as they were; nothing of the failed command remains."""
         model = self.lookup_model(name, local_ns)
-        h = self.workspace.ensure(name, model)
-        h.configure(evaluator=eval_obj, example_input=example_input, device=device,
-                    latency_mode=latency_mode)
-        return h
+        sources = {"evaluator": f"--eval {eval_name}", "example_input": f"--input-shape {input_shape}",
+                   "device": f"--device {device}", "latency_mode": f"--latency {latency_mode}"}
+        with self.workspace.transaction(name, model) as h:
+            h.configure(evaluator=eval_obj, example_input=example_input, device=device,
+                        latency_mode=latency_mode, sources=sources)
+            yield h
 
     def existing_history(self, name: str, local_ns=None) -> History:
         h = self.workspace.get(name)
         if h is None:
             self.lookup_model(name, local_ns)   # a clearer message when the name is wrong
             raise BadInput(f"{name} has no history yet: compress it (or %nbcompress {name}) first")
-        model = self.lookup(name, local_ns)
-        h.observe(model)
         return h
 
     def run_step(self, name: str, config: StepConfig, args, local_ns=None, magic: str = ""):
         """Apply ``config`` to the model named ``name`` as one undoable step; rebind the name only
-        when the step completed."""
-        h = self.history(name, local_ns, eval_obj=self.lookup_evaluator(args.eval_obj, local_ns),
-                         device=args.device)
-        report = h.apply(config, progress=not args.no_progress, magic=magic,
-                         device=args.device)
-        self.rebind(name, h.current, local_ns)
+        when the step completed (settings given on the line are kept only then, too)."""
+        evaluator = self.lookup_evaluator(args.eval_obj, local_ns)
+        with self.transaction(name, local_ns, eval_obj=evaluator, eval_name=args.eval_obj,
+                              device=args.device) as h:
+            report = h.apply(config, progress=not args.no_progress, magic=magic,
+                             device=args.device)
+            self.rebind(name, h.current, local_ns)
         return report
 
 

@@ -56,12 +56,13 @@ class CoreMagics(NBMagics):
 
         if args.latency is not None:
             check_latency_mode(args.latency)
-        h = self.history(args.name, local_ns, eval_obj=evaluator,
-                         example_input=torch.randn(*shape) if shape else None, device=args.device,
-                         latency_mode=args.latency)
-        if args.remember_init:
-            h.remember_init()
-        return h.measure_report()
+        with self.transaction(args.name, local_ns, eval_obj=evaluator, eval_name=args.eval_obj,
+                              example_input=torch.randn(*shape) if shape else None,
+                              input_shape=args.input_shape, device=args.device,
+                              latency_mode=args.latency) as h:
+            if args.remember_init:
+                h.remember_init()
+            return h.measure_report()
 
     @line_magic
     @needs_local_scope
@@ -88,9 +89,10 @@ class CoreMagics(NBMagics):
     def _walk(self, args, direction: str, local_ns):
         """%undo / %redo: move the history N steps and rebind the name to that version."""
         n = _steps(args.steps, direction)
-        h = self.existing_history(args.name, local_ns)
-        report = getattr(h, direction)(n)
-        self.rebind(args.name, h.current, local_ns)
+        self.existing_history(args.name, local_ns)
+        with self.transaction(args.name, local_ns) as h:
+            report = getattr(h, direction)(n)
+            self.rebind(args.name, h.current, local_ns)
         return report
 
     @line_magic
@@ -104,8 +106,9 @@ class CoreMagics(NBMagics):
         """The name's versions as a pandas DataFrame (row 0 the baseline, then one row a step),
         with a size-vs-accuracy plot."""
         args = parse_argstring(self.compress_history, line)
-        h = self.existing_history(args.name, local_ns)
-        df = h.table()
+        self.existing_history(args.name, local_ns)
+        with self.transaction(args.name, local_ns) as h:
+            df = h.table()
         if not args.no_plot:
             from IPython.display import Image, display
 
