@@ -4,11 +4,17 @@ run under nbval, see scripts/test.sh).
 Every notebook in ``notebooks/``: valid nbformat 4, kernelspec ``python3``, first cell
 ``%load_ext nbcompress``, no stored errors, a gallery line in the README. The suite runs them
 strictly, with a per-cell timeout. The quickstart runs one step of each magic; the homework
-asserts its own targets, so nbval fails when they are missed.
+asserts its own targets, so nbval fails when they are missed. The root conftest.py gives nbval a
+wait for cell output that a busy machine meets and fails any notebook cell that did not run
+(skipped, or xfailed after an earlier cell timed out); the last tests run it on tiny notebooks.
 """
 from __future__ import annotations
 
+import os
 import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -79,6 +85,11 @@ def test_notebook_suite_runs_every_notebook_strictly_with_a_cell_timeout():
         "each notebook cell needs a timeout of at most 600 s"
     assert re.search(r"NBCOMPRESS_STRICT=1", script), "notebooks must run with NBCOMPRESS_STRICT=1"
     assert re.search(r"NBCOMPRESS_DISPLAY=text", script)
+    startup = [w for w in words if w.startswith("--nbval-kernel-startup-timeout=")]
+    output = [w for w in words if w.startswith("--nbval-output-timeout=")]
+    assert startup and float(startup[0].split("=")[1]) >= 60, "a busy machine starts kernels slowly"
+    assert output and float(output[0].split("=")[1]) >= 60, \
+        "nbval's own 5 s wait for cell output is too short under load (root conftest.py)"
     paths = {w.rstrip("/") for w in words}
     missing = [p.name for p in NOTEBOOKS if "notebooks" not in paths
                and f"notebooks/{p.name}" not in paths]
@@ -126,3 +137,55 @@ def test_homework_asserts_budget_and_accuracy_with_all_four_magics():
         "the closing cell ranks every version of the histories"
     md = " ".join(c.source for c in nb.cells if c.cell_type == "markdown").lower()
     assert "your turn" in md
+
+
+def _run_nbval(tmp_path: Path, cells: list[str], *extra: str, unit_test: str = ""):
+    """Run pytest + nbval, with scripts/test.sh's --nbval flags and the root conftest.py, on a
+    notebook of ``cells`` (and a ``test_unit.py`` of ``unit_test``) in ``tmp_path``."""
+    from nbformat.v4 import new_code_cell, new_notebook
+
+    shutil.copy(ROOT / "conftest.py", tmp_path / "conftest.py")
+    (tmp_path / "pytest.ini").write_text("[pytest]\n")  # rootdir here, not the project's
+    nb = new_notebook(cells=[new_code_cell(c) for c in cells],
+                      metadata={"kernelspec": {"name": "python3", "display_name": "Python 3",
+                                               "language": "python"}})
+    nbformat.write(nb, str(tmp_path / "tiny.ipynb"))
+    args = ["tiny.ipynb"]
+    if unit_test:
+        (tmp_path / "test_unit.py").write_text(unit_test)
+        args.append("test_unit.py")
+    flags = [w for w in _test_command()[1] if w.startswith("--nbval")]
+    overridden = {e.split("=")[0] for e in extra}
+    flags = [w for w in flags if w.split("=")[0] not in overridden] + list(extra)
+    env = {k: v for k, v in os.environ.items() if k != "PYTEST_ADDOPTS"}
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rA", "-p", "no:cacheprovider",
+                           *args, *flags], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def test_a_notebook_cell_that_did_not_run_fails_the_run(tmp_path):
+    # cell 1 is skipped by its marker; cell 2 kills the kernel, so nbval times it out, stops the
+    # kernel and marks cell 3 xfail ("Kernel dead on test start") - the homework's failure mode.
+    rc, out = _run_nbval(tmp_path, ["x = 1", "# NBVAL_SKIP\nprint(x)", "import os\nos._exit(1)",
+                                    "print(x)"],
+                         "--nbval-cell-timeout=2", "--nbval-output-timeout=1")
+    assert rc == 1, out
+    assert re.search(r"^3 failed, 1 passed in ", out, flags=re.M), out
+    assert "xfail" not in out.splitlines()[-1] and "skipped" not in out.splitlines()[-1], out
+    assert "PASSED tiny.ipynb::Cell 0" in out
+    for cell in (1, 2, 3):
+        assert f"FAILED tiny.ipynb::Cell {cell}" in out, out
+    assert "tiny.ipynb::Cell 1 did not run: nbval skipped" in out, out
+    assert "tiny.ipynb::Cell 3 did not run: nbval xfailed" in out, out
+    assert "Kernel dead on test start" in out, out
+    assert "Failed to interrupt kernel in 1 seconds" in out, \
+        "--nbval-output-timeout does not reach nbval's output wait"
+
+
+def test_a_clean_notebook_passes_and_unit_test_skips_stay_skips(tmp_path):
+    unit = "import pytest\n\ndef test_cuda_only():\n    pytest.skip('needs CUDA')\n"
+    rc, out = _run_nbval(tmp_path, ["x = 1", "print(x + 1)"], unit_test=unit)
+    assert rc == 0, out
+    assert re.search(r"^2 passed, 1 skipped in ", out, flags=re.M), out
+    assert "SKIPPED [1] test_unit.py" in out and "needs CUDA" in out, out
