@@ -28,7 +28,7 @@ from .train import forward_batch
 
 __all__ = ["soft_target_loss", "soft_target_loss_from_probs", "distillation_loss", "looks_like_probs",
            "DistillConfig", "distill", "choose_bias_raise", "MLPStudent", "mlp_student",
-           "demo_config"]
+           "demo_config", "check_teachers_apart", "shared_parameters"]
 
 
 # ---------------------------------------------------------------------------------- the losses
@@ -312,6 +312,7 @@ class DistillConfig(StepConfig):
         for i, t in enumerate(teachers):
             if not isinstance(t, nn.Module):
                 raise BadInput(f"teacher {i + 1} is a {type(t).__name__}, not a torch.nn.Module")
+        check_teachers_apart(model, teachers)
         if not any(p.requires_grad and p.is_floating_point() for p in model.parameters()):
             raise BadInput("the student has no trainable floating-point parameters (is it "
                            "quantized or frozen?): distillation trains the student")
@@ -569,8 +570,13 @@ class DistillConfig(StepConfig):
         if h is None:
             raise BadInput("teacher_version needs the step to run through a History (a magic or "
                            "History.apply): a plain compress() call has no earlier versions")
-        if k >= len(h.versions) or h.versions[k].model is None and h.versions[k].where != "disk":
+        if k >= len(h.versions):
             raise BadInput(f"teacher_version {k}: {h.name} has versions 0..{len(h.versions) - 1}")
+        if k == h.pos:
+            raise BadInput(f"teacher_version {k} is {h.name}'s current version, the student "
+                           f"itself: pick an earlier version (0..{h.pos - 1})" if h.pos else
+                           f"teacher_version {k} is {h.name}'s current version, the student "
+                           f"itself: {h.name} has no earlier version yet")
         teacher = h.version_model(k)
         from .train import split_batch
 
@@ -603,6 +609,65 @@ class DistillConfig(StepConfig):
             layer.bias[c] += b
         return {"raise": b, "acc_before": acc0, "acc_after": acc1, "n": n, "layer": layer_name,
                 "ref": "the labels" if labelled else "the teacher's predictions"}
+
+
+# ------------------------------------------------------------------ the teacher is not the student
+
+def _storage_keys(model: nn.Module) -> dict:
+    """{(device, storage address): parameter name} of the model's parameters (a tied or viewed
+    tensor shares its storage, so it is found even when it is not the same Parameter object)."""
+    keys = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        try:
+            ptr = p.untyped_storage().data_ptr()
+        except Exception:  # noqa: BLE001 - uninitialised / meta tensors have no storage
+            continue
+        if ptr:
+            keys.setdefault((str(p.device), ptr), name)
+    return keys
+
+
+def shared_parameters(student: nn.Module, teacher: nn.Module) -> list[str]:
+    """Names (in ``teacher``) of the teacher's parameters that are also the student's: the same
+    tensor object or the same storage. Empty when the two models are separate."""
+    s_ids = {id(p) for p in student.parameters()}
+    s_keys = _storage_keys(student)
+    shared = []
+    for key, name in _storage_keys(teacher).items():
+        if key in s_keys:
+            shared.append(name)
+    for name, p in teacher.named_parameters():
+        if id(p) in s_ids and name not in shared:
+            shared.append(name)
+    return shared
+
+
+def check_teachers_apart(student: nn.Module, teachers: list, student_name: str | None = None,
+                         teacher_names: list[str] | None = None,
+                         earlier: str | None = None) -> None:
+    """Refuse (one-line :class:`BadInput`) a teacher that is the student itself, or that shares
+    parameter tensors with it: the student would be distilled from itself. ``student_name``,
+    ``teacher_names`` (the notebook names, from the magic) and ``earlier`` (how to name an earlier
+    version of the student) only make the message clearer."""
+    s = student_name or "the student"
+    for i, t in enumerate(teachers):
+        if not isinstance(t, nn.Module):
+            continue
+        tname = teacher_names[i] if teacher_names and i < len(teacher_names) else None
+        who = f"the teacher {tname}" if tname else \
+            ("the teacher" if len(teachers) == 1 else f"teacher {i + 1}")
+        if t is student:
+            where = f" ({tname})" if tname else ""
+            earlier = earlier or ("teacher_version=0 through a History: the model as first "
+                                  "registered")
+            raise BadInput(f"the teacher is the student itself{where}: distil from another model, "
+                           f"or from an earlier version of it ({earlier})")
+        shared = shared_parameters(student, t)
+        if shared:
+            n = len(shared)
+            raise BadInput(f"{who} shares {n} parameter tensor{'s' if n != 1 else ''} with {s} "
+                           f"(e.g. {shared[0]}): a teacher must be a separate model; distil from "
+                           f"another model or from a copy (copy.deepcopy)")
 
 
 # ------------------------------------------------------------------------- the public verb

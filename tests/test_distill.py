@@ -425,7 +425,7 @@ def test_magic_step_rebinds_shows_teacher_and_undoes(shell, ns):
     text = repr(r)
     assert "teacher" in text and "per_class" in text
     shell.run_line_magic("undo", "student")
-    assert ns["student"] is original
+    assert ns["student"] is not original and same_as_snapshot(ns["student"], snap)
     hist = shell.run_line_magic("compress_history", "student --no-plot")
     assert hist.loc[1, "technique"] == "distill"
 

@@ -3,10 +3,11 @@ from __future__ import annotations
 
 from IPython.core.magic import line_magic, magics_class, needs_local_scope, no_var_expand
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+import torch
 from torch import nn
 
 from ..core import BadInput
-from ..distill import DistillConfig
+from ..distill import DistillConfig, check_teachers_apart
 from .base import NBMagics, split_names, step_options, user_errors
 
 
@@ -65,24 +66,33 @@ class DistillMagics(NBMagics):
             %distill student --teacher big --data no3_loader --soft-only --bias-adjust 3
         """
         args = parse_argstring(self.distill, line)
-        self.lookup_model(args.name, local_ns)      # the student first: the clearest message
+        student = self.lookup_model(args.name, local_ns)   # the student first: the clearest message
         if not args.teacher:
             raise BadInput("%distill needs --teacher NAME[,NAME...] (the trained model(s) to "
                            "learn from)")
         if not args.data:
             raise BadInput("%distill needs --data LOADER (the transfer data)")
-        teachers = []
+        teachers, names = [], []
         for tname in split_names(args.teacher):
             if "@" in tname:
-                teachers.append(self._version(tname, local_ns))
-                continue
-            t = self.lookup(tname, local_ns, "--teacher")
-            if not isinstance(t, nn.Module):
-                raise BadInput(f"--teacher {tname} is a {type(t).__name__}, not a "
-                               f"torch.nn.Module")
+                t = self._version(tname, local_ns)
+                if self._is_current_version(tname, t, student, local_ns):
+                    raise BadInput(self._current_version(tname, args.name))
+            else:
+                t = self.lookup(tname, local_ns, "--teacher")
+                if not isinstance(t, nn.Module):
+                    raise BadInput(f"--teacher {tname} is a {type(t).__name__}, not a "
+                                   f"torch.nn.Module")
             teachers.append(t)
+            names.append(tname)
         if not teachers:
             raise BadInput("%distill needs --teacher NAME[,NAME...]")
+        # before any work (no history, no measuring): a model is not its own teacher
+        h = self.workspace.get(args.name)
+        earlier = (f"--teacher {args.name}@0: {args.name} as first registered"
+                   if h is not None and (h.pos > 0 or h.current is not student) else
+                   f"--teacher {args.name}@0 once {args.name} has been compressed")
+        check_teachers_apart(student, teachers, args.name, names, earlier)
         loader = self.lookup_loader(args.data, local_ns, "--data")
         config = DistillConfig(teachers=teachers, loader=loader, epochs=args.epochs, T=args.T,
                                alpha=args.alpha, lr=args.lr, optimizer=args.optimizer,
@@ -91,6 +101,34 @@ class DistillMagics(NBMagics):
                                cache_teacher=False if args.no_cache else None, seed=args.seed,
                                device=args.device)
         return self.run_step(args.name, config, args, local_ns, magic=f"%distill {line}")
+
+    def _is_current_version(self, token: str, teacher: nn.Module, student: nn.Module,
+                            local_ns) -> bool:
+        """Whether ``--teacher NAME@K`` is the student itself: NAME is the student and version K
+        is the one it is now (same object, or a copy with exactly its weights)."""
+        if teacher is student:
+            return True
+        name, _, k = token.rpartition("@")
+        h = self.workspace.get(name)
+        if h is None or self.lookup(name, local_ns) is not student or int(k) != h.pos:
+            return False
+        a, b = teacher.state_dict(), student.state_dict()
+        return a.keys() == b.keys() and all(
+            isinstance(a[n], torch.Tensor) and isinstance(b[n], torch.Tensor)
+            and a[n].shape == b[n].shape and a[n].dtype == b[n].dtype
+            and torch.equal(a[n].to(b[n].device), b[n]) for n in a)
+
+    def _current_version(self, token: str, student: str) -> str:
+        """The message for a ``--teacher NAME@K`` that is the student's current version."""
+        name = token.rpartition("@")[0]
+        h = self.workspace.get(name)
+        pos = h.pos if h is not None else 0
+        if pos:
+            return (f"--teacher {token} is the student {student} itself (the current version): "
+                    f"pick an earlier one ({name}@0..{name}@{pos - 1}) or another model")
+        return (f"--teacher {token} is the student {student} itself (the current version; "
+                f"{name} has no earlier one yet): distil from another model, or compress "
+                f"{name} first")
 
     def _version(self, token: str, local_ns) -> nn.Module:
         """``NAME@K``: version K of NAME's history."""
