@@ -22,7 +22,9 @@ Ranks come from one of ``rank`` (absolute), ``ratio`` (a fraction of each layer'
 the whole model, allocated across layers by their singular values: the largest singular values of
 all layers are kept, each measured by its share of its own layer's energy, down to the lowest share
 whose model fits the budget; flat spectra keep many components, steep ones few). A layer whose
-factorised form would not be smaller is kept as it is and named in the notes.
+factorised form would not be smaller is kept as it is and named in the notes. The classifier (the
+layer whose output is the model's output, found as structured pruning finds it) is kept whole
+unless ``layers`` selects it, and the notes say so.
 """
 from __future__ import annotations
 
@@ -41,7 +43,7 @@ __all__ = [
     "LowRankConfig", "lowrank", "demo_config", "CONV_MODES",
     "svd_factorize_linear", "svd_factorize_conv", "tucker_factorize_conv",
     "separable_factorize_conv", "tucker_ranks_limit", "effective_weight", "relative_error",
-    "recalibrate_batchnorm",
+    "recalibrate_batchnorm", "output_layers",
 ]
 
 CONV_MODES = ("svd", "tucker", "separable", "none")
@@ -564,7 +566,9 @@ class LowRankConfig(StepConfig):
     component carrying at least a threshold share of its own layer's energy is kept, the lowest
     threshold that fits). Without any: ``energy=0.9``, and depth multiplier 1 for ``conv="separable"``.
 
-    ``layers``: a regular expression searched in layer names (default: every Linear and Conv2d).
+    ``layers``: a regular expression searched in layer names (default: every Linear and Conv2d
+    except the classifier, the layer(s) whose output is the model's output, which is kept whole
+    and named in the notes; a ``layers`` pattern that matches the classifier factorises it too).
     ``conv``: ``svd`` | ``tucker`` | ``separable`` | ``none`` (leave convs alone); 1x1 convs are
     always factorised by SVD.
 
@@ -607,13 +611,16 @@ class LowRankConfig(StepConfig):
             raise BadInput(f"give at most one of --rank, --ratio, --energy, --target-params (got {flags})")
         return given[0] if given else "default"
 
-    def _candidates(self, model: nn.Module) -> tuple[list[tuple[str, nn.Module, list[str]]], list[str]]:
-        """(layers to consider as (name, module, all paths), notes on layers passed over)."""
+    def _candidates(self, model: nn.Module, example: Any = None
+                    ) -> tuple[list[tuple[str, nn.Module, list[str]]], list[str]]:
+        """(layers to consider as (name, module, all paths), notes on layers passed over).
+        ``example``: an input the model runs on, to find the classifier (:func:`output_layers`)."""
         paths: dict[int, list[str]] = {}
         for name, m in model.named_modules(remove_duplicate=False):
             if type(m) in _FACTORABLE:
                 paths.setdefault(id(m), []).append(name)
         found = [(ps[0], m, ps) for m in model.modules() if (ps := paths.get(id(m)))]
+        every = [(n, m) for n, m, _ in found]
         if not found:
             kinds = Counter(type(m).__name__ for m in model.modules()
                             if m is not model and not any(True for _ in m.children()))
@@ -639,6 +646,29 @@ class LowRankConfig(StepConfig):
                 shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
                 raise BadInput(f"--layers {self.layers!r} matches no Linear/Conv2d layer "
                                f"(the layers are: {shown})")
+        if self.layers is None:
+            # the layer(s) producing the model's output stay whole unless --layers selects them:
+            # a low rank there cuts straight into the class scores for a small saving
+            outs = output_layers(model, every, example)
+            heads = [f for f in found if f[0] in outs]
+            if heads:
+                found = [f for f in found if f[0] not in outs]
+                names = ", ".join(n for n, _, _ in heads)
+                many = len(heads) > 1
+                if not found:
+                    raise BadInput(f"the only layer{'s' if many else ''} to factorise "
+                                   f"{'are the classifiers' if many else 'is the classifier'} "
+                                   f"{names} (producing the model's output), kept whole by "
+                                   f"default: give --layers to factorise "
+                                   f"{'them' if many else 'it'} anyway (--layers . selects every "
+                                   f"layer)")
+                n_head = sum(_own_params(m) for _, m, _ in heads)
+                total = sum(p.numel() for p in model.parameters())
+                share = f"{100 * n_head / total:.2g}%" if total else "?"
+                notes.append(f"kept the classifier{'s' if many else ''} {names} whole "
+                             f"({'they produce' if many else 'it produces'} the model's output; "
+                             f"{n_head:,} parameters, {share} of the model): use --layers to "
+                             f"include {'them' if many else 'it'} (--layers . selects every layer)")
         # parameters shared with another module (weight tying) cannot be replaced in one place
         owners: dict[int, set[str]] = {}
         for mname, m in model.named_modules(remove_duplicate=False):
@@ -692,7 +722,7 @@ class LowRankConfig(StepConfig):
                 flags = " and ".join(unused)
                 raise BadInput(f"{flags} only appl{'y' if len(unused) > 1 else 'ies'} to "
                                f"fine-tuning: give --finetune LOADER too (or leave out {flags})")
-        cands, _ = self._candidates(model)
+        cands, _ = self._candidates(model, self._loader_example(model))
         plans = [_make_plan(n, m, self.conv) for n, m, _ in cands]
         if mode == "rank":
             best = max(plans, key=lambda p: p.max_full())
@@ -711,6 +741,23 @@ class LowRankConfig(StepConfig):
             if target < floor:
                 raise BadInput(f"--target-params {self.target_params} ({target:,}) cannot be reached: "
                                f"rank 1 in every selected layer still leaves {floor:,} parameters")
+
+    def _loader_example(self, model: nn.Module, device=None) -> Any:
+        """Two inputs from the first batch of ``data`` or ``finetune`` (None without a loader), on
+        ``device`` (default: the model's)."""
+        from .core import model_device
+        from .train import peek_batch, split_batch, to_device
+
+        loader = self.data if self.data is not None else self.finetune
+        if loader is None:
+            return None
+        try:
+            x, _ = split_batch(peek_batch(loader))
+        except BadInput:
+            return None
+        if isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] > 2:
+            x = x[:2]
+        return to_device(x, device if device is not None else model_device(model))
 
     # ------------------------------------------------------------------ the work
     def _allocate(self, plans: list[_Plan], model: nn.Module) -> dict[str, Any]:
@@ -757,7 +804,9 @@ class LowRankConfig(StepConfig):
 
         check_loader_runs(model, self.finetune, "--finetune", ctx.device)
         check_loader_runs(model, self.data, "--data", ctx.device, labels=False)  # BN statistics
-        cands, notes = self._candidates(model)
+        example = (to_device(ctx.example_input, ctx.device) if ctx.example_input is not None
+                   else self._loader_example(model, ctx.device))
+        cands, notes = self._candidates(model, example)
         if self._mode() == "default" and self.conv == "separable":
             # multiplier 1 on a conv that reads one channel per group is a rank-1 conv (every
             # output a scaled copy of one filter response): keep it, as MobileNet keeps its stem
@@ -836,6 +885,51 @@ class LowRankConfig(StepConfig):
                          f"{self.lr:g}" + (f" ({self.scheduler} decay)" if self.scheduler else ""))
         model.eval()
         return CompressionResult(model, layers=rows, notes=notes, extra=extra)
+
+
+def output_layers(model: nn.Module, layers: list[tuple[str, nn.Module]],
+                  example: Any = None) -> set[str]:
+    """Names (from ``layers``, ``(name, module)`` pairs) of the layers whose output is the model's
+    output: the classifier.
+
+    The rule weight pruning uses to find the classifier: run ``example`` (eval mode, no
+    gradients) and take the layers whose output tensor the model returns (alone, in a tuple or
+    list, or as a value of a dict / ``ModelOutput``); when there is no example, it does not run,
+    or no layer's output is returned as it is, the last of ``layers``. The outputs are held until
+    the end of the forward, so a freed tensor's ``id`` reused by the result cannot be mistaken
+    for it."""
+    from .train import eval_mode, forward_batch
+
+    if not layers:
+        return set()
+    if example is not None:
+        seen: dict[int, tuple[str, torch.Tensor]] = {}
+        handles = []
+        for name, m in layers:
+            def hook(mod, inp, out, _n=name):
+                if isinstance(out, torch.Tensor):
+                    seen.setdefault(id(out), (_n, out))       # holding ``out`` keeps its id unique
+            handles.append(m.register_forward_hook(hook))
+        try:
+            with torch.no_grad(), eval_mode(model):
+                y = forward_batch(model, example)
+        except Exception:  # noqa: BLE001 - the example does not run: fall back to the order
+            y = None
+        finally:
+            for h in handles:
+                h.remove()
+        ys = [y] if isinstance(y, torch.Tensor) else list(y) if isinstance(y, (tuple, list)) \
+            else list(y.values()) if isinstance(y, dict) else []
+        found = {seen[id(t)][0] for t in ys
+                 if isinstance(t, torch.Tensor) and id(t) in seen and seen[id(t)][1] is t}
+        seen.clear()
+        if found:
+            return found
+    return {layers[-1][0]}
+
+
+def _own_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
 
 
 def _replace(model: nn.Module, path: str, new: nn.Module) -> None:

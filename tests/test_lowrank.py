@@ -11,7 +11,7 @@ import torch
 from IPython.core.error import UsageError
 from torch import nn
 
-from conftest import same_as_snapshot, snapshot
+from conftest import same_as_snapshot, snapshot, state_equal
 from nbcompress import BadInput, History, NBCompressError, compress, measure
 from nbcompress.data import reference_cnn
 from nbcompress.lowrank import (LowRankConfig, demo_config, effective_weight, lowrank,
@@ -122,12 +122,18 @@ def _ranks(result):
 def test_rank_ratio_energy_on_lenet(trained_lenet):
     x = torch.randn(1, 1, 28, 28)
     res = compress(trained_lenet, LowRankConfig(rank=20), example_input=x)
-    assert _ranks(res) == {"fc1": "20", "fc2": "20"}       # fc3 (10x100) at its full rank 10: kept
-    assert any("fc3" in n and "would not save" in n for n in res.notes)
+    assert _ranks(res) == {"fc1": "20", "fc2": "20"}       # the classifier fc3 is kept whole
+    assert any(n.startswith("kept the classifier fc3 whole") for n in res.notes)
     assert isinstance(res.model.fc3, nn.Linear)
     assert res.model.fc1[0].weight.shape == (20, 784) and res.model.fc1[1].weight.shape == (300, 20)
+    # selected by --layers, fc3 (10x100) at its full rank 10 would not be smaller: kept
+    res = compress(trained_lenet, LowRankConfig(rank=20, layers="fc"), example_input=x)
+    assert _ranks(res) == {"fc1": "20", "fc2": "20"}
+    assert any("fc3" in n and "would not save" in n for n in res.notes)
 
     res = compress(trained_lenet, LowRankConfig(ratio=0.5), example_input=x)
+    assert _ranks(res) == {"fc1": "150", "fc2": "50"}
+    res = compress(trained_lenet, LowRankConfig(ratio=0.5, layers="."), example_input=x)
     assert _ranks(res) == {"fc1": "150", "fc2": "50", "fc3": "5"}
 
     res = compress(trained_lenet, LowRankConfig(energy=0.8), example_input=x)
@@ -186,7 +192,9 @@ def test_layers_regex_and_conv_none_and_skips():
     torch.manual_seed(0)
     cnn = reference_cnn(width=8, seed=0).eval()
     x = torch.randn(1, 1, 28, 28)
-    res = compress(cnn, LowRankConfig(conv="none", energy=0.5), example_input=x)
+    with pytest.raises(BadInput, match="the only layer to factorise is the classifier fc"):
+        compress(cnn, LowRankConfig(conv="none", energy=0.5), example_input=x)
+    res = compress(cnn, LowRankConfig(conv="none", energy=0.5, layers="fc"), example_input=x)
     assert [r["layer"] for r in res.layers] == ["fc"]
     assert isinstance(res.model.layer1.conv1, nn.Conv2d)
     res = compress(cnn, LowRankConfig(layers=r"^layer2\.", rank=4), example_input=x)
@@ -255,6 +263,9 @@ def test_depthwise_and_tied_and_shared_layers():
     torch.manual_seed(0)
     net = Net()
     res = compress(net, LowRankConfig(rank=2), example_input=torch.randn(1, 8, 6, 6))
+    assert {r["layer"] for r in res.layers} == {"pw"}     # the output sums two heads: the last kept
+    assert any(n.startswith("kept the classifier head whole") for n in res.notes)
+    res = compress(net, LowRankConfig(rank=2, layers="."), example_input=torch.randn(1, 8, 6, 6))
     names = {r["layer"] for r in res.layers}
     assert names == {"pw", "head"}
     assert any("enc" in n and "shared" in n for n in res.notes)
@@ -382,7 +393,7 @@ def test_magic_factorises_rebinds_and_undoes(shell, trained_lenet, mnist):
     assert "fine-tuned 1 epoch" in text
     assert same_as_snapshot(trained_lenet, snap)
     shell.run_line_magic("undo", "model")
-    assert ns["model"] is trained_lenet
+    assert ns["model"] is not trained_lenet and state_equal(ns["model"], trained_lenet)
     shell.run_line_magic("redo", "model")
     df = shell.run_line_magic("compress_history", "model --no-plot")
     assert df.loc[1, "technique"] == "lowrank" and "target_params=3x" in df.loc[1, "args"]

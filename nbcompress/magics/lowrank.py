@@ -41,7 +41,9 @@ class LowRankMagics(NBMagics):
                    "the lowest threshold that fits)")
     @argument("--layers", default=None, metavar="REGEX",
               help="only layers whose name matches this regular expression (re.search; "
-                   "quotes optional: --layers \"layer|down\")")
+                   "quotes optional: --layers \"layer|down\"). Without it the classifier (the "
+                   "layer producing the model's output) is kept whole; a pattern matching it "
+                   "(--layers . for every layer) factorises it too")
     @argument("--conv", default="svd", choices=CONV_MODES,
               help="how to factorise k x k convs: svd (k x k conv to r channels + 1x1), tucker "
                    "(1x1, k x k core, 1x1), separable (depthwise + pointwise), none (leave them)")
@@ -61,7 +63,8 @@ class LowRankMagics(NBMagics):
 
         A Linear becomes two Linears through ``r`` units (truncated SVD). A k x k Conv2d becomes
         two or three convs (``--conv``). A layer whose factorised form would not be smaller is kept
-        and named in the notes. With a loader (``--data`` or ``--finetune``) the BatchNorm
+        and named in the notes, and so is the classifier (the layer producing the model's output)
+        unless ``--layers`` selects it. With a loader (``--data`` or ``--finetune``) the BatchNorm
         statistics are re-estimated for the new layers, then ``--finetune`` trains with the shared
         loop. The report lists, per factorised layer, its rank, parameters and
         FLOPs before and after, the energy kept and the relative reconstruction error
