@@ -485,13 +485,7 @@ class QuantizeConfig(StepConfig):
             notes.append(f"chose dynamic int8 ({backend}, {_engine()} engine): int8 weights, "
                          f"activations quantized per batch, for {len(linears)} Linear"
                          + (f" and {len(rnns)} LSTM/GRU" if rnns else "") + " layers")
-            if convs and self.calib is not None:
-                notes.append(f"{len(convs)} conv layers stay fp32: static int8 (which --calib is "
-                             f"for) has no LSTM/GRU kernel; use --mode static --layers to pick")
-            elif convs:
-                notes.append(f"{len(convs)} conv layers stay fp32: add --calib LOADER for static "
-                             f"int8 (convs need calibrated activation ranges)")
-            return "dynamic", notes
+            return "dynamic", notes      # the convs left in float: said by _dynamic
         raise BadInput(f"the model's quantizable layers are convs ({len(convs)}), which need "
                        f"calibrated activation ranges for int8 kernels: add --calib LOADER "
                        f"(static int8), or use --mode uniform")
@@ -499,6 +493,7 @@ class QuantizeConfig(StepConfig):
     # ------------------------------------------------------------------ int8 dynamic
     def _dynamic(self, model, targets, notes) -> CompressionResult:
         model = model.cpu()        # int8 kernels are CPU kernels (the model lives on the CPU)
+        float_convs = self._float_convs_note(model, targets)
         layers = []
         with quiet():
             for name, mod in targets:
@@ -520,11 +515,32 @@ class QuantizeConfig(StepConfig):
                 _mark(new, self)
                 model = _replace(model, name, new)
                 layers.append(_row(name, mod, new, 8, "int8 dynamic", w, wq))
+        extra = {"backend": int8_kernel_backend("cpu"), "engine": _engine()}
+        if float_convs:
+            notes.append(float_convs[0])
+            extra["float_convs"], extra["float_conv_share"] = float_convs[1], float_convs[2]
         notes.append("weights int8 ("
                      + ("per-channel" if self.per_channel else "per-tensor")
                      + " scales); each batch's activations are quantized on the fly")
-        return CompressionResult(model, layers=layers, notes=notes,
-                                 extra={"backend": int8_kernel_backend("cpu"), "engine": _engine()})
+        return CompressionResult(model, layers=layers, notes=notes, extra=extra)
+
+    def _float_convs_note(self, model, targets) -> tuple[str, int, float] | None:
+        """Dynamic int8 has kernels for Linear/LSTM/GRU only: the (selected) convs stay in float.
+        ``(note, how many, share of the model's parameters)``, or None when there is none."""
+        convs = _select(model, (nn.Conv1d, nn.Conv2d, nn.Conv3d), self._pattern())
+        if not convs:
+            return None
+        n_conv = sum(p.numel() for _, m in convs for p in m.parameters())
+        total = sum(p.numel() for p in model.parameters())
+        share = n_conv / total if total else 0.0
+        rnns = any(isinstance(m, (nn.LSTM, nn.GRU)) for _, m in targets)
+        how = ("--mode static --calib LOADER --layers REGEX on the convs (static int8 has no "
+               "LSTM/GRU kernel)" if rnns else "--mode static --calib LOADER")
+        k = len(convs)
+        note = (f"{k} conv layer{'s' if k != 1 else ''} ({100 * share:.3g}% of the parameters) "
+                f"{'stay' if k != 1 else 'stays'} float32: dynamic int8 has kernels for "
+                f"Linear/LSTM/GRU only; for int8 convs use {how}")
+        return note, k, share
 
     # ------------------------------------------------------------------ int8 static
     def _static(self, model, ctx, targets, notes) -> CompressionResult:

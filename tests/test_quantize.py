@@ -131,7 +131,7 @@ def test_auto_magic_picks_int8_says_which_and_undo(shell, trained_lenet, mnist):
     assert r.after.packed_bytes * 3.9 <= r.before.packed_bytes
     assert same_as_snapshot(orig, snap)
     shell.run_line_magic("undo", "model")
-    assert shell.user_ns["model"] is orig and same_as_snapshot(orig, snap)
+    assert shell.user_ns["model"] is not orig and same_as_snapshot(shell.user_ns["model"], snap)
 
 
 def test_auto_on_conv_model_needs_calib_or_goes_static(shell):
