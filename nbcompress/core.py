@@ -161,6 +161,7 @@ def compress(model: nn.Module, config: StepConfig, *, ctx: StepContext | None = 
     """
     if not isinstance(model, nn.Module):
         raise BadInput(f"expected a torch.nn.Module, got {type(model).__name__}")
+    check_seeds(config)
     config.validate(model)
     origin = model_device(model)
     if ctx is None:
@@ -174,6 +175,18 @@ def compress(model: nn.Module, config: StepConfig, *, ctx: StepContext | None = 
     else:
         result.model = _to_device(result.model, origin)
     return result
+
+
+def check_seeds(config: StepConfig) -> None:
+    """Every integer ``seed`` field (of any technique) fits torch's 64-bit seeds (types are each
+    config's own check); checked before any work, so no technique fails on it halfway."""
+    for f in dataclasses.fields(config):
+        if f.name != "seed" and not f.name.endswith("_seed"):
+            continue
+        v = getattr(config, f.name)
+        if isinstance(v, int) and not isinstance(v, bool) and not -2 ** 63 <= v < 2 ** 63:
+            flag = "--" + f.name.replace("_", "-")
+            raise BadInput(f"{flag} must fit in 64 bits (-2**63 to 2**63 - 1), got {v}")
 
 
 def _to_device(model: nn.Module, device: torch.device) -> nn.Module:

@@ -479,6 +479,19 @@ def _number(v: Any) -> float | None:
     return float(v) if isinstance(v, numbers.Real) else None
 
 
+def _shown(value: Any) -> str:
+    """What an evaluator returned, on one short line (a tensor by its shape, not its values)."""
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of shape {tuple(value.shape)}"
+    if isinstance(value, dict):
+        text = "{" + ", ".join(f"{k!r}: {_shown(v) if isinstance(v, torch.Tensor) else repr(v)}"
+                               for k, v in value.items()) + "}"
+    else:
+        text = repr(value)
+    text = " ".join(text.split())
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def run_evaluator(model: nn.Module, evaluator: Any, device=None) -> tuple[float | None, dict]:
     """(accuracy, other numbers). A DataLoader gives top-1 accuracy; a callable returns a number
     (the accuracy) or a dict of numbers with the accuracy under one of :data:`ACCURACY_KEYS`.
@@ -494,8 +507,7 @@ def run_evaluator(model: nn.Module, evaluator: Any, device=None) -> tuple[float 
         return float(evaluate(model, evaluator, device=device, progress=False)), {}
     out = evaluator(model)
     name = evaluator_label(evaluator)
-    shown = repr(out)
-    shown = shown if len(shown) <= 60 else shown[:57] + "..."
+    shown = _shown(out)
     if isinstance(out, dict):
         values, bad = {}, []
         for k, v in out.items():
@@ -523,7 +535,9 @@ def run_evaluator(model: nn.Module, evaluator: Any, device=None) -> tuple[float 
 def example_from(obj: Any) -> torch.Tensor | None:
     """A batch-of-1 example input from a DataLoader's first batch (or None)."""
     if is_loader(obj):
-        batch = next(iter(obj))
+        batch = next(iter(obj), None)
+        if batch is None:
+            raise EvaluatorError("the evaluation loader yielded no batches: it is empty")
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
         return x[:1].clone()
     return None

@@ -42,6 +42,7 @@ def user_errors(fn):
     parser = getattr(fn, "parser", None)
     if parser is not None:
         parser.allow_abbrev = False
+        _split_errors_are_usage_errors(parser)
 
     @functools.wraps(fn)
     def wrapper(self, line="", local_ns=None):
@@ -56,6 +57,21 @@ def user_errors(fn):
             raise UsageError(msg) from None
 
     return wrapper
+
+
+def _split_errors_are_usage_errors(parser) -> None:
+    """IPython splits the line with shlex before argparse sees it; an unclosed quote is then a
+    bare ValueError ("No closing quotation"). Make it the same one line as any other mistake."""
+    split_and_parse = parser.parse_argstring
+
+    def parse_argstring(argstring, **kwargs):
+        try:
+            return split_and_parse(argstring, **kwargs)
+        except ValueError as e:
+            raise UsageError(f"cannot split the line into arguments ({str(e).lower()}): "
+                             f"check its quotes") from None
+
+    parser.parse_argstring = parse_argstring
 
 
 def _suggest_options(msg: str, parser) -> str:
