@@ -144,12 +144,14 @@ def _output_layer_names(model: nn.Module, example_input: Any,
     """Names of the layers whose output is the model's output (the classifier). Found by running
     the example input; without one, the last prunable layer."""
     if example_input is not None:
-        outs: dict[int, str] = {}
+        # the outputs are held (not only their ids) until the end: a freed tensor's id can be
+        # reused by a later one, which would name the wrong layer
+        outs: dict[int, tuple[str, torch.Tensor]] = {}
         handles = []
         for name, m in targets:
             def hook(mod, inp, out, _n=name):
                 if isinstance(out, torch.Tensor):
-                    outs[id(out)] = _n
+                    outs[id(out)] = (_n, out)
             handles.append(m.register_forward_hook(hook))
         try:
             with torch.no_grad(), _eval_mode(model):
@@ -163,8 +165,8 @@ def _output_layer_names(model: nn.Module, example_input: Any,
         ys = [y] if isinstance(y, torch.Tensor) else list(y) if isinstance(y, (tuple, list)) else \
             list(y.values()) if isinstance(y, dict) else []
         for t in ys:
-            if isinstance(t, torch.Tensor) and id(t) in outs:
-                found.add(outs[id(t)])
+            if isinstance(t, torch.Tensor) and id(t) in outs and outs[id(t)][1] is t:
+                found.add(outs[id(t)][0])
         if found:
             return found
     return {targets[-1][0]} if targets else set()

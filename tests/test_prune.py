@@ -647,3 +647,21 @@ def test_cuda_paths(trained_lenet, mnist, small_loader):
     cnn = reference_cnn(width=16, seed=0)
     out = prune(cnn, 0.5, structured=True, importance="taylor", data=small_loader, device="cuda")
     assert out.conv1.out_channels == 8 and out.conv1.weight.device.type == "cpu"
+
+
+def test_output_layer_not_fooled_by_a_reused_tensor_id():
+    """``head(dec(enc(x))) + x``: the sum is a new tensor, often at the address dec's freed output
+    had; the classifier must still be head (the last layer), never dec."""
+    from nbcompress.prune import _output_layer_names
+
+    class Residual(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc, self.dec, self.head = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.head(self.dec(self.enc(x))) + x
+
+    m = Residual()
+    for _ in range(20):
+        assert _output_layer_names(m, torch.randn(2, 8), list(m.named_children())) == {"head"}
