@@ -7,6 +7,7 @@ import os
 
 import pytest
 import torch
+from torch import nn
 
 torch.set_num_threads(2)
 
@@ -61,6 +62,15 @@ def trained_lenet(_trained_lenet):
 @pytest.fixture
 def lenet_init(_trained_lenet):
     return copy.deepcopy(_trained_lenet[1])
+
+
+def digits_cnn(seed: int = 0) -> nn.Module:
+    """A model as a user writes it (not one of ours): conv + BatchNorm, for 1x8x8 digits."""
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(128, 10))
 
 
 def state_equal(a, b) -> bool:

@@ -27,19 +27,10 @@ from torch.utils.data import DataLoader, Subset, TensorDataset
 from nbcompress.core import NBCompressError
 from nbcompress.data import digits_loaders
 
-from conftest import Unlabelled, same_as_snapshot, snapshot
+from conftest import Unlabelled, digits_cnn, same_as_snapshot, snapshot
 
 MODELS = ("net", "teacher", "other")     # every model in the notebook: none may change
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
-
-
-def digits_cnn(seed: int = 0) -> nn.Module:
-    """What a user writes: conv + BatchNorm, on 1x8x8 digits."""
-    torch.manual_seed(seed)
-    return nn.Sequential(
-        nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-        nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(128, 10))
 
 
 # ------------------------------------------------------------------------ evaluators of a user

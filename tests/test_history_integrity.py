@@ -16,16 +16,7 @@ from nbcompress import History
 from nbcompress.core import BadInput
 from nbcompress.data import digits_loaders
 
-from conftest import same_as_snapshot, snapshot
-
-
-def digits_cnn(seed: int = 0) -> nn.Module:
-    """What a user writes: conv + BatchNorm, on 1x8x8 digits."""
-    torch.manual_seed(seed)
-    return nn.Sequential(
-        nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-        nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(128, 10))
+from conftest import digits_cnn, same_as_snapshot, snapshot
 
 
 def user_training_loop(model, loader, steps=5, lr=1e-2):
