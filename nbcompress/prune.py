@@ -45,7 +45,7 @@ from .core import (BadInput, CompressionResult, StepConfig, StepContext, compres
                    register_technique, resolve_device)
 from .importance import (IMPORTANCES, Importance, MagnitudeImportance, get_importance, logits_of,
                          normalized)
-from .train import check_loader_runs, first_line, peek_batch
+from .train import check_loader_runs, first_line, output_layers, peek_batch
 from .train import eval_mode as _eval_mode
 from .train import forward_batch as _forward
 
@@ -137,39 +137,6 @@ def weight_targets(model: nn.Module, layers: str | None = None) -> list[tuple[st
             if pat is None or pat.search(name):
                 out.append((name, m))
     return out
-
-
-def _output_layer_names(model: nn.Module, example_input: Any,
-                        targets: list[tuple[str, nn.Module]]) -> set[str]:
-    """Names of the layers whose output is the model's output (the classifier). Found by running
-    the example input; without one, the last prunable layer."""
-    if example_input is not None:
-        # the outputs are held (not only their ids) until the end: a freed tensor's id can be
-        # reused by a later one, which would name the wrong layer
-        outs: dict[int, tuple[str, torch.Tensor]] = {}
-        handles = []
-        for name, m in targets:
-            def hook(mod, inp, out, _n=name):
-                if isinstance(out, torch.Tensor):
-                    outs[id(out)] = (_n, out)
-            handles.append(m.register_forward_hook(hook))
-        try:
-            with torch.no_grad(), _eval_mode(model):
-                y = _forward(model, example_input)
-        except Exception:  # noqa: BLE001 - the example does not run: fall back to order
-            y = None
-        finally:
-            for h in handles:
-                h.remove()
-        found = set()
-        ys = [y] if isinstance(y, torch.Tensor) else list(y) if isinstance(y, (tuple, list)) else \
-            list(y.values()) if isinstance(y, dict) else []
-        for t in ys:
-            if isinstance(t, torch.Tensor) and id(t) in outs and outs[id(t)][1] is t:
-                found.add(outs[id(t)][0])
-        if found:
-            return found
-    return {targets[-1][0]} if targets else set()
 
 
 def _sparsity(t: torch.Tensor) -> float:
@@ -1006,7 +973,7 @@ def _run_prune(cfg: PruneConfig, model: nn.Module, ctx: StepContext) -> Compress
         if final <= start:
             notes.append(f"the selected layers are already {start:.1%} sparse (asked for "
                          f"{final:.1%}): no weight removed")
-        outputs = _output_layer_names(model, example, targets)
+        outputs = output_layers(model, targets, example)
         out_rate = cfg.output_rate if cfg.output_rate is not None else 1.0
         for k in range(cfg.steps):
             if imp.needs_data:
@@ -1233,7 +1200,7 @@ def _run_lottery(cfg: PruneConfig, model: nn.Module, ctx: StepContext) -> Compre
     targets = weight_targets(model, cfg.layers)
     n_sel = sum(m.weight.numel() for _, m in targets)
     example = _example(cfg, ctx)
-    outputs = _output_layer_names(model, example, targets)
+    outputs = output_layers(model, targets, example)
     out_rate = cfg.output_rate if cfg.output_rate is not None else 0.5
     scope = cfg.resolved_scope
 

@@ -513,3 +513,42 @@ def _check_loss(loss: Any) -> None:
     if not loss.requires_grad:
         raise BadInput("the loss does not depend on any trainable parameter (no grad); was it "
                        "computed under torch.no_grad, or are all parameters frozen?")
+
+
+def output_layers(model: nn.Module, layers: list[tuple[str, nn.Module]],
+                  example: Any = None) -> set[str]:
+    """Names (from ``layers``, ``(name, module)`` pairs) of the layers whose output is the model's
+    output: the classifier.
+
+    The one rule prune and lowrank use to find the classifier: run ``example`` (eval mode, no
+    gradients) and take the layers whose output tensor the model returns (alone, in a tuple or
+    list, or as a value of a dict / ``ModelOutput``); when there is no example, it does not run,
+    or no layer's output is returned as it is, the last of ``layers``. The outputs are held until
+    the end of the forward, so a freed tensor's ``id`` reused by the result cannot be mistaken
+    for it."""
+    if not layers:
+        return set()
+    if example is not None:
+        seen: dict[int, tuple[str, torch.Tensor]] = {}
+        handles = []
+        for name, m in layers:
+            def hook(mod, inp, out, _n=name):
+                if isinstance(out, torch.Tensor):
+                    seen.setdefault(id(out), (_n, out))       # holding ``out`` keeps its id unique
+            handles.append(m.register_forward_hook(hook))
+        try:
+            with torch.no_grad(), eval_mode(model):
+                y = forward_batch(model, example)
+        except Exception:  # noqa: BLE001 - the example does not run: fall back to the order
+            y = None
+        finally:
+            for h in handles:
+                h.remove()
+        ys = [y] if isinstance(y, torch.Tensor) else list(y) if isinstance(y, (tuple, list)) \
+            else list(y.values()) if isinstance(y, dict) else []
+        found = {seen[id(t)][0] for t in ys
+                 if isinstance(t, torch.Tensor) and id(t) in seen and seen[id(t)][1] is t}
+        seen.clear()
+        if found:
+            return found
+    return {layers[-1][0]}

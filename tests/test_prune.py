@@ -652,7 +652,7 @@ def test_cuda_paths(trained_lenet, mnist, small_loader):
 def test_output_layer_not_fooled_by_a_reused_tensor_id():
     """``head(dec(enc(x))) + x``: the sum is a new tensor, often at the address dec's freed output
     had; the classifier must still be head (the last layer), never dec."""
-    from nbcompress.prune import _output_layer_names
+    from nbcompress.train import output_layers
 
     class Residual(nn.Module):
         def __init__(self):
@@ -664,4 +664,4 @@ def test_output_layer_not_fooled_by_a_reused_tensor_id():
 
     m = Residual()
     for _ in range(20):
-        assert _output_layer_names(m, torch.randn(2, 8), list(m.named_children())) == {"head"}
+        assert output_layers(m, list(m.named_children()), torch.randn(2, 8)) == {"head"}
