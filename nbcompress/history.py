@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from .core import (BadInput, CompressionResult, EvaluatorError, ExampleInputError, StepConfig,
-                   StepContext, compress, model_device, resolve_device)
+                   StepContext, _to_device, compress, model_device, resolve_device)
 from .metrics import Metrics, check_evaluator, check_latency_mode, example_from, measure
 
 DEFAULT_HOST_BUDGET = int(os.environ.get("NBCOMPRESS_HOST_BUDGET", 8 << 30))
@@ -142,13 +142,6 @@ def host_copy(model: nn.Module) -> nn.Module:
                 c = nn.Parameter(c, requires_grad=t.requires_grad)
             memo[id(t)] = c
     return copy.deepcopy(model, memo)
-
-
-def _to_device(model: nn.Module, device: str) -> nn.Module:
-    try:
-        return model.to(device)
-    except (RuntimeError, NotImplementedError):
-        return model   # e.g. int8 CPU kernels with no CUDA form: usable where they are
 
 
 @dataclass
