@@ -24,7 +24,6 @@ basis as the dense count of the network before.
 from __future__ import annotations
 
 import copy
-import io
 import math
 import numbers
 from dataclasses import dataclass
@@ -39,7 +38,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .core import BadInput, CompressionResult, StepConfig, StepContext, compress, register_technique
 
-__all__ = ["EarlyExitConfig", "EarlyExitModel", "early_exit", "threshold_sweep", "sweep_plot_png",
+__all__ = ["EarlyExitConfig", "EarlyExitModel", "early_exit", "threshold_sweep",
            "list_blocks", "sequential_cnn", "demo_config", "DEFAULT_THRESHOLD", "SWEEP_THRESHOLDS"]
 
 DEFAULT_THRESHOLD = 0.95
@@ -691,6 +690,8 @@ class EarlyExitConfig(StepConfig):
                      f"{cur['flops_fraction']:.0%} of the full network's FLOPs{acc}")
         result.notes += notes
         result.tables["threshold sweep"] = sweep
+        from .report.plots import sweep_plot_png
+
         result.figures["accuracy vs FLOPs"] = sweep_plot_png(
             sweep, full_accuracy=sw.alone[-1] if sw.y is not None else None,
             title=f"early exits: threshold sweep on the {where}")
@@ -860,51 +861,6 @@ def threshold_sweep(ee: EarlyExitModel, loader: DataLoader,
     (the model's own threshold, always in the grid).
     """
     return _Sweep(ee, loader, device).table(thresholds)
-
-
-def sweep_plot_png(sweep: pd.DataFrame, *, full_accuracy: float | None = None,
-                   title: str = "threshold sweep") -> bytes:
-    """Accuracy (or agreement, without labels) against average FLOPs per sample, one point per
-    threshold, the current threshold marked; PNG bytes."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    df = sweep.sort_values("threshold")
-    labelled = not df["accuracy"].isna().all()
-    ycol = "accuracy" if labelled else "agreement"
-    full = df["avg_flops"] / df["flops_fraction"]
-    fig = Figure(figsize=(6.0, 3.6), dpi=100)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    xs, ys = df["avg_flops"] / 1e6, 100 * df[ycol]
-    ax.plot(xs, ys, "o-", color="#3b6ea5", ms=4, lw=1.5, label="early exit")
-    span = max(float(xs.max() - xs.min()), 1e-12)
-    last = None
-    for t, xv, yv in zip(df["threshold"], xs, ys):      # label points not crowding the last one
-        if last is None or abs(xv - last[0]) > 0.04 * span or abs(yv - last[1]) > 1.0:
-            ax.annotate(f"{t:g}", (xv, yv), textcoords="offset points", xytext=(3, -10),
-                        fontsize=7, color="#555555")
-            last = (xv, yv)
-    cur = df[df["current"]]
-    if len(cur):
-        ax.plot(cur["avg_flops"] / 1e6, 100 * cur[ycol], "*", color="#d9822b", ms=13,
-                label=f"threshold {cur['threshold'].iloc[0]:g}")
-    full_flops = float(full.iloc[0]) / 1e6
-    ax.axvline(full_flops, color="#888888", ls=":", lw=1, label="full network FLOPs")
-    if labelled and full_accuracy is not None and full_accuracy == full_accuracy:
-        ax.axhline(100 * full_accuracy, color="#888888", ls="--", lw=1,
-                   label="full network accuracy")
-    elif not labelled:
-        ax.axhline(100.0, color="#888888", ls="--", lw=1, label="full network")
-    ax.set_xlabel("average MFLOPs per sample")
-    ax.set_ylabel("accuracy %" if labelled else "agreement with full network %")
-    ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    return buf.getvalue()
 
 
 # ---------------------------------------------------------------------------------- functions

@@ -1353,40 +1353,12 @@ def _run_sensitivity(cfg: PruneConfig, model: nn.Module, ctx: StepContext) -> Co
     result.layers = [{"layer": r["layer"], **{f"acc@{a:g}": f"{100 * float(v):.2f}%"
                                               for a, v in zip(g["amount"], g["accuracy"])}}
                      for r, g in ((g.iloc[0], g) for _, g in df.groupby("layer", sort=False))]
+    from .report.plots import sensitivity_png
+
     png = sensitivity_png(df, base_acc)
     if png is not None:
         result.figures["sensitivity"] = png
     return result
-
-
-def sensitivity_png(df, baseline: float | None = None) -> bytes | None:
-    """Accuracy against amount, one line per layer, as PNG bytes (matplotlib Agg, no pyplot)."""
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError:  # pragma: no cover - matplotlib is a dependency
-        return None
-    fig = Figure(figsize=(6.4, 3.8), dpi=100, facecolor="white")
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(111)
-    scale = 100.0
-    for name, g in df.groupby("layer", sort=False):
-        ax.plot(g["amount"], g["accuracy"] * scale, marker="o", markersize=3, linewidth=1.4,
-                label=str(name))
-    if baseline is not None:
-        ax.axhline(baseline * scale, color="#57606a", linestyle="--", linewidth=1,
-                   label="unpruned")
-    ax.set_xlabel("fraction pruned (this layer alone)")
-    ax.set_ylabel("accuracy (%)")
-    for side in ("top", "right"):
-        ax.spines[side].set_visible(False)
-    ax.grid(color="#eaeef2", linewidth=0.8)
-    ax.legend(fontsize=7, frameon=False, ncol=2 if df["layer"].nunique() > 6 else 1)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", metadata={"Software": None})
-    fig.clear()
-    return buf.getvalue()
 
 
 # ================================================================================ the verbs

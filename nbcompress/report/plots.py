@@ -316,3 +316,79 @@ def _bytes_axis(ax) -> None:
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _p: format_bytes(v)))
     ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlim(lo, hi)
+
+
+# ------------------------------------------------------------------- technique-specific plots
+
+
+def sensitivity_png(df, baseline: float | None = None) -> bytes | None:
+    """Accuracy against amount, one line per layer, as PNG bytes (matplotlib Agg, no pyplot)."""
+    try:
+        fig = _figure(6.4, 3.8, dpi=100)
+    except ImportError:  # pragma: no cover - matplotlib is a dependency
+        return None
+    ax = fig.add_subplot(111)
+    scale = 100.0
+    for name, g in df.groupby("layer", sort=False):
+        ax.plot(g["amount"], g["accuracy"] * scale, marker="o", markersize=3, linewidth=1.4,
+                label=str(name))
+    if baseline is not None:
+        ax.axhline(baseline * scale, color=MUTED, linestyle="--", linewidth=1,
+                   label="unpruned")
+    ax.set_xlabel("fraction pruned (this layer alone)")
+    ax.set_ylabel("accuracy (%)")
+    for side in ("top", "right"):
+        ax.spines[side].set_visible(False)
+    ax.grid(color="#eaeef2", linewidth=0.8)
+    ax.legend(fontsize=7, frameon=False, ncol=2 if df["layer"].nunique() > 6 else 1)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def sweep_plot_png(sweep, *, full_accuracy: float | None = None,
+                   title: str = "threshold sweep") -> bytes:
+    """Accuracy (or agreement, without labels) against average FLOPs per sample, one point per
+    threshold, the current threshold marked; PNG bytes (early exits' threshold sweep).
+
+    Drawn on a plain :class:`~matplotlib.figure.Figure` (rcParams face colour) and saved with
+    matplotlib's default PNG metadata, as it always was, not through :func:`_figure`/:func:`_png`.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    df = sweep.sort_values("threshold")
+    labelled = not df["accuracy"].isna().all()
+    ycol = "accuracy" if labelled else "agreement"
+    full = df["avg_flops"] / df["flops_fraction"]
+    fig = Figure(figsize=(6.0, 3.6), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    xs, ys = df["avg_flops"] / 1e6, 100 * df[ycol]
+    ax.plot(xs, ys, "o-", color="#3b6ea5", ms=4, lw=1.5, label="early exit")
+    span = max(float(xs.max() - xs.min()), 1e-12)
+    last = None
+    for t, xv, yv in zip(df["threshold"], xs, ys):      # label points not crowding the last one
+        if last is None or abs(xv - last[0]) > 0.04 * span or abs(yv - last[1]) > 1.0:
+            ax.annotate(f"{t:g}", (xv, yv), textcoords="offset points", xytext=(3, -10),
+                        fontsize=7, color="#555555")
+            last = (xv, yv)
+    cur = df[df["current"]]
+    if len(cur):
+        ax.plot(cur["avg_flops"] / 1e6, 100 * cur[ycol], "*", color="#d9822b", ms=13,
+                label=f"threshold {cur['threshold'].iloc[0]:g}")
+    full_flops = float(full.iloc[0]) / 1e6
+    ax.axvline(full_flops, color="#888888", ls=":", lw=1, label="full network FLOPs")
+    if labelled and full_accuracy is not None and full_accuracy == full_accuracy:
+        ax.axhline(100 * full_accuracy, color="#888888", ls="--", lw=1,
+                   label="full network accuracy")
+    elif not labelled:
+        ax.axhline(100.0, color="#888888", ls="--", lw=1, label="full network")
+    ax.set_xlabel("average MFLOPs per sample")
+    ax.set_ylabel("accuracy %" if labelled else "agreement with full network %")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
