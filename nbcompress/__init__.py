@@ -12,11 +12,16 @@ from .history import History, Workspace
 from .metrics import Metrics, measure
 from .storage import load, save
 from .train import evaluate, fit
-from .prune import PruneConfig, prune, sensitivity
-from .quantize import QuantizeConfig, quantize
-from .distill import DistillConfig, distill
-from .lowrank import LowRankConfig, lowrank
-from .earlyexit import EarlyExitConfig, early_exit
+from .core import TECHNIQUES
+from .techniques import MODULES as _MODULES
+
+# the verbs and configs, by their public names (the modules live in nbcompress.techniques.*)
+PruneConfig, prune, sensitivity = (getattr(_MODULES["prune"], n)
+                                   for n in ("PruneConfig", "prune", "sensitivity"))
+QuantizeConfig, quantize = _MODULES["quantize"].QuantizeConfig, _MODULES["quantize"].quantize
+DistillConfig, distill = _MODULES["distill"].DistillConfig, _MODULES["distill"].distill
+LowRankConfig, lowrank = _MODULES["lowrank"].LowRankConfig, _MODULES["lowrank"].lowrank
+EarlyExitConfig, early_exit = _MODULES["earlyexit"].EarlyExitConfig, _MODULES["earlyexit"].early_exit
 
 __version__ = "0.1.0"
 
@@ -24,7 +29,7 @@ __all__ = [
     "BadInput", "CompressionResult", "NBCompressError", "StepConfig", "StepContext", "compress",
     "History", "Workspace", "Metrics", "measure", "save", "load", "evaluate", "fit",
     "PruneConfig", "prune", "sensitivity", "QuantizeConfig", "quantize", "DistillConfig", "distill",
-    "LowRankConfig", "lowrank", "EarlyExitConfig", "early_exit",
+    "LowRankConfig", "lowrank", "EarlyExitConfig", "early_exit", "TECHNIQUES",
     "load_ipython_extension", "unload_ipython_extension",
 ]
 

@@ -17,24 +17,13 @@ from typing import Any, Callable, ClassVar
 import torch
 from torch import nn
 
+from .errors import BadInput, EvaluatorError, ExampleInputError, FieldError, NBCompressError
+from .options import check_fields, options_of, unknown_option
 
-class NBCompressError(Exception):
-    """An ordinary exception: what strict mode raises from a magic, and the base of our errors."""
-
-
-class BadInput(NBCompressError, ValueError):
-    """A wrong argument or an unsupported model/layer. The message is one clear line meant for the
-    user; the magics show it as a ``UsageError`` (no traceback), and the model is never changed."""
-
-
-class EvaluatorError(BadInput):
-    """The evaluator cannot be used: wrong signature, or it returned something that is not a
-    number or a dict with an accuracy. (An exception raised *inside* a user's evaluator is theirs
-    and keeps its own type and traceback.)"""
-
-
-class ExampleInputError(BadInput):
-    """The model cannot run on the example input (wrong shape or type for this model)."""
+__all__ = ["NBCompressError", "BadInput", "EvaluatorError", "ExampleInputError", "FieldError",
+           "StepContext", "CompressionResult", "StepConfig", "compress", "resolve_device",
+           "model_device", "check_seeds", "TECHNIQUES", "register_technique",
+           "unregister_technique"]
 
 
 @dataclass
@@ -80,9 +69,20 @@ class CompressionResult:
 
 @dataclass
 class StepConfig:
-    """Base for technique configs. Subclasses set ``technique`` and implement ``run``."""
+    """Base for technique configs. A subclass sets ``technique``, declares its options with
+    :func:`nbcompress.options.option` and implements ``run``; :func:`register_technique` then
+    gives it a magic, a row in the README's table and a demo step (see docs/ARCHITECTURE.md).
+
+    Class attributes a technique may set: ``magic`` (the magic's name, default ``technique``),
+    ``model_help`` (help of the magic's NAME argument), ``summary`` (one line: what it does),
+    ``examples`` (magic lines shown in ``%verb?``)."""
 
     technique: ClassVar[str] = "step"
+    magic: ClassVar[str | None] = None
+    model_help: ClassVar[str] = ("the variable holding the model (dotted names like model.encoder "
+                                 "work); rebound to the result")
+    summary: ClassVar[str] = ""
+    examples: ClassVar[tuple] = ()
     device: str | None = None
     progress: bool = True
 
@@ -90,22 +90,38 @@ class StepConfig:
         raise NotImplementedError
 
     def validate(self, model: nn.Module) -> None:
-        """Check arguments against the model before any work; raise :class:`BadInput`."""
+        """Checks beyond the declared ones, against the model, before any work; raise
+        :class:`FieldError` (or :class:`BadInput` for messages that name no option)."""
+
+    def check(self, model: nn.Module) -> None:
+        """Every check before any work: the declared options (kinds, ranges, choices, requires,
+        conflicts), then the technique's own :meth:`validate`."""
+        if not isinstance(model, nn.Module):
+            raise BadInput(f"expected a torch.nn.Module, got {type(model).__name__}")
+        check_fields(self)
+        self.validate(model)
+
+    def before_magic(self, magics, name: str, local_ns) -> None:
+        """Hook for checks that need the notebook (e.g. a model is not its own teacher)."""
+
+    @classmethod
+    def magic_name(cls) -> str:
+        return cls.magic or cls.technique
+
+    @classmethod
+    def options(cls):
+        """The declared options: ``[(dataclass field, Opt), ...]``."""
+        return options_of(cls)
 
     @classmethod
     def check_options(cls, options: dict, fn: str, exclude=()) -> None:
         """Keyword options of the Python verb ``fn`` that are not fields of this config (less
         ``exclude``, which the verb takes itself) are one line naming the closest field, not a
         TypeError."""
-        import difflib
-
         names = sorted({f.name for f in dataclasses.fields(cls)} - set(exclude))
-        unknown = sorted(set(options) - set(names))
-        if unknown:
-            close = difflib.get_close_matches(unknown[0], names, n=3)
-            raise BadInput(f"{fn}() got an unknown option {unknown[0]!r}"
-                           + (f"; did you mean {', '.join(close)}?" if close else
-                              f"; options: {', '.join(names)}"))
+        msg = unknown_option(options, names, fn)
+        if msg:
+            raise BadInput(msg)
 
     def describe(self) -> str:
         """The arguments as a compact, deterministic string (history 'args' column)."""
@@ -162,7 +178,7 @@ def compress(model: nn.Module, config: StepConfig, *, ctx: StepContext | None = 
     if not isinstance(model, nn.Module):
         raise BadInput(f"expected a torch.nn.Module, got {type(model).__name__}")
     check_seeds(config)
-    config.validate(model)
+    config.check(model)
     origin = model_device(model)
     if ctx is None:
         ctx = StepContext(device=resolve_device(device if device is not None else config.device),
@@ -197,13 +213,33 @@ def _to_device(model: nn.Module, device: torch.device) -> nn.Module:
         return model
 
 
-# Techniques register their config classes here so the demo, history and docs can list them.
+# The registry: every technique's config class, by technique name. The magics, the demo's steps,
+# the README's magic table and ``nbcompress.TECHNIQUES`` all come from it.
 TECHNIQUES: dict[str, type[StepConfig]] = {}
+DEMOS: dict[str, Callable] = {}
 
 
-def register_technique(cls: type[StepConfig]) -> type[StepConfig]:
-    TECHNIQUES[cls.technique] = cls
-    return cls
+def register_technique(cls: type[StepConfig] | None = None, *, demo: Callable | None = None):
+    """Register a technique's config class (as a decorator, or ``register_technique(Cls,
+    demo=fn)``); ``demo(train_loader, test_loader) -> (label, config)`` is its demo step. A shell
+    that has loaded the extension gets the new magic at once."""
+    def add(c: type[StepConfig]) -> type[StepConfig]:
+        TECHNIQUES[c.technique] = c
+        if demo is not None:
+            DEMOS[c.technique] = demo
+        for hook in list(_ON_REGISTER):
+            hook(c)
+        return c
+
+    return add if cls is None else add(cls)
+
+
+def unregister_technique(technique: str) -> None:
+    TECHNIQUES.pop(technique, None)
+    DEMOS.pop(technique, None)
+
+
+_ON_REGISTER: list[Callable] = []
 
 
 ProgressFn = Callable[[str], None]

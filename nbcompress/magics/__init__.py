@@ -1,27 +1,56 @@
-"""IPython front end: one Magics class per technique, all sharing magics/base.py."""
+"""IPython front end: the core magics (%nbcompress, %undo, %redo, %compress_history) and one
+generated magic per registered technique (``magics/technique.py``)."""
 from __future__ import annotations
 
-from .core import CoreMagics
-from .distill import DistillMagics
-from .earlyexit import EarlyExitMagics
-from .lowrank import LowRankMagics
-from .prune import PruneMagics
-from .quantize import QuantizeMagics
+import importlib
+import weakref
 
-MAGIC_CLASSES = [CoreMagics, PruneMagics, QuantizeMagics, LowRankMagics, DistillMagics,
-                 EarlyExitMagics]
+from ..core import _ON_REGISTER, TECHNIQUES
+from ..options import options_of
+from .core import CoreMagics
+
+_SHELLS: "weakref.WeakSet" = weakref.WeakSet()
+
+
+def magics_for(cls) -> type:
+    """The Magics class of a registered technique: generated from its declared options."""
+    if options_of(cls):
+        from .technique import technique_magics
+
+        return technique_magics(cls)
+    # not yet declared with options: its hand-written magic module (being retired)
+    mod = importlib.import_module(f"{__name__}.{cls.technique}")
+    return next(v for v in vars(mod).values()
+                if isinstance(v, type) and v.__module__ == mod.__name__ and hasattr(v, "magics"))
+
+
+def _register(ipython, cls) -> None:
+    ipython.register_magics(magics_for(cls))
+
+
+def _on_register(cls) -> None:
+    for shell in list(_SHELLS):
+        _register(shell, cls)
 
 
 def load_ipython_extension(ipython):
-    for cls in MAGIC_CLASSES:
-        ipython.register_magics(cls)
+    from .. import techniques  # noqa: F401  (registers the built-in techniques)
+
+    ipython.register_magics(CoreMagics)
+    for cls in list(TECHNIQUES.values()):
+        _register(ipython, cls)
+    _SHELLS.add(ipython)
+    if _on_register not in _ON_REGISTER:
+        _ON_REGISTER.append(_on_register)
 
 
 def unload_ipython_extension(ipython):
     mm = ipython.magics_manager
-    for cls in MAGIC_CLASSES:
-        for kind, names in cls.magics.items():
-            for name in names:
-                mm.magics[kind].pop(name, None)
-    names = {c.__name__ for c in MAGIC_CLASSES}
-    mm.registry = {k: v for k, v in mm.registry.items() if type(v).__name__ not in names}
+    names = {"nbcompress", "undo", "redo", "compress_history"} | {
+        c.magic_name() for c in TECHNIQUES.values()}
+    for kind in ("line", "cell"):
+        for name in names:
+            mm.magics[kind].pop(name, None)
+    mm.registry = {k: v for k, v in mm.registry.items()
+                   if not type(v).__module__.startswith("nbcompress.")}
+    _SHELLS.discard(ipython)

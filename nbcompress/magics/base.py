@@ -19,9 +19,10 @@ from IPython.core.magic import Magics
 from IPython.core.magic_arguments import argument
 from torch import nn
 
-from ..core import BadInput, NBCompressError, StepConfig
+from ..core import BadInput, FieldError, NBCompressError, StepConfig
 from ..history import History, Workspace
 from ..metrics import check_evaluator, is_loader, parse_input_shape
+from ..options import magic_spelling, options_of, parse_text
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 
@@ -49,7 +50,8 @@ def user_errors(fn):
         try:
             return fn(self, line, local_ns)
         except (BadInput, UsageError) as e:
-            msg = str(e)
+            spell = getattr(fn, "spell", None)
+            msg = e.spelled(spell) if spell is not None and isinstance(e, FieldError) else str(e)
             if parser is not None and isinstance(e, UsageError):
                 msg = _suggest_options(msg, parser)
             if strict():
@@ -202,6 +204,59 @@ class NBMagics(Magics):
             raise BadInput(f"{name} has no history yet: compress it (or %nbcompress {name}) first")
         return h
 
+    # ---------------------------------------------------------------- generated magics
+    def run_technique(self, cls: type[StepConfig], args, line: str, local_ns=None):
+        """The body of every technique's magic: the model first (the clearest message), each
+        option given on the line parsed by its declared kind, the config built (fields not on
+        the line keep their declared defaults), then one undoable step."""
+        self.lookup_model(args.name, local_ns)
+
+        def resolve(name, text, opt):
+            return self.resolve_value(text, opt, local_ns, what=magic_flag(cls, name))
+
+        values = {f.name: parse_text(f.name, opt, getattr(args, f.name), resolve)
+                  for f, opt in options_of(cls) if opt.magic and hasattr(args, f.name)}
+        config = cls(**values, device=args.device)
+        config.before_magic(self, args.name, local_ns)
+        return self.run_step(args.name, config, args, local_ns,
+                             magic=f"%{cls.magic_name()} {line}")
+
+    def resolve_value(self, text: str, opt, local_ns, what: str):
+        """A name on the magic line as the object it names, by the option's kind."""
+        if opt.kind == "loader":
+            return self.lookup_loader(text, local_ns, what)
+        if opt.kind == "models":
+            models = [self.lookup_model_version(t, local_ns, what) for t in split_names(text)]
+            if not models:
+                raise BadInput(f"{what} needs NAME[,NAME...]")
+            return models
+        return self.lookup(text, local_ns, what)
+
+    def lookup_model_version(self, token: str, local_ns, what: str) -> nn.Module:
+        """``NAME`` (a model in the notebook) or ``NAME@K`` (version K of NAME's history, a
+        fresh copy)."""
+        if "@" not in token:
+            t = self.lookup(token, local_ns, what)
+            if not isinstance(t, nn.Module):
+                raise BadInput(f"{what} {token} is a {type(t).__name__}, not a torch.nn.Module")
+            return t
+        name, _, k = token.rpartition("@")
+        try:
+            k = int(k)
+        except ValueError:
+            k = -1
+        if k < 0:
+            raise BadInput(f"{what} {token}: write NAME@K with K a version number (0 is the "
+                           f"first)")
+        self.lookup_model(name, local_ns)
+        h = self.workspace.get(name)
+        if h is None:
+            raise BadInput(f"{what} {token}: {name} has no history yet (compress it or "
+                           f"%nbcompress {name} first)")
+        if k >= len(h):
+            raise BadInput(f"{what} {token}: {name} has versions 0..{len(h) - 1}")
+        return h.version_model(k)
+
     def run_step(self, name: str, config: StepConfig, args, local_ns=None, magic: str = ""):
         """Apply ``config`` to the model named ``name`` as one undoable step; rebind the name only
         when the step completed (settings given on the line are kept only then, too)."""
@@ -212,6 +267,11 @@ class NBMagics(Magics):
                              device=args.device)
             self.rebind(name, h.current, local_ns)
         return report
+
+
+def magic_flag(cls, name: str) -> str:
+    """How the magic line spells the field ``name`` of technique ``cls`` (``--finetune``)."""
+    return magic_spelling(cls)(name, None)
 
 
 def parse_shape(text: str):
