@@ -216,17 +216,19 @@ def _to_device(model: nn.Module, device: torch.device) -> nn.Module:
 # The registry: every technique's config class, by technique name. The magics, the demo's steps,
 # the README's magic table and ``nbcompress.TECHNIQUES`` all come from it.
 TECHNIQUES: dict[str, type[StepConfig]] = {}
-DEMOS: dict[str, Callable] = {}
+DEMOS: dict[str, tuple] = {}      # technique -> (demo step function, pipeline name)
 
 
-def register_technique(cls: type[StepConfig] | None = None, *, demo: Callable | None = None):
+def register_technique(cls: type[StepConfig] | None = None, *, demo: Callable | None = None,
+                       pipeline: str = "model"):
     """Register a technique's config class (as a decorator, or ``register_technique(Cls,
-    demo=fn)``); ``demo(train_loader, test_loader) -> (label, config)`` is its demo step. A shell
-    that has loaded the extension gets the new magic at once."""
+    demo=fn)``). ``demo(train_loader, test_loader) -> (label, config)`` is its step in the demo
+    (``python -m nbcompress demo``), applied in registration order to the history named
+    ``pipeline``. A shell that has loaded the extension gets the new magic at once."""
     def add(c: type[StepConfig]) -> type[StepConfig]:
         TECHNIQUES[c.technique] = c
         if demo is not None:
-            DEMOS[c.technique] = demo
+            DEMOS[c.technique] = (demo, pipeline)
         for hook in list(_ON_REGISTER):
             hook(c)
         return c

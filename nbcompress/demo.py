@@ -20,13 +20,18 @@ def demo_pipelines(train_loader, test_loader):
     """{history name: [(label, StepConfig), ...]}: each technique's own demo step, in two
     pipelines over the same trained model: Deep-Compression style (prune, distill back from the
     original, int8) and architecture (low-rank, then early exits)."""
-    import importlib
+    from .core import DEMOS, TECHNIQUES
+    from .techniques import MODULES
 
-    # import the modules by path: the package re-exports functions with the same names
-    steps = {t: importlib.import_module(f"nbcompress.{t}").demo_config(train_loader, test_loader)
-             for t in ("prune", "quantize", "lowrank", "distill", "earlyexit")}
-    return {"model": [steps["prune"], steps["distill"], steps["quantize"]],
-            "model_arch": [steps["lowrank"], steps["earlyexit"]]}
+    pipelines: dict[str, list] = {}
+    for t in TECHNIQUES:
+        demo, pipeline = DEMOS.get(t, (None, None))
+        if demo is None and t in MODULES:         # not yet registered with its demo (transition)
+            demo = MODULES[t].demo_config
+            pipeline = "model_arch" if t in ("lowrank", "earlyexit") else "model"
+        if demo is not None:
+            pipelines.setdefault(pipeline, []).append(demo(train_loader, test_loader))
+    return pipelines
 
 
 DEMO_COLUMNS = ("version", "technique", "args", "params", "nonzero_params", "packed_bytes",

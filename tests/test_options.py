@@ -151,3 +151,27 @@ def test_each_kind_parses_its_text_in_one_place():
 def test_python_verb_unknown_keyword_names_the_closest_field():
     with pytest.raises(BadInput, match="unknown option 'epoch'; did you mean epochs"):
         _Combo.check_options({"epoch": 3}, "combo")
+
+
+# Every option each magic had before its options were declared on its config (2026-12-01, from
+# the hand-written magics): the generated magics must keep them all.
+OPTIONS_BEFORE = {
+    "prune": (['name', 'amount'], ['--amounts', '--data', '--device', '--epochs', '--eval', '--finetune', '--importance', '--layers', '--lottery', '--lr', '--no-progress', '--round-to', '--scope', '--seed', '--sensitivity', '--sparsity-reg', '--steps', '--structured', '--target-flops', '--target-params']),
+    "quantize": (['name'], ['--asymmetric', '--bits', '--calib', '--calib-batches', '--device', '--dtype', '--epochs', '--eval', '--huffman', '--layers', '--lr', '--mode', '--no-progress', '--per-channel', '--qat', '--seed']),
+    "lowrank": (['name'], ['--conv', '--data', '--device', '--energy', '--epochs', '--eval', '--finetune', '--layers', '--lr', '--no-progress', '--rank', '--ratio', '--target-params']),
+    "distill": (['name'], ['--alpha', '--bias-adjust', '--data', '--device', '--epochs', '--eval', '--feature-weight', '--features', '--lr', '--no-cache', '--no-progress', '--optimizer', '--seed', '--soft-only', '--teacher', '--temperature', '-T']),
+    "earlyexit": (['name'], ['--alpha', '--data', '--device', '--epochs', '--eval', '--every', '--exits', '--head-pool', '--joint', '--lr', '--no-progress', '--seed', '--temperature', '--threshold', '-T']),
+}
+
+
+@pytest.mark.parametrize("magic", sorted(OPTIONS_BEFORE))
+def test_every_magic_keeps_every_option(shell, magic):
+    parser = shell.find_line_magic(magic).parser
+    positional, flags = OPTIONS_BEFORE[magic]
+    have = set(parser._option_string_actions)
+    assert not set(flags) - have, f"%{magic} lost {sorted(set(flags) - have)}"
+    got = [a.dest for a in parser._actions if not a.option_strings]
+    assert got[:len(positional)] == positional
+    doc = shell.find_line_magic(magic).__doc__
+    for flag in flags:
+        assert flag in doc

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 
-ORDER = ("prune", "quantize", "lowrank", "distill", "earlyexit")
+ORDER = ("prune", "distill", "quantize", "lowrank", "earlyexit")
 
 
 def _load(name: str):
