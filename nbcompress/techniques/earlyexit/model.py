@@ -36,7 +36,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.flop_counter import FlopCounterMode
 
-from .core import BadInput, CompressionResult, StepConfig, StepContext, compress, register_technique
+from ...core import BadInput, CompressionResult, StepConfig, StepContext, compress, register_technique
 
 __all__ = ["EarlyExitConfig", "EarlyExitModel", "early_exit", "threshold_sweep",
            "list_blocks", "sequential_cnn", "demo_config", "DEFAULT_THRESHOLD", "SWEEP_THRESHOLDS"]
@@ -181,7 +181,7 @@ class EarlyExitModel(nn.Module):
         evaluator's data by the batched early-exit forward, averaged per sample and scaled to the
         example input's batch size; details: the share of samples per exit. ``None`` when the
         evaluator is not a DataLoader (then the example input's own forward is counted)."""
-        from .train import split_batch, to_device
+        from ...train import split_batch, to_device
 
         if not isinstance(evaluator, DataLoader) or not isinstance(example_input, torch.Tensor):
             return None
@@ -402,7 +402,7 @@ def _exit_list(exits: Any) -> list[str]:
 
 
 def _first_batch(loader: DataLoader, what: str = "--data") -> tuple[torch.Tensor, Any]:
-    from .train import split_batch
+    from ...train import split_batch
 
     try:
         batch = next(iter(loader))
@@ -567,7 +567,7 @@ class EarlyExitConfig(StepConfig):
             return self._retune(model, ctx)
         plan = self.plan(model)
         if self.alpha < 1:                 # the heads train on the labels: they must be classes
-            from .train import check_loader_runs
+            from ...train import check_loader_runs
 
             check_loader_runs(model, self.data, "--data", ctx.device)
         with torch.random.fork_rng(devices=[]):
@@ -600,8 +600,8 @@ class EarlyExitConfig(StepConfig):
         return result
 
     def _train(self, ee: EarlyExitModel, ctx: StepContext) -> list[dict]:
-        from .distill import soft_target_loss
-        from .train import fit, split_batch
+        from ...distill import soft_target_loss
+        from ...train import fit, split_batch
 
         alpha, T = float(self.alpha), float(self.T)
 
@@ -672,7 +672,7 @@ class EarlyExitConfig(StepConfig):
     def _describe(self, ee: EarlyExitModel, ctx: StepContext, result: CompressionResult,
                   notes: list[str]) -> None:
         """Fill the per-exit table, the threshold sweep (table + plot) and the notes."""
-        from .metrics import is_loader
+        from ...metrics import is_loader
 
         if not is_loader(ctx.evaluator):
             result.notes += notes + ["no evaluation loader (--eval): no threshold sweep"]
@@ -690,7 +690,7 @@ class EarlyExitConfig(StepConfig):
                      f"{cur['flops_fraction']:.0%} of the full network's FLOPs{acc}")
         result.notes += notes
         result.tables["threshold sweep"] = sweep
-        from .report.plots import sweep_plot_png
+        from ...report.plots import sweep_plot_png
 
         result.figures["accuracy vs FLOPs"] = sweep_plot_png(
             sweep, full_accuracy=sw.alone[-1] if sw.y is not None else None,
@@ -724,7 +724,7 @@ def _cached_features(ee: EarlyExitModel, loader: DataLoader, device, progress: b
     that would take more than ``CACHE_BYTES`` (then the backbone runs every epoch)."""
     from tqdm.auto import tqdm
 
-    from .train import split_batch, to_device
+    from ...train import split_batch, to_device
 
     fronts = [hd[:_front_len(hd)] for hd in ee.heads]
     cols: list[list[torch.Tensor]] = [[] for _ in range(len(fronts) + 2)]
@@ -781,7 +781,7 @@ class _Sweep:
     what the early-exit forward decides at any threshold, without rerunning it."""
 
     def __init__(self, ee: EarlyExitModel, loader: DataLoader, device=None):
-        from .train import split_batch, to_device
+        from ...train import split_batch, to_device
 
         if device is None:
             device = next((t.device for t in ee.parameters()), torch.device("cpu"))
