@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .core import BadInput, model_device, resolve_device
+from .options import is_number
 
 __all__ = ["to_device", "split_batch", "evaluate", "fit", "make_optimizer"]
 
@@ -81,8 +82,6 @@ def logits_of(out: Any) -> torch.Tensor:
         return out["logits"]
     raise BadInput(f"the model's output is a {type(out).__name__}, not a tensor of class scores")
 
-
-_logits = logits_of
 
 
 def _check_loader(loader: Any, what: str = "loader") -> None:
@@ -221,7 +220,7 @@ def evaluate(model: nn.Module, loader: DataLoader, device: str | torch.device | 
                                    "(inputs, labels) batches")
                 x = to_device(x, dev)
                 y = to_device(y, dev)
-                scores = _logits(_forward(model, x))
+                scores = logits_of(_forward(model, x))
                 pred = scores.argmax(dim=1)
                 if y.dim() == scores.dim() and y.shape == scores.shape:   # one-hot / soft labels
                     y = y.argmax(dim=1)
@@ -278,10 +277,6 @@ def make_optimizer(optimizer: Any, params: Any, *, lr: float = 1e-3, weight_deca
                    f"a callable f(params) -> Optimizer; got {type(optimizer).__name__}")
 
 
-def _is_number(v: Any) -> bool:
-    return isinstance(v, numbers.Real) and not isinstance(v, bool)
-
-
 def _validate(model, loader, epochs, lr, optimizer, weight_decay, momentum, loss_fn, after_step,
               on_epoch_end, eval_loader, scheduler, grad_clip, seed, amp) -> None:
     if not isinstance(model, nn.Module):
@@ -289,11 +284,11 @@ def _validate(model, loader, epochs, lr, optimizer, weight_decay, momentum, loss
     _check_loader(loader, "the training loader")
     if not isinstance(epochs, numbers.Integral) or isinstance(epochs, bool) or epochs < 1:
         raise BadInput(f"epochs must be a positive int, got {epochs!r}")
-    if not _is_number(lr) or not math.isfinite(lr) or lr <= 0:
+    if not is_number(lr) or not math.isfinite(lr) or lr <= 0:
         raise BadInput(f"lr must be a positive number, got {lr!r}")
-    if not _is_number(weight_decay) or not math.isfinite(weight_decay) or weight_decay < 0:
+    if not is_number(weight_decay) or not math.isfinite(weight_decay) or weight_decay < 0:
         raise BadInput(f"weight_decay must be a number >= 0, got {weight_decay!r}")
-    if not _is_number(momentum) or not 0 <= momentum < 1:
+    if not is_number(momentum) or not 0 <= momentum < 1:
         raise BadInput(f"momentum must be in [0, 1), got {momentum!r}")
     if isinstance(optimizer, str) and optimizer.lower() not in OPTIMIZERS:
         raise BadInput(f"unknown optimizer {optimizer!r} (use {', '.join(OPTIMIZERS)}, a "
@@ -316,7 +311,7 @@ def _validate(model, loader, epochs, lr, optimizer, weight_decay, momentum, loss
                   or isinstance(scheduler, torch.optim.lr_scheduler.LRScheduler)):
             raise BadInput(f"scheduler must be 'cosine', a callable f(optimizer, total_steps) or "
                            f"None; got {type(scheduler).__name__}")
-    if grad_clip is not None and (not _is_number(grad_clip) or grad_clip <= 0):
+    if grad_clip is not None and (not is_number(grad_clip) or grad_clip <= 0):
         raise BadInput(f"grad_clip must be a positive number or None, got {grad_clip!r}")
     if seed is not None and (not isinstance(seed, numbers.Integral) or isinstance(seed, bool)):
         raise BadInput(f"seed must be an int or None, got {seed!r}")
@@ -451,7 +446,7 @@ def fit(model: nn.Module, loader: DataLoader, *, epochs: int = 1, lr: float = 1e
                             if y is None:
                                 raise BadInput("the training loader yields no labels; pass "
                                                "loss_fn(model, batch) to train on unlabelled data")
-                            loss = F.cross_entropy(_logits(_forward(model, x)).float(), y)
+                            loss = F.cross_entropy(logits_of(_forward(model, x)).float(), y)
                         else:
                             loss = loss_fn(model, batch)
                     if n_steps == 0:

@@ -79,3 +79,30 @@ def technique_magics(cls: type[StepConfig]) -> type:
     fn = make_magic(cls)
     body = {cls.magic_name(): fn, "__doc__": f"%{cls.magic_name()}: {cls.summary}"}
     return magics_class(type(f"{cls.__name__}Magics", (NBMagics,), body))
+
+
+def usage(cls: type[StepConfig]) -> str:
+    """``%prune NAME [AMOUNT] [options]``: the magic's shape, required options spelled out."""
+    parts = [f"%{cls.magic_name()}", "NAME"]
+    for f, opt in options_of(cls):
+        if not opt.magic:
+            continue
+        if opt.positional:
+            parts.append(f"[{opt.default_metavar(f.name)}]")
+        elif opt.required:
+            flag = opt.flag or "--" + f.name.replace("_", "-")
+            parts.append(f"{flag} {opt.default_metavar(f.name)}")
+    return " ".join(parts + ["[options]"])
+
+
+def magic_table() -> str:
+    """The README's table of technique magics, from the registry (a test keeps them equal)."""
+    from ..core import TECHNIQUES
+
+    rows = ["| magic | what it does | options |", "| --- | --- | --- |"]
+    for cls in TECHNIQUES.values():
+        flags = [opt.flag or "--" + f.name.replace("_", "-")
+                 for f, opt in options_of(cls) if opt.magic and not opt.positional]
+        cell = " ".join(f"`{x}`" for x in flags)
+        rows.append(f"| `{usage(cls)}` | {cls.summary} | {cell} |")
+    return "\n".join(rows) + "\n"

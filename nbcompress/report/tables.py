@@ -248,7 +248,7 @@ def column_label(key: Any) -> str:
     return _LABELS.get(str(key), str(key))
 
 
-def _is_number(v: Any) -> bool:
+def _numeric_cell(v: Any) -> bool:
     if isinstance(v, bool) or _is_missing(v):
         return False
     if isinstance(v, (int, float)):
@@ -275,12 +275,12 @@ def format_column(key: Any, values: list) -> list[str]:
     every row (never ``53.6%`` in one and ``0.9778`` in the next), byte and FLOP counts in their
     units, other floats with the same number of decimals, missing values blank."""
     k = str(key).lower()
-    nums = [float(v) for v in values if _is_number(v)]
+    nums = [float(v) for v in values if _numeric_cell(v)]
     if not nums:
         return ["" if _is_missing(v) else format_number(v) for v in values]
 
     def each(fmt):
-        return [fmt(float(v)) if _is_number(v) else ("" if _is_missing(v) else format_number(v))
+        return [fmt(float(v)) if _numeric_cell(v) else ("" if _is_missing(v) else format_number(v))
                 for v in values]
 
     relative = any(w in k for w in ("fraction", "share", "ratio", "density"))
@@ -292,7 +292,7 @@ def format_column(key: Any, values: list) -> list[str]:
         return each(format_ms)
     kind = _percent_kind(k)
     if not any(isinstance(v, float) or type(v).__name__.startswith("float")
-               for v in values if _is_number(v)):
+               for v in values if _numeric_cell(v)):
         kind = None                        # counts (kept: 23,550), not fractions
     if kind == "accuracy":
         scale = accuracy_scale(*nums)
@@ -473,7 +473,7 @@ def history_text(df: Any, *, columns: tuple[str, ...] | None = None, timings: bo
         elif k in ("technique", "args", "version"):
             texts[k] = ["" if _is_missing(v) else str(v) for v in vals]
         else:
-            texts[k] = [MISSING if not _is_number(v) else c
+            texts[k] = [MISSING if not _numeric_cell(v) else c
                         for v, c in zip(vals, format_column(k, vals))]
     current = df["current"].tolist() if "current" in df.columns else [False] * len(df)
     body = []
