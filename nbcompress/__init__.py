@@ -8,7 +8,8 @@ plain functions here (``nbcompress.prune(model, 0.5)``) and undoable steps throu
 from __future__ import annotations
 
 from .core import BadInput, CompressionResult, NBCompressError, StepConfig, StepContext, compress
-from .history import History, Workspace
+from .history import History
+from .workspace import Workspace
 from .metrics import Metrics, measure
 from .storage import load, save
 from .train import evaluate, fit

@@ -19,171 +19,18 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from .batches import (_check_loader, _loader_len, check_loader_runs, eval_mode, first_line,
+                      forward_batch, logits_of, output_layers, peek_batch, split_batch, to_device)
 from .core import BadInput, model_device, resolve_device
 from .options import is_number
 
-__all__ = ["to_device", "split_batch", "evaluate", "fit", "make_optimizer"]
+# the batch helpers are importable from here too (they were defined here first)
+__all__ = ["to_device", "split_batch", "evaluate", "fit", "make_optimizer", "forward_batch",
+           "logits_of", "eval_mode", "peek_batch", "check_loader_runs", "first_line",
+           "output_layers"]
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 _POSTFIX_EVERY = 10     # steps between progress-bar loss updates (each one syncs a CUDA device)
-
-
-# ------------------------------------------------------------------------------------ batches
-
-def to_device(obj: Any, device: str | torch.device) -> Any:
-    """Move a tensor, or tuples / lists / dicts of them (nested), to ``device``.
-
-    Copies from pinned memory to CUDA are non-blocking. Anything that is not a tensor or a
-    container of them is returned unchanged."""
-    device = torch.device(device)
-    if isinstance(obj, torch.Tensor):
-        if obj.device == device:
-            return obj
-        non_blocking = device.type == "cuda" and obj.device.type == "cpu" and obj.is_pinned()
-        return obj.to(device, non_blocking=non_blocking)
-    if isinstance(obj, dict):
-        moved = {k: to_device(v, device) for k, v in obj.items()}
-        if type(obj) is dict:
-            return moved
-        try:
-            return type(obj)(moved)
-        except TypeError:       # e.g. defaultdict: a plain dict of the same items
-            return moved
-    if isinstance(obj, tuple) and hasattr(obj, "_fields"):          # namedtuple
-        return type(obj)(*(to_device(v, device) for v in obj))
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(to_device(v, device) for v in obj)
-    return obj
-
-
-def split_batch(batch: Any) -> tuple[Any, Any]:
-    """``(inputs, targets or None)`` of one batch: ``(x, y)``, ``[x, y]``, ``(x,)`` or a bare
-    tensor ``x`` (unlabelled transfer data). Extra items after ``y`` are ignored."""
-    if isinstance(batch, torch.Tensor):
-        return batch, None
-    if isinstance(batch, (tuple, list)):
-        if len(batch) == 0:
-            raise BadInput("the loader yielded an empty batch")
-        if len(batch) == 1:
-            return batch[0], None
-        return batch[0], batch[1]
-    raise BadInput(f"a batch must be a tensor x or a tuple/list (x, y); the loader yielded a "
-                   f"{type(batch).__name__}")
-
-
-def logits_of(out: Any) -> torch.Tensor:
-    """The class scores of a model's output: the tensor itself, the first item of a tuple/list,
-    or a dict's 'logits'."""
-    if isinstance(out, torch.Tensor):
-        return out
-    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
-        return out[0]
-    if isinstance(out, dict) and isinstance(out.get("logits"), torch.Tensor):
-        return out["logits"]
-    raise BadInput(f"the model's output is a {type(out).__name__}, not a tensor of class scores")
-
-
-
-def _check_loader(loader: Any, what: str = "loader") -> None:
-    if not isinstance(loader, DataLoader):
-        raise BadInput(f"{what} must be a torch.utils.data.DataLoader, got {type(loader).__name__}")
-
-
-def _loader_len(loader: DataLoader) -> int | None:
-    try:
-        return len(loader)
-    except TypeError:       # an IterableDataset without __len__
-        return None
-
-
-def forward_batch(model: nn.Module, x: Any) -> Any:
-    """Run ``model`` on the inputs of a batch or an example input, the one way every part of
-    nbcompress does: a dict is keyword arguments, a tuple/list positional arguments, anything
-    else the single argument."""
-    if isinstance(x, dict):
-        return model(**x)
-    if isinstance(x, (tuple, list)):
-        return model(*x)
-    return model(x)
-
-
-_forward = forward_batch
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module):
-    """``model.eval()`` inside, its train/eval mode as it was after."""
-    was = model.training
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(was)
-
-
-def first_line(e: BaseException) -> str:
-    """``Type: first line of the message`` of an exception, for one-line user errors."""
-    text = str(e)
-    return f"{type(e).__name__}: {text.splitlines()[0]}" if text.strip() else type(e).__name__
-
-
-def peek_batch(loader: DataLoader, what: str = "the loader") -> Any:
-    """The loader's first batch, leaving its shuffling state as it was (the sampler's generator
-    and the global RNG are restored), so a peek does not change the data order of training."""
-    gens = []
-    for obj in (loader, loader.sampler, getattr(loader.batch_sampler, "sampler", None)):
-        g = getattr(obj, "generator", None)
-        if isinstance(g, torch.Generator) and all(g is not h for h in gens):
-            gens.append(g)
-    states = [g.get_state() for g in gens]
-    try:
-        with torch.random.fork_rng(devices=[]):
-            it = iter(loader)
-            try:
-                return next(it)
-            except StopIteration:
-                raise BadInput(f"{what} yielded no batches") from None
-            finally:
-                del it
-    finally:
-        for g, st in zip(gens, states):
-            g.set_state(st)
-
-
-def check_loader_runs(model: nn.Module, loader: Any, flag: str, device: Any = None, *,
-                      labels: bool = True) -> None:
-    """One batch of ``loader`` must run through ``model`` (eval mode, no grad; the loader's
-    shuffling order and the global RNG are left as they were) and, with ``labels``, its integer
-    labels must be classes of the model's output: a loader of the wrong data is one clear line
-    before any work, not a traceback from deep inside training or calibration. Not a DataLoader:
-    nothing to check here (each option's own validation says what it needs)."""
-    if not isinstance(loader, DataLoader):
-        return
-    x, y = split_batch(peek_batch(loader, flag))
-    shape = f" (inputs of shape {tuple(x.shape)})" if isinstance(x, torch.Tensor) else ""
-    try:
-        with torch.no_grad(), eval_mode(model):
-            out = forward_batch(model, to_device(x, device if device is not None
-                                                 else model_device(model)))
-    except BadInput:
-        raise
-    except Exception as e:  # noqa: BLE001 - any failure to run is a one-line user error here
-        raise BadInput(f"the model cannot run on a batch of {flag}{shape}: {first_line(e)}; "
-                       f"is it the data this model takes?") from None
-    if not labels or not isinstance(y, torch.Tensor) or y.is_floating_point() or y.numel() == 0:
-        return
-    try:
-        scores = logits_of(out)
-    except BadInput:        # an output we cannot read as class scores: nothing to check
-        return
-    if scores.dim() < 2:
-        return
-    classes = scores.shape[1]
-    lo, hi = int(y.min()), int(y.max())
-    if lo < 0 or hi >= classes:
-        bad = hi if hi >= classes else lo
-        raise BadInput(f"{flag} has label {bad}, but the model scores {classes} classes "
-                       f"(labels 0..{classes - 1}); is it the data this model takes?")
 
 
 # --------------------------------------------------------------------------------- evaluation
@@ -220,7 +67,7 @@ def evaluate(model: nn.Module, loader: DataLoader, device: str | torch.device | 
                                    "(inputs, labels) batches")
                 x = to_device(x, dev)
                 y = to_device(y, dev)
-                scores = logits_of(_forward(model, x))
+                scores = logits_of(forward_batch(model, x))
                 pred = scores.argmax(dim=1)
                 if y.dim() == scores.dim() and y.shape == scores.shape:   # one-hot / soft labels
                     y = y.argmax(dim=1)
@@ -446,7 +293,7 @@ def fit(model: nn.Module, loader: DataLoader, *, epochs: int = 1, lr: float = 1e
                             if y is None:
                                 raise BadInput("the training loader yields no labels; pass "
                                                "loss_fn(model, batch) to train on unlabelled data")
-                            loss = F.cross_entropy(logits_of(_forward(model, x)).float(), y)
+                            loss = F.cross_entropy(logits_of(forward_batch(model, x)).float(), y)
                         else:
                             loss = loss_fn(model, batch)
                     if n_steps == 0:
@@ -508,42 +355,3 @@ def _check_loss(loss: Any) -> None:
     if not loss.requires_grad:
         raise BadInput("the loss does not depend on any trainable parameter (no grad); was it "
                        "computed under torch.no_grad, or are all parameters frozen?")
-
-
-def output_layers(model: nn.Module, layers: list[tuple[str, nn.Module]],
-                  example: Any = None) -> set[str]:
-    """Names (from ``layers``, ``(name, module)`` pairs) of the layers whose output is the model's
-    output: the classifier.
-
-    The one rule prune and lowrank use to find the classifier: run ``example`` (eval mode, no
-    gradients) and take the layers whose output tensor the model returns (alone, in a tuple or
-    list, or as a value of a dict / ``ModelOutput``); when there is no example, it does not run,
-    or no layer's output is returned as it is, the last of ``layers``. The outputs are held until
-    the end of the forward, so a freed tensor's ``id`` reused by the result cannot be mistaken
-    for it."""
-    if not layers:
-        return set()
-    if example is not None:
-        seen: dict[int, tuple[str, torch.Tensor]] = {}
-        handles = []
-        for name, m in layers:
-            def hook(mod, inp, out, _n=name):
-                if isinstance(out, torch.Tensor):
-                    seen.setdefault(id(out), (_n, out))       # holding ``out`` keeps its id unique
-            handles.append(m.register_forward_hook(hook))
-        try:
-            with torch.no_grad(), eval_mode(model):
-                y = forward_batch(model, example)
-        except Exception:  # noqa: BLE001 - the example does not run: fall back to the order
-            y = None
-        finally:
-            for h in handles:
-                h.remove()
-        ys = [y] if isinstance(y, torch.Tensor) else list(y) if isinstance(y, (tuple, list)) \
-            else list(y.values()) if isinstance(y, dict) else []
-        found = {seen[id(t)][0] for t in ys
-                 if isinstance(t, torch.Tensor) and id(t) in seen and seen[id(t)][1] is t}
-        seen.clear()
-        if found:
-            return found
-    return {layers[-1][0]}

@@ -20,7 +20,8 @@ from IPython.core.magic_arguments import argument
 from torch import nn
 
 from ..core import BadInput, FieldError, NBCompressError, StepConfig
-from ..history import History, Workspace
+from ..history import History
+from ..workspace import Workspace
 from ..metrics import check_evaluator, is_loader, parse_input_shape
 from ..options import magic_spelling, options_of, parse_text
 

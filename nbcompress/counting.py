@@ -1,0 +1,259 @@
+"""Counting what a model is: parameters (nonzero too), bytes as stored now and as
+:func:`nbcompress.save` packs them, and FLOPs of one forward pass (``torch.utils.flop_counter``),
+per layer and scaled by weight density."""
+from __future__ import annotations
+
+import io
+import warnings
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from .train import forward_batch as _forward
+
+
+def _weight_like(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Tensors that are the module's learned content: its own parameters, plus buffers a module
+    declares as weights (``_nbc_weight_buffers``, e.g. int codes of a quantized layer)."""
+    out = {n: p for n, p in module.named_parameters(recurse=False)}
+    for n in getattr(module, "_nbc_weight_buffers", ()):
+        b = getattr(module, n, None)
+        if isinstance(b, torch.Tensor):
+            out[n] = b
+    return out
+
+
+def _is_torch_quantized(m: nn.Module) -> bool:
+    """A ``torch.ao`` quantized module: its weights live in packed, backend-specific objects
+    (not in ``parameters()``), read back through ``_weight_bias()`` / ``weight()``."""
+    return any(c.__module__.startswith(("torch.ao.nn.quantized", "torch.nn.quantized"))
+               for c in type(m).__mro__)
+
+
+def _counts_itself(m: nn.Module) -> bool:
+    """True for a module that stands for its whole subtree when counting: one with its own
+    ``nbc_count`` or a ``torch.ao`` quantized module (whose children only hold packed params)."""
+    return hasattr(m, "nbc_count") or _is_torch_quantized(m)
+
+
+def _units(model: nn.Module) -> Iterable[tuple[str, nn.Module]]:
+    """``(name, module)`` of every module once, in ``named_modules`` order, except the modules
+    inside one that counts itself (:func:`_counts_itself`): those are its packed parameters."""
+    inside = None
+    for name, m in model.named_modules():
+        if inside is not None and (inside == "" or name.startswith(inside + ".")):
+            continue
+        inside = None
+        yield name, m
+        if _counts_itself(m):
+            inside = name
+
+
+def _stored_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The module's own learned tensors as it stores them: :func:`_weight_like`, plus, for a
+    ``torch.ao`` quantized module, its packed weights (quantized tensors) and biases."""
+    out = dict(_weight_like(module))
+    if not _is_torch_quantized(module):
+        return out
+    got = None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            wb = getattr(module, "_weight_bias", None)
+            if callable(wb):
+                got = wb()
+            elif callable(getattr(module, "weight", None)):
+                got = (module.weight(), None)
+        except Exception:  # noqa: BLE001 - a module we cannot read: counted as having none
+            got = None
+    if isinstance(got, tuple) and len(got) == 2:
+        for n, t in zip(("weight", "bias"), got):
+            if isinstance(t, torch.Tensor):
+                out[n] = t
+    elif isinstance(got, dict):           # dynamic LSTM / GRU: {"weight": {...}, "bias": {...}}
+        for part in ("weight", "bias"):
+            for n, t in (got.get(part) or {}).items():
+                if isinstance(t, torch.Tensor):
+                    out[n] = t
+    return out
+
+
+def _tensor_counts(t: torch.Tensor) -> tuple[int, int]:
+    """(entries, nonzero entries). A quantized tensor's entry is zero when its integer code
+    equals its zero point (per channel for per-channel schemes), i.e. it dequantizes to 0."""
+    t = t.detach()
+    if t.is_quantized:
+        r = t.int_repr().to(torch.int32)
+        if t.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric,
+                           torch.per_channel_affine_float_qparams):
+            shape = [1] * r.dim()
+            shape[t.q_per_channel_axis()] = -1
+            zp = t.q_per_channel_zero_points().to(torch.int32).reshape(shape)
+            if t.qscheme() == torch.per_channel_affine_float_qparams:   # zero points are floats
+                return r.numel(), int(torch.count_nonzero(t.dequantize()).item())
+        else:
+            zp = int(t.q_zero_point())
+        return r.numel(), int((r != zp).sum().item())
+    return t.numel(), int(torch.count_nonzero(t).item())
+
+
+def _is_bias(name: str) -> bool:
+    return name == "bias" or name.startswith("bias_") or name.endswith(".bias")
+
+
+def module_counts(module: nn.Module) -> tuple[int, int]:
+    """(params, nonzero params) the module stores itself (not its children): its ``nbc_count()``
+    when it has one, else :func:`_stored_tensors`."""
+    if hasattr(module, "nbc_count"):
+        p, z = module.nbc_count()
+        return int(p), int(z)
+    p = z = 0
+    for t in _stored_tensors(module).values():
+        a, b = _tensor_counts(t)
+        p, z = p + a, z + b
+    return p, z
+
+
+def weight_density(module: nn.Module) -> float | None:
+    """Fraction of the module's stored *weights* (biases left out) that are nonzero, read from
+    what it stores: float weights, the int codes of a ``torch.ao`` quantized weight against its
+    zero points, or, for a layer that only counts itself, ``nbc_count()`` less its biases.
+    None when the module stores no weight."""
+    tensors = _stored_tensors(module)
+    w = getattr(module, "weight", None)
+    if isinstance(w, torch.Tensor) and "weight" not in tensors:   # torch.nn.utils.prune: the
+        tensors["weight"] = w                                     # masked weight, not weight_orig
+    exact = {n: t for n, t in tensors.items() if not _is_bias(n)
+             and (t.is_quantized or t.is_floating_point() or t.is_complex())}
+    if "weight" in exact:
+        exact = {"weight": exact["weight"]}
+    elif any(n.startswith("weight") for n in exact):     # LSTM / GRU: weight_ih_l0, weight_hh_l0...
+        exact = {n: t for n, t in exact.items() if n.startswith("weight")}
+    if exact:
+        p = z = 0
+        for t in exact.values():
+            a, b = _tensor_counts(t)
+            p, z = p + a, z + b
+        return z / p if p else None
+    if hasattr(module, "nbc_count"):        # e.g. integer codes with zero points of its own
+        p, z = module.nbc_count()
+        for n, t in tensors.items():
+            if _is_bias(n):
+                a, b = _tensor_counts(t)
+                if p - a > 0:
+                    p, z = p - a, z - b
+        return z / p if p else None
+    return None
+
+
+def count_params(model: nn.Module) -> tuple[int, int]:
+    """(params, nonzero params). A module may override with ``nbc_count() -> (params, nonzero)``
+    (used by layers whose weights live outside ``parameters()``, like packed int8 kernels);
+    ``torch.ao`` quantized modules are counted from their packed weights (an int8 entry is zero
+    when it equals its zero point). Biases count as parameters."""
+    total = nz = 0
+    for _, m in _units(model):
+        p, z = module_counts(m)
+        total += p
+        nz += z
+    return total, nz
+
+
+def dense_bytes(model: nn.Module) -> tuple[int, dict]:
+    """Bytes the model's tensors occupy in memory now, total and per dtype (state_dict tensors,
+    each storage counted once)."""
+    seen: set = set()
+    per: dict[str, int] = {}
+    for t in _state_tensors(model):
+        key = (t.untyped_storage().data_ptr(), t.device.type) if t.numel() else id(t)
+        if key in seen:
+            continue
+        seen.add(key)
+        nbytes = t.untyped_storage().nbytes() if t.numel() else 0
+        name = str(t.dtype).replace("torch.", "")
+        per[name] = per.get(name, 0) + nbytes
+    return sum(per.values()), per
+
+
+def _state_tensors(model: nn.Module) -> Iterable[torch.Tensor]:
+    for v in model.state_dict(keep_vars=True).values():
+        if isinstance(v, torch.Tensor):
+            yield v.detach()
+        elif isinstance(v, (tuple, list)):
+            yield from (x.detach() for x in v if isinstance(x, torch.Tensor))
+
+
+def packed_bytes(model: nn.Module) -> int:
+    """The length of what ``nbcompress.save`` writes for this model."""
+    from .storage import save
+
+    buf = io.BytesIO()
+    save(model, buf)
+    return buf.tell()
+
+
+def count_flops(model: nn.Module, example_input: Any) -> tuple[int, int, dict[str, int]]:
+    """(flops, sparse_flops, per-leaf-module flops) of one forward of ``example_input``.
+
+    FLOPs come from ``torch.utils.flop_counter.FlopCounterMode``; the per-module split is read by
+    snapshotting its running total around each leaf module's forward (a quantized layer, whose
+    only children hold its packed weights, counts as a leaf). ``sparse_flops`` scales each leaf's
+    count by the density of its stored weights (:func:`weight_density`): a pruned layer's zeros
+    are skipped whether its weights are float or int8 codes.
+    """
+    per_leaf: dict[str, int] = {}
+    counter = FlopCounterMode(display=False)
+    handles = []
+    starts: dict[str, list[int]] = {}
+    units = [(n, m) for n, m in _units(model)
+             if _counts_itself(m) or not any(True for _ in m.children())]
+
+    for name, m in units:
+        def pre(mod, args, _n=name):
+            starts.setdefault(_n, []).append(counter.get_total_flops())
+
+        def post(mod, args, out, _n=name):
+            s = starts[_n].pop()
+            per_leaf[_n] = per_leaf.get(_n, 0) + counter.get_total_flops() - s
+
+        handles.append(m.register_forward_pre_hook(pre))
+        handles.append(m.register_forward_hook(post))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), counter:
+            _forward(model, example_input)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    total = counter.get_total_flops()
+    saved = 0.0
+    modules = dict(units)
+    for n, f in per_leaf.items():
+        density = weight_density(modules[n])
+        if density is not None:
+            saved += f * (1.0 - density)
+    return int(total), int(round(total - saved)), per_leaf
+
+
+def dynamic_flops(model: nn.Module, example_input: Any, evaluator: Any) -> tuple[int, dict] | None:
+    """For a model whose work depends on its input (early exits): its own count of the FLOPs a
+    forward of ``example_input`` costs on average over the evaluator's data.
+
+    Hook: the model may define ``nbc_flops(example_input, evaluator) -> (flops, details) | None``:
+    ``flops`` for a batch the size of ``example_input`` (so it compares with the static count of
+    any other model), averaged over the data it actually ran; ``details`` (numbers) are shown
+    beside the evaluator's. ``None`` from the hook, or no hook: the static count stands.
+    """
+    hook = getattr(model, "nbc_flops", None)
+    if not callable(hook):
+        return None
+    got = hook(example_input, evaluator)
+    if got is None:
+        return None
+    flops, details = got
+    return int(flops), dict(details or {})
