@@ -16,11 +16,13 @@ from torch import nn
 import nbcompress
 from nbcompress import BadInput, NBCompressError, load, measure, save
 from nbcompress.data import digits_loaders, reference_cnn
-from nbcompress.qmodules import (DynamicInt8GRU, DynamicInt8Linear, DynamicInt8LSTM,
-                                 QuantizedWeightLayer, ReducedPrecision, StaticInt8Conv2d,
-                                 StaticInt8Linear)
-from nbcompress.quantize import (QuantizeConfig, binarize, demo_config, kmeans_cluster, quantize,
-                                 uniform_quantize)
+from nbcompress.errors import FieldError
+from nbcompress.techniques.quantize import (QuantizeConfig, binarize, demo_config, kmeans_cluster,
+                                            quantize, uniform_quantize)
+from nbcompress.techniques.quantize.qmodules import QuantizedWeightLayer, ReducedPrecision
+from nbcompress.techniques.quantize.qmodules_int8 import (DynamicInt8GRU, DynamicInt8Linear,
+                                                          DynamicInt8LSTM, StaticInt8Conv2d,
+                                                          StaticInt8Linear)
 from nbcompress.storage import breakdown
 from nbcompress.train import evaluate
 from conftest import same_as_snapshot, snapshot
@@ -383,8 +385,11 @@ def test_int8_and_dtype_device_checks_without_cuda(trained_lenet):
 def test_layers_regex_and_api_options(trained_lenet):
     q = quantize(trained_lenet, 4, layers=r"fc[12]")
     assert isinstance(q.fc1, QuantizedWeightLayer) and isinstance(q.fc3, nn.Linear)
-    with pytest.raises(BadInput, match="unknown quantize option 'bitz'"):
+    with pytest.raises(BadInput, match=r"quantize\(\) got an unknown option 'bitz'; did you "
+                                        r"mean bits"):
         quantize(trained_lenet, bitz=4)
+    q = quantize(trained_lenet, mode="Uniform", bits=4, dtype=None)   # choices: any case
+    assert isinstance(q.fc1, QuantizedWeightLayer)
 
 
 def test_demo_config_is_fast_int8(mnist):
@@ -404,24 +409,29 @@ class OnlyActivations(nn.Module):
 
 
 @pytest.mark.parametrize("line,match", [
-    ("model --bits 0", r"--bits must be an integer from 1 to 8; got 0"),
-    ("model --bits 9", r"--bits must be an integer from 1 to 8; got 9"),
+    ("model --bits 0", r"--bits must be a whole number in \[1, 8\], got 0"),
+    ("model --bits 9", r"--bits must be a whole number in \[1, 8\], got 9"),
+    ("model --bits four", r"--bits must be a whole number, got 'four'"),
     ("model --mode static", r"--mode static needs calibration data: add --calib LOADER"),
-    ("model --mode foo", r"--mode must be one of dynamic, static, uniform, cluster, binary"),
-    ("model --dtype int4", r"--dtype must be fp16 or bf16; got 'int4'"),
-    ("model --dtype fp16 --bits 4", r"does not combine with --mode or --bits"),
+    ("model --mode foo", r"--mode must be one of dynamic, static, uniform, cluster, binary, got "
+                         r"'foo'"),
+    ("model --dtype int4", r"--dtype must be one of fp16, float16, half, bf16, bfloat16, got "
+                           r"'int4'"),
+    ("model --dtype fp16 --bits 4", r"^give --dtype or --bits, not both$"),
+    ("model --dtype fp16 --asymmetric", r"^--asymmetric applies to --mode uniform"),
     ("model --mode dynamic --bits 4", r"runs int8 kernels"),
     ("model --mode binary --bits 2", r"stores 1 bit per weight"),
     ("model --qat train_loader --mode dynamic", r"--qat trains --mode uniform, cluster or binary"),
-    ("model --epochs 2 --bits 4", r"--epochs needs --qat LOADER"),
-    ("model --bits 4 --qat train_loader --epochs 0", r"--epochs must be a positive integer"),
+    ("model --epochs 2 --bits 4", r"^--epochs only applies with --qat: give --qat too"),
+    ("model --bits 4 --qat train_loader --epochs 0", r"--epochs must be a whole number >= 1, "
+                                                     r"got 0"),
     ("model --mode cluster --asymmetric", r"--asymmetric applies to --mode uniform"),
     ("model --mode cluster --per-channel", r"does not apply to --mode cluster"),
     ("model --mode uniform --calib train_loader", r"does not apply to --mode uniform"),
     ("model --calib nothere", r"--calib: no variable named 'nothere'"),
     ("model --calib model", r"--calib model is a LeNet300100, not a torch DataLoader"),
     ("model --layers zzz --bits 4", r"--layers 'zzz' matches none of the quantizable layers: fc1"),
-    ("model --layers ( --bits 4", r"--layers is not a valid regular expression"),
+    ("model --layers ( --bits 4", r"^--layers '\(' is not a valid regular expression"),
     ("acts --bits 4", r"no quantizable layer .* it has: OnlyActivations, BatchNorm1d, ReLU"),
     ("acts --mode dynamic", r"no quantizable layer for --mode dynamic \(Linear, LSTM, GRU\)"),
     ("missing", r"no variable named 'missing'"),
@@ -451,12 +461,15 @@ def test_bad_input_one_line_model_unchanged(shell, trained_lenet, mnist, line, m
 
 
 @pytest.mark.parametrize("options,match", [
-    (dict(bits=4, layers=3), r"--layers must be a regular expression \(a string\); got int"),
-    (dict(bits=4, per_channel="yes"), r"--per-channel must be True or False; got 'yes'"),
-    (dict(bits=4, huffman="no"), r"--huffman must be True or False; got 'no'"),
-    (dict(bits=4, symmetric=None), r"symmetric must be True or False"),
-    (dict(bits=4, seed="a"), r"--seed must be an integer; got 'a'"),
-    (dict(mode=["static"]), r"--mode must be one of"),
+    (dict(bits=4, layers=3), r"^layers must be a regular expression \(a string\), got 3$"),
+    (dict(bits=4, per_channel="yes"), r"^per_channel must be True or False, got 'yes'$"),
+    (dict(bits=4, huffman="no"), r"^huffman must be True or False, got 'no'$"),
+    (dict(bits=4, symmetric=None), r"^symmetric must be True or False, got None$"),
+    (dict(bits=4, seed="a"), r"^seed must be a whole number, got 'a'$"),
+    (dict(bits=4, calib_batches=None), r"^calib_batches must be a whole number >= 1, got None$"),
+    (dict(mode=["static"]), r"^mode must be one of dynamic, static, uniform, cluster, binary, "
+                            r"got a list$"),
+    (dict(bitz=4), r"^quantize\(\) got an unknown option 'bitz'; did you mean bits\?$"),
 ])
 def test_api_bad_options_one_line_model_unchanged(trained_lenet, options, match):
     snap = snapshot(trained_lenet)
@@ -465,10 +478,52 @@ def test_api_bad_options_one_line_model_unchanged(trained_lenet, options, match)
     assert "\n" not in str(ei.value) and same_as_snapshot(trained_lenet, snap)
 
 
+# the same mistake, said in the caller's language: fields from Python, flags on the magic line
+@pytest.mark.parametrize("options,line,python,magic", [
+    (dict(bits=4, epochs=2), "model --bits 4 --epochs 2",
+     "epochs only applies with qat: give qat too (or leave out epochs)",
+     "--epochs only applies with --qat: give --qat too (or leave out --epochs)"),
+    (dict(mode="cluster", symmetric=False), "model --mode cluster --asymmetric",
+     "symmetric=False applies to mode='uniform' (int8 kernels use symmetric weights, binary and "
+     "cluster have no zero point)",
+     "--asymmetric applies to --mode uniform (int8 kernels use symmetric weights, binary and "
+     "cluster have no zero point)"),
+    (dict(mode="static"), "model --mode static",
+     "mode='static' needs calibration data: add calib=LOADER (a few batches of typical inputs "
+     "set the activation ranges)",
+     "--mode static needs calibration data: add --calib LOADER (a few batches of typical inputs "
+     "set the activation ranges)"),
+    (dict(dtype="bf16", bits=4), "model --dtype bf16 --bits 4",
+     "give dtype or bits, not both", "give --dtype or --bits, not both"),
+    (dict(bits=9), "model --bits 9",
+     "bits must be a whole number in [1, 8], got 9",
+     "--bits must be a whole number in [1, 8], got 9"),
+    (dict(bits=4, layers="zzz"), "model --bits 4 --layers zzz",
+     "layers 'zzz' matches none of the quantizable layers: fc1, fc2, fc3",
+     "--layers 'zzz' matches none of the quantizable layers: fc1, fc2, fc3"),
+    (dict(mode="dynamic", bits=4), "model --mode dynamic --bits 4",
+     "mode='dynamic' runs int8 kernels (bits=8); for 4-bit weights use mode='uniform' or "
+     "mode='cluster'",
+     "--mode dynamic runs int8 kernels (--bits 8); for 4-bit weights use --mode uniform or "
+     "--mode cluster"),
+])
+def test_errors_name_fields_in_python_and_flags_on_the_magic(shell, trained_lenet, options, line,
+                                                             python, magic):
+    snap = snapshot(trained_lenet)
+    with pytest.raises(FieldError) as e:
+        quantize(trained_lenet, **options)
+    assert str(e.value) == python
+    shell.user_ns["model"] = trained_lenet
+    with pytest.raises(UsageError) as e:
+        shell.run_line_magic("quantize", line)
+    assert str(e.value) == magic
+    assert shell.user_ns["model"] is trained_lenet and same_as_snapshot(trained_lenet, snap)
+
+
 def test_strict_mode_raises_plain_error(shell, trained_lenet, monkeypatch):
     monkeypatch.setenv("NBCOMPRESS_STRICT", "1")
     shell.user_ns["model"] = trained_lenet
-    with pytest.raises(NBCompressError, match="from 1 to 8"):
+    with pytest.raises(NBCompressError, match=r"in \[1, 8\], got 12"):
         shell.run_line_magic("quantize", "model --bits 12")
 
 

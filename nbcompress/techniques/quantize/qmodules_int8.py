@@ -1,215 +1,37 @@
-"""The quantized layer classes ``%quantize`` produces, each storable by :mod:`nbcompress.storage`.
+"""The int8-kernel layer classes ``%quantize`` produces, each storable by :mod:`nbcompress.storage`.
 
-Two families:
-
-* **Real int8 kernels** (CPU, ``torch.ao`` x86/fbgemm/qnnpack backends): :class:`DynamicInt8Linear`,
-  :class:`DynamicInt8LSTM`, :class:`DynamicInt8GRU` (int8 weights, activations quantized per batch
-  on the fly) and :class:`StaticInt8Linear` /
-  :class:`StaticInt8Conv1d` / ``2d`` / ``3d`` (int8 weights and activations, activation ranges
-  calibrated on data). They subclass the ``torch.ao.nn.quantized`` modules, whose weights live in
-  packed, backend-specific objects that are not plain tensors; each class therefore exports its
-  int8 weight + scales + zero points + bias as plain tensors (``nbc_export``) and re-packs them on
-  load (``nbc_import``), counts its parameters (``nbc_count``) and says its bits (``nbc_bits``).
-  The static layers take float input and return float output (quantize, int8 kernel, dequantize),
-  so they drop into any model without rewriting its ``forward``.
-
-* **Stored codes, simulated arithmetic** (any device): :class:`QuantizedWeightLayer` keeps B-bit
-  integer codes, a scale (per tensor or per output channel) and an optional zero point as buffers
-  and dequantizes in ``forward``; ``nbcompress.save`` bit-packs the codes (a tensor holding 2^B
-  distinct integers is written at B bits), so the file is about params*B/8 bytes plus scales.
-  Binary weights are the same layer with codes in {-1, +1} and a per-channel scale.
-
-FLOPs: ``torch.utils.flop_counter.FlopCounterMode`` has no formula for the ``quantized::`` ops, so
-an int8 model would count 0 FLOPs. :func:`_register_quantized_flop_formulas` (run on import) adds
-formulas for them: 2 * MACs from the input shape and the unpacked weight shape, the same
-convention the counter uses for ``aten.mm`` / ``aten.convolution``. Integer multiply-adds are thus
-counted like float ones: the work is the same, only cheaper. The int8 LSTM/GRU ops are counted
-from the input and hidden sizes (gates * H * (in + H) per token, layer and direction), and so is
-the fp32 LSTM's CPU op ``aten.mkldnn_rnn_layer``, which torch does not count either: an LSTM
-model's FLOPs then compare before and after.
-
-:class:`ReducedPrecision` wraps a module cast to fp16/bf16 and casts float inputs to that dtype
-(and outputs back to float32), so loaders, evaluators and losses keep working unchanged.
+**Real int8 kernels** (CPU, ``torch.ao`` x86/fbgemm/qnnpack backends): :class:`DynamicInt8Linear`,
+:class:`DynamicInt8LSTM`, :class:`DynamicInt8GRU` (int8 weights, activations quantized per batch
+on the fly) and :class:`StaticInt8Linear` / :class:`StaticInt8Conv1d` / ``2d`` / ``3d`` (int8
+weights and activations, activation ranges calibrated on data). They subclass the
+``torch.ao.nn.quantized`` modules, whose weights live in packed, backend-specific objects that
+are not plain tensors; each class therefore exports its int8 weight + scales + zero points + bias
+as plain tensors (``nbc_export``) and re-packs them on load (``nbc_import``), counts its
+parameters (``nbc_count``) and says its bits (``nbc_bits``). The static layers take float input
+and return float output (quantize, int8 kernel, dequantize), so they drop into any model without
+rewriting its ``forward``. Importing this module teaches the FLOP counter the int8 ops
+(:mod:`.flops`).
 """
 from __future__ import annotations
 
 import math
-import warnings
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = [
-    "QuantizedWeightLayer", "DynamicInt8Linear", "DynamicInt8LSTM", "DynamicInt8GRU",
-    "StaticInt8Linear", "StaticInt8Conv1d",
-    "StaticInt8Conv2d", "StaticInt8Conv3d", "ReducedPrecision", "compact_float",
-]
+from .flops import register_quantized_flop_formulas
+from .qmodules import compact_float, quiet
 
-
-class quiet(warnings.catch_warnings):
-    """Hide torch.ao.quantization's deprecation warnings around our own calls (quantize.py says
-    why we still use it): they say nothing the user can act on."""
-
-    def __enter__(self):
-        out = super().__enter__()
-        warnings.filterwarnings("ignore", category=DeprecationWarning)
-        warnings.filterwarnings("ignore", message=r"(?s).*deprecated.*")
-        return out
-
-
-def compact_float(t: torch.Tensor) -> torch.Tensor:
-    """The same values in the narrowest float dtype that holds them exactly (fp16, fp32 or fp64):
-    scales chosen on an fp16 grid cost 2 bytes each in the file, and the load is bit-exact."""
-    t = t.detach()
-    for dt in (torch.float16, torch.float32):
-        if t.dtype == dt:
-            return t
-        c = t.to(dt)
-        if torch.isfinite(c).all() and torch.equal(c.to(t.dtype), t):
-            return c
-    return t
-
-
-def round_scale(scale: torch.Tensor) -> torch.Tensor:
-    """A positive float32 scale moved to the nearest value fp16 represents exactly (when every
-    scale is in fp16's normal range): 2 bytes per scale in storage, a relative change < 5e-4."""
-    scale = scale.float()
-    if scale.numel() and bool(((scale >= 6.2e-5) & (scale <= 6.0e4)).all()):
-        return scale.half().float()
-    return scale
-
-
-# ------------------------------------------------------------------- stored codes (simulated)
-
-_OPS = {"linear": None, "conv1d": F.conv1d, "conv2d": F.conv2d, "conv3d": F.conv3d}
-
-
-class QuantizedWeightLayer(nn.Module):
-    """A Linear or Conv layer whose weight is stored as integer codes: ``w = (codes - zero_point)
-    * scale``, dequantized in every forward.
-
-    ``scale`` has one entry per output channel or one in all (per tensor); ``zero_point`` (uint8
-    codes) exists only for the asymmetric scheme; symmetric codes are int8 around 0, and 1-bit
-    symmetric codes are -1/+1 (binary weights: sign * scale). Only what cannot be derived from the
-    tensors is an attribute (``op``, ``bits`` and, for convs, the geometry): the safe storage
-    rebuilds the layer without pickle, and a small model's file is not mostly header.
-    """
-
-    _nbc_weight_buffers = ("codes",)
-
-    def __init__(self, op: str, weight_shape: tuple, bits: int, *, per_channel: bool = True,
-                 symmetric: bool = True, bias: bool = True, stride=1, padding=0, dilation=1,
-                 groups: int = 1):
-        super().__init__()
-        if op not in _OPS:
-            raise ValueError(f"unknown op {op!r}")
-        self.op = op
-        self.bits = int(bits)
-        if op != "linear":
-            self.stride = _tuple(stride)
-            self.padding = padding if isinstance(padding, str) else _tuple(padding)
-            self.dilation = _tuple(dilation)
-            self.groups = int(groups)
-        shape = tuple(int(s) for s in weight_shape)
-        n_scale = shape[0] if per_channel else 1
-        code_dtype = torch.int8 if symmetric else torch.uint8
-        self.register_buffer("codes", torch.zeros(shape, dtype=code_dtype))
-        self.register_buffer("scale", torch.ones(n_scale))
-        if symmetric:
-            self.register_buffer("zero_point", None)
-        else:
-            self.register_buffer("zero_point", torch.zeros(n_scale, dtype=torch.uint8))
-        if bias:
-            self.bias = nn.Parameter(torch.zeros(shape[0]))
-        else:
-            self.register_parameter("bias", None)
-
-    # ---------------------------------------------------------------- derived
-    @property
-    def weight_shape(self) -> tuple:
-        return tuple(self.codes.shape)
-
-    @property
-    def per_channel(self) -> bool:
-        return self.scale.numel() == self.codes.shape[0] and self.codes.shape[0] > 1
-
-    @property
-    def symmetric(self) -> bool:
-        return self.zero_point is None
-
-    @property
-    def scheme(self) -> str:
-        return "binary" if self.bits == 1 and self.zero_point is None else "uniform"
-
-    @property
-    def in_features(self) -> int:
-        return self.codes.shape[1]
-
-    @property
-    def out_features(self) -> int:
-        return self.codes.shape[0]
-
-    # ---------------------------------------------------------------- what metrics shows
-    @property
-    def nbc_bits(self) -> int:
-        return self.bits
-
-    def nbc_count(self) -> tuple[int, int]:
-        nz = int((self.codes.to(torch.int16) != self._zero_code()).sum().item())
-        p = self.codes.numel()
-        if self.bias is not None:
-            p += self.bias.numel()
-            nz += int(torch.count_nonzero(self.bias).item())
-        return p, nz
-
-    def _channel_shape(self) -> tuple:
-        if self.scale.numel() == 1:
-            return (1,) * self.codes.dim()
-        return (-1,) + (1,) * (self.codes.dim() - 1)
-
-    def _zero_code(self):
-        if self.zero_point is None:
-            return 0
-        return self.zero_point.to(torch.int16).reshape(self._channel_shape())
-
-    # ---------------------------------------------------------------- compute
-    def dequantized_weight(self, dtype=None) -> torch.Tensor:
-        dtype = dtype or (self.bias.dtype if self.bias is not None else torch.float32)
-        shape = self._channel_shape()
-        codes = self.codes.to(dtype)
-        if self.zero_point is not None:
-            codes = codes - self.zero_point.to(dtype).reshape(shape)
-        return codes * self.scale.to(dtype).reshape(shape)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.dequantized_weight(x.dtype if x.is_floating_point() else None)
-        if self.op == "linear":
-            return F.linear(x, w, self.bias)
-        return _OPS[self.op](x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
-
-    def extra_repr(self) -> str:
-        grain = "per-channel" if self.scale.numel() > 1 else "per-tensor"
-        kind = ("binary" if self.scheme == "binary" else
-                f"{self.bits}-bit {'symmetric' if self.symmetric else 'asymmetric'}")
-        return f"{self.op}, weight {self.weight_shape}, {kind}, {grain} scale"
-
-
-def _tuple(v):
-    if isinstance(v, (list, tuple)):
-        return tuple(int(x) for x in v)
-    return int(v)
-
-
-# ----------------------------------------------------------------------- real int8 kernels
+__all__ = ["DynamicInt8Linear", "DynamicInt8LSTM", "DynamicInt8GRU", "StaticInt8Linear",
+           "StaticInt8Conv1d", "StaticInt8Conv2d", "StaticInt8Conv3d", "STATIC_CONV"]
 
 with quiet():
-    import torch.ao.nn.quantized as _nnq  # noqa: E402  (deprecated upstream: see quantize.py)
+    import torch.ao.nn.quantized as _nnq  # noqa: E402  (deprecated upstream: see int8.py)
     import torch.ao.nn.quantized.dynamic as _nnqd  # noqa: E402
 
 
-_FLAGS = ("nbc_huffman",)      # plain attributes set on a layer after it is built (see quantize.py)
+_FLAGS = ("nbc_huffman",)      # plain attributes set on a layer after it is built (see common.mark)
 
 
 def _flags_out(m: nn.Module, attrs: dict) -> dict:
@@ -583,105 +405,4 @@ StaticInt8Conv3d.__name__ = StaticInt8Conv3d.__qualname__ = "StaticInt8Conv3d"
 STATIC_CONV = {1: StaticInt8Conv1d, 2: StaticInt8Conv2d, 3: StaticInt8Conv3d}
 
 
-# -------------------------------------------------------------------------- fp16 / bf16
-
-class ReducedPrecision(nn.Module):
-    """``module`` with its floating-point parameters and buffers in ``dtype`` (fp16 or bf16).
-    Float inputs are cast to ``dtype`` on the way in and float outputs back to float32 on the way
-    out, so the rest of the program (loaders, losses, evaluators) is unchanged."""
-
-    def __init__(self, module: nn.Module, dtype: torch.dtype):
-        super().__init__()
-        self.module = module
-        self.dtype = dtype
-
-    @property
-    def nbc_bits(self) -> int:
-        return torch.finfo(self.dtype).bits
-
-    def forward(self, *args, **kwargs):
-        args = _cast_tree(args, self.dtype, only_float32=True)
-        kwargs = _cast_tree(kwargs, self.dtype, only_float32=True)
-        return _cast_tree(self.module(*args, **kwargs), torch.float32, only_from=self.dtype)
-
-    def extra_repr(self) -> str:
-        return str(self.dtype).replace("torch.", "")
-
-
-def _cast_tree(obj: Any, dtype: torch.dtype, only_float32: bool = False, only_from=None):
-    if isinstance(obj, torch.Tensor):
-        if not obj.is_floating_point():
-            return obj
-        if only_float32 and obj.dtype not in (torch.float32, torch.float64):
-            return obj
-        if only_from is not None and obj.dtype != only_from:
-            return obj
-        return obj.to(dtype)
-    if isinstance(obj, tuple) and hasattr(obj, "_fields"):
-        return type(obj)(*(_cast_tree(v, dtype, only_float32, only_from) for v in obj))
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(_cast_tree(v, dtype, only_float32, only_from) for v in obj)
-    if isinstance(obj, dict):
-        return {k: _cast_tree(v, dtype, only_float32, only_from) for k, v in obj.items()}
-    return obj
-
-
-# ------------------------------------------------------------------------------- FLOPs
-
-def _register_quantized_flop_formulas() -> None:
-    """Teach ``FlopCounterMode`` the int8 ops (see the module docstring): 2 * MACs, from the
-    input shape and the weight shape read back from the packed parameters."""
-    from torch.utils.flop_counter import flop_registry, register_flop_formula
-
-    def _linear(x, packed, *args, out_val=None, **kwargs):
-        w, _ = torch.ops.quantized.linear_unpack(packed)
-        n_out, n_in = w.shape
-        return 2 * (x.numel() // x.shape[-1]) * n_in * n_out
-
-    def _conv(x, packed, *args, out_val=None, **kwargs):
-        w = packed.weight() if hasattr(packed, "weight") else packed.unpack()[0]
-        # each output element costs (in_channels / groups) * prod(kernel) MACs: w.shape[1:]
-        out_elems = out_val.numel() if isinstance(out_val, torch.Tensor) else 0
-        return 2 * out_elems * math.prod(w.shape[1:])
-
-    def _rnn(gates):
-        # every token, layer and direction: gates * H * (in + H) multiply-adds (the fp32 GRU's
-        # decomposition into addmm counts exactly this)
-        def count(x, *args, out_val=None, **kwargs):
-            try:
-                if args and isinstance(args[0], torch.Tensor) and args[0].dim() == 1 \
-                        and not args[0].is_floating_point():       # packed sequence
-                    tokens, (hx, _, _, layers, _, _, bidir) = x.shape[0], args[1:8]
-                else:
-                    hx, _, _, layers, _, _, bidir = args[:7]
-                    tokens = x.shape[0] * x.shape[1] if x.dim() == 3 else x.shape[0]
-                h = hx[0] if isinstance(hx, (list, tuple)) else hx
-                hidden, dirs = h.shape[-1], (2 if bidir else 1)
-                per_token = sum(gates * hidden * ((x.shape[-1] if i == 0 else hidden * dirs)
-                                                  + hidden) for i in range(layers))
-                return 2 * tokens * dirs * per_token
-            except Exception:  # noqa: BLE001 - an unexpected signature is not counted
-                return 0
-        return count
-
-    def _mkldnn_rnn_layer(x, w_ih, w_hh, *args, out_val=None, **kwargs):
-        tokens = x.shape[0] * x.shape[1] if x.dim() == 3 else x.shape[0]
-        return 2 * tokens * (w_ih.numel() + w_hh.numel())
-
-    formulas = {name: _linear for name in ("linear_dynamic", "linear", "linear_relu",
-                                           "linear_relu_dynamic")}
-    formulas.update({name: _conv for name in ("conv1d", "conv2d", "conv3d", "conv1d_relu",
-                                              "conv2d_relu", "conv3d_relu")})
-    packets = [(getattr(torch.ops.quantized, n, None), f) for n, f in formulas.items()]
-    # the int8 LSTM/GRU ops, and the fp32 LSTM's CPU op (uncounted by torch too), so that an LSTM
-    # model's FLOPs compare before and after
-    packets += [(getattr(torch.ops.aten, "quantized_lstm", None), _rnn(4)),
-                (getattr(torch.ops.aten, "quantized_gru", None), _rnn(3)),
-                (getattr(torch.ops.aten, "mkldnn_rnn_layer", None), _mkldnn_rnn_layer)]
-    for packet, fn in packets:
-        if packet is None or packet in flop_registry:
-            continue
-        register_flop_formula(packet, get_raw=True)(fn)
-
-
-_register_quantized_flop_formulas()
+register_quantized_flop_formulas()

@@ -1,0 +1,75 @@
+"""What every quantization mode shares: the modes and dtypes, which layer types each mode
+quantizes, selecting and replacing layers, and the rows of the step's layer table."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["MODES", "DTYPES", "WEIGHT_LAYERS", "DYNAMIC_LAYERS", "STATIC_LAYERS", "AUTO_LAYERS",
+           "CONV_LAYERS", "DEFAULT_BITS", "DEFAULT_LR"]
+
+MODES = ("dynamic", "static", "uniform", "cluster", "binary")
+DTYPES = {"fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
+          "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+CONV_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+WEIGHT_LAYERS = (nn.Linear,) + CONV_LAYERS
+DYNAMIC_LAYERS = (nn.Linear, nn.LSTM, nn.GRU)
+STATIC_LAYERS = (nn.Linear,) + CONV_LAYERS
+AUTO_LAYERS = STATIC_LAYERS + (nn.LSTM, nn.GRU)
+DEFAULT_BITS = {"uniform": 8, "cluster": 5, "binary": 1, "dynamic": 8, "static": 8}
+DEFAULT_LR = {"uniform": 1e-4, "cluster": 1e-4, "binary": 1e-3}
+
+
+def names(kinds: tuple) -> str:
+    return ", ".join(k.__name__ for k in kinds)
+
+
+def types_found(model: nn.Module) -> str:
+    seen: dict[str, None] = {}
+    for m in model.modules():
+        seen.setdefault(type(m).__name__, None)
+    return ", ".join(seen) or "nothing"
+
+
+def select(model: nn.Module, kinds: tuple, pattern) -> list[tuple[str, nn.Module]]:
+    """Modules of exactly these types (a subclass may compute something else with its weight,
+    e.g. MultiheadAttention's out_proj), whose name ``pattern`` matches."""
+    out = []
+    for n, m in model.named_modules():
+        if type(m) in kinds and (pattern is None or pattern.search(n)):
+            out.append((n, m))
+    return out
+
+
+def replace(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
+    """Put ``new`` at ``name`` in ``model`` (returns ``new`` itself when ``name`` is the root),
+    in the train/eval mode of the module it replaces."""
+    old = model.get_submodule(name)
+    new.train(old.training)
+    if name == "":
+        return new
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+    return model
+
+
+def mark(module: nn.Module, cfg) -> None:
+    """Tell storage whether this layer's tensors may be Huffman-coded (``huffman``): a plain
+    attribute the quantized layer classes export and restore (``qmodules_int8._FLAGS``)."""
+    module.nbc_huffman = bool(cfg.huffman)
+
+
+def row(name, old, new, bits, kind, w, wq) -> dict:
+    """One row of the step's layer table: what the layer became and its relative weight error."""
+    w = w.detach().float().cpu()
+    wq = wq.detach().float().cpu()
+    denom = float(w.norm()) or 1.0
+    return {"layer": name or "(model)", "type": f"{type(old).__name__}",
+            "new type": type(new).__name__, "kind": kind, "bits": int(bits),
+            "params": int(w.numel()), "weight_error": float((wq - w).norm()) / denom}
+
+
+def float_params(m: nn.Module) -> bool:
+    return any(p.is_floating_point() for p in m.parameters(recurse=False)) or \
+        any(b.is_floating_point() for b in m.buffers(recurse=False))
