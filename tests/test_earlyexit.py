@@ -14,8 +14,9 @@ from torch import nn
 
 import nbcompress
 from nbcompress import BadInput, NBCompressError, compress, measure
-from nbcompress.earlyexit import (EarlyExitConfig, EarlyExitModel, demo_config, early_exit,
-                                  sequential_cnn, threshold_sweep)
+from nbcompress.errors import FieldError
+from nbcompress.techniques.earlyexit import (EarlyExitConfig, EarlyExitModel, demo_config,
+                                             early_exit, sequential_cnn, threshold_sweep)
 from conftest import same_as_snapshot, snapshot, state_equal
 
 FC1, FC2, FC3 = 2 * 784 * 300, 2 * 300 * 100, 2 * 100 * 10
@@ -250,7 +251,7 @@ def test_joint_training_changes_the_backbone_not_the_original(trained_lenet, mni
 
 
 def test_frozen_training_without_the_feature_cache(trained_lenet, mnist, monkeypatch):
-    import nbcompress.earlyexit as eemod
+    import nbcompress.techniques.earlyexit.training as eemod
 
     train, test = mnist
     monkeypatch.setattr(eemod, "CACHE_BYTES", 0)      # the backbone then runs every epoch
@@ -304,21 +305,21 @@ BAD = [
     ("--data train_loader --threshold 1.5", "(0, 1]"),
     ("--data train_loader --threshold -0.2", "(0, 1]"),
     ("--data train_loader --threshold nan", "(0, 1]"),
-    ("--data train_loader --threshold abc", "invalid float value"),
+    ("--data train_loader --threshold abc", "--threshold must be a number, got 'abc'"),
     ("--data train_loader --exits nosuch", "no module named 'nosuch'"),
     ("--data train_loader --exits fc3", "is the last block"),
     ("--data train_loader --exits relu1,relu1", "twice"),
-    ("--data train_loader --exits relu1 --every 1", "either --exits or --every"),
-    ("--data train_loader --every 0", "--every must be a positive int"),
+    ("--data train_loader --exits relu1 --every 1", "give --exits or --every, not both"),
+    ("--data train_loader --every 0", "--every must be a whole number >= 1, got 0"),
     ("--data train_loader --every 3", "puts no exit"),
     ("--exits relu1", "--data LOADER is needed"),
     ("--data not_a_loader --exits relu1", "not a torch DataLoader"),
     ("--data missing_loader --exits relu1", "no variable named 'missing_loader'"),
-    ("--data train_loader --epochs 0", "--epochs must be a positive int"),
-    ("--data train_loader --alpha 1.5", "--alpha must be in [0, 1]"),
-    ("--data train_loader -T 0", "-T must be a positive number"),
-    ("--data train_loader --lr -1", "--lr must be a positive number"),
-    ("--data train_loader --head-pool 0", "--head-pool must be a positive int"),
+    ("--data train_loader --epochs 0", "--epochs must be a whole number >= 1, got 0"),
+    ("--data train_loader --alpha 1.5", "--alpha must be a number in [0, 1], got 1.5"),
+    ("--data train_loader -T 0", "-T must be a number > 0, got 0.0"),
+    ("--data train_loader --lr -1", "--lr must be a number > 0, got -1.0"),
+    ("--data train_loader --head-pool 0", "--head-pool must be a whole number >= 1, got 0"),
     ("--data train_loader --device nosuchdevice", "unknown device"),
     ("--data bad_labels --alpha 0.5", "--data has label 50, but the model scores 10 classes"),
 ]
@@ -392,7 +393,86 @@ def test_strict_mode_and_api_errors(shell, trained_lenet, mnist, monkeypatch):
                             (dict(exits=[]), "names no module")]:
         with pytest.raises(BadInput, match=message):
             early_exit(trained_lenet, train, **kwargs)
-    with pytest.raises(BadInput, match="--data LOADER"):
+    with pytest.raises(FieldError, match="^data=LOADER is needed to train the exit heads$"):
         nbcompress.early_exit(trained_lenet, exits="relu1")
     assert nbcompress.early_exit is early_exit and nbcompress.EarlyExitConfig is EarlyExitConfig
     assert same_as_snapshot(trained_lenet, snap)
+
+
+# ------------------------------------------------------- one mistake, two spellings (fields, flags)
+
+@pytest.mark.parametrize("kwargs,line,python,magic", [
+    (dict(threshold=2), "--data train_loader --threshold 2",
+     r"threshold must be a number in (0, 1], got 2", r"--threshold must be a number in (0, 1], got 2.0"),
+    (dict(exits="relu1", every=1), "--data train_loader --exits relu1 --every 1",
+     "give exits or every, not both", "give --exits or --every, not both"),
+    (dict(T=0.0), "--data train_loader -T 0",
+     "T must be a number > 0, got 0.0", "-T must be a number > 0, got 0.0"),
+    (dict(every=3), "--data train_loader --every 3",
+     "every=3 puts no exit in LeNet300", "--every 3 puts no exit in LeNet300"),
+    (dict(exits="nosuch"), "--data train_loader --exits nosuch",
+     "exits: LeNet300 has no module named 'nosuch'", "--exits: LeNet300 has no module named 'nosuch'"),
+    (dict(exits="relu1", alpha=0.5, data="unlabelled"),
+     "--data unlabelled --exits relu1 --alpha 0.5",
+     "alpha below 1 trains the heads on labels too, but data yields no labels (use alpha=1: "
+     "distil from the final output only)",
+     "--alpha below 1 trains the heads on labels too, but --data yields no labels (use --alpha 1: "
+     "distil from the final output only)"),
+    (dict(exits="relu1", data=None), "--exits relu1",
+     "data=LOADER is needed to train the exit heads", "--data LOADER is needed to train the exit heads"),
+])
+def test_same_mistake_names_fields_in_python_and_flags_on_the_magic(shell, trained_lenet, mnist,
+                                                                    kwargs, line, python, magic):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    train = mnist[0]
+    unlabelled = DataLoader(TensorDataset(torch.rand(16, 1, 28, 28)), batch_size=8)
+    kwargs = dict(kwargs)
+    data = kwargs.pop("data", train)
+    data = unlabelled if data == "unlabelled" else data
+    model_name = type(trained_lenet).__name__
+    python, magic = python.replace("LeNet300", model_name), magic.replace("LeNet300", model_name)
+    snap = snapshot(trained_lenet)
+    with pytest.raises(FieldError) as e:
+        compress(trained_lenet, EarlyExitConfig(data=data, progress=False, **kwargs))
+    assert str(e.value).startswith(python), str(e.value)
+    shell.user_ns.update(model=trained_lenet, train_loader=train, unlabelled=unlabelled)
+    with pytest.raises(UsageError) as u:
+        shell.run_line_magic("earlyexit", f"model {line}")
+    assert str(u.value).startswith(magic), str(u.value)
+    assert shell.user_ns["model"] is trained_lenet and same_as_snapshot(trained_lenet, snap)
+
+
+def test_early_exit_model_refusals_in_both_spellings(shell, trained_lenet, mnist):
+    train, _ = mnist
+    ee = early_exit(trained_lenet, train, exits="relu1", epochs=1)
+    with pytest.raises(FieldError) as e:
+        early_exit(ee, threshold=0.5, epochs=2, head_pool=2)
+    assert str(e.value) == ("the model already has early exits (relu1): only threshold can change "
+                            "now, not epochs, head_pool (%undo to get the plain network back)")
+    with pytest.raises(FieldError) as e:
+        early_exit(ee)
+    assert str(e.value) == "the model already has early exits: give threshold=P to change its " \
+                           "threshold"
+    shell.user_ns.update(model=ee, train_loader=train)
+    with pytest.raises(UsageError) as u:
+        shell.run_line_magic("earlyexit", "model --threshold 0.5 --epochs 2 --head-pool 2")
+    assert str(u.value) == ("the model already has early exits (relu1): only --threshold can "
+                            "change now, not --epochs, --head-pool (%undo to get the plain "
+                            "network back)")
+    with pytest.raises(UsageError) as u:
+        shell.run_line_magic("earlyexit", "model")
+    assert str(u.value) == "the model already has early exits: give --threshold P to change its " \
+                           "threshold"
+    # options not on the line keep their defaults: the threshold alone is accepted
+    shell.run_line_magic("earlyexit", "model --threshold 0.5 --no-progress")
+    assert shell.user_ns["model"].threshold == 0.5 and ee.threshold == 0.95
+
+
+def test_generated_magic_help_keeps_the_options(shell):
+    doc = shell.find_line_magic("earlyexit").__doc__
+    for text in ("--data LOADER", "--exits LAYER[,LAYER...]", "--every K", "--threshold P",
+                 "-T TEMP, --temperature TEMP", "--head-pool S", "(default 5)", "(default 0.95)",
+                 "%earlyexit cnn --threshold 0.97"):
+        assert text in doc, text
+    assert "%%" not in doc

@@ -1,0 +1,288 @@
+"""Where the exits go: the model as a chain of blocks, the exit positions, the heads.
+
+What structure is needed: the network must be a chain of blocks. That is an ``nn.Sequential``, or
+any module whose ``forward`` runs its direct sub-modules once each, in the order they were
+registered, each taking the previous one's output (``LeNet-300-100``, ``LeNet-5`` and
+``SmallResNet`` in :mod:`nbcompress.data` are such chains). An exit named inside a block
+(``features.3``) opens that block up, which again must be such a chain. Whether a model is a chain
+is checked on a real batch: running the blocks one after another must reproduce the model's
+output; a forward that adds a skip connection, calls functions such as ``F.relu`` or
+``x.view`` between blocks, or reuses a module is refused with a message naming the module.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from ...errors import BadInput, FieldError
+from .model import EarlyExitModel
+
+__all__ = ["list_blocks", "make_head", "plan_exits"]
+
+_NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
+_CHECK_SAMPLES = 8          # samples of the first batch the chain check runs on
+
+
+def _label(name: str, m: nn.Module) -> str:
+    return f"{name or 'the model'} ({type(m).__name__})"
+
+
+def _children(name: str, m: nn.Module) -> list[tuple[str, nn.Module]]:
+    kids = list(m.named_children())
+    if not kids:
+        raise BadInput(f"cannot list the blocks of {_label(name, m)}: it has no sub-modules")
+    own = [n for n, _ in m.named_parameters(recurse=False)] + \
+          [n for n, _ in m.named_buffers(recurse=False)]
+    if own:
+        raise BadInput(f"cannot list the blocks of {_label(name, m)}: it holds tensors of its own "
+                       f"({own[0]}) outside its sub-modules")
+    return [(f"{name}.{n}" if name else n, c) for n, c in kids]
+
+
+def _close(a: Any, b: Any) -> bool:
+    """Same shape and values up to float noise (a different kernel for the same op, TF32); a
+    missing activation or reshape differs by far more."""
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape:
+        a, b = a.float(), b.float()
+        scale = float(b.abs().max()) if b.numel() else 0.0
+        return bool(torch.allclose(a, b, rtol=1e-3, atol=1e-4 * max(1.0, scale)))
+    return False
+
+
+def list_blocks(model: nn.Module, example_input: torch.Tensor, expand: Sequence[str] = ()
+                ) -> list[tuple[str, nn.Module]]:
+    """The model as a chain of ``(name, block)``: its direct sub-modules, with the blocks named in
+    ``expand`` (and any block on the way to them) opened up into theirs.
+
+    Checked on ``example_input``: every opened module must run its sub-modules once each in order
+    (their chain reproduces its output); :class:`BadInput` names the one that does not.
+    """
+    if isinstance(model, EarlyExitModel):
+        raise BadInput("the model already has early exits")
+    chain = _children("", model)
+    opened: list[tuple[str, nn.Module]] = [("", model)]
+    for target in expand:
+        parts = target.split(".")
+        for j in range(1, len(parts)):
+            prefix = ".".join(parts[:j])
+            pos = next((i for i, (n, _) in enumerate(chain) if n == prefix), None)
+            if pos is None:
+                continue
+            mod = chain[pos][1]
+            chain[pos:pos + 1] = _children(prefix, mod)
+            opened.append((prefix, mod))
+    _check_chains(model, opened, example_input)
+    return chain
+
+
+def _check_chains(model: nn.Module, opened: list[tuple[str, nn.Module]], x: torch.Tensor) -> None:
+    """Each opened module, fed the input it got in a real forward, must give the same output as its
+    sub-modules run one after another."""
+    seen: dict[int, list] = {id(m): [] for _, m in opened}
+    hooks = []
+
+    def record(mod, args, kwargs, out):
+        seen[id(mod)].append((args, kwargs, out))
+
+    for _, m in opened:
+        hooks.append(m.register_forward_hook(record, with_kwargs=True))
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            try:
+                model(x)
+            except Exception as e:  # noqa: BLE001 - the user's model failed on its own data
+                raise BadInput(f"the model failed on a batch of the data: {type(e).__name__}: "
+                               f"{str(e).splitlines()[0] if str(e) else ''}") from None
+            for h in hooks:
+                h.remove()
+            hooks = []
+            for name, m in opened:
+                calls = seen[id(m)]
+                label = _label(name, m)
+                if len(calls) != 1:
+                    raise BadInput(f"cannot list the blocks of {label}: it runs "
+                                   f"{len(calls)} times in one forward, not once")
+                args, kwargs, out = calls[0]
+                if kwargs or len(args) != 1 or not isinstance(args[0], torch.Tensor):
+                    raise BadInput(f"cannot list the blocks of {label}: its input is not one "
+                                   f"tensor")
+                if not isinstance(out, torch.Tensor):
+                    raise BadInput(f"cannot list the blocks of {label}: its output is a "
+                                   f"{type(out).__name__}, not a tensor")
+                h = args[0]
+                try:
+                    for _, c in m.named_children():
+                        h = c(h)
+                except Exception:  # noqa: BLE001 - the children do not chain
+                    h = None
+                if not _close(h, out):
+                    names = ", ".join(n for n, _ in m.named_children())
+                    raise BadInput(
+                        f"cannot list the blocks of {label}: running its sub-modules "
+                        f"({names}) one after another does not reproduce its output (its forward "
+                        f"adds a skip connection, calls functions like F.relu or x.view between "
+                        f"them, or reuses/skips one); early exits need an nn.Sequential or such a "
+                        f"chain")
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was)
+
+
+def _has_weights(m: nn.Module) -> bool:
+    """Whether a block computes with weights (a norm layer's scale and shift do not count):
+    parameters, weight buffers a module declares (``_nbc_weight_buffers``, ``nbc_count``) or
+    packed int8 kernels."""
+    for sub in m.modules():
+        if isinstance(sub, _NORMS):
+            continue
+        if any(True for _ in sub.parameters(recurse=False)) or hasattr(sub, "nbc_count") \
+                or getattr(sub, "_nbc_weight_buffers", ()) or hasattr(sub, "_packed_params"):
+            return True
+    return False
+
+
+def _every_positions(chain: list[tuple[str, nn.Module]], k: int) -> list[int]:
+    """Exit after every k-th block with weights (norms do not count), moved past the parameter-
+    free and normalisation blocks that follow it; never where only the last weighted block (the
+    classifier) would follow."""
+    weighted = [i for i, (_, m) in enumerate(chain) if _has_weights(m)]
+    out = []
+    for j in range(k - 1, len(weighted) - 2, k):
+        pos = weighted[j]
+        while pos + 1 < weighted[j + 1]:
+            pos += 1
+        out.append(pos)
+    return out
+
+
+# ----------------------------------------------------------------------------------- the heads
+
+def make_head(feature: torch.Tensor, num_classes: int, pool: int) -> nn.Module:
+    """Average-pool to at most ``pool`` positions per spatial dim, flatten, linear."""
+    shape = tuple(feature.shape[1:])
+    if len(shape) == 1:
+        return nn.Sequential(nn.Linear(shape[0], num_classes))
+    spatial = shape[1:]
+    size = tuple(min(pool, s) for s in spatial)
+    poolcls = {1: nn.AdaptiveAvgPool1d, 2: nn.AdaptiveAvgPool2d, 3: nn.AdaptiveAvgPool3d}
+    layer = poolcls[len(spatial)](size if len(size) > 1 else size[0])
+    return nn.Sequential(layer, nn.Flatten(), nn.Linear(shape[0] * math.prod(size), num_classes))
+
+
+def _head_text(head: nn.Module) -> str:
+    first = head[0]
+    if isinstance(first, nn.Linear):
+        return "linear"
+    size = first.output_size
+    size = size if isinstance(size, tuple) else (size,)
+    return f"avgpool {'x'.join(str(s) for s in size)} + linear"
+
+
+# ------------------------------------------------------------------------------------ the plan
+
+def exit_list(exits: Any) -> list[str]:
+    """``exits`` as a list of module names: ``"2,5"``, ``"relu1"``, ``3``, ``["fc1", 2]``."""
+    if exits is None:
+        return []
+    if isinstance(exits, (str, int)):
+        exits = [exits]
+    out = []
+    for e in exits:
+        if isinstance(e, bool) or not isinstance(e, (str, int)):
+            raise FieldError(f"{{exits}} takes module names (or Sequential indices), got {e!r}")
+        out += [s for s in str(e).replace(" ", ",").split(",") if s]
+    return out
+
+
+def first_batch(loader: DataLoader, field: str = "data") -> tuple[torch.Tensor, Any]:
+    """The first batch of ``loader`` (the option ``field``) as (inputs, labels or None)."""
+    from ...train import split_batch
+
+    try:
+        batch = next(iter(loader))
+    except StopIteration:
+        raise FieldError(f"{{{field}}} yielded no batches") from None
+    x, y = split_batch(batch)
+    if not isinstance(x, torch.Tensor) or x.dim() < 2:
+        raise FieldError(f"early exits need tensor inputs with a batch dim; {{{field}}} yields "
+                         f"{type(x).__name__}")
+    return x, y
+
+
+@dataclass
+class Plan:
+    blocks: list                  # (name, module)
+    positions: list[int]          # index in blocks after which each exit sits (sorted)
+    names: list[str]              # exit names, in chain order
+    features: list[torch.Tensor]  # each exit's features on the example
+    num_classes: int
+
+
+def plan_exits(model: nn.Module, data: DataLoader, exits: Any, every: int | None,
+               alpha: float) -> Plan:
+    """Where the exits go (checked on a batch of ``data``); :class:`FieldError` /
+    :class:`BadInput` for anything wrong."""
+    x, y = first_batch(data)
+    dev = next((t.device for t in list(model.parameters()) + list(model.buffers())),
+               torch.device("cpu"))
+    x = x[:_CHECK_SAMPLES].to(dev)
+    if alpha < 1 and y is None:
+        raise FieldError("{alpha} below 1 trains the heads on labels too, but {data} yields no "
+                         "labels (use {alpha=1}: distil from the final output only)")
+    modules = dict(model.named_modules())
+    names = exit_list(exits)
+    if exits is not None and not names:
+        raise FieldError("{exits} names no module")
+    for n in names:
+        if n not in modules or n == "":
+            top = ", ".join(k for k, _ in model.named_children())
+            raise FieldError(f"{{exits}}: {type(model).__name__} has no module named {n!r} "
+                             f"(its blocks: {top})")
+    if len(set(names)) != len(names):
+        dup = next(n for n in names if names.count(n) > 1)
+        raise FieldError(f"{{exits}} names {dup!r} twice")
+    blocks = list_blocks(model, x, expand=names)
+    index = {n: i for i, (n, _) in enumerate(blocks)}
+    if names:
+        positions = sorted(index[n] for n in names)
+    else:
+        positions = _every_positions(blocks, every or 1)
+        if not positions:
+            nw = sum(_has_weights(m) for _, m in blocks)
+            raise FieldError(f"{{every={every or 1}}} puts no exit in {type(model).__name__}: it "
+                             f"has {nw} blocks with weights at the top level; name the exits "
+                             f"with {{exits}}")
+    last = len(blocks) - 1
+    for p in positions:
+        if p == last:
+            raise FieldError(f"{{exits}}: {blocks[p][0]} is the last block: its output is the "
+                             f"network's own output, an exit there saves nothing")
+    was = model.training
+    model.eval()
+    feats, h = [], x
+    try:
+        with torch.no_grad():
+            for i, (_, m) in enumerate(blocks):
+                h = m(h)
+                if i in positions:
+                    feats.append(h)
+    finally:
+        model.train(was)
+    if not isinstance(h, torch.Tensor) or h.dim() != 2:
+        raise BadInput(f"the model's output has shape "
+                       f"{tuple(h.shape) if isinstance(h, torch.Tensor) else type(h).__name__}"
+                       f": early exits need class scores of shape (N, classes)")
+    for p, f in zip(positions, feats):
+        if not (isinstance(f, torch.Tensor) and 2 <= f.dim() <= 5 and f.is_floating_point()):
+            shape = tuple(f.shape) if isinstance(f, torch.Tensor) else type(f).__name__
+            raise FieldError(f"{{exits}}: the output of {blocks[p][0]} ({shape}) is not a float "
+                             f"feature tensor (N, C[, ...]) a head can read")
+    return Plan(blocks, positions, [blocks[p][0] for p in positions], feats, int(h.shape[1]))

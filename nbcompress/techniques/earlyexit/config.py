@@ -1,0 +1,139 @@
+"""The early-exit step: its options (declared once), the checks the declarations cannot say, and
+``run`` (attach and train heads, or on an :class:`EarlyExitModel` change only its threshold)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ...core import CompressionResult, StepConfig, StepContext
+from ...errors import BadInput, FieldError
+from ...options import is_given, option, options_of
+from .blocks import Plan, _head_text, make_head, plan_exits
+from .model import DEFAULT_THRESHOLD, EarlyExitModel
+from .sweep import describe_exits
+from .training import train_heads
+
+__all__ = ["EarlyExitConfig"]
+
+
+@dataclass
+class EarlyExitConfig(StepConfig):
+    """Early exits: classifier heads after some blocks; an easy input leaves early.
+
+    Attaches a small head (average-pool to at most 4x4 + linear) after each chosen block of the
+    model, trains the heads on the data (distilled from the network's own final output, backbone
+    frozen unless joint) and gives an EarlyExitModel. At inference each sample leaves at the
+    first exit whose max softmax probability reaches the threshold; the rest of the batch goes
+    on. The model must be an nn.Sequential or a module whose forward runs its sub-modules once
+    each in order (checked on a batch). On an EarlyExitModel only the threshold changes.
+
+    The dashboard's FLOPs are the average FLOPs actually spent per sample on the evaluation data
+    (same basis as the network before); the step shows the share of samples per exit and a plot
+    of accuracy vs average FLOPs as the threshold sweeps.
+    """
+
+    technique: ClassVar[str] = "earlyexit"
+    model_help: ClassVar[str] = ("the variable holding the model (rebound to the early-exit "
+                                 "model)")
+    summary: ClassVar[str] = "early-exit heads: an easy input leaves after a few blocks"
+    examples: ClassVar[tuple] = (
+        "%earlyexit cnn --data train_loader --exits 2,5 --threshold 0.9",
+        "%earlyexit cnn --data train_loader --every 1 --epochs 5",
+        "%earlyexit cnn --threshold 0.97      # later: only the threshold (undoable)",
+    )
+
+    data: Any = option(None, kind="loader", help="DataLoader the exit heads are trained on "
+                       "(needed to attach exits)")
+    exits: Any = option(None, kind="str", metavar="LAYER[,LAYER...]", accepts=(list, tuple, int),
+                        conflicts="every",
+                        help="module names, as model.named_modules() gives them, an exit sits "
+                             "after (for an nn.Sequential its indices: --exits 2,5)")
+    every: int | None = option(None, kind="int", range="[1, inf)", metavar="K",
+                               help="an exit after every K-th block with weights (default 1), "
+                                    "moved past the norm/activation/pool blocks after it, never "
+                                    "just before the classifier")
+    threshold: float | None = option(None, kind="float", range="(0, 1]", metavar="P",
+                                     help="leave at the first exit whose max softmax probability "
+                                          f"is >= P, in (0, 1] (default {DEFAULT_THRESHOLD:g}); "
+                                          "on an early-exit model only the threshold changes")
+    epochs: int = option(5, kind="int", range="[1, inf)", help="head training epochs")
+    lr: float = option(1e-2, kind="float", range="(0, inf)",
+                       help="learning rate (cosine schedule; use less with --joint)")
+    joint: bool = option(False, kind="bool",
+                         help="train the backbone with the heads (default: backbone frozen)")
+    T: float = option(4.0, kind="float", range="(0, inf)", short="-T", flag="--temperature",
+                      metavar="TEMP", help="distillation temperature")
+    alpha: float = option(1.0, kind="float", range="[0, 1]",
+                          help="weight of distillation from the final output vs the labels, in "
+                               "[0, 1] (default 1: distillation only)")
+    head_pool: int = option(4, kind="int", range="[1, inf)", metavar="S",
+                            help="heads average-pool each spatial dim to at most S")
+    seed: int = option(0, kind="int", help="seed for head init and training")
+
+    # ------------------------------------------------------------------ checks
+    def validate(self, model: nn.Module) -> None:
+        if isinstance(model, EarlyExitModel):
+            given = [f.name for f, _ in options_of(self)
+                     if f.name != "threshold" and is_given(self, f)]
+            if given:
+                raise FieldError(
+                    f"the model already has early exits ({', '.join(model.exit_names)}): only "
+                    f"{{threshold}} can change now, not {', '.join('{' + g + '}' for g in given)}"
+                    f" (%undo to get the plain network back)")
+            if self.threshold is None:
+                raise FieldError("the model already has early exits: give {threshold=P} to "
+                                 "change its threshold")
+            return
+        if self.data is None:
+            raise FieldError("{data=LOADER} is needed to train the exit heads")
+        self.plan(model)
+
+    def plan(self, model: nn.Module) -> Plan:
+        """Where the exits go (checked on a batch of ``data``)."""
+        return plan_exits(model, self.data, self.exits, self.every, self.alpha)
+
+    # ------------------------------------------------------------------ run
+    def run(self, model: nn.Module, ctx: StepContext) -> CompressionResult:
+        if isinstance(model, EarlyExitModel):
+            return self._retune(model, ctx)
+        plan = self.plan(model)
+        if self.alpha < 1:                 # the heads train on the labels: they must be classes
+            from ...train import check_loader_runs
+
+            try:
+                check_loader_runs(model, self.data, "{data}", ctx.device)
+            except FieldError:
+                raise
+            except BadInput as e:          # its message names the loader as {data}
+                raise FieldError(str(e)) from None
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            heads = nn.ModuleList(make_head(f, plan.num_classes, self.head_pool)
+                                  for f in plan.features)
+        backbone = nn.Sequential(*(m for _, m in plan.blocks))
+        ee = EarlyExitModel(backbone, heads.to(ctx.device), plan.positions,
+                            self.threshold if self.threshold is not None else DEFAULT_THRESHOLD,
+                            plan.names, [n for n, _ in plan.blocks], plan.num_classes)
+        ee.train(model.training)
+        records = train_heads(self, ee, ctx)
+        ee.eval()
+        notes = [f"exits after {', '.join(plan.names)} of {len(plan.blocks)} blocks; heads "
+                 f"({_head_text(ee.heads[0])}) trained {self.epochs} epoch"
+                 f"{'s' if self.epochs != 1 else ''} "
+                 f"{'jointly with the backbone' if self.joint else 'with the backbone frozen'}, "
+                 f"distilled from the final output (T={self.T:g}"
+                 f"{f', alpha={self.alpha:g}' if self.alpha < 1 else ''})"]
+        result = CompressionResult(ee, extra={"head_loss": [round(r["loss"], 4) for r in records]})
+        describe_exits(ee, ctx, result, notes)
+        return result
+
+    def _retune(self, ee: EarlyExitModel, ctx: StepContext) -> CompressionResult:
+        old = ee.threshold
+        ee.threshold = float(self.threshold)
+        notes = [f"threshold {old:g} -> {ee.threshold:g} (weights unchanged)"]
+        result = CompressionResult(ee)
+        describe_exits(ee, ctx, result, notes)
+        return result

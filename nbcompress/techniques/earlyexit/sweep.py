@@ -1,0 +1,166 @@
+"""The threshold sweep: every exit's output for every sample from one pass, and what the early-exit
+forward decides (accuracy, average FLOPs, share per exit) at any threshold without rerunning it;
+the step's per-exit table, sweep table, plot and notes."""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader
+from torch.utils.flop_counter import FlopCounterMode
+
+from ...core import CompressionResult, StepContext
+from ...errors import BadInput
+from ...options import is_number
+from .blocks import _head_text
+from .model import EarlyExitModel
+
+__all__ = ["threshold_sweep", "SWEEP_THRESHOLDS", "describe_exits"]
+
+SWEEP_THRESHOLDS = (0.3, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.97, 0.98, 0.99, 0.995, 0.999, 1.0)
+
+
+def _check_thresholds(grid: Sequence[Any]) -> None:
+    for p in grid:
+        if not is_number(p) or not 0 < float(p) <= 1:
+            raise BadInput(f"each of the thresholds must be a probability in (0, 1], got {p!r}")
+
+
+class _Sweep:
+    """Every exit's output for every sample of a loader (one pass), and the FLOPs of each path:
+    what the early-exit forward decides at any threshold, without rerunning it."""
+
+    def __init__(self, ee: EarlyExitModel, loader: DataLoader, device=None):
+        from ...train import split_batch, to_device
+
+        if device is None:
+            device = next((t.device for t in ee.parameters()), torch.device("cpu"))
+        self.ee = ee
+        was = ee.training
+        ee.eval()
+        outs: list[list[torch.Tensor]] = []
+        ys: list[torch.Tensor] = []
+        first = None
+        try:
+            with torch.no_grad():
+                for batch in loader:
+                    x, y = split_batch(batch)
+                    x = to_device(x, device)
+                    if first is None:
+                        first = x[:1]
+                    outs.append([t.float().cpu() for t in ee.forward_all(x)])
+                    if y is not None:
+                        ys.append(y.cpu())
+                if first is None:
+                    raise BadInput("the loader yielded no batches")
+                self.cum = ee.path_flops(first)
+                with FlopCounterMode(display=False) as c:
+                    ee.backbone(first)
+                self.full_flops = int(c.get_total_flops()) or 1
+        finally:
+            ee.train(was)
+        logits = [torch.cat([o[k] for o in outs]) for k in range(len(outs[0]))]
+        y = torch.cat(ys) if len(ys) == len(outs) else None
+        if y is not None and y.dim() == 2:
+            y = y.argmax(dim=1)
+        self.y = y
+        self.n = logits[0].shape[0]
+        self.preds = torch.stack([o.argmax(dim=1) for o in logits])                 # (E+1, N)
+        self.conf = torch.stack([torch.softmax(o, dim=1).amax(dim=1) for o in logits[:-1]]) \
+            if len(logits) > 1 else torch.zeros(0, self.n)                          # (E, N)
+        self.alone = [float((p == y).float().mean()) if y is not None else float("nan")
+                      for p in self.preds]
+
+    def exits_at(self, threshold: float) -> torch.Tensor:
+        """Index of the exit each sample takes (len(exits) = the final output)."""
+        leave = torch.cat([self.conf >= threshold, torch.ones(1, self.n, dtype=torch.bool)])
+        return leave.float().argmax(dim=0)
+
+    def table(self, thresholds: Sequence[float] | None = None) -> pd.DataFrame:
+        given = list(thresholds or SWEEP_THRESHOLDS)
+        _check_thresholds(given)
+        if not 0 < self.ee.threshold <= 1:
+            raise BadInput(f"the model's threshold must be a probability in (0, 1], got "
+                           f"{self.ee.threshold:g}")
+        grid = sorted({float(t) for t in given} | {float(self.ee.threshold)})
+        cost = torch.tensor(self.cum, dtype=torch.float64)
+        rows = []
+        for t in grid:
+            where = self.exits_at(t)
+            pred = self.preds[where, torch.arange(self.n)]
+            avg = float(cost[where].mean())
+            row = {"threshold": t,
+                   "accuracy": float((pred == self.y).float().mean()) if self.y is not None
+                   else float("nan"),
+                   "agreement": float((pred == self.preds[-1]).float().mean()),
+                   "avg_flops": avg,
+                   "flops_fraction": avg / self.full_flops}
+            for k, label in enumerate(self.ee.exit_labels):
+                row[f"share {label}"] = float((where == k).float().mean())
+            row["current"] = t == float(self.ee.threshold)
+            rows.append(row)
+        return pd.DataFrame(rows)
+
+
+def threshold_sweep(ee: EarlyExitModel, loader: DataLoader,
+                    thresholds: Sequence[float] | None = None, *, device=None) -> pd.DataFrame:
+    """Accuracy and average FLOPs per sample as the threshold sweeps, from one pass over
+    ``loader`` that computes every exit's output for every sample.
+
+    Columns: ``threshold``, ``accuracy`` (NaN without labels), ``agreement`` (with the full
+    network's prediction), ``avg_flops`` (per sample, heads included), ``flops_fraction`` (of the
+    backbone alone, i.e. the network without exits), ``share <exit>`` per exit and ``current``
+    (the model's own threshold, always in the grid).
+    """
+    return _Sweep(ee, loader, device).table(thresholds)
+
+
+
+def _exit_rows(ee: EarlyExitModel, sw: _Sweep | None, cur=None) -> list[dict]:
+    rows = []
+    for k, label in enumerate(ee.exit_labels):
+        head = ee.heads[k] if k < len(ee.heads) else None
+        row = {"layer": ee.exit_names[k] if head is not None else "(final)",
+               "exit": str(k + 1) if head is not None else "final",
+               "head": _head_text(head) if head is not None else "the network's own output",
+               "params": sum(p.numel() for p in head.parameters()) if head is not None else 0}
+        if sw is not None:
+            row["path_flops"] = sw.cum[k]
+            row["share"] = float(cur[f"share {label}"])
+            if sw.y is not None:
+                row["accuracy_alone"] = sw.alone[k]
+        rows.append(row)
+    return rows
+
+
+
+def describe_exits(ee: EarlyExitModel, ctx: StepContext, result: CompressionResult,
+                   notes: list[str]) -> None:
+    """Fill the step's per-exit table, the threshold sweep (table + plot) and the notes."""
+    from ...metrics import is_loader
+
+    if not is_loader(ctx.evaluator):
+        result.notes += notes + ["no evaluation loader (--eval): no threshold sweep"]
+        result.layers = _exit_rows(ee, None)
+        return
+    loader, where = ctx.evaluator, "eval data"
+    sw = _Sweep(ee, loader, ctx.device)
+    sweep = sw.table()
+    cur = sweep[sweep["current"]].iloc[0]
+    result.layers = _exit_rows(ee, sw, cur)
+    shares = ", ".join(f"{100 * cur[f'share {k}']:.0f}% {k}" for k in ee.exit_labels)
+    acc = "" if sw.y is None else \
+        f"; accuracy {100 * cur['accuracy']:.2f}% (full network {100 * sw.alone[-1]:.2f}%)"
+    notes.append(f"threshold {ee.threshold:g} on the {where}: {shares}; on average "
+                 f"{cur['flops_fraction']:.0%} of the full network's FLOPs{acc}")
+    result.notes += notes
+    result.tables["threshold sweep"] = sweep
+    from ...report.plots import sweep_plot_png
+
+    result.figures["accuracy vs FLOPs"] = sweep_plot_png(
+        sweep, full_accuracy=sw.alone[-1] if sw.y is not None else None,
+        title=f"early exits: threshold sweep on the {where}")
+    result.extra.update({"threshold": ee.threshold,
+                         "avg_flops_per_sample": float(cur["avg_flops"]),
+                         "flops_fraction": float(cur["flops_fraction"])})
