@@ -1,8 +1,9 @@
 """Benchmark for %earlyexit (issue 9) on the embedded MNIST subset.
 
 Network: the sequential CNN conv16-conv16-pool-conv32-conv32-pool-conv64-conv64-GAP-linear, each
-conv a Conv2d 3x3 + BatchNorm + ReLU block (``nbcompress.earlyexit.sequential_cnn(16)``), trained
-on 3,500 of the 4,000 training digits (Adam, cosine schedule); the other 500 are a validation set.
+conv a Conv2d 3x3 + BatchNorm + ReLU block (``nbcompress.techniques.earlyexit.sequential_cnn(16)``),
+trained on 3,500 of the 4,000 training digits (Adam, cosine schedule); the other 500 are a
+validation set.
 Exits: the defaults of ``nbcompress.early_exit`` (a head after every conv block but the last:
 average-pool to 4x4 + linear, trained 5 epochs on the 3,500 digits with the backbone frozen,
 distilled from the final output at T=4).
@@ -43,8 +44,8 @@ sys.path.insert(0, str(ROOT))
 from _timing import alternated  # noqa: E402  (benchmarks/_timing.py: the one timing protocol)
 from nbcompress import fit, measure  # noqa: E402
 from nbcompress.data import mnist_arrays  # noqa: E402
-from nbcompress.earlyexit import (DEFAULT_THRESHOLD, early_exit, sequential_cnn,  # noqa: E402
-                                  threshold_sweep)
+from nbcompress.techniques.earlyexit import (DEFAULT_THRESHOLD, early_exit,  # noqa: E402
+                                             sequential_cnn, threshold_sweep)
 
 AGREEMENT = 0.995       # validation agreement the chosen threshold must keep
 TARGET_SAVING = 0.50
