@@ -61,7 +61,7 @@ class EarlyExitConfig(StepConfig):
                                           "on an early-exit model only the threshold changes")
     epochs: int = option(5, kind="int", range="[1, inf)", help="head training epochs")
     lr: float = option(1e-2, kind="float", range="(0, inf)",
-                       help="learning rate (cosine schedule; use less with --joint)")
+                       help="learning rate of the cosine schedule; use less with --joint")
     joint: bool = option(False, kind="bool",
                          help="train the backbone with the heads (default: backbone frozen)")
     T: float = option(4.0, kind="float", range="(0, inf)", short="-T", flag="--temperature",
