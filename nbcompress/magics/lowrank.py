@@ -4,7 +4,7 @@ from __future__ import annotations
 from IPython.core.magic import line_magic, magics_class, needs_local_scope, no_var_expand
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 
-from ..lowrank import CONV_MODES, LowRankConfig
+from ..techniques.lowrank import CONV_MODES, LowRankConfig
 from .base import NBMagics, step_options, user_errors
 
 

@@ -37,8 +37,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from .core import BadInput, CompressionResult, StepConfig, StepContext, compress, register_technique
-from .train import output_layers
+from ...core import BadInput, CompressionResult, StepConfig, StepContext, compress, register_technique
+from ...train import output_layers
 
 __all__ = [
     "LowRankConfig", "lowrank", "demo_config", "CONV_MODES",
@@ -315,8 +315,8 @@ def recalibrate_batchnorm(model: nn.Module, loader, device=None, batches: int = 
     batches, with only the BatchNorm layers in training mode) recovers most of the accuracy lost
     before any fine-tuning. Returns the number of batches used (0: no BatchNorm layer, or an
     empty loader, and nothing changed)."""
-    from .core import model_device
-    from .train import forward_batch, split_batch, to_device
+    from ...core import model_device
+    from ...train import forward_batch, split_batch, to_device
 
     bns = [m for m in model.modules()
            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
@@ -696,7 +696,7 @@ class LowRankConfig(StepConfig):
             v = getattr(self, name)
             if v is not None and (not _is_number(v) or not 0 < v <= 1):
                 raise BadInput(f"--{name} must be in (0, 1], got {v!r}")
-        from .metrics import is_loader
+        from ...metrics import is_loader
 
         for name in ("finetune", "data"):
             v = getattr(self, name)
@@ -731,7 +731,7 @@ class LowRankConfig(StepConfig):
                 raise BadInput(f"--rank {self.rank} is above the full rank of every selected layer "
                                f"(the largest is {best.max_full()}, {best.name})")
         if mode == "target_params":
-            from .metrics import count_params
+            from ...metrics import count_params
 
             total = count_params(model)[0]
             target = _parse_target(self.target_params, total)
@@ -746,8 +746,8 @@ class LowRankConfig(StepConfig):
     def _loader_example(self, model: nn.Module, device=None) -> Any:
         """Two inputs from the first batch of ``data`` or ``finetune`` (None without a loader), on
         ``device`` (default: the model's)."""
-        from .core import model_device
-        from .train import peek_batch, split_batch, to_device
+        from ...core import model_device
+        from ...train import peek_batch, split_batch, to_device
 
         loader = self.data if self.data is not None else self.finetune
         if loader is None:
@@ -772,7 +772,7 @@ class LowRankConfig(StepConfig):
         if mode == "default":
             return {p.name: (1 if isinstance(p, _SeparablePlan) else p.rank_for(energy=DEFAULT_ENERGY))
                     for p in plans}
-        from .metrics import count_params
+        from ...metrics import count_params
 
         total = count_params(model)[0]
         target = _parse_target(self.target_params, total)
@@ -798,10 +798,10 @@ class LowRankConfig(StepConfig):
         return {p.name: p.rank_for(share=levels[lo]) for p in plans}
 
     def run(self, model: nn.Module, ctx: StepContext) -> CompressionResult:
-        from .metrics import count_flops
-        from .train import fit, to_device
+        from ...metrics import count_flops
+        from ...train import fit, to_device
 
-        from .train import check_loader_runs
+        from ...train import check_loader_runs
 
         check_loader_runs(model, self.finetune, "--finetune", ctx.device)
         check_loader_runs(model, self.data, "--data", ctx.device, labels=False)  # BN statistics
