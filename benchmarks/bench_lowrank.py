@@ -41,8 +41,9 @@ from _timing import alternated  # noqa: E402  (benchmarks/_timing.py: the one ti
 from nbcompress import compress, evaluate, measure  # noqa: E402
 from nbcompress.metrics import latency_model  # noqa: E402
 from nbcompress.data import lenet_300_100, mnist_loaders, reference_cnn, train_reference  # noqa: E402
-from nbcompress.lowrank import (LowRankConfig, separable_factorize_conv, svd_factorize_conv,  # noqa: E402
-                                svd_factorize_linear, tucker_factorize_conv, tucker_ranks_limit)
+from nbcompress.techniques.lowrank import (  # noqa: E402
+    LowRankConfig, separable_factorize_conv, svd_factorize_conv, svd_factorize_linear,
+    tucker_factorize_conv, tucker_ranks_limit)
 
 CONV_LAYERS = "layer|down"      # the residual-stage convs: the stem (1 input channel) and the head stay
 

@@ -14,10 +14,11 @@ from torch import nn
 from conftest import same_as_snapshot, snapshot, state_equal
 from nbcompress import BadInput, History, NBCompressError, compress, measure
 from nbcompress.data import reference_cnn
-from nbcompress.lowrank import (LowRankConfig, demo_config, effective_weight, lowrank,
-                                recalibrate_batchnorm, relative_error, separable_factorize_conv,
-                                svd_factorize_conv,
-                                svd_factorize_linear, tucker_factorize_conv, tucker_ranks_limit)
+from nbcompress.techniques.lowrank import (LowRankConfig, demo_config, effective_weight, lowrank,
+                                           recalibrate_batchnorm, relative_error,
+                                           separable_factorize_conv, svd_factorize_conv,
+                                           svd_factorize_linear, tucker_factorize_conv,
+                                           tucker_ranks_limit)
 
 LENET_PARAMS = 266_610
 
@@ -421,27 +422,31 @@ def test_magic_help_lists_options(shell):
 
 
 @pytest.mark.parametrize("line,match", [
-    ("model --rank 0", "--rank must be a positive whole number"),
-    ("model --rank -3", "--rank must be a positive whole number"),
+    ("model --rank 0", r"^--rank must be a whole number >= 1, got 0$"),
+    ("model --rank -3", r"^--rank must be a whole number >= 1, got -3$"),
     ("model --rank 301", "--rank 301 is above the full rank of every selected layer .*300, fc1"),
-    ("model --energy 0", r"--energy must be in \(0, 1\]"),
-    ("model --energy 1.2", r"--energy must be in \(0, 1\]"),
-    ("model --ratio 1.5", r"--ratio must be in \(0, 1\]"),
-    ("model --rank 4 --energy 0.5", "at most one of"),
+    ("model --energy 0", r"^--energy must be a number in \(0, 1\], got 0\.0$"),
+    ("model --energy 1.2", r"^--energy must be a number in \(0, 1\]"),
+    ("model --ratio 1.5", r"^--ratio must be a number in \(0, 1\]"),
+    ("model --ratio nan", r"^--ratio must be a number in \(0, 1\], got nan$"),
+    ("model --rank 4 --energy 0.5", r"^give --rank or --energy, not both$"),
+    ("model --ratio 0.5 --target-params 3x", r"^give --ratio or --target-params, not both$"),
     ("model --layers conv", "--layers 'conv' matches no Linear/Conv2d layer .*fc1, fc2, fc3"),
     ("model --layers fc[", "not a valid regular expression"),
-    ("model --conv cp", "invalid choice"),
+    ("model --conv cp", r"^--conv must be one of svd, tucker, separable, none, got 'cp'$"),
     ("model --conv none --layers nothing", "matches no"),
     ("model --finetune missing", "no variable named 'missing'"),
     ("model --finetune notaloader", "--finetune notaloader is a int, not a torch DataLoader"),
-    ("model --finetune train_loader --epochs 0", "--epochs must be a positive"),
-    ("model --finetune train_loader --lr -1", "--lr must be a positive"),
+    ("model --finetune train_loader --epochs 0", r"^--epochs must be a whole number >= 1, got 0$"),
+    ("model --finetune train_loader --lr -1", r"^--lr must be a number > 0, got -1\.0$"),
+    ("model --finetune train_loader --lr fast", r"^--lr must be a number, got 'fast'$"),
     ("model --data notaloader", "--data notaloader is a int, not a torch DataLoader"),
     ("model --target-params 100", "cannot be reached: rank 1 in every selected layer still leaves"),
     ("model --target-params 300000", "the model already has 266,610"),
     ("model --target-params 1x", "N times fewer"),
     ("model --target-params lots", "parameter count"),
-    ("model --rank x", "invalid int value"),
+    ('model --target-params "-3"', r"^--target-params must be positive, got '-3'$"),
+    ("model --rank x", r"^--rank must be a whole number, got 'x'$"),
     ("nomodel --rank 2", "no variable named 'nomodel'"),
     ("notamodel --rank 2", "not a torch.nn.Module"),
     ("relus --rank 2", r"no nn.Linear or nn.Conv2d layer .*found: Flatten, ReLU x2"),
@@ -450,8 +455,10 @@ def test_magic_help_lists_options(shell):
     ("model --rank 8 --finetune digits", r"the model cannot run on a batch of --finetune \(inputs "
                                          r"of shape \(8, 1, 8, 8\)\): RuntimeError"),
     ("model --rank 8 --data digits", "the model cannot run on a batch of --data"),
-    ("model --rank 8 --epochs 3", "--epochs only applies to fine-tuning: give --finetune LOADER"),
-    ("model --rank 8 --lr 0.01", "--lr only applies to fine-tuning"),
+    ("model --rank 8 --epochs 3", r"^--epochs only applies with --finetune: give --finetune too "
+                                   r"\(or leave out --epochs\)$"),
+    ("model --rank 8 --lr 0.01", r"^--lr only applies with --finetune"),
+    ("model --rank 8 --epochs 2 --lr 0.01", r"^--epochs and --lr only apply with --finetune"),
     ("model --rank 8 --finetune badlabels", "--finetune has label 50, but the model scores 10"),
 ])
 def test_bad_input_is_one_line_and_model_unchanged(shell, trained_lenet, mnist, line, match):
@@ -478,20 +485,22 @@ def test_bad_input_is_one_line_and_model_unchanged(shell, trained_lenet, mnist, 
 
 
 @pytest.mark.parametrize("options,match", [
-    (dict(conv="cp"), "--conv must be one of svd, tucker, separable, none"),
-    (dict(rank=2.5), "--rank must be a positive whole number"),
-    (dict(rank=True), "--rank must be a positive whole number"),
-    (dict(energy="0.9"), r"--energy must be in \(0, 1\]"),
-    (dict(layers=3), "--layers must be a regular expression"),
-    (dict(data=[1, 2]), "--data must be a DataLoader, got list"),
-    (dict(scheduler="step"), "scheduler must be 'cosine' or None"),
-    (dict(calib_batches=0), "calib_batches must be a positive"),
-    (dict(epochs=1.5), "--epochs must be a positive whole number"),
-    (dict(lr=float("nan")), "--lr must be a positive number"),
-    (dict(seed="a"), "seed must be a whole number"),
-    (dict(target_params=-5), "--target-params must be positive"),
-    (dict(target_params=1234.5), "must be a whole number"),
-    (dict(rank=4, epochs=2), "--epochs only applies to fine-tuning"),
+    (dict(conv="cp"), r"^conv must be one of svd, tucker, separable, none, got 'cp'$"),
+    (dict(rank=2.5), r"^rank must be a whole number >= 1, got 2\.5$"),
+    (dict(rank=True), r"^rank must be a whole number >= 1, got True$"),
+    (dict(energy="0.9"), r"^energy must be a number in \(0, 1\], got '0\.9'$"),
+    (dict(layers=3), r"^layers must be a regular expression"),
+    (dict(data=[1, 2]), r"^data must be a DataLoader, got a list$"),
+    (dict(scheduler="step"), r"^scheduler must be one of cosine, got 'step'$"),
+    (dict(calib_batches=0), r"^calib_batches must be a whole number >= 1, got 0$"),
+    (dict(epochs=1.5), r"^epochs must be a whole number >= 1, got 1\.5$"),
+    (dict(lr=float("nan")), r"^lr must be a number > 0, got nan$"),
+    (dict(seed="a"), r"^seed must be a whole number, got 'a'$"),
+    (dict(target_params=-5), r"^target_params must be positive, got -5$"),
+    (dict(target_params=1234.5), r"^target_params as a count must be a whole number"),
+    (dict(target_params=True), r"^target_params must be a parameter count \(80000\)"),
+    (dict(rank=2, target_params="3x"), r"^give rank or target_params, not both$"),
+    (dict(rank=4, epochs=2), r"^epochs only applies with finetune: give finetune too"),
 ])
 def test_api_bad_options_leave_model_unchanged(trained_lenet, options, match):
     snap = snapshot(trained_lenet)
@@ -505,8 +514,95 @@ def test_api_bad_options_leave_model_unchanged(trained_lenet, options, match):
 def test_strict_mode_fails_the_cell(shell, trained_lenet, monkeypatch):
     shell.user_ns["model"] = trained_lenet
     monkeypatch.setenv("NBCOMPRESS_STRICT", "1")
-    with pytest.raises(NBCompressError, match="--energy must be in"):
+    with pytest.raises(NBCompressError, match=r"^--energy must be a number in \(0, 1\]"):
         shell.run_line_magic("lowrank", "model --energy 2")
     res = shell.run_cell("%lowrank model --rank 0")
     assert not res.success and isinstance(res.error_in_exec, NBCompressError)
     assert shell.user_ns["model"] is trained_lenet
+
+
+# --- one mistake, two spellings: fields from Python, flags on the magic line ----------------
+def _lenet():
+    from nbcompress.data import lenet_300_100
+
+    torch.manual_seed(0)
+    return lenet_300_100()
+
+
+@pytest.mark.parametrize("model,options,line,python,magic", [
+    ("lenet", dict(rank=301), "--rank 301",
+     r"^rank=301 is above the full rank of every selected layer \(the largest is 300, fc1\)$",
+     r"^--rank 301 is above the full rank of every selected layer \(the largest is 300, fc1\)$"),
+    ("lenet", dict(rank=4, epochs=3), "--rank 4 --epochs 3",
+     r"^epochs only applies with finetune: give finetune too \(or leave out epochs\)$",
+     r"^--epochs only applies with --finetune: give --finetune too \(or leave out --epochs\)$"),
+    ("lenet", dict(target_params="100"), "--target-params 100",
+     r"^target_params='100' \(100\) cannot be reached: rank 1 in every selected layer still "
+     r"leaves 2,894 parameters$",
+     r"^--target-params 100 \(100\) cannot be reached: rank 1 in every selected layer still "
+     r"leaves 2,894 parameters$"),
+    ("lenet", dict(target_params="1x"), "--target-params '1x'",
+     r"^target_params must be a parameter count \(80000\), a fraction of the current count "
+     r"\(0\.33\) or N times fewer \(3x\); got '1x'$",
+     r"^--target-params must be a parameter count \(80000\), a fraction of the current count "
+     r"\(0\.33\) or N times fewer \(3x\); got '1x'$"),
+    ("lenet", dict(energy=0.5, ratio=0.5), "--ratio 0.5 --energy 0.5",
+     r"^give ratio or energy, not both$", r"^give --ratio or --energy, not both$"),
+    ("lenet", dict(layers="conv"), '--layers "conv"',
+     r"^layers 'conv' matches no Linear/Conv2d layer \(the layers are: fc1, fc2, fc3\)$",
+     r"^--layers 'conv' matches no Linear/Conv2d layer \(the layers are: fc1, fc2, fc3\)$"),
+    ("convs", dict(conv="none"), "--conv none",
+     r"^conv='none' leaves nothing to factorise: the model's layers are all Conv2d \(0, 1\)$",
+     r"^--conv none leaves nothing to factorise: the model's layers are all Conv2d \(0, 1\)$"),
+    ("logreg", dict(rank=2), "--rank 2",
+     r"^the only layer to factorise is the classifier 1 \(producing the model's output\), kept "
+     r"whole by default: give layers to factorise it anyway \(layers='\.' selects every layer\)$",
+     r"^the only layer to factorise is the classifier 1 \(producing the model's output\), kept "
+     r"whole by default: give --layers to factorise it anyway \(--layers \. selects every "
+     r"layer\)$"),
+])
+def test_same_mistake_names_fields_in_python_and_flags_in_the_magic(shell, model, options, line,
+                                                                     python, magic):
+    from nbcompress.core import FieldError
+
+    net = {"lenet": _lenet, "convs": lambda: nn.Sequential(nn.Conv2d(1, 4, 3), nn.Conv2d(4, 4, 3)),
+           "logreg": lambda: nn.Sequential(nn.Flatten(), nn.Linear(784, 10))}[model]()
+    snap = snapshot(net)
+    with pytest.raises(FieldError, match=python):
+        compress(net, LowRankConfig(**options))
+    with pytest.raises(FieldError, match=python):
+        lowrank(net, **options)
+    shell.user_ns["net"] = net
+    with pytest.raises(UsageError, match=magic):
+        shell.run_line_magic("lowrank", f"net {line}")
+    assert shell.user_ns["net"] is net and same_as_snapshot(net, snap)
+    assert shell._nbcompress_workspace.get("net") is None
+
+
+def test_quoted_target_params_and_layers_read_as_unquoted(shell):
+    """The generic parser strips one pair of quotes from every option (options.unquote):
+    ``--target-params "3x"`` is ``3x``, ``--layers 'fc[12]'`` is ``fc[12]``."""
+    net = _lenet()
+    x = torch.randn(1, 1, 28, 28)
+    want = compress(net, LowRankConfig(target_params="3x", layers="fc[12]"), example_input=x)
+    lines = ("--target-params \"3x\" --layers 'fc[12]'", "--target-params '3x' --layers \"fc[12]\"",
+             "--target-params 3x --layers fc[12]")
+    for i, line in enumerate(lines):
+        name = f"net{i}"
+        shell.user_ns[name] = net
+        shell.run_line_magic("nbcompress", f"{name} --input-shape 1,1,28,28")
+        r = shell.run_line_magic("lowrank", f"{name} {line} --no-progress")
+        assert _ranks(r.result) == _ranks(want) and r.after.params == measure(want.model, x).params
+        df = shell.run_line_magic("compress_history", f"{name} --no-plot")
+        assert "target_params=3x" in df.loc[1, "args"] and "layers=fc[12]" in df.loc[1, "args"]
+
+
+def test_declared_options_keep_the_old_magic_flags(shell):
+    parser = shell.find_line_magic("lowrank").parser
+    flags = set(parser._option_string_actions)
+    assert {"--rank", "--ratio", "--energy", "--target-params", "--layers", "--conv", "--finetune",
+            "--epochs", "--lr", "--data"} <= flags
+    # Python-only, as before: the schedule, the BatchNorm batches, the seed
+    assert not {"--scheduler", "--calib-batches", "--seed"} & flags
+    doc = shell.find_line_magic("lowrank").__doc__
+    assert "(default svd)" in doc and "%lowrank net --energy 0.8" in doc

@@ -23,7 +23,7 @@ from conftest import same_as_snapshot, snapshot
 from nbcompress import BadInput, History, NBCompressError, compress, evaluate
 from nbcompress.data import reference_cnn
 from nbcompress.distill import DistillConfig, mlp_student
-from nbcompress.lowrank import LowRankConfig, output_layers
+from nbcompress.techniques.lowrank import LowRankConfig, output_layers
 from nbcompress.quantize import QuantizeConfig
 
 
