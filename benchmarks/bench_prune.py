@@ -45,7 +45,7 @@ from nbcompress import compress, evaluate, measure  # noqa: E402
 from nbcompress.core import StepContext  # noqa: E402
 from nbcompress.data import lenet_300_100, mnist_loaders, reference_cnn, train_reference  # noqa: E402
 from nbcompress.metrics import count_flops, count_params  # noqa: E402
-from nbcompress.prune import PruneConfig, prune, prune_weights_  # noqa: E402
+from nbcompress.techniques.prune import PruneConfig, prune, prune_weights_  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 

@@ -49,7 +49,7 @@ from _timing import alternated  # noqa: E402  (benchmarks/_timing.py: the one ti
 from nbcompress import evaluate, save  # noqa: E402
 from nbcompress.data import (lenet_300_100, mnist_loaders, reference_cnn,  # noqa: E402
                              train_reference)
-from nbcompress.prune import prune  # noqa: E402
+from nbcompress.techniques.prune import prune  # noqa: E402
 from nbcompress.quantize import quantize  # noqa: E402
 from nbcompress.storage import breakdown, overhead_bytes  # noqa: E402
 

@@ -240,23 +240,21 @@ CASES = [
     case("prune net.training 0.5", r"^net\.training is a bool, not a torch\.nn\.Module$"),
     case("prune net", r"^give AMOUNT \(the fraction to remove, e\.g\. 0\.5\), --target-flops F or "
          r"--target-params P$"),
-    case("prune net 0", r"^AMOUNT is the fraction removed and must be between 0 and 1 "
-         r"\(exclusive\), got 0\.0$"),
-    case("prune net 1.5", r"^AMOUNT is the fraction removed .* got 1\.5$"),
-    case("prune net -0.1", r"^AMOUNT is the fraction removed .* got -0\.1$"),
-    case("prune net 150%", r"^AMOUNT is the fraction removed .* got 1\.5$"),
-    case("prune net nan", r"^AMOUNT is the fraction removed .* got nan$"),
+    case("prune net 0", r"^AMOUNT must be a fraction in \(0, 1\) \(0\.5 or 50%\), got 0\.0$"),
+    case("prune net 1.5", r"^AMOUNT must be a fraction in \(0, 1\) .* got 1\.5$"),
+    case("prune net -0.1", r"^AMOUNT must be a fraction in \(0, 1\) .* got -0\.1$"),
+    case("prune net 150%", r"^AMOUNT must be a fraction in \(0, 1\) .* got 1\.5$"),
+    case("prune net nan", r"^AMOUNT must be a fraction in \(0, 1\) .* got nan$"),
     case("prune net abc", r"^AMOUNT must be a number between 0 and 1 \(or a percentage like "
          r"50%\), got 'abc'$"),
     case("prune net 0.5 extra_arg", r"^unrecognized arguments: extra_arg$"),
-    case("prune net 0.5 --importance bogus", r"^unknown importance 'bogus' \(use l1, l2, taylor, "
-         r"hessian, activation, bn, random\)$"),
+    case("prune net 0.5 --importance bogus", r"^--importance must be one of l1, l2, taylor, "
+         r"hessian, activation, bn, random, got 'bogus'$"),
     case("prune net 0.5 --importance bn",
          r"^--importance bn ranks channels: use it with --structured$"),
     case("prune net 0.5 --structured --importance taylor",
          r"^--importance taylor measures on data: give --data LOADER \(or --finetune LOADER\)$"),
-    case("prune net 0.5 --scope bogus",
-         r"^argument --scope: invalid choice: 'bogus' \(choose from 'global', 'layer'\)$"),
+    case("prune net 0.5 --scope bogus", r"^--scope must be one of global, layer, got 'bogus'$"),
     case("prune net 0.5 --layers nomatch_xyz",
          r"^--layers 'nomatch_xyz' matches no Linear/Conv layer \(layers: 0, 3, 8\)$"),
     case("prune net 0.5 --layers (",
@@ -264,9 +262,9 @@ CASES = [
     case("prune net 0.5 --structured --layers ^8$",
          r"^no channels to prune: every Linear/Conv layer feeds the output or is outside --layers"),
     case("prune net 0.5 --steps 0", r"^--steps must be a whole number >= 1, got 0$"),
-    case("prune net 0.5 --steps 1.5", r"^argument --steps: invalid int value: '1\.5'$"),
-    case("prune net 0.5 --epochs 3", r"^--epochs only applies to fine-tuning: give --finetune "
-         r"LOADER too \(or leave out --epochs\)$"),
+    case("prune net 0.5 --steps 1.5", r"^--steps must be a whole number, got '1\.5'$"),
+    case("prune net 0.5 --epochs 3", r"^--epochs only applies with --finetune: give --finetune "
+         r"too \(or leave out --epochs\)$"),
     case("prune net 0.5 --finetune not_a_loader",
          r"^--finetune not_a_loader is a list, not a torch DataLoader$"),
     case("prune net 0.5 --finetune missing_name",
@@ -280,15 +278,15 @@ CASES = [
     case("prune net 0.5 --finetune bad_labels_loader",
          r"^--finetune has label 5\d, but the model scores 10 classes \(labels 0\.\.9\)"),
     case("prune net 0.5 --finetune train_loader --lr nan",
-         r"^--lr must be a positive number, got nan$"),
-    case("prune net 0.5 --lr -1", r"^--lr must be a positive number, got -1\.0$"),
+         r"^--lr must be a number > 0, got nan$"),
+    case("prune net 0.5 --lr -1", r"^--lr must be a number > 0, got -1\.0$"),
     case("prune net 0.5 --sparsity-reg -1", r"^--sparsity-reg must be a number >= 0, got -1\.0$"),
     case("prune net 0.5 --data not_a_loader",
          r"^--data not_a_loader is a list, not a torch DataLoader$"),
     case("prune net 0.5 --structured --importance taylor --data wrong_channels_loader",
          r"^the model cannot run on a batch of --data \(inputs of shape \(32, 3, 8, 8\)\)"),
-    case("prune net --target-flops 2", r"^--target-flops is the fraction to keep, 0 < F < 1; "
-         r"got 2\.0$"),
+    case("prune net --target-flops 2", r"^--target-flops must be a fraction in \(0, 1\) "
+         r"\(0\.5 or 50%\), got 2\.0$"),
     case("prune net 0.5 --target-flops 0.5", r"^give AMOUNT or --target-flops, not both$"),
     case("prune net --target-flops 0.5 --target-params 0.5",
          r"^give --target-flops or --target-params, not both$"),
@@ -303,8 +301,8 @@ CASES = [
          r"^--sensitivity scans its own amounts \(--amounts\): leave out AMOUNT$"),
     case("prune net --sensitivity --amounts 0.1,abc",
          r"^--amounts must be a number between 0 and 1 .*got 'abc'$"),
-    case("prune net 0.5 --amounts 0.1", r"^--amounts lists the amounts --sensitivity scans: add "
-         r"--sensitivity \(or leave out --amounts\)$"),
+    case("prune net 0.5 --amounts 0.1", r"^--amounts only applies with --sensitivity: give "
+         r"--sensitivity too \(or leave out --amounts\)$"),
     case("prune net 0.5 --structure", r"^unknown option --structure: did you mean --structured\? "
          r"\(options are never abbreviated\)$"),
     case("prune net 0.5 --fine train_loader", r"^unknown option --fine: did you mean --finetune\?"),
@@ -598,7 +596,7 @@ def test_matrix_covers_every_magic():
 
 # ------------------------------------------------------------------------ strict mode
 @pytest.mark.parametrize("line,match", [
-    ("prune net 1.5", r"^AMOUNT is the fraction removed .* got 1\.5$"),
+    ("prune net 1.5", r"^AMOUNT must be a fraction in \(0, 1\) .* got 1\.5$"),
     ("prune net 0.5 --structure", r"^unknown option --structure: did you mean --structured\?"),
     ("quantize net --bits abc", r"^argument --bits: invalid int value: 'abc'$"),
     ("nbcompress net --eval says_hello", HELLO),

@@ -18,14 +18,18 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from conftest import same_as_snapshot, snapshot, state_equal
 from nbcompress import BadInput, History, NBCompressError, compress, measure
-from nbcompress.core import StepContext
+from nbcompress.core import FieldError, StepContext
 from nbcompress.data import lenet5, reference_cnn
-from nbcompress.importance import (ActivationImportance, BNScaleImportance, HessianImportance,
-                                   TaylorImportance, get_importance)
+from nbcompress.techniques.prune.importance import (ActivationImportance, BNScaleImportance,
+                                                   HessianImportance, TaylorImportance,
+                                                   get_importance)
 from nbcompress.metrics import count_flops, count_params
-from nbcompress.prune import ChannelPruner, PruneConfig, prune, prune_weights_, sensitivity
+from nbcompress.techniques.prune import (ChannelPruner, PruneConfig, prune, prune_weights_,
+                                         sensitivity)
+from nbcompress.train import check_loader_runs
 
-P = importlib.import_module("nbcompress.prune")   # the module (nbcompress.prune is the verb)
+P = importlib.import_module("nbcompress.techniques.prune")   # the package (nbcompress.prune: the verb)
+W = importlib.import_module("nbcompress.techniques.prune.weights")
 X28 = torch.randn(1, 1, 28, 28, generator=torch.Generator().manual_seed(0))
 
 
@@ -94,7 +98,7 @@ def test_large_model_selection_matches_exact_kthvalue(monkeypatch):
             m.weight.copy_(torch.randint(-40, 41, m.weight.shape, generator=g).float() / 40)
     exact = copy.deepcopy(model)
     prune_weights_(exact, 0.37)
-    monkeypatch.setattr(P, "_EXACT_LIMIT", 1000)
+    monkeypatch.setattr(W, "_EXACT_LIMIT", 1000)
     sampled = copy.deepcopy(model)
     prune_weights_(sampled, 0.37)
     n = _n(model)
@@ -516,13 +520,13 @@ class Reshaped(nn.Module):
 
 
 @pytest.mark.parametrize("line,match", [
-    ("prune model 0", "between 0 and 1"),
-    ("prune model 1", "between 0 and 1"),
-    ("prune model 1.5", "between 0 and 1"),
-    ("prune model -0.2", "between 0 and 1|arguments"),
+    ("prune model 0", r"^AMOUNT must be a fraction in \(0, 1\)"),
+    ("prune model 1", r"^AMOUNT must be a fraction in \(0, 1\)"),
+    ("prune model 1.5", r"^AMOUNT must be a fraction in \(0, 1\)"),
+    ("prune model -0.2", r"^AMOUNT must be a fraction in \(0, 1\)|arguments"),
     ("prune model lots", "must be a number"),
     ("prune model", "give AMOUNT"),
-    ("prune model 0.5 --importance magic", "unknown importance 'magic'"),
+    ("prune model 0.5 --importance magic", "^--importance must be one of l1, l2, .*got 'magic'"),
     ("prune model 0.5 --structured --importance bn", "no BatchNorm"),
     ("prune model 0.5 --importance activation", "use it with --structured"),
     ("prune model 0.5 --importance taylor", "measures on data"),
@@ -532,7 +536,7 @@ class Reshaped(nn.Module):
     ("prune model 0.5 --finetune nosuch", "no variable named 'nosuch'"),
     ("prune model 0.5 --data notaloader", "--data notaloader is a list"),
     ("prune model 0.5 --target-flops 0.5", "not both"),
-    ("prune model --target-flops 1.5", "fraction to keep"),
+    ("prune model --target-flops 1.5", r"^--target-flops must be a fraction in \(0, 1\)"),
     ("prune model --target-flops 0.5 --target-params 0.5", "not both"),
     ("prune model 0.5 --sensitivity", "leave out AMOUNT"),
     ("prune model 0.5 --layers ([", "not a valid regular expression"),
@@ -554,9 +558,9 @@ class Reshaped(nn.Module):
     ("prune model 0.5 --finetune empty", "--finetune yielded no batches"),
     ("prune model 0.5 --finetune badlabels", "--finetune has label 50, but the model scores 10 "
                                              "classes \\(labels 0..9\\)"),
-    ("prune model 0.5 --amounts 0.1,0.2", "add --sensitivity"),
-    ("prune model 0.5 --epochs 3", "--epochs only applies to fine-tuning"),
-    ("prune model 0.5 --lr 0.1 --epochs 2", "--epochs and --lr only apply to fine-tuning"),
+    ("prune model 0.5 --amounts 0.1,0.2", "^--amounts only applies with --sensitivity"),
+    ("prune model 0.5 --epochs 3", "^--epochs only applies with --finetune"),
+    ("prune model 0.5 --lr 0.1 --epochs 2", "^--epochs and --lr only apply with --finetune"),
 ])
 def test_bad_input_is_one_line_and_model_unchanged(shell, trained_lenet, mnist, line, match):
     ns = shell.user_ns
@@ -592,9 +596,9 @@ def test_api_bad_input_is_one_line_and_model_unchanged(trained_lenet, small_load
     for call, match in [
         (lambda: prune(trained_lenet, 0.5, ammount=0.3), "unknown option 'ammount'; did you mean amounts"),
         (lambda: prune(trained_lenet, 0.5, structured=True, importance="bn"), "no BatchNorm layer"),
-        (lambda: prune(trained_lenet, 0.5, finetune=small_loader.dataset), "--finetune must be a DataLoader"),
+        (lambda: prune(trained_lenet, 0.5, finetune=small_loader.dataset), "^finetune must be a DataLoader"),
         (lambda: prune(trained_lenet, 0.5, finetune=digits), "cannot run on a batch of --finetune"),
-        (lambda: prune(trained_lenet, 0.5, epochs=3), "--epochs only applies to fine-tuning"),
+        (lambda: prune(trained_lenet, 0.5, epochs=3), "^epochs only applies with finetune"),
         (lambda: prune(SharedFC(), 0.5, structured=True, example_input=X28), "forward calls it 2"),
         (lambda: sensitivity(trained_lenet, small_loader, amounts=0.5), "amounts must be a list"),
         (lambda: sensitivity(trained_lenet, small_loader, bogus=1), "unknown option 'bogus'"),
@@ -605,10 +609,62 @@ def test_api_bad_input_is_one_line_and_model_unchanged(trained_lenet, small_load
     assert same_as_snapshot(trained_lenet, snap)
 
 
+@pytest.mark.parametrize("kwargs,line,python,magic", [
+    (dict(amount=0.5, epochs=3), "model 0.5 --epochs 3",
+     "epochs only applies with finetune: give finetune too (or leave out epochs)",
+     "--epochs only applies with --finetune: give --finetune too (or leave out --epochs)"),
+    (dict(amount=0.5, importance="bn"), "model 0.5 --importance bn",
+     "importance='bn' ranks channels: use it with structured",
+     "--importance bn ranks channels: use it with --structured"),
+    (dict(amount=0.5, target_flops=0.5), "model 0.5 --target-flops 0.5",
+     "give amount or target_flops, not both", "give AMOUNT or --target-flops, not both"),
+    (dict(amount=0.5, sensitivity=True), "model 0.5 --sensitivity",
+     "sensitivity scans its own amounts (amounts): leave out amount",
+     "--sensitivity scans its own amounts (--amounts): leave out AMOUNT"),
+    (dict(), "model", "give amount (the fraction to remove, e.g. 0.5), target_flops=F or "
+     "target_params=P", "give AMOUNT (the fraction to remove, e.g. 0.5), --target-flops F or "
+     "--target-params P"),
+    (dict(amount=0.5, layers="conv"), "model 0.5 --layers conv",
+     "layers 'conv' matches no Linear/Conv layer (layers: fc1, fc2, fc3)",
+     "--layers 'conv' matches no Linear/Conv layer (layers: fc1, fc2, fc3)"),
+    (dict(amount=0.5, lottery=True), "model 0.5 --lottery",
+     "lottery retrains the ticket after every round: give finetune=LOADER (and epochs)",
+     "--lottery retrains the ticket after every round: give --finetune LOADER (and --epochs)"),
+    (dict(amount=0.5, steps=0), "model 0.5 --steps 0",
+     "steps must be a whole number >= 1, got 0", "--steps must be a whole number >= 1, got 0"),
+])
+def test_the_same_mistake_in_both_spellings(shell, trained_lenet, kwargs, line, python, magic):
+    """Python names the fields (``epochs``), the magic names its flags (``--epochs``)."""
+    amount = kwargs.pop("amount", None)
+    with pytest.raises(FieldError) as ei:
+        prune(trained_lenet, amount, **kwargs)
+    assert str(ei.value) == python
+    shell.user_ns["model"] = trained_lenet
+    with pytest.raises(UsageError) as ei:
+        shell.run_line_magic("prune", line + " --no-progress")
+    assert str(ei.value) == magic
+    assert shell.user_ns["model"] is trained_lenet
+
+
+def test_magic_layers_regex_in_quotes(shell, trained_lenet):
+    """``--layers "fc[12]"``: the quotes are the shell's, not part of the regular expression."""
+    shell.user_ns["model"] = trained_lenet
+    shell.run_line_magic("prune", 'model 0.5 --layers "fc[12]" --scope layer --no-progress')
+    out = shell.user_ns["model"]
+    assert int((out.fc3.weight == 0).sum()) == 0
+    for w in (out.fc1.weight, out.fc2.weight):
+        assert int((w == 0).sum()) == round(0.5 * w.numel())
+    shell.user_ns["other"] = trained_lenet
+    shell.run_line_magic("prune", "other 50% --layers 'fc1' --no-progress")
+    out = shell.user_ns["other"]
+    assert int((out.fc1.weight == 0).sum()) == round(0.5 * out.fc1.weight.numel())
+    assert int((out.fc2.weight == 0).sum()) == 0
+
+
 def test_loader_check_leaves_the_shuffling_order_alone(trained_lenet, mid_loader):
     g = mid_loader.generator
     state = g.get_state()
-    P.check_loader_runs(trained_lenet, mid_loader, "--finetune")
+    check_loader_runs(trained_lenet, mid_loader, "--finetune")
     assert torch.equal(g.get_state(), state)
 
 

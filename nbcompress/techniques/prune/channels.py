@@ -1,0 +1,370 @@
+"""Structured pruning: remove whole output neurons / conv channels and keep every coupled layer
+consistent (BatchNorm, residual adds, concatenation, the next layer's inputs, flatten into Linear)
+with the dependency graph of ``torch-pruning``. The result is a smaller dense network that really
+runs faster. Channel counts are rounded to multiples of ``round_to`` (default 8: odd widths run
+slowly on CPU vector units and GPU tensor cores). The classifier's outputs (any layer whose
+channels reach the model output) are never removed.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ...core import BadInput, FieldError
+from ...train import eval_mode as _eval_mode
+from ...train import first_line
+from ...train import forward_batch as _forward
+from .importance import Importance, normalized
+from .weights import _PRUNABLE_WEIGHTS, _smallest_amount
+
+__all__ = ["ChannelPruner", "unsupported_layer"]
+
+_STRUCTURED_OK = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d,
+                  nn.ConvTranspose2d, nn.ConvTranspose3d, nn.modules.batchnorm._BatchNorm,
+                  nn.LayerNorm, nn.modules.instancenorm._InstanceNorm, nn.PReLU)
+
+
+def unsupported_layer(model: nn.Module) -> tuple[str, str, str] | None:
+    """(name, type, why) of the first layer structured pruning cannot handle, or None."""
+    for name, m in model.named_modules():
+        own_params = [p for p in m._parameters.values() if p is not None]
+        why = None
+        if getattr(m, "_nbc_weight_buffers", None) or hasattr(m, "nbc_count") or \
+                type(m).__module__.startswith(("torch.ao.nn.quantized", "torch.nn.quantized")):
+            why = "a compressed/quantized layer"
+        elif own_params and not isinstance(m, _STRUCTURED_OK):
+            why = "a layer type torch-pruning cannot shrink consistently here"
+        elif isinstance(m, nn.modules.conv._ConvNd) and 1 < m.groups and \
+                not (m.groups == m.in_channels == m.out_channels):
+            why = f"a grouped convolution (groups={m.groups})"
+        elif own_params and any(not p.is_floating_point() for p in own_params):
+            why = "a layer with non-float parameters"
+        if why:
+            return (name or "(model)", type(m).__name__, why)
+    return None
+
+
+@dataclass
+class _GroupInfo:
+    name: str
+    root: nn.Module
+    handler: Any
+    channels: int
+    group: Any
+    members: tuple
+
+
+class ChannelPruner:
+    """The channels of a model, as torch-pruning dependency groups, and a policy over them.
+
+    Build it on the model to prune (it traces ``example_input`` once), then ``scores()`` ->
+    ``plan(amount)`` -> ``counts(plan)`` (parameters and FLOPs after, without pruning) ->
+    ``apply(plan)``. The dependency graph keeps coupled layers consistent; the policy here decides
+    how many channels each group keeps (rounded to ``round_to``) and which.
+    """
+
+    def __init__(self, model: nn.Module, example_input: Any, importance: Importance, *,
+                 layers: str | None = None, round_to: int = 8, scope: str = "layer"):
+        import torch_pruning as tp
+
+        self.model = model
+        self.example_input = example_input
+        self.importance = importance
+        self.round_to = max(1, int(round_to))
+        self.scope = scope
+        try:
+            with torch.enable_grad(), _eval_mode(model), contextlib.redirect_stdout(io.StringIO()):
+                self.DG = tp.DependencyGraph().build_dependency(model, example_inputs=example_input,
+                                                                verbose=False)
+        except BadInput:
+            raise
+        except Exception as e:  # noqa: BLE001 - tracing failed: one line for the user
+            raise FieldError(f"{{structured}} could not trace the model on the example input: "
+                           f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+        self.names = {m: n for n, m in model.named_modules()}
+        pat = re.compile(layers) if layers else None
+        self.output_modules = self._output_modules()
+        self.groups: list[_GroupInfo] = []
+        for g in self.DG.get_all_groups(ignored_layers=list(self.output_modules),
+                                        root_module_types=(nn.modules.conv._ConvNd, nn.Linear)):
+            root = g[0].dep.target.module
+            if root not in self.names:
+                continue
+            members = tuple(self.names[it.dep.target.module] for it in g
+                            if self.DG.is_out_channel_pruning_fn(it.dep.handler)
+                            and it.dep.target.module in self.names)
+            name = self.names[root]
+            if pat is not None and not any(pat.search(n) for n in members):
+                continue
+            c = len(g[0].idxs)
+            if c < 2:
+                continue
+            self.groups.append(_GroupInfo(name, root, g[0].dep.handler, c, g, members))
+        self._scores: dict[str, torch.Tensor] | None = None
+        self._base_counts: tuple[int, int | None] | None = None
+
+    # ------------------------------------------------------------------ graph facts
+    def _output_modules(self) -> set:
+        """Conv/Linear layers whose channels reach the model output without passing through
+        another conv/linear layer: their outputs are the classes and must stay."""
+        def passes(mod):
+            if isinstance(mod, nn.Linear):
+                return False
+            if isinstance(mod, nn.modules.conv._ConvNd):
+                return mod.groups > 1 and mod.groups == mod.in_channels == mod.out_channels
+            return True
+
+        outs = set()
+        for m, node in self.DG.module2node.items():
+            if not isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)):
+                continue
+            stack, seen = [node], {node}
+            while stack:
+                n = stack.pop()
+                if not n.outputs:
+                    outs.add(m)
+                    break
+                for o in n.outputs:
+                    if o not in seen:
+                        seen.add(o)
+                        if passes(o.module):
+                            stack.append(o)
+        return outs
+
+    # ------------------------------------------------------------------ policy
+    def scores(self) -> dict[str, torch.Tensor]:
+        """One importance score per channel of every group (groups the criterion has no opinion
+        on, e.g. ``bn`` where there is no BatchNorm, are left out)."""
+        if self._scores is None:
+            out = {}
+            for gi in self.groups:
+                s = self.importance.channel_scores(gi.group, self.names)
+                if s is not None and s.numel() == gi.channels:
+                    out[gi.name] = s.float().cpu()
+            self._scores = out
+        return self._scores
+
+    def _step(self, base: int) -> int:
+        return self.round_to if base >= 2 * self.round_to else 1
+
+    def _round(self, keep: float, base: int, current: int) -> int:
+        r = self._step(base)
+        k = max(r, int(math.floor(keep / r + 0.5 + 1e-9)) * r)   # half up, float noise aside
+        return max(1, min(current, k))
+
+    def plan(self, amount: float, base_channels: dict[str, int] | None = None) -> dict[str, list[int]]:
+        """{group name: channel indices to remove} so each group keeps ``(1 - amount)`` of its base
+        channels (``base_channels``: counts the amount refers to, default the current ones)."""
+        scores = self.scores()
+        base = {gi.name: (base_channels or {}).get(gi.name, gi.channels) for gi in self.groups}
+        keep: dict[str, int] = {}
+        live = [gi for gi in self.groups if gi.name in scores]
+        if self.scope == "global" and live:
+            total_keep = sum(base[gi.name] * (1 - amount) for gi in live)
+            flat = torch.cat([normalized(scores[gi.name]) for gi in live])
+            owner = torch.cat([torch.full((gi.channels,), i, dtype=torch.long)
+                               for i, gi in enumerate(live)])
+            order = torch.argsort(flat, descending=True, stable=True)
+            kk = int(round(total_keep))
+            counts = torch.bincount(owner[order[:kk]], minlength=len(live))
+            for i, gi in enumerate(live):
+                keep[gi.name] = self._round(float(counts[i]), base[gi.name], gi.channels)
+        else:
+            for gi in live:
+                keep[gi.name] = self._round(base[gi.name] * (1 - amount), base[gi.name],
+                                            gi.channels)
+        out = {}
+        for gi in live:
+            n_drop = gi.channels - keep[gi.name]
+            if n_drop > 0:
+                order = torch.argsort(scores[gi.name], stable=True)
+                out[gi.name] = sorted(int(i) for i in order[:n_drop])
+        return out
+
+    def counts(self, plan: dict[str, list[int]]) -> tuple[int, int | None]:
+        """(parameters, FLOPs) the model would have after ``plan``, counted from the dependency
+        groups without pruning anything (FLOPs: the measured per-layer FLOPs scaled by the
+        fraction of input and output channels each conv/linear layer keeps)."""
+        base_params, base_flops, per_leaf = self._base()
+        out_rm: dict[nn.Module, int] = {}
+        in_rm: dict[nn.Module, int] = {}
+        info = {gi.name: gi for gi in self.groups}
+        for name, idxs in plan.items():
+            if not idxs:
+                continue
+            gi = info[name]
+            g = self.DG.get_pruning_group(gi.root, gi.handler, list(idxs))
+            for it in g:
+                m = it.dep.target.module
+                if not isinstance(m, nn.Module) or m not in self.names:
+                    continue
+                if self.DG.is_out_channel_pruning_fn(it.dep.handler):
+                    out_rm[m] = out_rm.get(m, 0) + len(it.idxs)
+                elif self.DG.is_in_channel_pruning_fn(it.dep.handler):
+                    in_rm[m] = in_rm.get(m, 0) + len(it.idxs)
+        params = base_params
+        flops = base_flops
+        for m in set(out_rm) | set(in_rm):
+            ro, ri = self._ratios(m, out_rm.get(m, 0), in_rm.get(m, 0))
+            for p in m._parameters.values():
+                if p is None:
+                    continue
+                if p is getattr(m, "weight", None) and isinstance(m, _PRUNABLE_WEIGHTS):
+                    new = p.numel() * ro * ri
+                elif p.dim() >= 1 and p.shape[0] > 1:
+                    new = p.numel() * ro
+                else:
+                    new = p.numel()
+                params -= p.numel() - int(round(new))
+            if flops is not None and isinstance(m, _PRUNABLE_WEIGHTS):
+                f = per_leaf.get(self.names[m], 0)
+                flops -= f - int(round(f * ro * ri))
+        return params, flops
+
+    def _ratios(self, m: nn.Module, orm: int, irm: int) -> tuple[float, float]:
+        if isinstance(m, nn.modules.conv._ConvNd):
+            o, i = m.out_channels, m.in_channels
+            if m.groups > 1:                 # depthwise: in and out are the same channels
+                return 1 - max(orm, irm) / o, 1.0
+            return 1 - orm / o, 1 - irm / i
+        if isinstance(m, nn.Linear):
+            return 1 - orm / m.out_features, 1 - irm / m.in_features
+        c = None
+        for p in m._parameters.values():
+            if p is not None and p.dim() >= 1:
+                c = p.shape[0]
+                break
+        return (1 - orm / c if c else 1.0), 1.0
+
+    def _base(self):
+        if self._base_counts is None:
+            from ...metrics import count_flops, count_params
+
+            params, _ = count_params(self.model)
+            flops, per_leaf = None, {}
+            if self.example_input is not None:
+                try:
+                    flops, _, per_leaf = count_flops(self.model, self.example_input)
+                except Exception:  # noqa: BLE001 - FLOPs unknown: params still count
+                    flops = None
+            self._base_counts = (params, flops, per_leaf)
+        return self._base_counts
+
+    def search(self, metric: str, target: float, base_channels: dict[str, int] | None = None,
+               max_amount: float = 0.99) -> float:
+        """The smallest amount whose plan keeps ``metric`` ("params" | "flops") at or below
+        ``target`` (an absolute count), by bisection on the dry-run counts."""
+        idx = 0 if metric == "params" else 1
+
+        def value(a):
+            return self.counts(self.plan(a, base_channels))[idx]
+
+        now = self._base()[idx]
+        if now is None:
+            raise FieldError("{target_flops} needs FLOPs of the model: give an example input")
+        if now <= target:
+            return 0.0
+        if value(max_amount) > target:
+            best = value(max_amount)
+            base = self._base()[idx]
+            raise FieldError(f"{{target_{metric}}} cannot be reached: removing as many channels "
+                             f"as possible keeps {best / base:.1%} of the {metric}")
+        return _smallest_amount(value, target, max_amount)
+
+    def apply(self, plan: dict[str, list[int]]) -> list[dict]:
+        """Remove the planned channels. One row per group: its layers and channels before/after."""
+        rows = []
+        for gi in self.groups:
+            idxs = plan.get(gi.name)
+            before = gi.channels
+            if idxs:
+                g = self.DG.get_pruning_group(gi.root, gi.handler, list(idxs))
+                if not self.DG.check_pruning_group(g):
+                    raise FieldError(
+                        f"{{structured}} cannot handle layer {gi.name!r} ({type(gi.root).__name__}):"
+                        f" removing {len(idxs)} of its {before} channels would leave a coupled "
+                        f"layer with none (its output is probably reshaped, split or shared in a "
+                        f"way the dependency graph cannot follow); try {{layers}} to leave it out")
+                g.prune()
+            after = before - len(idxs or [])
+            rows.append({"layer": gi.name, "type": type(gi.root).__name__,
+                         "coupled": ", ".join(n for n in gi.members if n != gi.name)[:60],
+                         "channels_before": before, "channels": after, "kept": after / before})
+        self._scores = None
+        self._base_counts = None
+        return rows
+
+
+
+def _shared_layer(model: nn.Module, example: Any) -> tuple[str, str, int] | None:
+    """(name, type, calls) of the first layer with weights that one forward calls more than once
+    (shared weights: structured pruning cannot shrink it for one use and not the other)."""
+    counts: dict[nn.Module, int] = {}
+    names = {}
+    handles = []
+    for name, m in model.named_modules():
+        if any(p is not None for p in m._parameters.values()):
+            names[m] = name or "(model)"
+            handles.append(m.register_forward_hook(
+                lambda mod, args, out: counts.__setitem__(mod, counts.get(mod, 0) + 1)))
+    try:
+        with torch.no_grad(), _eval_mode(model):
+            _forward(model, example)
+    except Exception:  # noqa: BLE001 - tracing reports a model that does not run
+        return None
+    finally:
+        for h in handles:
+            h.remove()
+    for m, n in counts.items():
+        if n > 1:
+            return names[m], type(m).__name__, n
+    return None
+
+
+
+def _check_runs(model: nn.Module, example) -> None:
+    """The pruned model must still run on the example; if not, name the layer where it fails:
+    the innermost one whose forward raised, else the last one that ran before the failing op."""
+    if example is None:
+        return
+    names = {m: n for n, m in model.named_modules() if n}
+    open_: list[nn.Module] = []
+    last: list[nn.Module] = []
+    handles = []
+    def enter(mod, args):
+        open_.append(mod)
+
+    def leave(mod, args, out):      # returns None: the output is left as it is
+        if open_:
+            open_.pop()
+        last.append(mod)
+
+    for m in names:
+        handles.append(m.register_forward_pre_hook(enter))
+        handles.append(m.register_forward_hook(leave))
+    try:
+        with torch.no_grad(), _eval_mode(model):
+            _forward(model, example)
+    except Exception as e:  # noqa: BLE001
+        if open_:
+            where, how = open_[-1], "fails inside it"
+        elif last:
+            where, how = last[-1], "fails right after it"
+        else:
+            where, how = None, ""
+        what = (f"layer {names[where]!r} ({type(where).__name__}): the pruned model {how}"
+                if where is not None else f"{type(model).__name__}: the pruned model does not run")
+        raise FieldError(f"{{structured}} cannot handle {what} ({first_line(e)}); its channels "
+                         f"are probably reshaped or split in a way the dependency graph cannot "
+                         f"follow. Nothing was changed") from None
+    finally:
+        for h in handles:
+            h.remove()
+

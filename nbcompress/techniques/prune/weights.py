@@ -1,0 +1,257 @@
+"""Weight pruning: zero single weights of Linear/Conv layers (global or per layer) by an
+importance criterion (magnitude by default). The zeros are permanent (plain tensors, no masks or
+hooks left behind); ``nbcompress.save`` stores them compactly, so packed bytes and sparse FLOPs
+fall. Dense hardware does not run it faster.
+
+The selection is exact: the k lowest scores over all selected weights, with one ``kthvalue`` for
+small models and a sampled bracket + refine for large ones (never one concatenated copy).
+"""
+from __future__ import annotations
+
+import math
+import re
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ...core import FieldError
+from .importance import Importance, MagnitudeImportance, get_importance
+
+__all__ = ["weight_targets", "prune_weights_"]
+
+_PRUNABLE_WEIGHTS = (nn.Linear, nn.modules.conv._ConvNd)
+_EXACT_LIMIT = 1 << 21          # up to this many scores: one exact kthvalue; beyond: sample + refine
+_MAGNITUDE = (MagnitudeImportance,)
+
+
+def _smallest_amount(value: Callable[[float], float], target: float, hi: float) -> float:
+    """The smallest amount in [0, hi] (to 1e-4) whose ``value`` (falling as the amount grows) is
+    at most ``target``; the caller has checked that ``value(hi)`` reaches it."""
+    lo = 0.0
+    for _ in range(30):
+        mid = (lo + hi) / 2
+        if value(mid) <= target:
+            hi = mid
+        else:
+            lo = mid
+        if hi - lo < 1e-4:
+            break
+    return hi
+
+
+
+def _float_weight(m: nn.Module) -> bool:
+    w = getattr(m, "weight", None)
+    return isinstance(w, nn.Parameter) and w.is_floating_point()
+
+
+def weight_targets(model: nn.Module, layers: str | None = None) -> list[tuple[str, nn.Module]]:
+    """The (name, module) pairs weight pruning works on: Linear and Conv layers with a float
+    weight, whose name matches the ``layers`` regular expression (``re.search``) when given."""
+    pat = re.compile(layers) if layers else None
+    out = []
+    for name, m in model.named_modules():
+        if isinstance(m, _PRUNABLE_WEIGHTS) and _float_weight(m) and m.weight.numel() > 0:
+            if pat is None or pat.search(name):
+                out.append((name, m))
+    return out
+
+
+def _sparsity(t: torch.Tensor) -> float:
+    return 1.0 - int(torch.count_nonzero(t)) / t.numel() if t.numel() else 0.0
+
+
+
+class _Scores:
+    """Lazily computed importance scores of one weight tensor. Already-zero weights score below
+    everything (they are pruned already), so ``amount`` is the sparsity after the step."""
+
+    def __init__(self, name: str, module: nn.Module, importance: Importance, cache: bool):
+        self.name, self.module, self.importance = name, module, importance
+        self.numel = module.weight.numel()
+        self._cache = cache
+        self._value: torch.Tensor | None = None
+
+    def __call__(self) -> torch.Tensor:
+        if self._value is not None:
+            return self._value
+        w = self.module.weight.detach()
+        s = self.importance.weight_scores(self.name, self.module)
+        if s.shape != w.shape:
+            raise FieldError(f"{{importance={self.importance.name!r}}} gave scores of shape "
+                             f"{tuple(s.shape)} for layer {self.name!r} of shape {tuple(w.shape)}")
+        s = s.float().reshape(-1)
+        if not isinstance(self.importance, _MAGNITUDE):
+            s = torch.where(w.reshape(-1) == 0, torch.full_like(s, -1.0), s)
+        if self._cache:
+            self._value = s
+        return s
+
+
+def _kth_smallest(scores: list[Callable[[], torch.Tensor]], numels: list[int], k: int,
+                  seed: int = 0) -> tuple[float, int]:
+    """(t, below): the k-th smallest score over all tensors (1-based) and how many scores are
+    strictly below it. Small inputs: one exact ``kthvalue``. Large ones are never concatenated:
+    a random sample brackets the k-th value, one pass per tensor counts what lies below the
+    bracket and keeps what lies inside it, and ``kthvalue`` runs on that small remainder
+    (widening the bracket in the rare case the sample missed)."""
+    total = sum(numels)
+    if total <= _EXACT_LIMIT:
+        allv = torch.cat([f() for f in scores])
+        t = torch.kthvalue(allv.cpu(), k).values
+        return float(t), int(torch.count_nonzero(allv.cpu() < t))
+    g = torch.Generator().manual_seed(seed)
+    m = 1 << 17
+    sample = []
+    for f, n in zip(scores, numels):
+        take = max(1, int(round(m * n / total)))
+        idx = torch.randint(n, (take,), generator=g)
+        s = f()
+        sample.append(s[idx.to(s.device)].cpu())
+    sample = torch.cat(sample).sort().values
+    ms = sample.numel()
+    q = k / total
+    centre = q * ms
+    d = 4.0 * math.sqrt(max(ms * q * (1 - q), 1.0)) + 16
+    while True:
+        lo_i, hi_i = int(centre - d), int(centre + d)
+        lo = float(sample[lo_i]) if lo_i >= 0 else -math.inf
+        hi = float(sample[hi_i]) if hi_i < ms else math.inf
+        below = 0
+        cands = []
+        for f in scores:
+            s = f()
+            below += int(torch.count_nonzero(s < lo))
+            cands.append(s[(s >= lo) & (s <= hi)].cpu())
+        c = torch.cat(cands)
+        if below < k <= below + c.numel():
+            t = torch.kthvalue(c, k - below).values
+            return float(t), below + int(torch.count_nonzero(c < t))
+        if lo == -math.inf and hi == math.inf:   # cannot happen: everything is a candidate
+            raise RuntimeError("selection failed")
+        d *= 4
+
+
+def _apply_threshold(items: list[_Scores], k: int, seed: int) -> None:
+    """Zero the ``k`` lowest-scoring weights over ``items`` exactly (ties at the threshold are
+    taken in order)."""
+    if k <= 0:
+        return
+    t, below = _kth_smallest(items, [it.numel for it in items], k, seed)
+    need_eq = k - below
+    for it in items:
+        s = it()
+        drop = s < t
+        if need_eq > 0:
+            eq = s == t
+            n_eq = int(torch.count_nonzero(eq))
+            if n_eq:
+                take = min(need_eq, n_eq)
+                if take < n_eq:
+                    pos = eq.nonzero().flatten()[:take]
+                    eq = torch.zeros_like(eq)
+                    eq[pos] = True
+                drop |= eq
+                need_eq -= take
+        w = it.module.weight
+        with torch.no_grad():
+            w.masked_fill_(drop.view(w.shape), 0.0)   # +0.0, never -0.0
+
+
+def prune_weights_(model: nn.Module, sparsity: float | dict[str, float], *,
+                   importance: str | Importance = "l1", scope: str = "global",
+                   layers: str | None = None, targets: list | None = None,
+                   seed: int = 0) -> list[dict]:
+    """Zero weights of ``model`` in place until the selected layers reach ``sparsity`` (a float,
+    or ``{layer name: sparsity}`` for per-layer targets). Returns one row per layer touched.
+
+    ``scope="global"``: one threshold over all selected weights (one selection, no
+    concatenation for large models); ``"layer"``: each layer to the same sparsity.
+    """
+    imp = get_importance(importance, seed=seed)
+    if targets is None:
+        targets = weight_targets(model, layers)
+    if not targets:
+        raise FieldError("no Linear/Conv layers with float weights to prune"
+                         + (f" match {{layers}} {layers!r}" if layers else ""))
+    before = {n: _sparsity(m.weight) for n, m in targets}
+    total = sum(m.weight.numel() for _, m in targets)
+    cache = total <= (1 << 26)
+    items = [_Scores(n, m, imp, cache) for n, m in targets]
+    if isinstance(sparsity, dict):
+        for it in items:
+            s = sparsity.get(it.name)
+            if s is None:
+                continue
+            k = int(round(s * it.numel))
+            if k > round(before[it.name] * it.numel):
+                _apply_threshold([it], k, seed)
+    elif scope == "layer":
+        for it in items:
+            k = int(round(sparsity * it.numel))
+            if k > round(before[it.name] * it.numel):
+                _apply_threshold([it], k, seed)
+    else:
+        k = int(round(sparsity * total))
+        zeros = sum(round(before[it.name] * it.numel) for it in items)
+        if k > zeros:
+            _apply_threshold(items, k, seed)
+    rows = []
+    for n, m in targets:
+        after = _sparsity(m.weight)
+        rows.append({"layer": n, "type": type(m).__name__, "weights": m.weight.numel(),
+                     "sparsity_before": before[n], "sparsity": after})
+    return rows
+
+
+
+def _zero_masks(targets: list[tuple[str, nn.Module]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(weight, keep mask) for every selected weight that has zeros: fine-tuning keeps them zero."""
+    out = []
+    for _, m in targets:
+        w = m.weight
+        keep = w.detach() != 0
+        if not bool(keep.all()):
+            out.append((w, keep))
+    return out
+
+
+def _mask_hook(masks):
+    def after_step(model):
+        for w, keep in masks:
+            w.masked_fill_(~keep, 0.0)   # +0.0: w * 0 would leave -0.0, which packs as a value
+    return after_step
+
+
+
+def _layer_list(model: nn.Module, limit: int = 8) -> str:
+    names = [n for n, m in model.named_modules() if isinstance(m, _PRUNABLE_WEIGHTS)]
+    more = f", … ({len(names)} in all)" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+
+def _layer_sparsities(targets, outputs: set[str], s: float, out_rate: float,
+                      rounds: int = 1) -> dict[str, float]:
+    """Per-layer, per-round pruning rates such that ``rounds`` rounds reach total sparsity ``s``
+    when output layers are pruned at ``out_rate`` times the others' rate (with ``rounds=1`` the
+    rates are the layers' sparsities)."""
+    n = {name: m.weight.numel() for name, m in targets}
+    total = sum(n.values())
+
+    def overall(p):
+        kept = sum(c * (1 - (p * out_rate if name in outputs else p)) ** rounds
+                   for name, c in n.items())
+        return 1 - kept / total
+
+    lo, hi = 0.0, 1.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        if overall(mid) < s:
+            lo = mid
+        else:
+            hi = mid
+    p = min(hi, 1.0)
+    return {name: min(0.999999, p * out_rate if name in outputs else p) for name in n}
+
