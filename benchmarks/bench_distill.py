@@ -43,7 +43,7 @@ sys.path.insert(0, str(ROOT))
 
 from nbcompress import compress, evaluate, fit  # noqa: E402
 from nbcompress.data import mnist_loaders  # noqa: E402
-from nbcompress.distill import DistillConfig, MLPStudent, mlp_student  # noqa: E402
+from nbcompress.techniques.distill import DistillConfig, MLPStudent, mlp_student  # noqa: E402
 
 TEACHER_HIDDEN = (300, 100)      # --teacher-hidden
 TEACHER_DROPOUT = 0.2             # --teacher-dropout

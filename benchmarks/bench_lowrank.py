@@ -130,7 +130,7 @@ def bench_cnn(seed: int, epochs: int, runs: int, distill_epochs: int) -> dict:
         out[name][f"acc_finetune_{ep}ep"] = acc
         out[name][f"drop_finetune_{ep}ep"] = 100 * (base.accuracy - acc)
     try:
-        from nbcompress.distill import distill
+        from nbcompress.techniques.distill import distill
     except ImportError:      # issue 6 not landed: fine-tuning only
         distill = None
     if distill is not None:

@@ -1,4 +1,4 @@
-"""%distill and nbcompress.distill: the losses against hand computations, the step (teachers put
+"""%distill and nbcompress.techniques.distill: the losses against hand computations, the step (teachers put
 back as they were, cached == uncached, ensembles, feature hints, soft-only, bias adjustment,
 pruned zeros kept), and the magic through a real IPython shell with every bad input."""
 from __future__ import annotations
@@ -14,11 +14,13 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from nbcompress import (BadInput, CompressionResult, History, NBCompressError, StepConfig, compress,
                         evaluate)
+from nbcompress.errors import FieldError
 from nbcompress.data import lenet5, mnist_arrays, reference_cnn
 from nbcompress.metrics import packed_bytes
-from nbcompress.distill import (DistillConfig, MLPStudent, choose_bias_raise, demo_config, distill,
-                                distillation_loss, looks_like_probs, mlp_student, peek_batch,
-                                soft_target_loss, soft_target_loss_from_probs)
+from nbcompress.techniques.distill import (DistillConfig, MLPStudent, choose_bias_raise,
+                                          demo_config, distill, distillation_loss,
+                                          looks_like_probs, mlp_student, peek_batch,
+                                          soft_target_loss, soft_target_loss_from_probs)
 from conftest import Unlabelled, same_as_snapshot, snapshot
 
 torch.set_num_threads(2)
@@ -213,7 +215,7 @@ def test_soft_only_on_unlabelled_data(teacher, small):
     out = distill(mlp_student(seed=0), teacher, unl, epochs=3, lr=3e-3, soft_only=True,
                   progress=False)
     assert evaluate(out, te) > 0.7
-    with pytest.raises(BadInput, match="no labels.*--soft-only"):
+    with pytest.raises(FieldError, match=r"^loader yields inputs only \(no labels\): use soft_only "):
         distill(mlp_student(seed=0), teacher, unl, epochs=1, progress=False)
     # a TensorDataset of inputs only is cached too, and trains the same way
     unl_t = DataLoader(TensorDataset(x[:256]), batch_size=64)
@@ -228,11 +230,11 @@ def test_ensemble_averages_softened_probabilities(teacher, small):
     with torch.no_grad():
         t2.fc3.weight.mul_(0.3)              # a different, softer teacher
     x = next(iter(tr))[0][:16]
-    from nbcompress.distill import _teacher_signal
+    from nbcompress.techniques.distill.probe import teacher_signal
 
     T = 4.0
     want = (F.softmax(teacher(x) / T, 1) + F.softmax(t2(x) / T, 1)) / 2
-    assert torch.allclose(_teacher_signal([teacher, t2], x, T), want, atol=1e-6)
+    assert torch.allclose(teacher_signal([teacher, t2], x, T), want, atol=1e-6)
     snaps = [snapshot(teacher), snapshot(t2)]
     r = compress(mlp_student(seed=0), DistillConfig(teachers=[teacher, t2], loader=tr, epochs=3,
                                                     lr=3e-3, progress=False), evaluator=te)
@@ -373,7 +375,7 @@ def test_distill_api_bad_options(teacher, small):
     tr, _ = small
     with pytest.raises(BadInput, match="unknown option 'temprature'.*did you mean"):
         distill(mlp_student(), teacher, tr, temprature=2)
-    with pytest.raises(BadInput, match="at least one teacher"):
+    with pytest.raises(FieldError, match=r"^teachers is needed: the teacher model\(s\)"):
         distill(mlp_student(), [], tr)
     with pytest.raises(BadInput, match="DataLoader"):
         distill(mlp_student(), teacher, [1, 2, 3])
@@ -449,10 +451,8 @@ def test_magic_teacher_from_a_history_version(shell, ns):
             shell.run_line_magic("distill", line)
 
 
-def test_magic_help():
-    from nbcompress.magics.distill import DistillMagics
-
-    doc = DistillMagics.distill.__doc__
+def test_magic_help(shell):
+    doc = shell.find_line_magic("distill").__doc__
     for opt in ("--teacher", "--data", "--epochs", "-T", "--alpha", "--soft-only", "--features",
                 "--bias-adjust", "--eval", "--device"):
         assert opt in doc
@@ -462,17 +462,17 @@ def test_magic_help():
     ("student --teacher nosuch --data train_loader", "--teacher: no variable named 'nosuch'"),
     ("student --teacher big --data nosuch", "--data: no variable named 'nosuch'"),
     ("nosuch --teacher big --data train_loader", "no variable named 'nosuch'"),
-    ("student --data train_loader", "needs --teacher"),
-    ("student --teacher big", "needs --data"),
+    ("student --data train_loader", r"^--teacher is needed: the teacher model\(s\) by name"),
+    ("student --teacher big", r"^--data is needed: the transfer data"),
     ("student --teacher notamodel --data train_loader", "--teacher notamodel is a int"),
     ("student --teacher big --data big", "--data big is a LeNet300100, not a torch DataLoader"),
     ("student --teacher five --data train_loader",
      r"the teacher's output has shape \(N, 5\) but the student's has \(N, 10\)"),
     ("student --teacher big,five --data train_loader", r"teacher 2's output has shape \(N, 5\)"),
-    ("student --teacher big --data train_loader -T 0", "temperature -T must be a number > 0"),
-    ("student --teacher big --data train_loader -T -2", "temperature -T must be a number > 0"),
-    ("student --teacher big --data train_loader --alpha 1.5", "--alpha must be between 0 and 1"),
-    ("student --teacher big --data train_loader --alpha -0.1", "--alpha must be between 0 and 1"),
+    ("student --teacher big --data train_loader -T 0", r"^-T must be a number > 0, got 0\.0$"),
+    ("student --teacher big --data train_loader -T -2", r"^-T must be a number > 0, got -2\.0$"),
+    ("student --teacher big --data train_loader --alpha 1.5", r"^--alpha must be a number in \[0, 1\]"),
+    ("student --teacher big --data train_loader --alpha -0.1", r"^--alpha must be a number in \[0, 1\]"),
     ("student --teacher big --data train_loader --features fc2:fc22",
      "the teacher has no layer named 'fc22'; did you mean fc2"),
     ("student --teacher big --data train_loader --features fcc2:fc2",
@@ -481,9 +481,10 @@ def test_magic_help():
     ("student --teacher big --data unlabelled", "no labels.*--soft-only"),
     ("student --teacher big --data train_loader --soft-only --alpha 0.5", "contradicts"),
     ("student --teacher big --data train_loader --bias-adjust 10", "scores 10 classes"),
-    ("student --teacher big --data train_loader --epochs 0", "--epochs must be a positive"),
-    ("student --teacher big --data train_loader --optimizer lbfgs", "unknown optimizer"),
-    ("student --teacher big --data train_loader -T x", "argument -T/--temperature: invalid float"),
+    ("student --teacher big --data train_loader --epochs 0", "^--epochs must be a whole number >= 1"),
+    ("student --teacher big --data train_loader --optimizer lbfgs",
+     "^--optimizer must be one of adam, adamw, sgd, got 'lbfgs'"),
+    ("student --teacher big --data train_loader -T x", "^-T must be a number, got 'x'"),
     ("student --teacher big --data badlabels", r"--data has label 50, but the student scores 10 "
                                                r"classes \(labels 0..9\)"),
 ])
@@ -502,5 +503,61 @@ def test_magic_bad_input_one_line_student_unchanged(shell, ns, line, match):
 
 def test_magic_strict_mode(shell, ns, monkeypatch):
     monkeypatch.setenv("NBCOMPRESS_STRICT", "1")
-    with pytest.raises(NBCompressError, match="temperature"):
+    with pytest.raises(NBCompressError, match=r"^-T must be a number > 0"):
         shell.run_line_magic("distill", "student --teacher big --data train_loader -T 0")
+
+
+# ------------------------------------------------ one mistake, two spellings (Python and magic)
+@pytest.mark.parametrize("options,line,py,magic", [
+    (dict(soft_only=True, alpha=0.5), "--soft-only --alpha 0.5",
+     r"^soft_only trains on teacher outputs alone \(alpha = 1\); alpha=0\.5 contradicts it$",
+     r"^--soft-only trains on teacher outputs alone \(alpha = 1\); --alpha 0\.5 contradicts it$"),
+    (dict(T=0.0), "-T 0", r"^T must be a number > 0, got 0\.0$", r"^-T must be a number > 0, got 0\.0$"),
+    (dict(bias_adjust=10), "--bias-adjust 10",
+     r"^bias_adjust=10: the student scores 10 classes \(0\.\.9\)$",
+     r"^--bias-adjust 10: the student scores 10 classes \(0\.\.9\)$"),
+    (dict(features="fc2:fc22"), "--features fc2:fc22",
+     r"^features: the teacher has no layer named 'fc22'; did you mean fc2",
+     r"^--features: the teacher has no layer named 'fc22'; did you mean fc2"),
+    (dict(features="fc2"), "--features fc2",
+     r"^features takes STUDENT_LAYER:TEACHER_LAYER pairs, got 'fc2'$",
+     r"^--features takes STUDENT_LAYER:TEACHER_LAYER pairs, got 'fc2'$"),
+    (dict(epochs=0), "--epochs 0", r"^epochs must be a whole number >= 1, got 0$",
+     r"^--epochs must be a whole number >= 1, got 0$"),
+    (dict(feature_weight=float("nan")), "--feature-weight nan",
+     r"^feature_weight must be a number >= 0, got nan$",
+     r"^--feature-weight must be a number >= 0, got nan$"),
+])
+def test_the_same_mistake_in_both_spellings(shell, ns, options, line, py, magic):
+    with pytest.raises(FieldError, match=py):
+        distill(ns["student"], ns["big"], ns["train_loader"], progress=False, **options)
+    with pytest.raises(UsageError, match=magic):
+        shell.run_line_magic("distill", f"student --teacher big --data train_loader {line}")
+
+
+def test_unlabelled_data_and_missing_data_in_both_spellings(shell, ns):
+    with pytest.raises(FieldError, match=r"^loader yields inputs only \(no labels\): use soft_only"):
+        distill(ns["student"], ns["big"], ns["unlabelled"], progress=False)
+    with pytest.raises(UsageError, match=r"^--data yields inputs only \(no labels\): use --soft-only"):
+        shell.run_line_magic("distill", "student --teacher big --data unlabelled")
+    with pytest.raises(FieldError, match=r"^loader is needed: the transfer data"):
+        distill(ns["student"], ns["big"], None, progress=False)
+    with pytest.raises(UsageError, match=r"^--data is needed: the transfer data"):
+        shell.run_line_magic("distill", "student --teacher big")
+
+
+def test_magic_options_keep_their_declared_defaults(shell, ns):
+    """Options left off the line keep the config's declared defaults; --no-cache sets
+    cache_teacher=False; -T/--temperature is T; --features text is split into pairs."""
+    from nbcompress.options import options_of
+
+    fields = {f.name: o for f, o in options_of(DistillConfig)}
+    assert fields["teachers"].flag == "--teacher" and fields["loader"].flag == "--data"
+    assert fields["cache_teacher"].flag_value is False and fields["T"].short == "-T"
+    assert not fields["teacher_version"].magic and not fields["keep_sparsity"].magic
+    r = shell.run_line_magic("distill", "student --teacher big --data train_loader --epochs 1 "
+                                        "--temperature 3 --no-cache --no-progress")
+    cfg = shell._nbcompress_workspace.get("student").current_version.config
+    assert cfg.T == 3.0 and cfg.cache_teacher is False and cfg.alpha is None and cfg.lr == 1e-3
+    assert cfg.seed == 0 and cfg.keep_sparsity is True and cfg.teachers == [ns["big"]]
+    assert r.result.extra["teacher_cached"] is False
