@@ -379,21 +379,20 @@ CASES = [
     # ---- %lowrank
     case("lowrank net.nothing", NO_ATTR),
     case("lowrank number", NOT_A_MODULE),
-    case("lowrank net --rank 0", r"^--rank must be a positive whole number, got 0$"),
+    case("lowrank net --rank 0", r"^--rank must be a whole number >= 1, got 0$"),
     case("lowrank net --rank 1000", r"^--rank 1000 is above the full rank of every selected layer"),
-    case("lowrank net --ratio 2", r"^--ratio must be in \(0, 1\], got 2\.0$"),
-    case("lowrank net --ratio nan", r"^--ratio must be in \(0, 1\], got nan$"),
-    case("lowrank net --energy 2", r"^--energy must be in \(0, 1\], got 2\.0$"),
-    case("lowrank net --rank 2 --ratio 0.5", r"^give at most one of --rank, --ratio, --energy, "
-         r"--target-params \(got --rank, --ratio\)$"),
+    case("lowrank net --ratio 2", r"^--ratio must be a number in \(0, 1\], got 2\.0$"),
+    case("lowrank net --ratio nan", r"^--ratio must be a number in \(0, 1\], got nan$"),
+    case("lowrank net --energy 2", r"^--energy must be a number in \(0, 1\], got 2\.0$"),
+    case("lowrank net --rank 2 --ratio 0.5", r"^give --rank or --ratio, not both$"),
     case("lowrank net --target-params abc",
          r"^--target-params must be a parameter count \(80000\), a fraction of the current "
          r"count \(0\.33\) or N times fewer \(3x\); got 'abc'$"),
     case("lowrank net --target-params -3", r"^--target-params must be positive, got '-3'$"),
     case("lowrank net --target-params 10", r"^--target-params 10 \(10\) cannot be reached: rank 1 "
          r"in every selected layer still leaves [\d,]+ parameters$"),
-    case("lowrank net --conv bogus", r"^argument --conv: invalid choice: 'bogus' \(choose from "
-         r"'svd', 'tucker', 'separable', 'none'\)$"),
+    case("lowrank net --conv bogus", r"^--conv must be one of svd, tucker, separable, none, "
+         r"got 'bogus'$"),
     case("lowrank net --layers nomatch_xyz",
          r"^--layers 'nomatch_xyz' matches no Linear/Conv2d layer \(the layers are: 0, 3, 8\)$"),
     case("lowrank net --layers (", r"^--layers '\(' is not a valid regular expression"),
@@ -409,12 +408,12 @@ CASES = [
     case("lowrank net --data empty_loader", r"^--data yielded no batches$"),
     case("lowrank net --data not_a_loader", r"^--data not_a_loader is a list, not a torch "
          r"DataLoader$"),
-    case("lowrank net --epochs 3", r"^--epochs only applies to fine-tuning: give --finetune "
-         r"LOADER too"),
+    case("lowrank net --epochs 3", r"^--epochs only applies with --finetune: give --finetune too "
+         r"\(or leave out --epochs\)$"),
     case("lowrank net --epochs 0 --finetune train_loader",
-         r"^--epochs must be a positive whole number, got 0$"),
+         r"^--epochs must be a whole number >= 1, got 0$"),
     case("lowrank net --finetune train_loader --lr inf",
-         r"^--lr must be a positive number, got inf$"),
+         r"^--lr must be a number > 0, got inf$"),
     case("lowrank net --rat 0.5", r"^unknown option --rat: did you mean --ratio\?"),
     case("lowrank net --eval two_arg_eval", TWO_ARGS),
     case("lowrank net --energy 0.5 --eval says_hello", HELLO),
