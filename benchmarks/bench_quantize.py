@@ -50,7 +50,7 @@ from nbcompress import evaluate, save  # noqa: E402
 from nbcompress.data import (lenet_300_100, mnist_loaders, reference_cnn,  # noqa: E402
                              train_reference)
 from nbcompress.techniques.prune import prune  # noqa: E402
-from nbcompress.quantize import quantize  # noqa: E402
+from nbcompress.techniques.quantize import quantize  # noqa: E402
 from nbcompress.storage import breakdown, overhead_bytes  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"

@@ -24,7 +24,7 @@ from nbcompress import BadInput, History, NBCompressError, compress, evaluate
 from nbcompress.data import reference_cnn
 from nbcompress.distill import DistillConfig, mlp_student
 from nbcompress.techniques.lowrank import LowRankConfig, output_layers
-from nbcompress.quantize import QuantizeConfig
+from nbcompress.techniques.quantize import QuantizeConfig
 
 
 def _one_line(e: BaseException) -> str:
@@ -254,6 +254,6 @@ def test_dynamic_int8_on_convs_only_is_still_refused(shell):
     _one_line(e.value)
     with pytest.raises(UsageError, match="no quantizable layer for --mode dynamic"):
         shell.run_line_magic("quantize", "convs --mode dynamic")
-    with pytest.raises(BadInput, match="--calib LOADER"):
+    with pytest.raises(BadInput, match=r"add calib=LOADER \(static int8\), or use mode='uniform'"):
         nbcompress.quantize(convs)
     assert shell.user_ns["convs"] is convs and same_as_snapshot(convs, snap)
