@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .core import BadInput, model_device
+from .core import BadInput, FieldError, model_device
 
 # ------------------------------------------------------------------------------------ batches
 
@@ -112,7 +112,11 @@ def first_line(e: BaseException) -> str:
 
 def peek_batch(loader: DataLoader, what: str = "the loader") -> Any:
     """The loader's first batch, leaving its shuffling state as it was (the sampler's generator
-    and the global RNG are restored), so a peek does not change the data order of training."""
+    and the global RNG are restored), so a peek does not change the data order of training.
+
+    ``what`` (here and in :func:`check_loader_runs`) names the loader in the message: a field
+    placeholder such as ``"{finetune}"`` reads ``finetune`` from Python and ``--finetune`` from
+    the magic (the error is a :class:`~nbcompress.errors.FieldError`)."""
     gens = []
     for obj in (loader, loader.sampler, getattr(loader.batch_sampler, "sampler", None)):
         g = getattr(obj, "generator", None)
@@ -125,7 +129,7 @@ def peek_batch(loader: DataLoader, what: str = "the loader") -> Any:
             try:
                 return next(it)
             except StopIteration:
-                raise BadInput(f"{what} yielded no batches") from None
+                raise FieldError(f"{what} yielded no batches") from None
             finally:
                 del it
     finally:
@@ -151,7 +155,7 @@ def check_loader_runs(model: nn.Module, loader: Any, flag: str, device: Any = No
     except BadInput:
         raise
     except Exception as e:  # noqa: BLE001 - any failure to run is a one-line user error here
-        raise BadInput(f"the model cannot run on a batch of {flag}{shape}: {first_line(e)}; "
+        raise FieldError(f"the model cannot run on a batch of {flag}{shape}: {first_line(e)}; "
                        f"is it the data this model takes?") from None
     if not labels or not isinstance(y, torch.Tensor) or y.is_floating_point() or y.numel() == 0:
         return
@@ -165,7 +169,7 @@ def check_loader_runs(model: nn.Module, loader: Any, flag: str, device: Any = No
     lo, hi = int(y.min()), int(y.max())
     if lo < 0 or hi >= classes:
         bad = hi if hi >= classes else lo
-        raise BadInput(f"{flag} has label {bad}, but the model scores {classes} classes "
+        raise FieldError(f"{flag} has label {bad}, but the model scores {classes} classes "
                        f"(labels 0..{classes - 1}); is it the data this model takes?")
 
 

@@ -201,8 +201,7 @@ def check_seeds(config: StepConfig) -> None:
             continue
         v = getattr(config, f.name)
         if isinstance(v, int) and not isinstance(v, bool) and not -2 ** 63 <= v < 2 ** 63:
-            flag = "--" + f.name.replace("_", "-")
-            raise BadInput(f"{flag} must fit in 64 bits (-2**63 to 2**63 - 1), got {v}")
+            raise FieldError(f"{{{f.name}}} must fit in 64 bits (-2**63 to 2**63 - 1), got {v}")
 
 
 def _to_device(model: nn.Module, device: torch.device) -> nn.Module:

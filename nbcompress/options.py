@@ -169,12 +169,15 @@ def magic_spelling(cls) -> Callable[[str, str | None], str]:
         names[f.name] = (opt.default_metavar(f.name) if opt.positional
                          else opt.short or opt.flag or "--" + f.name.replace("_", "-"))
 
+    flag_values = {f.name: str(opt.flag_value) for f, opt in options_of(cls)
+                   if opt.magic and opt.kind == "bool"}
+
     def spell(name: str, value: str | None) -> str:
         if name not in names:
             return python_name(name, value)
         flag = names[name]
-        if value is None or value == "True":
-            return flag
+        if value is None or value.strip() == flag_values.get(name, "True"):
+            return flag           # a bool option at the value its flag sets: the flag alone
         return f"{flag} {unquote(value.strip())}"
 
     return spell
