@@ -19,8 +19,9 @@ from nbcompress.data import lenet5, mnist_arrays, reference_cnn
 from nbcompress.metrics import packed_bytes
 from nbcompress.techniques.distill import (DistillConfig, MLPStudent, choose_bias_raise,
                                           demo_config, distill, distillation_loss,
-                                          looks_like_probs, mlp_student, peek_batch,
-                                          soft_target_loss, soft_target_loss_from_probs)
+                                          looks_like_probs, mlp_student, soft_target_loss,
+                                          soft_target_loss_from_probs)
+from nbcompress.techniques.distill.probe import peek_batch
 from conftest import Unlabelled, same_as_snapshot, snapshot
 
 torch.set_num_threads(2)

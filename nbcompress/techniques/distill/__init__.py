@@ -16,7 +16,6 @@ from .bias import choose_bias_raise
 from .config import DistillConfig
 from .demo import demo_config
 from .losses import distillation_loss, looks_like_probs, soft_target_loss, soft_target_loss_from_probs
-from .probe import peek_batch
 from .students import MLPStudent, mlp_student
 from .teachers import check_teachers_apart, shared_parameters
 from .verbs import distill

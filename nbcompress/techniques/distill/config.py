@@ -192,6 +192,7 @@ class DistillConfig(StepConfig):
         from .teachers import check_magic_teachers
 
         check_magic_teachers(magics, name, self.teacher_list(), local_ns)
+        check_fields(self)          # the declared checks too, before the history measures anything
 
     def validate(self, model: nn.Module) -> None:
         from .bias import output_bias_layer

@@ -261,7 +261,7 @@ def run_distill(cfg, model: nn.Module, ctx: StepContext) -> CompressionResult:
             notes.append(f"{len(pairs)} feature adapter(s) trained with the student and "
                          f"dropped after ({sum(r['adapter_params'] for r in layers):,} "
                          f"parameters, not part of the result)")
-        del adapters
+        adapters = None             # dropped: not part of the result
         _bias_and_per_class(cfg, model, teachers, ctx, labelled, layers, notes, tables, extra)
 
     n_t = len(teachers)
