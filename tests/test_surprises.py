@@ -22,7 +22,7 @@ import nbcompress
 from conftest import same_as_snapshot, snapshot
 from nbcompress import BadInput, History, NBCompressError, compress, evaluate
 from nbcompress.data import reference_cnn
-from nbcompress.distill import DistillConfig, mlp_student
+from nbcompress.techniques.distill import DistillConfig, mlp_student
 from nbcompress.techniques.lowrank import LowRankConfig, output_layers
 from nbcompress.techniques.quantize import QuantizeConfig
 
