@@ -606,3 +606,20 @@ def test_declared_options_keep_the_old_magic_flags(shell):
     assert not {"--scheduler", "--calib-batches", "--seed"} & flags
     doc = shell.find_line_magic("lowrank").__doc__
     assert "(default svd)" in doc and "%lowrank net --energy 0.8" in doc
+
+
+def test_loader_that_does_not_fit_is_named_as_a_field_or_a_flag(shell):
+    net = _lenet()
+    digits = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(
+        torch.rand(16, 1, 8, 8), torch.randint(0, 10, (16,))), batch_size=8)
+    empty = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.empty(0, 1, 28, 28)))
+    with pytest.raises(BadInput, match=r"^the model cannot run on a batch of finetune \(inputs"):
+        lowrank(net, rank=8, finetune=digits)
+    with pytest.raises(BadInput, match=r"^data yielded no batches$"):
+        lowrank(net, rank=8, data=empty)
+    shell.user_ns.update(net=net, digits=digits, empty=empty)
+    with pytest.raises(UsageError, match=r"^the model cannot run on a batch of --finetune \(inputs"):
+        shell.run_line_magic("lowrank", "net --rank 8 --finetune digits")
+    with pytest.raises(UsageError, match=r"^--data yielded no batches$"):
+        shell.run_line_magic("lowrank", "net --rank 8 --data empty")
+    assert shell.user_ns["net"] is net

@@ -157,8 +157,8 @@ class LowRankConfig(StepConfig):
 
     # ------------------------------------------------------------------ the work
     def run(self, model: nn.Module, ctx: StepContext) -> CompressionResult:
-        check_loader_runs(model, self.finetune, "--finetune", ctx.device)
-        check_loader_runs(model, self.data, "--data", ctx.device, labels=False)  # BN statistics
+        check_loader_runs(model, self.finetune, "{finetune}", ctx.device)
+        check_loader_runs(model, self.data, "{data}", ctx.device, labels=False)  # BN statistics
         example = (to_device(ctx.example_input, ctx.device) if ctx.example_input is not None
                    else self._loader_example(model, ctx.device))
         cands, notes = candidates(model, self.layers, self.conv, example)
