@@ -209,8 +209,8 @@ class PruneConfig(StepConfig):
 
     # ------------------------------------------------------------------ run
     def run(self, model: nn.Module, ctx: StepContext) -> CompressionResult:
-        check_loader_runs(model, self.finetune, "--finetune", ctx.device)
-        check_loader_runs(model, self.data, "--data", ctx.device,       # labels: only for losses
+        check_loader_runs(model, self.finetune, "{finetune}", ctx.device)
+        check_loader_runs(model, self.data, "{data}", ctx.device,       # labels: only for losses
                           labels=self.importance_name in ("taylor", "hessian"))
         if self.sensitivity:
             return _run_sensitivity(self, model, ctx)
