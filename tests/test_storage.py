@@ -346,28 +346,29 @@ def test_huffman_codec_roundtrip_and_speed():
     n = 300_000
     syms = np.minimum(rng.geometric(0.15, n) - 1, 999)
     counts = np.bincount(syms, minlength=1000)
-    lens = storage._huffman_lengths(counts)
-    assert lens.max() <= storage._HUFF_LIMIT
+    lens = storage.bits._huffman_lengths(counts)
+    assert lens.max() <= storage.bits._HUFF_LIMIT
     assert sum(2.0 ** -lens[lens > 0]) <= 1.0
-    buf = storage._huffman_encode(syms, lens)
+    buf = storage.bits._huffman_encode(syms, lens)
     bits = int((counts * lens).sum())
     # the code bits plus one u32 start offset per block of 2048 symbols after the first
-    assert len(buf) == storage._huffman_bytes(n, bits) == (bits + 7) // 8 + 4 * (-(-n // 2048) - 1)
+    expected = (bits + 7) // 8 + 4 * (-(-n // 2048) - 1)
+    assert len(buf) == storage.bits._huffman_bytes(n, bits) == expected
     t0 = time.perf_counter()
-    out = storage._huffman_decode(buf, lens, n)
+    out = storage.bits._huffman_decode(buf, lens, n)
     dt = time.perf_counter() - t0
     assert np.array_equal(out, syms)
     assert dt < 1.0
     # a very skewed distribution gets its code lengths limited
     counts = np.array([2 ** 40] + [1] * 30 + [2 ** i for i in range(30)], dtype=np.int64)
-    lens = storage._huffman_lengths(counts)
-    assert lens.max() <= storage._HUFF_LIMIT and sum(2.0 ** -lens) <= 1.0
+    lens = storage.bits._huffman_lengths(counts)
+    assert lens.max() <= storage.bits._HUFF_LIMIT and sum(2.0 ** -lens) <= 1.0
     # single-block streams (a Python loop) and a final partial block decode too
     for m in (1, 7, 2048, 2049, 5000):
         part = syms[:m]
-        lens = storage._huffman_lengths(np.bincount(part, minlength=1000))
-        assert np.array_equal(storage._huffman_decode(storage._huffman_encode(part, lens), lens, m),
-                              part)
+        lens = storage.bits._huffman_lengths(np.bincount(part, minlength=1000))
+        buf = storage.bits._huffman_encode(part, lens)
+        assert np.array_equal(storage.bits._huffman_decode(buf, lens, m), part)
 
 
 # ------------------------------------------------------------------------------ reports
@@ -400,7 +401,7 @@ def test_plain_json_header_still_loads_and_bad_compressed_header_is_an_error(tmp
     """Files may carry the header uncompressed (it starts with '{'): same model. A compressed
     header that does not inflate, or inflates to more than it should, is an error."""
     m = mlp()
-    data = storage._build(m, True)
+    data = storage.saver._build(m, True)
     (hlen,) = struct.unpack("<I", data[4:8])
     raw = zlib.decompress(data[8:8 + hlen])
     plain = data[:4] + struct.pack("<I", len(raw)) + raw + data[8 + hlen:]
@@ -566,7 +567,7 @@ def test_registered_codec_and_method_codec():
         names = [r["name"] for r in breakdown(m)]
         assert names == ["0.codes", "2.codes"]
     finally:
-        storage._CODECS.pop(PackedLinear, None)
+        storage.format._CODECS.pop(PackedLinear, None)
 
 
 def test_map_location_and_bad_arguments():

@@ -1,0 +1,20 @@
+"""Safe, compact model files: :func:`save`, :func:`load`, :func:`describe`, :func:`breakdown`.
+
+A file holds the whole model (architecture included) and loading it never unpickles anything.
+The file format is described in :mod:`nbcompress.storage.format`; the package's parts:
+
+* :mod:`.bits`: bit packing and canonical, length-limited Huffman codes (numpy only);
+* :mod:`.codec`: a tensor's elements packed losslessly into five segments, the smallest of the
+  position and value encodings chosen by exact size;
+* :mod:`.format`: the header, its CRC-32, the registry of module codecs, reading a file,
+  :func:`describe` and :func:`overhead_bytes`;
+* :mod:`.saver`: :func:`save` and :func:`breakdown`; :mod:`.loader`: :func:`load`.
+"""
+from .codec import MAX_CODEBOOK
+from .format import (FORMAT_VERSION, MAGIC, SAFE_PREFIXES, describe, overhead_bytes,
+                     register_module_codec)
+from .loader import load
+from .saver import breakdown, save
+
+__all__ = ["save", "load", "describe", "breakdown", "register_module_codec", "MAGIC",
+           "SAFE_PREFIXES", "overhead_bytes", "FORMAT_VERSION", "MAX_CODEBOOK"]

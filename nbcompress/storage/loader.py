@@ -1,0 +1,277 @@
+"""Loading (:func:`load`): the model rebuilt from the header's module tree without unpickling
+anything; class names resolve only to registered codecs, ``classes=`` and modules under the
+trusted prefixes.
+"""
+from __future__ import annotations
+
+import importlib
+import math
+import re
+import types
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..core import BadInput
+from .bits import _Corrupt
+from .codec import _COMPLEX_PART, _decode, _tensor_from_bits
+from .format import (_ALL_DTYPES, _BOOKKEEPING, _CODECS, _DERIVED, _DTYPES, SAFE_PREFIXES,
+                     _class_name, _is_hook_dict, _join, _module_path, _read, _tensor_entries)
+
+
+def _decode_tensor(tj: dict, off: int, blob: memoryview) -> torch.Tensor:
+    dtype = _DTYPES.get(tj.get("dtype"))
+    if dtype is None:
+        raise _Corrupt(f"unknown dtype {tj.get('dtype')!r}")
+    shape = tj.get("shape")
+    if not (isinstance(shape, list) and all(type(s) is int and s >= 0 for s in shape)):
+        raise _Corrupt("bad shape")
+    n = math.prod(shape) * (2 if dtype in _COMPLEX_PART else 1)
+    if n > (1 << 36):
+        raise _Corrupt("implausible tensor size")
+    isz = _COMPLEX_PART.get(dtype, dtype).itemsize
+    segs = []
+    for s in tj["seg"]:
+        segs.append(bytes(blob[off:off + s]))
+        off += s
+    rec = tj.get("enc")
+    if not isinstance(rec, dict):
+        raise _Corrupt("missing encoding record")
+    if n == 0:
+        return torch.empty(shape, dtype=dtype)
+    return _tensor_from_bits(_decode(segs, rec, n, isz), dtype, shape)
+
+
+class _Resolver:
+    def __init__(self, classes: Iterable, trusted_modules: Iterable[str]):
+        if isinstance(classes, type):
+            classes = [classes]
+        if isinstance(trusted_modules, str):
+            trusted_modules = [trusted_modules]
+        self.by_name: dict[str, type] = {_class_name(c): c for c in _CODECS}
+        for c in classes or ():
+            if not isinstance(c, type):
+                raise BadInput(f"classes= must hold classes, got {c!r}")
+            self.by_name[_class_name(c)] = c
+        self.prefixes = tuple(p.strip(".") for p in (*SAFE_PREFIXES, *(trusted_modules or ()))
+                              if isinstance(p, str) and p.strip("."))
+
+    def __call__(self, name: Any) -> type:
+        if not isinstance(name, str) or not name:
+            raise _Corrupt("bad class name")
+        if name in self.by_name:
+            return self.by_name[name]
+        short = name.rsplit(".", 1)[-1]
+        if not any(name.startswith(p + ".") for p in self.prefixes) or "<" in name:
+            raise BadInput(f"refusing to import {name} from file; pass classes=[{short}] if you "
+                           f"trust this file")
+        parts = name.split(".")
+        mod = None
+        for i in range(len(parts) - 1, 0, -1):
+            modname = ".".join(parts[:i])
+            if not any(modname == p or modname.startswith(p + ".") for p in self.prefixes):
+                break
+            try:
+                mod = importlib.import_module(modname)
+            except ImportError:
+                continue
+            obj: Any = mod
+            for attr in parts[i:]:
+                obj = getattr(obj, attr, None)
+                if obj is None:
+                    break
+            if (isinstance(obj, type) and issubclass(obj, nn.Module)
+                    and _class_name(obj) == name):
+                return obj
+            break
+        if mod is None:
+            raise BadInput(f"cannot load: class {name} named in the file cannot be imported here")
+        raise BadInput(f"cannot load: {name} named in the file is not an nn.Module class "
+                       f"found at that name")
+
+
+class _Loader:
+    def __init__(self, header: dict, blob: memoryview, resolver: _Resolver, device: torch.device):
+        self.resolve = resolver
+        self.modules: dict[str, nn.Module] = {}
+        bases = [_decode_tensor(tj, off, blob).to(device) for tj, off in _tensor_entries(header)]
+        self.objects: list[torch.Tensor] = []
+        used: set[int] = set()
+        objs = header.get("objects")
+        if not isinstance(objs, list):
+            raise _Corrupt("no object table")
+        for o in objs:
+            ti = o["tensor"]
+            if type(ti) is not int or not 0 <= ti < len(bases):
+                raise _Corrupt("object points at no tensor")
+            base = bases[ti]
+            view = o.get("view")
+            if view is None:
+                t = base if ti not in used else base.view(base.shape)
+                used.add(ti)
+            else:
+                off, shape, stride = view
+                if base.dim() != 1:
+                    raise _Corrupt("view of a non-flat storage")
+                if len(shape) != len(stride) or any(type(x) is not int or x < 0
+                                                    for x in [off, *shape, *stride]):
+                    raise _Corrupt("bad view")
+                if math.prod(shape) and off + sum((s - 1) * st for s, st in zip(shape, stride)) \
+                        >= base.numel():
+                    raise _Corrupt("view outside its storage")
+                t = base.as_strided(shape, stride, off)
+            if o.get("param"):
+                t = nn.Parameter(t, requires_grad=bool(o.get("requires_grad", True))
+                                 and (t.is_floating_point() or t.is_complex()))
+            elif o.get("requires_grad") and (t.is_floating_point() or t.is_complex()):
+                t = t.requires_grad_()
+            self.objects.append(t)
+
+    def obj(self, ref: Any, param: bool | None = None) -> torch.Tensor | None:
+        if ref is None:
+            return None
+        if type(ref) is not int or not 0 <= ref < len(self.objects):
+            raise _Corrupt("bad tensor reference")
+        t = self.objects[ref]
+        if param is True and not isinstance(t, nn.Parameter):
+            raise _Corrupt("a parameter slot refers to a non-parameter tensor")
+        return t
+
+    def dec(self, v: Any, depth: int = 0) -> Any:
+        if depth > 64:
+            raise _Corrupt("attributes nested too deeply")
+        if v is None or type(v) in (bool, int, float, str):
+            return v
+        if type(v) is list:
+            return [self.dec(x, depth + 1) for x in v]
+        if type(v) is not dict or len(v) != 1:
+            raise _Corrupt("bad attribute value")
+        (tag, x), = v.items()
+        if tag == "$tuple" and type(x) is list:
+            return tuple(self.dec(y, depth + 1) for y in x)
+        if tag == "$dict" and type(x) is dict:
+            return {str(k): self.dec(y, depth + 1) for k, y in x.items()}
+        if tag == "$float" and x in ("inf", "-inf", "nan"):
+            return float(x)
+        if tag == "$size" and type(x) is list and all(type(y) is int for y in x):
+            return torch.Size(x)
+        if tag == "$dtype" and x in _ALL_DTYPES:
+            return _ALL_DTYPES[x]
+        if tag == "$device" and type(x) is str:
+            try:
+                return torch.device(x)
+            except (RuntimeError, ValueError):
+                raise _Corrupt(f"bad device {x!r}") from None
+        if tag == "$t":
+            return self.obj(x)
+        if tag == "$fn" and type(x) is str and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", x):
+            f = getattr(F, x, None)
+            if isinstance(f, (types.FunctionType, types.BuiltinFunctionType)):
+                return f
+        raise _Corrupt(f"bad attribute value tag {tag!r}")
+
+    def build(self, node: Any, path: str) -> nn.Module:
+        if not isinstance(node, dict):
+            raise _Corrupt("bad module node")
+        if "same_as" in node:
+            m = self.modules.get(node["same_as"])
+            if m is None:
+                raise _Corrupt("reference to an unknown module")
+            return m
+        cls = self.resolve(node.get("class"))
+        if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+            raise BadInput(f"cannot load: {node.get('class')} is not an nn.Module class")
+        training = node.get("training")
+        if type(training) is not bool:
+            raise _Corrupt("bad training flag")
+        where = f"{_module_path(path)} ({cls.__name__})"
+        if "codec" in node:
+            attrs = {k: self.dec(v) for k, v in _dict(node.get("attrs")).items()}
+            tensors = {k: self.obj(r) for k, r in _dict(node.get("tensors")).items()}
+            codec = _CODECS.get(cls)
+            if codec is not None:
+                importer = codec[1]
+            elif hasattr(cls, "nbc_import"):
+                importer = cls.nbc_import
+            else:
+                raise BadInput(f"cannot load {where}: it was saved by a module codec and none "
+                               f"is registered here (import the module that registers it)")
+            try:
+                m = importer(attrs, tensors)
+            except BadInput:
+                raise
+            except Exception as e:  # noqa: BLE001 - report the codec's failure as one line
+                raise BadInput(f"cannot load {where}: its codec failed: {type(e).__name__}: "
+                               f"{e}") from None
+            if not isinstance(m, nn.Module):
+                raise BadInput(f"cannot load {where}: its codec returned "
+                               f"{type(m).__name__}, not an nn.Module")
+            m.train(training)
+            self.modules[path] = m
+            return m
+        try:
+            obj = cls.__new__(cls)
+            nn.Module.__init__(obj)
+        except Exception as e:  # noqa: BLE001 - a class that cannot be made without its __init__
+            raise BadInput(f"cannot load {where}: {type(e).__name__}: {e}") from None
+        self.modules[path] = obj
+        d = obj.__dict__
+        for k, v in _dict(node.get("attrs")).items():
+            if k in _BOOKKEEPING or _is_hook_dict(k) or k.startswith("__"):
+                raise _Corrupt(f"attribute name {k!r} is not allowed")
+            d[k] = self.dec(v)
+        d["training"] = training
+        for k, r in _dict(node.get("params")).items():
+            obj._parameters[k] = self.obj(r, param=True)
+        for k, r in _dict(node.get("buffers")).items():
+            obj._buffers[k] = self.obj(r)
+        nonpersistent = node.get("nonpersistent", [])
+        if not (isinstance(nonpersistent, list) and all(k in obj._buffers for k in nonpersistent)):
+            raise _Corrupt("bad non-persistent buffer list")
+        obj._non_persistent_buffers_set.update(nonpersistent)
+        for k, c in _dict(node.get("children")).items():
+            obj._modules[k] = None if c is None else self.build(c, _join(path, k))
+        for base, _, method in _DERIVED:
+            if isinstance(obj, base):
+                getattr(obj, method)()
+        return obj
+
+
+def _dict(v: Any) -> dict:
+    if v is None:
+        return {}
+    if not isinstance(v, dict) or not all(type(k) is str for k in v):
+        raise _Corrupt("bad table in module node")
+    return v
+
+
+def load(path_or_file, *, classes: Iterable[type] = (), trusted_modules: Iterable[str] = (),
+         map_location="cpu") -> nn.Module:
+    """Rebuild the model saved by :func:`save`, without unpickling anything.
+
+    Module classes are imported only from ``torch.nn``, ``torch.ao.nn``, ``nbcompress`` and the
+    ``trusted_modules`` prefixes; other classes (e.g. defined in a notebook) must be passed in
+    ``classes=`` and are matched by module and qualified name. Corrupt, truncated or foreign
+    files raise :class:`BadInput`.
+    """
+    try:
+        device = torch.device(map_location)
+    except (RuntimeError, TypeError, ValueError):
+        raise BadInput(f"unknown map_location {map_location!r}") from None
+    resolver = _Resolver(classes, trusted_modules)
+    header, blob = _read(path_or_file)
+    try:
+        loader = _Loader(header, blob, resolver, device)
+        return loader.build(header.get("root"), "")
+    except _Corrupt as e:
+        raise BadInput(f"corrupt nbcompress file: {e}") from None
+    except MemoryError:
+        raise BadInput("corrupt nbcompress file: a tensor too large to allocate") from None
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError,
+            OverflowError) as e:
+        if isinstance(e, BadInput):
+            raise
+        raise BadInput(f"corrupt nbcompress file: {type(e).__name__}: {e}") from None

@@ -1,0 +1,307 @@
+"""Saving (:func:`save`, :func:`breakdown`): the module tree walked into header nodes, each
+tensor object registered once (tied parameters, views of one storage), packed by
+:mod:`.codec` and framed by :mod:`.format`.
+"""
+from __future__ import annotations
+
+import io
+import math
+import os
+import re
+import types
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..core import BadInput
+from .codec import _bits_of, _encode
+from .format import (_ALL_DTYPES, _BOOKKEEPING, _CODECS, _DERIVED, _DTYPES, _class_name, _frame,
+                     _is_hook_dict, _join, _type_name, _where, describe)
+
+
+# ============================================================================ saving
+
+class _Saver:
+    def __init__(self, model: nn.Module, huffman: bool):
+        self.huffman = huffman
+        self.objects: list[dict] = []
+        self._obj_of: dict[int, int] = {}
+        self._registered: set[int] = set()
+        for m in model.modules():
+            for t in list(m._parameters.values()) + list(m._buffers.values()):
+                if t is not None:
+                    self._registered.add(id(t))
+        self.module_paths: dict[int, str] = {}
+        self.no_huffman: set[int] = set()    # objects of modules with nbc_huffman = False
+
+    # ------------------------------------------------------------------ tensors
+    def ref(self, t: Any, name: str, where: str, provisional: bool = False) -> int:
+        """The object id of tensor ``t`` (registering it on first sight). ``provisional``: the
+        reference comes from an attribute; the tensor is named by its parameter/buffer slot."""
+        key = id(t)
+        if key in self._obj_of:
+            oi = self._obj_of[key]
+            o = self.objects[oi]
+            if not provisional:
+                if o["provisional"]:
+                    o["names"], o["provisional"] = [name], False
+                else:
+                    o["names"].append(name)
+            return oi
+        if type(t) not in (torch.Tensor, nn.Parameter):
+            if isinstance(t, nn.parameter.UninitializedParameter):
+                raise BadInput(f"cannot save {where}: '{name}' is an uninitialized (lazy) "
+                               f"parameter; run one forward pass first")
+            raise BadInput(f"cannot save {where}: '{name}' is a {type(t).__qualname__} (only plain "
+                           f"tensors and nn.Parameter are supported)")
+        if t.layout != torch.strided:
+            raise BadInput(f"cannot save {where}: '{name}' has layout {t.layout} (convert it with "
+                           f".to_dense() first)")
+        if t.is_quantized:
+            raise BadInput(f"cannot save {where}: '{name}' is a quantized tensor ({t.dtype}); "
+                           f"register a module codec that exports int_repr() and the scales")
+        if t.device.type == "meta":
+            raise BadInput(f"cannot save {where}: '{name}' is on the meta device (no data)")
+        if t.dtype not in _DTYPES.values():
+            raise BadInput(f"cannot save {where}: '{name}' has unsupported dtype {t.dtype}")
+        oi = len(self.objects)
+        self._obj_of[key] = oi
+        self.objects.append({"t": t, "names": [name], "param": isinstance(t, nn.Parameter),
+                             "rg": bool(t.requires_grad), "provisional": provisional})
+        return oi
+
+    # ------------------------------------------------------------------ attributes
+    def enc(self, v: Any, what: str, depth: int = 0) -> Any:
+        try:
+            return self._enc(v, what, depth)
+        except _Unsupported as e:
+            if e.depth is None:
+                e.depth = depth
+            raise
+
+    def _enc(self, v: Any, what: str, depth: int) -> Any:
+        if depth > 64:
+            raise _Unsupported("nested too deeply")
+        t = type(v)
+        if v is None or t is bool or t is str or t is int:
+            return v
+        if t is float:
+            return v if math.isfinite(v) else {"$float": repr(v)}
+        if t is list:
+            return [self.enc(x, what, depth + 1) for x in v]
+        if t is tuple:
+            return {"$tuple": [self.enc(x, what, depth + 1) for x in v]}
+        if t is torch.Size:
+            return {"$size": [int(x) for x in v]}
+        if t is dict:
+            bad = [k for k in v if type(k) is not str]
+            if bad:
+                raise _Unsupported(f"a dict with a non-str key {bad[0]!r}")
+            return {"$dict": {k: self.enc(x, what, depth + 1) for k, x in v.items()}}
+        if t is torch.dtype:
+            name = str(v).replace("torch.", "")
+            if _ALL_DTYPES.get(name) is v:
+                return {"$dtype": name}
+        if t is torch.device:
+            return {"$device": str(v)}
+        if isinstance(v, torch.Tensor):
+            if id(v) in self._registered:
+                return {"$t": self.ref(v, what, what, provisional=True)}
+            raise _Unsupported("a Tensor that is not a registered parameter or buffer "
+                               "(register it with register_buffer)")
+        if isinstance(v, (types.FunctionType, types.BuiltinFunctionType)):
+            name = getattr(v, "__name__", "")
+            if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name or "") and getattr(F, name, None) is v:
+                return {"$fn": name}
+            raise _Unsupported("a function")
+        if isinstance(v, nn.Module):
+            raise _Unsupported("a Module that is not a registered submodule")
+        if isinstance(v, (types.MethodType, types.BuiltinMethodType)):
+            raise _Unsupported("a method")
+        if callable(v) and not isinstance(v, type):
+            raise _Unsupported(f"a callable {_type_name(v)}")
+        if type(v).__name__ == "ScriptObject":
+            raise _Unsupported("a torch ScriptObject (packed kernels need a module codec: see "
+                               "nbcompress.storage.register_module_codec)")
+        raise _Unsupported(f"a {_type_name(v)}")
+
+    # ------------------------------------------------------------------ modules
+    def node(self, m: nn.Module, path: str) -> dict:
+        if id(m) in self.module_paths:
+            return {"same_as": self.module_paths[id(m)]}
+        self.module_paths[id(m)] = path
+        where = _where(m, path)
+        cls = type(m)
+        if torch.nn.utils.parametrize.is_parametrized(m):
+            raise BadInput(f"cannot save {where}: it has parametrizations "
+                           f"(torch.nn.utils.parametrize); remove them first with "
+                           f"torch.nn.utils.parametrize.remove_parametrizations(module, name)")
+        if any(isinstance(h, torch.nn.utils.prune.BasePruningMethod)
+               for h in m._forward_pre_hooks.values()):
+            raise BadInput(f"cannot save {where}: it carries torch.nn.utils.prune masks; make them "
+                           f"permanent with torch.nn.utils.prune.remove(module, name) first")
+        qual = _class_name(cls)
+        codec = _CODECS.get(cls)
+        if codec is not None or hasattr(cls, "nbc_export"):
+            try:
+                attrs, tensors = codec[0](m) if codec is not None else m.nbc_export()
+            except BadInput:
+                raise
+            except Exception as e:  # noqa: BLE001 - one clear line naming the module
+                raise BadInput(f"cannot save {where}: its codec failed: {type(e).__name__}: "
+                               f"{e}") from None
+            if not isinstance(attrs, dict) or not isinstance(tensors, dict):
+                raise BadInput(f"cannot save {where}: its codec must return (attrs: dict, "
+                               f"tensors: dict)")
+            out = {"class": qual, "training": bool(m.training),
+                   "codec": "registered" if codec is not None else "method",
+                   "attrs": self._attrs(attrs, where, "codec attribute"), "tensors": {}}
+            for k, t in tensors.items():
+                if type(k) is not str:
+                    raise BadInput(f"cannot save {where}: codec tensor names must be str")
+                if not isinstance(t, torch.Tensor):
+                    raise BadInput(f"cannot save {where}: codec tensor '{k}' is a "
+                                   f"{_type_name(t)}, not a Tensor")
+                out["tensors"][k] = self.ref(t, _join(path, k), where)
+            self._huffman_flag(m, out["tensors"].values())
+            return out
+
+        skip: set[str] = set()
+        for base, names, _ in _DERIVED:
+            if isinstance(m, base):
+                skip.update(names)
+        attrs = {k: v for k, v in m.__dict__.items()
+                 if k not in _BOOKKEEPING and k not in skip and not _is_hook_dict(k)}
+        node = {"class": qual, "training": bool(m.training),
+                "attrs": self._attrs(attrs, where, "attribute")}
+        node["params"] = {k: (None if p is None else self.ref(p, _join(path, k), where))
+                          for k, p in m._parameters.items()}
+        node["buffers"] = {k: (None if b is None else self.ref(b, _join(path, k), where))
+                           for k, b in m._buffers.items()}
+        self._huffman_flag(m, [*node["params"].values(), *node["buffers"].values()])
+        node["nonpersistent"] = [k for k in m._buffers if k in m._non_persistent_buffers_set]
+        node["children"] = {k: (None if c is None else self.node(c, _join(path, k)))
+                            for k, c in m._modules.items()}
+        return node
+
+    def _huffman_flag(self, m: nn.Module, object_ids) -> None:
+        """A module with ``nbc_huffman = False`` (e.g. quantized without ``--huffman``) has its
+        own tensors packed without Huffman codes even when ``save(huffman=True)``."""
+        if getattr(m, "nbc_huffman", None) is False:
+            self.no_huffman.update(i for i in object_ids if i is not None)
+
+    def _attrs(self, attrs: dict, where: str, word: str) -> dict:
+        out = {}
+        for k, v in attrs.items():
+            if type(k) is not str:
+                raise BadInput(f"cannot save {where}: {word} name {k!r} is not a str")
+            try:
+                out[k] = self.enc(v, _join(where.split(" ")[0], k))
+            except _Unsupported as e:
+                verb = "is" if not e.depth else "contains"
+                raise BadInput(f"cannot save {where}: {word} '{k}' {verb} {e}") from None
+        return out
+
+    # ------------------------------------------------------------------ tensor table
+    def tensor_table(self) -> tuple[list[dict], list[dict], list[torch.Tensor]]:
+        """Group objects by storage: returns (objects json, tensors json-without-enc, arrays)."""
+        groups: dict[tuple, list[int]] = {}
+        for oi, o in enumerate(self.objects):
+            t = o["t"]
+            if t.numel() == 0:
+                key: tuple = ("solo", oi)
+            else:
+                st = t.untyped_storage()
+                key = (t.device.type, t.device.index, st.data_ptr(), t.dtype)
+            groups.setdefault(key, []).append(oi)
+        objects: list[dict] = [{} for _ in self.objects]
+        tensors: list[dict] = []
+        arrays: list[torch.Tensor] = []
+        for members in groups.values():
+            ts = [self.objects[i]["t"].detach() for i in members]
+            views = {(t.storage_offset(), tuple(t.shape), tuple(t.stride())) for t in ts}
+            names = [n for i in members for n in self.objects[i]["names"]]
+            ti = len(tensors)
+            if len(views) == 1 and ts[0].is_contiguous():
+                arr = ts[0]
+                for i in members:
+                    objects[i] = {"tensor": ti, "view": None}
+            else:
+                lo = min(t.storage_offset() for t in ts)
+                hi = max(t.storage_offset() + sum((s - 1) * st for s, st in
+                                                  zip(t.shape, t.stride())) + 1 for t in ts)
+                arr = ts[0].as_strided((hi - lo,), (1,), lo)
+                for i, t in zip(members, ts):
+                    objects[i] = {"tensor": ti, "view": [t.storage_offset() - lo, list(t.shape),
+                                                         list(t.stride())]}
+            for i in members:
+                objects[i].update(param=self.objects[i]["param"],
+                                  requires_grad=self.objects[i]["rg"])
+            tensors.append({"name": names[0], "aliases": names[1:], "shape": list(arr.shape),
+                            "dtype": str(arr.dtype).replace("torch.", "")})
+            if any(i in self.no_huffman for i in members):
+                tensors[-1]["_no_huffman"] = True
+            arrays.append(arr)
+        return objects, tensors, arrays
+
+
+class _Unsupported(Exception):
+    def __init__(self, msg: str):
+        super().__init__(msg)
+        self.depth: int | None = None
+
+
+def _build(model: nn.Module, huffman: bool) -> bytes:
+    if not isinstance(model, nn.Module):
+        raise BadInput(f"expected a torch.nn.Module, got {type(model).__name__}")
+    saver = _Saver(model, huffman)
+    root = saver.node(model, "")
+    objects, tensors, arrays = saver.tensor_table()
+    blobs: list[bytes] = []
+    for tj, arr in zip(tensors, arrays):
+        u = _bits_of(arr)
+        segs, rec = _encode(u, u.dtype.itemsize, huffman and not tj.pop("_no_huffman", False))
+        tj["enc"] = rec
+        tj["seg"] = [len(s) for s in segs]
+        blobs.extend(segs)
+    blob = b"".join(blobs)
+    return _frame(huffman, root, objects, tensors, blob)
+
+
+def save(model: nn.Module, path_or_file, *, huffman: bool = True) -> int:
+    """Write ``model`` (architecture, parameters, buffers, attributes, train/eval mode) to a path
+    or a writable binary file object. Returns the number of bytes written.
+
+    Raises :class:`BadInput` (naming the module) for anything that cannot be stored safely: an
+    attribute that is not plain data, a parametrized or prune-hooked module, a tensor subclass.
+    Forward/backward hooks are not saved.
+    """
+    data = _build(model, huffman)
+    if isinstance(path_or_file, (str, os.PathLike)):
+        path = os.fspath(path_or_file)
+        tmp = f"{path}.tmp{os.getpid()}"
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        except OSError as e:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise BadInput(f"cannot write {path}: {e.strerror or e}") from None
+    elif hasattr(path_or_file, "write"):
+        path_or_file.write(data)
+    else:
+        raise BadInput(f"save needs a path or a writable binary file, got "
+                       f"{type(path_or_file).__name__}")
+    return len(data)
+
+
+def breakdown(model: nn.Module, huffman: bool = True) -> list[dict]:
+    """:func:`describe` of what :func:`save` would write for ``model``, without writing a file."""
+    return describe(io.BytesIO(_build(model, huffman)))
+
+
