@@ -10,8 +10,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from ...batches import logits_of, split_batch, to_device
 from ...core import model_device
-from ...train import logits_of
 from .probe import capture, eval_mode, head, peek_batch, teacher_signal
 
 __all__ = ["choose_bias_raise", "output_bias_layer", "adjust_bias", "per_class", "per_class_table"]
@@ -58,8 +58,6 @@ def choose_bias_raise(logits: torch.Tensor, refs: torch.Tensor, cls: int,
 def output_bias_layer(model: nn.Module, x: Any):
     """(name, module) of the layer whose output *is* the model's class scores and that has a
     bias: the one a class-bias adjustment changes. None if there is none."""
-    from ...train import to_device
-
     cands = {n: m for n, m in model.named_modules()
              if isinstance(getattr(m, "bias", None), torch.Tensor) and m.bias.dim() == 1
              and isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Bilinear))}
@@ -77,8 +75,6 @@ def adjust_bias(model: nn.Module, loader: DataLoader, teachers: list, c: int, to
                 dev, labelled: bool) -> dict:
     """Raise class ``c``'s output bias in place by :func:`choose_bias_raise` on ``loader``
     (reference labels: the loader's, else the teachers' predictions)."""
-    from ...train import split_batch, to_device
-
     with eval_mode(model), torch.no_grad():
         x0, _ = split_batch(peek_batch(loader))
         layer_name, layer = output_bias_layer(model, to_device(head(x0, 2), dev))
@@ -108,8 +104,6 @@ def model_fn(model: nn.Module):
 
 def per_class(fn, loader: DataLoader, dev) -> dict[int, tuple[int, int]]:
     """{class: (correct, count)} of ``fn(x) -> scores`` on a labelled loader."""
-    from ...train import split_batch, to_device
-
     correct: dict[int, int] = {}
     count: dict[int, int] = {}
     with torch.no_grad():

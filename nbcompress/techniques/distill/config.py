@@ -10,6 +10,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from ...batches import split_batch
 from ...core import BadInput, CompressionResult, FieldError, StepConfig, StepContext
 from ...options import check_fields, option
 from .probe import check_layer, head, peek_batch, probe, shape_text
@@ -221,8 +222,6 @@ class DistillConfig(StepConfig):
                 raise FieldError(f"cannot cache the teacher outputs: {why}")
 
         # One small batch through the student and every teacher: shapes must agree.
-        from ...train import split_batch
-
         x, y = split_batch(peek_batch(self.loader))
         if y is None and self.effective_alpha < 1:
             raise FieldError("{loader} yields inputs only (no labels): use {soft_only} (alpha = 1) "

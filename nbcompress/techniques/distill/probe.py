@@ -11,8 +11,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from ...batches import forward_batch, logits_of, to_device
+from ...batches import peek_batch as peek
 from ...core import BadInput, FieldError, model_device
-from ...train import logits_of
 
 __all__ = ["eval_mode", "capture", "probe", "peek_batch", "check_layer", "head", "shape_text"]
 
@@ -39,16 +40,9 @@ def first_tensor(out: Any) -> torch.Tensor | None:
 
 
 def peek_batch(loader: DataLoader, what: str = "the transfer data ({loader})") -> Any:
-    """The loader's first batch, its shuffling order left alone (:func:`nbcompress.train.peek_batch`).
-    ``what`` may name fields as a :class:`FieldError` template."""
-    from ...train import peek_batch as peek
-
-    try:
-        return peek(loader, what)
-    except FieldError:
-        raise
-    except BadInput as e:
-        raise FieldError(str(e)) from None
+    """The loader's first batch, its shuffling order left alone (:func:`nbcompress.batches.peek_batch`);
+    ``what`` names fields as a :class:`FieldError` template."""
+    return peek(loader, what)
 
 
 def check_layer(name: str, modules: dict, who: str) -> None:
@@ -100,8 +94,6 @@ def capture(modules: dict, names: list[str]):
 
 def probe(model: nn.Module, x: Any, layer_names: list[str], who: str):
     """Run ``model`` once on ``x`` (on the model's device, eval mode, no grad): (scores, [features])."""
-    from ...train import to_device
-
     dev = model_device(model)
     mods = dict(model.named_modules())
     try:
@@ -120,8 +112,6 @@ def probe(model: nn.Module, x: Any, layer_names: list[str], who: str):
 def teacher_signal(teachers: list[nn.Module], x: Any, T: float) -> torch.Tensor:
     """One teacher: its logits. Several: the mean of their ``softmax(logits / T)``."""
     import torch.nn.functional as F
-
-    from ...train import forward_batch
 
     with torch.no_grad():
         outs = [logits_of(forward_batch(t, x)).float() for t in teachers]

@@ -18,8 +18,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from ...batches import forward_batch, logits_of, split_batch, to_device
 from ...core import BadInput, CompressionResult, FieldError, StepContext, model_device
-from ...train import forward_batch, logits_of
+from ...train import fit
 from .adapters import adapter_spec, describe_adapter, make_adapter
 from .bias import adjust_bias, model_fn, per_class, per_class_table
 from .losses import distillation_loss
@@ -56,8 +57,6 @@ def borrowed(teachers: list[nn.Module], device: torch.device):
 
 
 def loader_labelled(loader: DataLoader) -> bool:
-    from ...train import split_batch
-
     return split_batch(peek_batch(loader))[1] is not None
 
 
@@ -94,8 +93,6 @@ def _cached_loader(loader: DataLoader, teachers, T: float, dev, progress: bool) 
     """A loader over the same tensors plus the teachers' softened probabilities, drawing its
     batches from the *same* batch sampler (so the same shuffling order as ``loader``)."""
     from tqdm.auto import tqdm
-
-    from ...train import to_device
 
     ds = loader.dataset
     x_all = ds.tensors[0]
@@ -142,8 +139,6 @@ def version_teacher(cfg, model: nn.Module, ctx: StepContext) -> nn.Module:
                          f"{{teacher_version}} {k} is {h.name}'s current version, the student "
                          f"itself: {h.name} has no earlier version yet")
     teacher = h.version_model(k)
-    from ...train import split_batch
-
     x, _ = split_batch(peek_batch(cfg.loader))
     t_out, _ = probe(teacher, head(x, 2), [], f"version {k}")
     s_out, _ = probe(model, head(x, 2), [], "student")
@@ -155,8 +150,6 @@ def version_teacher(cfg, model: nn.Module, ctx: StepContext) -> nn.Module:
 
 def run_distill(cfg, model: nn.Module, ctx: StepContext) -> CompressionResult:
     """Train ``model`` (the student, in place) as :class:`DistillConfig` ``cfg`` says."""
-    from ...train import fit
-
     dev = ctx.device
     teachers = cfg.teacher_list()
     pairs = cfg.feature_pairs()
@@ -192,8 +185,6 @@ def run_distill(cfg, model: nn.Module, ctx: StepContext) -> CompressionResult:
         s_mods = dict(model.named_modules())
         t_mods = dict(teachers[0].named_modules())
         if pairs:
-            from ...train import split_batch, to_device
-
             x0, _ = split_batch(peek_batch(cfg.loader))
             x0 = to_device(head(x0, 2), dev)
             _, sf = probe(model, x0, [s for s, _ in pairs], "student")
@@ -218,8 +209,6 @@ def run_distill(cfg, model: nn.Module, ctx: StepContext) -> CompressionResult:
                 y = batch[1] if labelled else None
                 teacher_sig, is_probs = p, True
             else:
-                from ...train import split_batch
-
                 x, y = split_batch(batch)
                 with capture(t_mods, [t for _, t in pairs]) as t_store:
                     teacher_sig = teacher_signal(teachers, x, T)
