@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ...core import CompressionResult, StepConfig, StepContext
-from ...errors import BadInput, FieldError
+from ...errors import FieldError
 from ...options import is_given, option, options_of
 from .blocks import Plan, _head_text, make_head, plan_exits
 from .model import DEFAULT_THRESHOLD, EarlyExitModel
@@ -101,14 +101,9 @@ class EarlyExitConfig(StepConfig):
             return self._retune(model, ctx)
         plan = self.plan(model)
         if self.alpha < 1:                 # the heads train on the labels: they must be classes
-            from ...train import check_loader_runs
+            from ...batches import check_loader_runs
 
-            try:
-                check_loader_runs(model, self.data, "{data}", ctx.device)
-            except FieldError:
-                raise
-            except BadInput as e:          # its message names the loader as {data}
-                raise FieldError(str(e)) from None
+            check_loader_runs(model, self.data, "{data}", ctx.device)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
             heads = nn.ModuleList(make_head(f, plan.num_classes, self.head_pool)
