@@ -14,15 +14,11 @@ from .metrics import Metrics, measure
 from .storage import load, save
 from .train import evaluate, fit
 from .core import TECHNIQUES
-from .techniques import MODULES as _MODULES
-
-# the verbs and configs, by their public names (the modules live in nbcompress.techniques.*)
-PruneConfig, prune, sensitivity = (getattr(_MODULES["prune"], n)
-                                   for n in ("PruneConfig", "prune", "sensitivity"))
-QuantizeConfig, quantize = _MODULES["quantize"].QuantizeConfig, _MODULES["quantize"].quantize
-DistillConfig, distill = _MODULES["distill"].DistillConfig, _MODULES["distill"].distill
-LowRankConfig, lowrank = _MODULES["lowrank"].LowRankConfig, _MODULES["lowrank"].lowrank
-EarlyExitConfig, early_exit = _MODULES["earlyexit"].EarlyExitConfig, _MODULES["earlyexit"].early_exit
+from .techniques.distill import DistillConfig, distill
+from .techniques.earlyexit import EarlyExitConfig, early_exit
+from .techniques.lowrank import LowRankConfig, lowrank
+from .techniques.prune import PruneConfig, prune, sensitivity
+from .techniques.quantize import QuantizeConfig, quantize
 
 __version__ = "0.1.0"
 

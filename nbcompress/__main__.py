@@ -17,7 +17,6 @@ def main(argv=None) -> int:
 
         return demo_main(argv[1:])
     if argv[0] == "magics":
-        from . import techniques  # noqa: F401  (registers them)
         from .magics.technique import magic_table
 
         print(magic_table(), end="")

@@ -20,17 +20,15 @@ def demo_pipelines(train_loader, test_loader):
     """{history name: [(label, StepConfig), ...]}: each technique's own demo step, in two
     pipelines over the same trained model: Deep-Compression style (prune, distill back from the
     original, int8) and architecture (low-rank, then early exits)."""
-    from .core import DEMOS, TECHNIQUES
-    from .techniques import MODULES
+    import importlib
+
+    from .core import DEMOS
+
+    importlib.import_module("nbcompress.techniques")      # registers every technique
 
     pipelines: dict[str, list] = {}
-    for t in TECHNIQUES:
-        demo, pipeline = DEMOS.get(t, (None, None))
-        if demo is None and t in MODULES:         # not yet registered with its demo (transition)
-            demo = MODULES[t].demo_config
-            pipeline = "model_arch" if t in ("lowrank", "earlyexit") else "model"
-        if demo is not None:
-            pipelines.setdefault(pipeline, []).append(demo(train_loader, test_loader))
+    for demo, pipeline in DEMOS.values():
+        pipelines.setdefault(pipeline, []).append(demo(train_loader, test_loader))
     return pipelines
 
 

@@ -36,6 +36,8 @@ def _top_level_imports(name: str, path: pathlib.Path, modules: dict) -> set[str]
     stack = list(tree.body)
     while stack:
         node = stack.pop()
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            continue            # annotations only: not imported at run time
         if isinstance(node, (ast.If, ast.Try)):
             stack.extend(node.body + getattr(node, "orelse", []) + getattr(node, "finalbody", []))
             for h in getattr(node, "handlers", []):

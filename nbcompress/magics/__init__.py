@@ -6,22 +6,15 @@ import importlib
 import weakref
 
 from ..core import _ON_REGISTER, TECHNIQUES
-from ..options import options_of
 from .core import CoreMagics
+from .technique import technique_magics
 
 _SHELLS: "weakref.WeakSet" = weakref.WeakSet()
 
 
 def magics_for(cls) -> type:
-    """The Magics class of a registered technique: generated from its declared options."""
-    if options_of(cls):
-        from .technique import technique_magics
-
-        return technique_magics(cls)
-    # not yet declared with options: its hand-written magic module (being retired)
-    mod = importlib.import_module(f"{__name__}.{cls.technique}")
-    return next(v for v in vars(mod).values()
-                if isinstance(v, type) and v.__module__ == mod.__name__ and hasattr(v, "magics"))
+    """The Magics class of a registered technique, generated from its declared options."""
+    return technique_magics(cls)
 
 
 def _register(ipython, cls) -> None:
@@ -34,7 +27,7 @@ def _on_register(cls) -> None:
 
 
 def load_ipython_extension(ipython):
-    from .. import techniques  # noqa: F401  (registers the built-in techniques)
+    importlib.import_module("nbcompress.techniques")      # registers every technique
 
     ipython.register_magics(CoreMagics)
     for cls in list(TECHNIQUES.values()):

@@ -97,11 +97,14 @@ def usage(cls: type[StepConfig]) -> str:
 
 def magic_table() -> str:
     """The README's table of technique magics, from the registry (a test keeps them equal)."""
+    import importlib
+
     from ..core import TECHNIQUES
 
+    importlib.import_module("nbcompress.techniques")      # registers every technique
     rows = ["| magic | what it does | options |", "| --- | --- | --- |"]
     for cls in TECHNIQUES.values():
-        flags = [opt.flag or "--" + f.name.replace("_", "-")
+        flags = ["/".join(x for x in (opt.short, opt.flag or "--" + f.name.replace("_", "-")) if x)
                  for f, opt in options_of(cls) if opt.magic and not opt.positional]
         cell = " ".join(f"`{x}`" for x in flags)
         rows.append(f"| `{usage(cls)}` | {cls.summary} | {cell} |")

@@ -45,6 +45,25 @@ def _decode_tensor(tj: dict, off: int, blob: memoryview) -> torch.Tensor:
     return _tensor_from_bits(_decode(segs, rec, n, isz), dtype, shape)
 
 
+# Files written before the techniques moved into nbcompress.techniques (issue 14) name their
+# classes by the old module paths; they load as the same classes from their new homes.
+MOVED_MODULES = {
+    "nbcompress.qmodules": ("nbcompress.techniques.quantize.qmodules",
+                            "nbcompress.techniques.quantize.qmodules_int8"),
+    "nbcompress.earlyexit": ("nbcompress.techniques.earlyexit.model",),
+    "nbcompress.distill": ("nbcompress.techniques.distill.students",),
+}
+
+
+def _moved_class(name: str) -> type | None:
+    module, _, cls_name = name.rpartition(".")
+    for new in MOVED_MODULES.get(module, ()):
+        obj = getattr(importlib.import_module(new), cls_name, None)
+        if isinstance(obj, type) and issubclass(obj, nn.Module):
+            return obj
+    return None
+
+
 class _Resolver:
     def __init__(self, classes: Iterable, trusted_modules: Iterable[str]):
         if isinstance(classes, type):
@@ -64,6 +83,9 @@ class _Resolver:
             raise _Corrupt("bad class name")
         if name in self.by_name:
             return self.by_name[name]
+        moved = _moved_class(name)
+        if moved is not None:
+            return moved
         short = name.rsplit(".", 1)[-1]
         if not any(name.startswith(p + ".") for p in self.prefixes) or "<" in name:
             raise BadInput(f"refusing to import {name} from file; pass classes=[{short}] if you "
