@@ -101,8 +101,9 @@ class StepConfig:
         check_fields(self)
         self.validate(model)
 
-    def before_magic(self, magics, name: str, local_ns) -> None:
-        """Hook for checks that need the notebook (e.g. a model is not its own teacher)."""
+    def before_magic(self, magics, name: str, local_ns, typed: dict) -> None:
+        """Hook for checks that need the notebook (e.g. a model is not its own teacher), before
+        any work. ``typed``: each option given on the line as the text typed (field -> str)."""
 
     @classmethod
     def magic_name(cls) -> str:

@@ -287,6 +287,13 @@ def check_fields(cfg) -> None:
 
 
 # ------------------------------------------------------------------------------------ parsing text
+def split_names(text: str | None) -> list[str]:
+    """``"a, b c"`` -> ``["a", "b", "c"]``: a list of names as a magic line writes it."""
+    if not text:
+        return []
+    return [t for t in re.split(r"[,\s]+", unquote(str(text).strip())) if t]
+
+
 def parse_fraction(text: str, name: str) -> float:
     t = unquote(str(text).strip())
     try:

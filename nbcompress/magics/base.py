@@ -23,7 +23,7 @@ from ..core import BadInput, FieldError, NBCompressError, StepConfig
 from ..history import History
 from ..workspace import Workspace
 from ..metrics import check_evaluator, is_loader, parse_input_shape
-from ..options import magic_spelling, options_of, parse_text
+from ..options import magic_spelling, options_of, parse_text, split_names
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 
@@ -215,10 +215,12 @@ class NBMagics(Magics):
         def resolve(name, text, opt):
             return self.resolve_value(text, opt, local_ns, what=magic_flag(cls, name))
 
-        values = {f.name: parse_text(f.name, opt, getattr(args, f.name), resolve)
-                  for f, opt in options_of(cls) if opt.magic and hasattr(args, f.name)}
+        typed = {f.name: getattr(args, f.name) for f, opt in options_of(cls)
+                 if opt.magic and hasattr(args, f.name)}
+        values = {k: parse_text(k, opt, typed[k], resolve)
+                  for f, opt in options_of(cls) if (k := f.name) in typed}
         config = cls(**values, device=args.device)
-        config.before_magic(self, args.name, local_ns)
+        config.before_magic(self, args.name, local_ns, typed)
         return self.run_step(args.name, config, args, local_ns,
                              magic=f"%{cls.magic_name()} {line}")
 
@@ -277,12 +279,6 @@ def magic_flag(cls, name: str) -> str:
 
 def parse_shape(text: str):
     return parse_input_shape(text)
-
-
-def split_names(text: str | None) -> list[str]:
-    if not text:
-        return []
-    return [t for t in re.split(r"[,\s]+", text) if t]
 
 
 def quote(s: str) -> str:

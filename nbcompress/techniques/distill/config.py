@@ -188,11 +188,12 @@ class DistillConfig(StepConfig):
             return
         super().check(model)
 
-    def before_magic(self, magics, name: str, local_ns) -> None:
+    def before_magic(self, magics, name: str, local_ns, typed: dict) -> None:
         """Before any work (no history made, nothing measured): a model is not its own teacher."""
         from .teachers import check_magic_teachers
 
-        check_magic_teachers(magics, name, self.teacher_list(), local_ns)
+        check_magic_teachers(magics, name, self.teacher_list(), local_ns,
+                             typed.get("teachers", ""))
         check_fields(self)          # the declared checks too, before the history measures anything
 
     def validate(self, model: nn.Module) -> None:

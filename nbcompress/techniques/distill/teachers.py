@@ -2,10 +2,11 @@
 magic line, ``--teacher NAME@K``) is the student's current version is refused before any work."""
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from ...core import FieldError
+from ...fingerprint import _same_state
+from ...options import split_names
 
 __all__ = ["shared_parameters", "check_teachers_apart", "check_magic_teachers"]
 
@@ -67,35 +68,21 @@ def check_teachers_apart(student: nn.Module, teachers: list, student_name: str |
                              f"from another model or from a copy (copy.deepcopy)")
 
 
-def check_magic_teachers(magics, name: str, teachers: list, local_ns) -> None:
-    """The magic's checks (``--teacher`` on the line for the student named ``name``): a teacher
-    is neither the student nor the student's current version ``NAME@K``."""
+def check_magic_teachers(magics, name: str, teachers: list, local_ns, typed: str) -> None:
+    """The magic's checks (``--teacher`` as typed, ``typed``, for the student named ``name``): a
+    teacher is neither the student nor the student's current version ``NAME@K``."""
     student = magics.lookup_model(name, local_ns)
     h = magics.workspace.get(name)
-    ns = magics._ns(local_ns)
-    names = [name if t is student else _name_of(t, ns) for t in teachers]
-    for t, tname in zip(teachers, names):
-        # A teacher no notebook variable holds is a history's copy (NAME@K); when it is the
-        # student's current version, it is the student itself.
-        if tname is None and h is not None and _same_state(t, student):
+    names = split_names(typed)
+    for token, teacher in zip(names, teachers):
+        owner, at, k = token.rpartition("@")
+        if at and owner == name and h is not None and k == str(h.pos) and \
+                _same_state(teacher, student):      # not edited in place since: the same model
             raise FieldError(_current_version(name, h.pos))
     earlier = (f"{{teachers='{name}@0'}}: {name} as first registered"
                if h is not None and (h.pos > 0 or h.current is not student) else
                f"{{teachers='{name}@0'}} once {name} has been compressed")
     check_teachers_apart(student, teachers, name, names, earlier)
-
-
-def _name_of(obj, ns: dict) -> str | None:
-    return next((k for k, v in ns.items() if v is obj and not k.startswith("_")), None)
-
-
-def _same_state(a: nn.Module, b: nn.Module) -> bool:
-    """Exactly the same tensors (names, shapes, dtypes, values)."""
-    x, y = a.state_dict(), b.state_dict()
-    return x.keys() == y.keys() and all(
-        isinstance(x[n], torch.Tensor) and isinstance(y[n], torch.Tensor)
-        and x[n].shape == y[n].shape and x[n].dtype == y[n].dtype
-        and torch.equal(x[n].to(y[n].device), y[n]) for n in x)
 
 
 def _current_version(student: str, pos: int) -> str:
