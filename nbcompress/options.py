@@ -111,7 +111,8 @@ class Opt:
     optional: bool = True            # None is accepted
     accepts: tuple = ()              # further Python types accepted as they are (e.g. objects)
     check: Callable | None = None    # extra check: value -> message template or None
-    required: bool = False           # the step cannot run without it
+    required: bool = False           # the step cannot run without it ...
+    unless: str | None = None        # ... unless this other field is given
 
     def default_metavar(self, name: str) -> str | None:
         if self.metavar:
@@ -258,9 +259,11 @@ def check_fields(cfg) -> None:
     """The checks every declaration implies, in declaration order: the value's kind, range and
     choices, then ``requires`` and ``conflicts``. Raises :class:`FieldError`."""
     fields = options_of(cfg)
+    by_name = {f.name: f for f, _ in fields}
     for f, opt in fields:
         v = getattr(cfg, f.name)
-        if opt.required and (v is None or (isinstance(v, (list, tuple, str)) and not v)):
+        if opt.required and (v is None or (isinstance(v, (list, tuple, str)) and not v)) and \
+                not (opt.unless and is_given(cfg, by_name[opt.unless])):
             raise FieldError(f"{{{f.name}}} is needed: {opt.help}")
     for f, opt in fields:
         msg = _value_error(f, opt, getattr(cfg, f.name))
@@ -268,7 +271,6 @@ def check_fields(cfg) -> None:
             msg = opt.check(getattr(cfg, f.name))
         if msg:
             raise FieldError(msg)
-    by_name = {f.name: f for f, _ in fields}
     for f, opt in fields:
         if not is_given(cfg, f):
             continue

@@ -175,3 +175,17 @@ def test_every_magic_keeps_every_option(shell, magic):
     doc = shell.find_line_magic(magic).__doc__
     for flag in flags:
         assert flag in doc
+
+
+def test_required_unless_another_field_is_given():
+    @dataclass
+    class _Need(StepConfig):
+        technique: ClassVar[str] = "need"
+        teachers: list = option(default_factory=list, kind="models", required=True,
+                                unless="version", help="who to learn from")
+        version: int | None = option(None, kind="int", magic=False, help="or a version")
+
+    with pytest.raises(FieldError, match="^teachers is needed: who to learn from"):
+        check_fields(_Need())
+    check_fields(_Need(version=0))
+    check_fields(_Need(teachers=[nn.Linear(2, 2)]))

@@ -69,7 +69,7 @@ class DistillConfig(StepConfig):
     )
     teachers: Any = option(
         default_factory=list, kind="models", flag="--teacher", metavar="T1[,T2,...]",
-        required=True,
+        required=True, unless="teacher_version",
         help="the teacher model(s) by name; several are an ensemble (their softened "
              "probabilities averaged). NAME@K is version K of NAME's history (e.g. model@0: the "
              "model before any compression). Never changed.")
@@ -179,15 +179,6 @@ class DistillConfig(StepConfig):
         return " ".join(parts)
 
     # --------------------------------------------------------------- checks
-    def check(self, model: nn.Module) -> None:
-        """As every step's; ``teacher_version`` alone names a teacher too (a version of the
-        history the step runs through), so ``teachers`` may then be empty."""
-        if self.teacher_version is not None and not self.teachers and isinstance(model, nn.Module):
-            check_fields(dataclasses.replace(self, teachers=[model]))
-            self.validate(model)
-            return
-        super().check(model)
-
     def before_magic(self, magics, name: str, local_ns, typed: dict) -> None:
         """Before any work (no history made, nothing measured): a model is not its own teacher."""
         from .teachers import check_magic_teachers
