@@ -11,7 +11,6 @@ Refusals are recorded with their message (from the Python API, so they name fiel
 import hashlib, json, sys, warnings
 warnings.filterwarnings("ignore")
 import torch
-from torch import nn
 import nbcompress
 import transformers as tf
 
