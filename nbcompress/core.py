@@ -17,7 +17,8 @@ from typing import Any, Callable, ClassVar
 import torch
 from torch import nn
 
-from .errors import BadInput, EvaluatorError, ExampleInputError, FieldError, NBCompressError
+from .errors import (BadInput, EvaluatorError, ExampleInputError, FieldError, NBCompressError,
+                     python_name, render)
 from .options import check_fields, options_of, unknown_option
 
 __all__ = ["NBCompressError", "BadInput", "EvaluatorError", "ExampleInputError", "FieldError",
@@ -37,6 +38,8 @@ class StepContext:
     progress: bool = True
     init_state: dict | None = None  # initial weights recorded for the name (lottery tickets)
     history: Any = None            # the History the step is applied through, if any
+    spell: Any = None              # how the result's notes name options: None = Python fields,
+                                   # the magic layer passes its flag spelling
 
     def evaluate(self, model: nn.Module) -> float | None:
         """Top-1 accuracy (or the evaluator's 'accuracy') of ``model`` on this context's evaluator."""
@@ -187,6 +190,10 @@ def compress(model: nn.Module, config: StepConfig, *, ctx: StepContext | None = 
                           example_input=example_input, progress=config.progress)
     work = copy.deepcopy(model).to(ctx.device)
     result = config.run(work, ctx)
+    # notes may name options as field templates ("use {layers} to include it"): spelled for
+    # the caller, like FieldError messages
+    result.notes = [render(n, ctx.spell or python_name) if isinstance(n, str) else n
+                    for n in result.notes]
     if not result.changes_model:
         result.model = model
     else:

@@ -42,6 +42,7 @@ from .core import (BadInput, CompressionResult, EvaluatorError, ExampleInputErro
                    StepContext, _to_device, compress, model_device, resolve_device)
 from .fingerprint import _model_bytes, _same_state, host_copy, state_fingerprint
 from .latency import check_latency_mode
+from .options import magic_spelling
 from .metrics import Metrics, check_evaluator, example_from, measure
 
 DEFAULT_HOST_BUDGET = int(os.environ.get("NBCOMPRESS_HOST_BUDGET", 8 << 30))
@@ -291,7 +292,8 @@ class History:
             dev = resolve_device(device or config.device or self.device)
             ctx = StepContext(device=dev, origin_device=model_device(model),
                               evaluator=self.evaluator, example_input=self._example(),
-                              progress=config.progress, init_state=self.init_state, history=self)
+                              progress=config.progress, init_state=self.init_state, history=self,
+                              spell=magic_spelling(type(config)) if magic else None)
             t0 = time.perf_counter()
             result = compress(model, config, ctx=ctx)
             seconds = time.perf_counter() - t0

@@ -189,3 +189,25 @@ def test_required_unless_another_field_is_given():
         check_fields(_Need())
     check_fields(_Need(version=0))
     check_fields(_Need(teachers=[nn.Linear(2, 2)]))
+
+
+def test_notes_name_options_as_the_caller_wrote_them(shell, trained_lenet):
+    """A note naming an option ("use {layers} to include it") reads fields from Python (compress,
+    History.apply) and flags from the magic, like errors."""
+    from nbcompress import History, LowRankConfig, compress
+
+    x = torch.randn(1, 1, 28, 28)
+
+    def note(notes):
+        return next(n for n in notes if n.startswith("kept the classifier"))
+
+    api = note(compress(trained_lenet, LowRankConfig(ratio=0.5), example_input=x).notes)
+    assert "use layers to include it (layers='.' selects every layer)" in api
+    h = History(trained_lenet, example_input=x)
+    assert "use layers to include it" in note(h.apply(LowRankConfig(ratio=0.5)).result.notes)
+    shell.user_ns["lenet"] = trained_lenet
+    shell.run_line_magic("nbcompress", "lenet --input-shape 1,1,28,28")
+    report = shell.run_line_magic("lowrank", "lenet --ratio 0.5")
+    magic = note(report.result.notes)
+    assert "use --layers to include it (--layers . selects every layer)" in magic
+    assert "{" not in magic and "{" not in api

@@ -142,7 +142,8 @@ def test_lowrank_keeps_the_classifier_whole_by_default(trained_lenet, mnist):
     assert torch.equal(fc3.weight, trained_lenet.fc3.weight)
     assert {r["layer"] for r in res.layers} == {"fc1", "fc2"}
     note = [n for n in res.notes if n.startswith("kept the classifier fc3 whole")]
-    assert note and "1,010 parameters" in note[0] and "use --layers to include it" in note[0]
+    assert note and "1,010 parameters" in note[0]
+    assert "use layers to include it (layers='.' selects every layer)" in note[0]   # Python spelling
     # without an example input (nor a loader) the last layer is taken as the classifier: the same
     same = compress(trained_lenet, LowRankConfig(ratio=0.5))
     assert type(same.model.fc3) is nn.Linear
@@ -230,7 +231,7 @@ def test_dynamic_int8_on_a_cnn_says_the_convs_stay_float(shell):
         assert len(note) == 1, res.notes
         assert note[0].startswith(f"{len(convs)} conv layers ({100 * share:.3g}% of the "
                                   f"parameters) stay float32")
-        assert "--mode static --calib LOADER" in note[0]
+        assert "mode='static' calib=LOADER" in note[0]          # Python spelling from compress
         assert res.extra["float_convs"] == len(convs) == 6
         assert res.extra["float_conv_share"] == pytest.approx(share)
         assert all(type(res.model.get_submodule(n)) is nn.Conv2d

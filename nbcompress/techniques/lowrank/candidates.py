@@ -91,8 +91,8 @@ def _without_classifier(model: nn.Module, found: list[Candidate], every, example
     share = f"{100 * n_head / total:.2g}%" if total else "?"
     notes.append(f"kept the classifier{'s' if many else ''} {names} whole "
                  f"({'they produce' if many else 'it produces'} the model's output; "
-                 f"{n_head:,} parameters, {share} of the model): use --layers to "
-                 f"include {'them' if many else 'it'} (--layers . selects every layer)")
+                 f"{n_head:,} parameters, {share} of the model): use {{layers}} to "
+                 f"include {'them' if many else 'it'} ({{layers='.'}} selects every layer)")
     return found
 
 

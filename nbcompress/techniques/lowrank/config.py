@@ -170,7 +170,7 @@ class LowRankConfig(StepConfig):
                       if isinstance(m, nn.Conv2d) and m.in_channels == m.groups and _ksize(m) > 1]
             if single:
                 notes.append("kept " + ", ".join(single) + ": one input channel per group, so depth "
-                             "multiplier 1 would leave a rank-1 conv (give --rank or --energy to "
+                             "multiplier 1 would leave a rank-1 conv (give {rank} or {energy} to "
                              "factorise it anyway)")
                 cands = [c for c in cands if c[0] not in single]
         paths = {n: ps for n, _, ps in cands}
@@ -215,7 +215,7 @@ class LowRankConfig(StepConfig):
         n_1x1 = [p.name for p in plans if p.kind == "conv-svd" and self.conv in ("tucker", "separable")
                  and p.name in replaced]
         if n_1x1:
-            notes.append(f"1x1 convs factorised by SVD (--conv {self.conv} needs a spatial kernel): "
+            notes.append(f"1x1 convs factorised by SVD ({{conv='{self.conv}'}} needs a spatial kernel): "
                          + ", ".join(n_1x1))
         if rows:
             extra["layers_factorised"] = len(rows)
@@ -231,8 +231,8 @@ class LowRankConfig(StepConfig):
             return
         calib = self.data if self.data is not None else self.finetune
         if calib is None:
-            notes.append("BatchNorm statistics not re-estimated: pass --data LOADER (or "
-                         "--finetune) to fit them to the factorised layers")
+            notes.append("BatchNorm statistics not re-estimated: pass {data=LOADER} (or "
+                         "{finetune}) to fit them to the factorised layers")
             return
         n = recalibrate_batchnorm(model, calib, ctx.device, self.calib_batches)
         if n:

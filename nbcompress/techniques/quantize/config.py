@@ -181,8 +181,8 @@ class QuantizeConfig(StepConfig):
     def run(self, model: nn.Module, ctx: StepContext) -> CompressionResult:
         from ...train import check_loader_runs
 
-        check_loader_runs(model, self.calib, "--calib", ctx.device, labels=False)  # inputs only
-        check_loader_runs(model, self.qat, "--qat", ctx.device)
+        check_loader_runs(model, self.calib, "{calib}", ctx.device, labels=False)  # inputs only
+        check_loader_runs(model, self.qat, "{qat}", ctx.device)
         mode, notes = self._choose(model, ctx.device, ctx.origin_device)
         pattern = self.pattern()
         if mode.startswith("dtype"):
@@ -239,7 +239,7 @@ class QuantizeConfig(StepConfig):
         if self.calib is not None and not rnns:
             notes.append(f"chose static int8 ({backend}, {engine()} engine): int8 weights "
                          f"and activations for {len(convs)} conv and {len(linears)} Linear "
-                         f"layers, activation ranges from --calib")
+                         f"layers, activation ranges from {{calib}}")
             return "static", notes
         if linears or rnns:
             notes.append(f"chose dynamic int8 ({backend}, {engine()} engine): int8 weights, "

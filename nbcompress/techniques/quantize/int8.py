@@ -110,8 +110,8 @@ def _float_convs_note(cfg, model, targets) -> tuple[str, int, float] | None:
     total = sum(p.numel() for p in model.parameters())
     share = n_conv / total if total else 0.0
     rnns = any(isinstance(m, (nn.LSTM, nn.GRU)) for _, m in targets)
-    how = ("--mode static --calib LOADER --layers REGEX on the convs (static int8 has no "
-           "LSTM/GRU kernel)" if rnns else "--mode static --calib LOADER")
+    how = ("{mode='static'} {calib=LOADER} {layers=REGEX} on the convs (static int8 has no "
+           "LSTM/GRU kernel)" if rnns else "{mode='static'} {calib=LOADER}")
     k = len(convs)
     note = (f"{k} conv layer{'s' if k != 1 else ''} ({100 * share:.3g}% of the parameters) "
             f"{'stay' if k != 1 else 'stays'} float32: dynamic int8 has kernels for "
