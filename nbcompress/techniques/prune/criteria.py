@@ -12,6 +12,19 @@ __all__ = ["Importance", "MagnitudeImportance", "L1Importance", "L2Importance",
            "BNScaleImportance", "RandomImportance"]
 
 
+def group_layers(group, names: dict):
+    """``(item, layer, kind, idxs)`` for each member of a torch-pruning dependency group that is a
+    named layer whose channels a score can be read from (``kind``: "out", "in" or "norm")."""
+    for item in group:
+        dep, idxs = item.dep, item.idxs
+        layer = dep.target.module
+        if not isinstance(layer, nn.Module) or layer not in names:
+            continue
+        kind = _dep_kind(dep, layer)
+        if kind is not None:
+            yield item, layer, kind, idxs
+
+
 def _batches(loader, n: int):
     for i, batch in enumerate(loader):
         if i >= n:
@@ -59,14 +72,7 @@ class Importance:
         scores summed over what a channel owns there (a conv's output filter, the next layer's
         input slice, a norm's scale), then averaged over the layers."""
         contribs = []
-        for item in group:
-            dep, idxs = item.dep, item.idxs
-            layer = dep.target.module
-            if not isinstance(layer, nn.Module) or layer not in names:
-                continue
-            kind = _dep_kind(dep, layer)
-            if kind is None:
-                continue
+        for item, layer, kind, idxs in group_layers(group, names):
             s = self.elementwise(names[layer], layer, "weight")
             if s is None:
                 continue
@@ -78,6 +84,7 @@ class Importance:
         return self._reduce(group, contribs)
 
     def _reduce(self, group, contribs) -> torch.Tensor | None:
+        """Average each root channel's scores over the layers that gave one."""
         if not contribs:
             return None
         n_root = len(group[0].idxs)

@@ -10,7 +10,7 @@ from torch import nn
 from ...core import BadInput, FieldError
 from ...train import forward_batch as _forward
 from ...train import logits_of
-from .criteria import Importance, _batches, _dep_kind
+from .criteria import Importance, _batches, group_layers
 
 __all__ = ["TaylorImportance", "HessianImportance", "ActivationImportance"]
 
@@ -212,12 +212,8 @@ class ActivationImportance(Importance):
     @torch.no_grad()
     def channel_scores(self, group, names):
         contribs = []
-        for item in group:
-            dep, idxs = item.dep, item.idxs
-            layer = dep.target.module
-            if not isinstance(layer, nn.Module) or layer not in names:
-                continue
-            if _dep_kind(dep, layer) != "in":
+        for item, layer, kind, idxs in group_layers(group, names):
+            if kind != "in":
                 continue
             st = self.stats.get(names[layer])
             if st is None:
