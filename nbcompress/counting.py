@@ -153,12 +153,23 @@ def count_params(model: nn.Module) -> tuple[int, int]:
     """(params, nonzero params). A module may override with ``nbc_count() -> (params, nonzero)``
     (used by layers whose weights live outside ``parameters()``, like packed int8 kernels);
     ``torch.ao`` quantized modules are counted from their packed weights (an int8 entry is zero
-    when it equals its zero point). Biases count as parameters."""
+    when it equals its zero point). Biases count as parameters. A tensor two modules share (tied
+    weights) counts once: for a float model, ``params == sum(p.numel() for p in
+    model.parameters())``."""
     total = nz = 0
-    for _, m in _units(model):
-        p, z = module_counts(m)
-        total += p
-        nz += z
+    seen: dict[int, torch.Tensor] = {}   # a tied / shared tensor (GPT-2's lm_head and wte)
+    for _, m in _units(model):           # counts once, as model.parameters() lists it once; the
+        # tensors are held while counting, so no id is reused (torch.ao makes fresh ones per call)
+        if hasattr(m, "nbc_count"):
+            p, z = module_counts(m)
+            total, nz = total + p, nz + z
+            continue
+        for t in _stored_tensors(m).values():
+            if id(t) in seen:
+                continue
+            seen[id(t)] = t
+            p, z = _tensor_counts(t)
+            total, nz = total + p, nz + z
     return total, nz
 
 

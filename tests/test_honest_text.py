@@ -350,3 +350,34 @@ def test_metrics_repr_is_short_and_has_the_key_numbers(pruned):
     assert "{'layer'" not in text and "Linear" not in text        # no per-layer dump
     none = measure(q, pack=False)
     assert "not counted" in repr(none) and "not measured" in repr(none)
+
+
+class _TiedLM(nn.Module):
+    """A user's small language model with its output layer tied to the embedding (as GPT-2, T5,
+    Whisper and BERT's masked-LM head do)."""
+
+    def __init__(self, vocab=50, dim=16):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(vocab, dim)
+        self.mix = nn.Linear(dim, dim)
+        self.head = nn.Linear(dim, vocab, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids):
+        return self.head(torch.relu(self.mix(self.emb(ids))))
+
+
+def test_tied_weights_count_once():
+    m = _TiedLM()
+    assert count_params(m)[0] == sum(p.numel() for p in m.parameters()) == 50 * 16 + 16 * 16 + 16
+    # the same tensor listed under two modules is still one tensor of parameters
+    assert sum(p.numel() for _, p in m.named_parameters(remove_duplicate=False)) == \
+        count_params(m)[0] + 50 * 16
+    ids = torch.randint(0, 50, (1, 8))
+    met = measure(m, ids)
+    assert met.params == met.nonzero_params == count_params(m)[0]
+    # zeros in the shared tensor count once too
+    with torch.no_grad():
+        m.emb.weight[:10].zero_()
+    assert count_params(m) == (count_params(m)[0], count_params(m)[0] - 10 * 16)
