@@ -4,6 +4,7 @@ loader runs through a model, and finding the classifier (the layers producing th
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -25,7 +26,7 @@ def to_device(obj: Any, device: str | torch.device) -> Any:
             return obj
         non_blocking = device.type == "cuda" and obj.device.type == "cpu" and obj.is_pinned()
         return obj.to(device, non_blocking=non_blocking)
-    if isinstance(obj, dict):
+    if isinstance(obj, Mapping):           # dict, a ModelOutput, transformers' BatchEncoding
         moved = {k: to_device(v, device) for k, v in obj.items()}
         if type(obj) is dict:
             return moved
@@ -40,19 +41,61 @@ def to_device(obj: Any, device: str | torch.device) -> Any:
     return obj
 
 
+# where a dict batch keeps its targets (Hugging Face collators use "labels")
+LABEL_KEYS = ("labels", "label")
+
+
 def split_batch(batch: Any) -> tuple[Any, Any]:
-    """``(inputs, targets or None)`` of one batch: ``(x, y)``, ``[x, y]``, ``(x,)`` or a bare
-    tensor ``x`` (unlabelled transfer data). Extra items after ``y`` are ignored."""
+    """``(inputs, targets or None)`` of one batch: ``(x, y)``, ``[x, y]``, ``(x,)``, a bare
+    tensor ``x`` (unlabelled transfer data), or a dict / ``BatchEncoding`` (what Hugging Face
+    datasets and collators yield): its ``labels`` (or ``label``) are the targets, the other
+    entries the inputs, passed to the model as keyword arguments (:func:`forward_batch`).
+    Extra items after ``y`` are ignored."""
     if isinstance(batch, torch.Tensor):
         return batch, None
+    if isinstance(batch, Mapping):
+        key = next((k for k in LABEL_KEYS if k in batch), None)
+        x = {k: v for k, v in batch.items() if k not in LABEL_KEYS}
+        if not x:
+            raise BadInput(f"a dict batch needs model inputs besides its labels; the loader "
+                           f"yielded the keys {sorted(batch)}")
+        return x, (batch[key] if key is not None else None)
     if isinstance(batch, (tuple, list)):
         if len(batch) == 0:
             raise BadInput("the loader yielded an empty batch")
         if len(batch) == 1:
             return batch[0], None
         return batch[0], batch[1]
-    raise BadInput(f"a batch must be a tensor x or a tuple/list (x, y); the loader yielded a "
-                   f"{type(batch).__name__}")
+    raise BadInput(f"a batch must be a tensor x, a tuple/list (x, y) or a dict of model inputs "
+                   f"(with 'labels'); the loader yielded a {type(batch).__name__}")
+
+
+def head(x: Any, n: int) -> Any:
+    """The first ``n`` examples of a batch of inputs: a tensor's first rows, and so for each
+    tensor of a dict / tuple / list of inputs; anything else as it is."""
+    if isinstance(x, torch.Tensor):
+        return x[:n] if x.dim() > 0 and x.shape[0] > n else x
+    if isinstance(x, Mapping):
+        items = {k: head(v, n) for k, v in x.items()}
+        try:
+            return items if type(x) is dict else type(x)(items)
+        except TypeError:
+            return items
+    if isinstance(x, (tuple, list)) and not hasattr(x, "_fields"):
+        return type(x)(head(v, n) for v in x)
+    return x
+
+
+def example_of(batch: Any) -> Any:
+    """A batch-of-1 example input from a loader's batch (a copy), or None when its inputs are
+    not tensors."""
+    x, _ = split_batch(batch)
+    one = head(x, 1)
+    if isinstance(one, torch.Tensor):
+        return one.clone()
+    if isinstance(one, Mapping) and all(isinstance(v, torch.Tensor) for v in one.values()):
+        return {k: v.clone() for k, v in one.items()}
+    return None
 
 
 def logits_of(out: Any) -> torch.Tensor:
@@ -84,7 +127,7 @@ def forward_batch(model: nn.Module, x: Any) -> Any:
     """Run ``model`` on the inputs of a batch or an example input, the one way every part of
     nbcompress does: a dict is keyword arguments, a tuple/list positional arguments, anything
     else the single argument."""
-    if isinstance(x, dict):
+    if isinstance(x, Mapping):
         return model(**x)
     if isinstance(x, (tuple, list)):
         return model(*x)

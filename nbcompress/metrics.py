@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .batches import example_of
 from .core import BadInput, EvaluatorError, ExampleInputError, model_device
 from .counting import (_stored_tensors, _units, count_flops, count_params, dense_bytes,
                        dynamic_flops, module_counts, packed_bytes, weight_density)
@@ -202,8 +203,7 @@ def example_from(obj: Any) -> torch.Tensor | None:
         batch = next(iter(obj), None)
         if batch is None:
             raise EvaluatorError("the evaluation loader yielded no batches: it is empty")
-        x = batch[0] if isinstance(batch, (tuple, list)) else batch
-        return x[:1].clone()
+        return example_of(batch)
     return None
 
 

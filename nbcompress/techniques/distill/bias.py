@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ...batches import logits_of, split_batch, to_device
+from ...batches import forward_batch, logits_of, split_batch, to_device
 from ...core import model_device
 from .probe import capture, eval_mode, head, peek_batch, teacher_signal
 
@@ -81,7 +81,7 @@ def adjust_bias(model: nn.Module, loader: DataLoader, teachers: list, c: int, to
         logits, refs = [], []
         for batch in loader:
             x, y = split_batch(to_device(batch, dev))
-            s = logits_of(model(x)).float()
+            s = logits_of(forward_batch(model, x)).float()
             if labelled and y is not None:
                 ref = y.argmax(1) if y.dim() == 2 else y
             else:
@@ -98,7 +98,7 @@ def adjust_bias(model: nn.Module, loader: DataLoader, teachers: list, c: int, to
 def model_fn(model: nn.Module):
     def fn(x):
         with eval_mode(model), torch.no_grad():
-            return logits_of(model(x))
+            return logits_of(forward_batch(model, x))
     return fn
 
 

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ...batches import forward_batch, logits_of, to_device
+from ...batches import forward_batch, head, logits_of, to_device
 from ...batches import peek_batch as peek
 from ...core import BadInput, FieldError, model_device
 
@@ -21,12 +21,6 @@ __all__ = ["eval_mode", "capture", "probe", "peek_batch", "check_layer", "head",
 def shape_text(t: torch.Tensor) -> str:
     return "(N, " + ", ".join(str(s) for s in t.shape[1:]) + ")"
 
-
-def head(x: Any, n: int) -> Any:
-    """The first ``n`` examples of a batch of inputs (a tensor; anything else as it is)."""
-    if isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] > n:
-        return x[:n]
-    return x
 
 
 def first_tensor(out: Any) -> torch.Tensor | None:

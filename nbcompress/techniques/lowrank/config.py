@@ -8,10 +8,9 @@ import numbers
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-import torch
 from torch import nn
 
-from ...batches import check_loader_runs, peek_batch, split_batch, to_device
+from ...batches import check_loader_runs, head, peek_batch, split_batch, to_device
 from ...core import BadInput, CompressionResult, FieldError, StepConfig, StepContext, model_device
 from ...counting import count_flops, count_params
 from ...options import option
@@ -151,8 +150,7 @@ class LowRankConfig(StepConfig):
             x, _ = split_batch(peek_batch(loader))
         except BadInput:
             return None
-        if isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] > 2:
-            x = x[:2]
+        x = head(x, 2)
         return to_device(x, device if device is not None else model_device(model))
 
     # ------------------------------------------------------------------ the work

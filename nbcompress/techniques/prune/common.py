@@ -7,7 +7,7 @@ from torch import nn
 
 from ...core import StepContext
 from ...train import forward_batch as _forward
-from ...train import peek_batch
+from ...batches import example_of, peek_batch
 from .importance import Importance, get_importance
 from .weights import _mask_hook
 
@@ -21,9 +21,7 @@ def _is_loader(v) -> bool:
 def _example_from_loader(loader) -> torch.Tensor | None:
     if not _is_loader(loader):
         return None
-    batch = peek_batch(loader)      # leaves a shuffled loader's order as it was
-    x = batch[0] if isinstance(batch, (tuple, list)) else batch
-    return x[:1].clone() if isinstance(x, torch.Tensor) else None
+    return example_of(peek_batch(loader))      # leaves a shuffled loader's order as it was
 
 
 def _importance_for(cfg) -> Importance:

@@ -122,7 +122,7 @@ def _float_convs_note(cfg, model, targets) -> tuple[str, int, float] | None:
 def static(cfg, model, ctx, targets, notes) -> CompressionResult:
     """Static int8: activation ranges observed on ``cfg.calib`` batches, then each selected conv /
     Linear becomes its int8-kernel layer (BatchNorm folded, ReLU fused where they follow it)."""
-    from ...train import split_batch, to_device
+    from ...batches import forward_batch, split_batch, to_device
 
     model = model.cpu().eval()      # int8 kernels are CPU kernels (the model lives there)
     cpu = torch.device("cpu")
@@ -154,7 +154,7 @@ def static(cfg, model, ctx, targets, notes) -> CompressionResult:
                 x, _ = split_batch(batch)
                 x = to_device(x, cpu)
                 first = x if first is None else first
-                model(x)
+                forward_batch(model, x)
                 seen += 1
     finally:
         for h in handles:
@@ -184,7 +184,7 @@ def static(cfg, model, ctx, targets, notes) -> CompressionResult:
             kind = "int8 static" + (" +relu" if fused.get(n) else "")
             layers.append(row(n, mod, new, 8, kind, w, qw.dequantize()))
     with torch.no_grad(), quiet():      # the int8 model runs (and torch.ao's one-time
-        model(first)                     # deprecation warning is spent here, silenced)
+        forward_batch(model, first)      # deprecation warning is spent here, silenced)
     notes.append(f"activation ranges from {seen} calibration batches; int8 weights "
                  f"({'per-channel' if cfg.per_channel else 'per-tensor'}); each layer takes "
                  f"float input and returns float output")
