@@ -2,6 +2,11 @@
 Hugging Face BERT (sequence classification) and ViT (image classification) from configs, random
 weights, random data: prints PASS / FAIL per step with the one-line reason. Needs transformers.
 Run: python scripts/check_hf_dict_batches.py"""
+import warnings
+
+import torch
+import transformers as tf
+
 warnings.filterwarnings("ignore")
 import nbcompress
 from torch.utils.data import DataLoader, Dataset
