@@ -197,8 +197,36 @@ def compress(model: nn.Module, config: StepConfig, *, ctx: StepContext | None = 
     if not result.changes_model:
         result.model = model
     else:
+        if ctx.example_input is not None:
+            check_still_runs(result.model, model, ctx.example_input, config.technique)
         result.model = _to_device(result.model, origin)
     return result
+
+
+def check_still_runs(new: nn.Module, original: nn.Module | None, example: Any,
+                     technique: str) -> None:
+    """The compressed model must run on the example input the original runs on: a model whose
+    own code reads what a step replaced (``F.linear(x, self.fc.weight)`` after int8, a factorised
+    layer's ``weight``) is refused in one line, never handed back broken. ``original`` None: it
+    is known to run on ``example`` (a technique calling this mid-step)."""
+    from .batches import eval_mode, first_line, forward_batch, to_device
+
+    try:
+        with torch.no_grad(), eval_mode(new):
+            forward_batch(new, to_device(example, model_device(new)))
+        return
+    except Exception as e:  # noqa: BLE001 - any failure to run: decided below
+        why = first_line(e)
+    if original is not None:
+        try:                # the original fails too: not this step's doing
+            with torch.no_grad(), eval_mode(original):
+                forward_batch(original, to_device(example, model_device(original)))
+        except Exception:  # noqa: BLE001
+            return
+    raise FieldError(f"{technique} would hand back a model that no longer runs on the example "
+                     f"input ({why}); refused, the model is unchanged. The model's own code may "
+                     f"read something the step replaced (e.g. a layer's .weight): leave that layer "
+                     f"out with " + "{layers}")
 
 
 def check_seeds(config: StepConfig) -> None:

@@ -12,6 +12,7 @@ Each through a real IPython shell and through the Python API.
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -258,3 +259,40 @@ def test_dynamic_int8_on_convs_only_is_still_refused(shell):
     with pytest.raises(BadInput, match=r"add calib=LOADER \(static int8\), or use mode='uniform'"):
         nbcompress.quantize(convs)
     assert shell.user_ns["convs"] is convs and same_as_snapshot(convs, snap)
+
+
+# ----------------------------------------------------------- a step never hands back a broken model
+class _ReadsWeights(nn.Module):
+    """A user's model whose forward reads a layer's .weight itself (as Swin's and ViT's code
+    paths do): replacing that layer by an int8 kernel or a factorised pair breaks it."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1 = nn.Linear(64, 32)
+        self.fc2 = nn.Linear(32, 10)
+
+    def forward(self, x):
+        h = torch.relu(self.fc1(x.flatten(1)))
+        return torch.nn.functional.linear(h, self.fc2.weight, self.fc2.bias)
+
+
+@pytest.mark.parametrize("config", [QuantizeConfig(mode="dynamic"),
+                                    LowRankConfig(rank=4, layers=".")],
+                         ids=["int8", "lowrank"])
+def test_a_step_that_breaks_the_model_is_refused(shell, config):
+    m = _ReadsWeights()
+    x = torch.randn(1, 1, 8, 8)
+    with pytest.raises(BadInput, match=r"would hand back a model that no longer runs on the "
+                                       r"example input .*leave that layer out with layers$"):
+        compress(m, config, example_input=x)
+    # without a layer the model reads itself, the step goes through
+    ok = compress(m, dataclasses.replace(config, layers="fc1"), example_input=x)
+    assert ok.model(x).shape == (1, 10)
+    # from the magic: one line, flag spelling, nothing recorded, the name still the model
+    shell.user_ns["net"] = m
+    shell.run_line_magic("nbcompress", "net --input-shape 1,1,8,8")
+    line = "net --mode dynamic" if isinstance(config, QuantizeConfig) else "net --rank 4 --layers ."
+    with pytest.raises(UsageError, match=r"leave that layer out with --layers$"):
+        shell.run_line_magic(config.technique, line)
+    assert shell.user_ns["net"] is m and len(shell._nbcompress_workspace.get("net")) == 1

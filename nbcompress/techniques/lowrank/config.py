@@ -11,7 +11,8 @@ from typing import Any, ClassVar
 from torch import nn
 
 from ...batches import check_loader_runs, head, peek_batch, split_batch, to_device
-from ...core import BadInput, CompressionResult, FieldError, StepConfig, StepContext, model_device
+from ...core import (BadInput, CompressionResult, FieldError, StepConfig, StepContext,
+                     check_still_runs, model_device)
 from ...counting import count_flops, count_params
 from ...options import option
 from ...train import fit
@@ -201,6 +202,9 @@ class LowRankConfig(StepConfig):
             notes.append("kept dense (factorising would not save parameters): " + ", ".join(skipped))
         if not rows:
             notes.append("no layer was factorised: every selected layer would grow at these ranks")
+        probe = x if x is not None else example       # the original ran on it above
+        if probe is not None and rows:
+            check_still_runs(model, None, probe, self.technique)
         if x is not None and rows:
             per_leaf = count_flops(model, x)[2]
             for row in rows:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ...core import CompressionResult, FieldError
+from ...core import CompressionResult, FieldError, check_still_runs
 from .common import CONV_LAYERS, mark, replace, row, select
 from .lowbit import uniform_quantize
 from .qmodules import quiet
@@ -183,8 +183,8 @@ def static(cfg, model, ctx, targets, notes) -> CompressionResult:
                 model = replace(model, fused[n], nn.Identity())
             kind = "int8 static" + (" +relu" if fused.get(n) else "")
             layers.append(row(n, mod, new, 8, kind, w, qw.dequantize()))
-    with torch.no_grad(), quiet():      # the int8 model runs (and torch.ao's one-time
-        forward_batch(model, first)      # deprecation warning is spent here, silenced)
+    with quiet():                       # the int8 model runs (else a one-line refusal; torch.ao's
+        check_still_runs(model, None, first, cfg.technique)   # one-time warning spent, silenced)
     notes.append(f"activation ranges from {seen} calibration batches; int8 weights "
                  f"({'per-channel' if cfg.per_channel else 'per-tensor'}); each layer takes "
                  f"float input and returns float output")
