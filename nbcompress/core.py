@@ -19,7 +19,7 @@ from torch import nn
 
 from .errors import (BadInput, EvaluatorError, ExampleInputError, FieldError, NBCompressError,
                      python_name, render)
-from .options import check_fields, options_of, unknown_option
+from .options import check_fields, is_int, options_of, unknown_option
 
 __all__ = ["NBCompressError", "BadInput", "EvaluatorError", "ExampleInputError", "FieldError",
            "StepContext", "CompressionResult", "StepConfig", "compress", "resolve_device",
@@ -209,24 +209,26 @@ def check_still_runs(new: nn.Module, original: nn.Module | None, example: Any,
     own code reads what a step replaced (``F.linear(x, self.fc.weight)`` after int8, a factorised
     layer's ``weight``) is refused in one line, never handed back broken. ``original`` None: it
     is known to run on ``example`` (a technique calling this mid-step)."""
-    from .batches import eval_mode, first_line, forward_batch, to_device
-
-    try:
-        with torch.no_grad(), eval_mode(new):
-            forward_batch(new, to_device(example, model_device(new)))
-        return
-    except Exception as e:  # noqa: BLE001 - any failure to run: decided below
-        why = first_line(e)
-    if original is not None:
-        try:                # the original fails too: not this step's doing
-            with torch.no_grad(), eval_mode(original):
-                forward_batch(original, to_device(example, model_device(original)))
-        except Exception:  # noqa: BLE001
-            return
+    why = _run_error(new, example)
+    if why is None or (original is not None and _run_error(original, example) is not None):
+        return              # it runs; or the original fails too: not this step's doing
     raise FieldError(f"{technique} would hand back a model that no longer runs on the example "
                      f"input ({why}); refused, the model is unchanged. The model's own code may "
                      f"read something the step replaced (e.g. a layer's .weight): leave that layer "
                      f"out with " + "{layers}")
+
+
+def _run_error(model: nn.Module, example: Any) -> str | None:
+    """``Type: message`` of what stops ``model`` (eval mode, no grad) running on ``example``,
+    or None when it runs."""
+    from .batches import eval_mode, first_line, forward_batch, to_device
+
+    try:
+        with torch.no_grad(), eval_mode(model):
+            forward_batch(model, to_device(example, model_device(model)))
+    except Exception as e:  # noqa: BLE001 - any failure to run is the answer
+        return first_line(e)
+    return None
 
 
 def check_seeds(config: StepConfig) -> None:
@@ -236,7 +238,7 @@ def check_seeds(config: StepConfig) -> None:
         if f.name != "seed" and not f.name.endswith("_seed"):
             continue
         v = getattr(config, f.name)
-        if isinstance(v, int) and not isinstance(v, bool) and not -2 ** 63 <= v < 2 ** 63:
+        if is_int(v) and not -2 ** 63 <= v < 2 ** 63:
             raise FieldError(f"{{{f.name}}} must fit in 64 bits (-2**63 to 2**63 - 1), got {v}")
 
 

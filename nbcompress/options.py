@@ -36,7 +36,6 @@ KINDS = {
     "choice": None, "regex": "REGEX", "str": "TEXT", "loader": "LOADER", "models": "NAME[,NAME...]",
     "any": "OBJ",
 }
-_MISSING_OK = (None,)
 
 
 def is_number(v: Any) -> bool:
@@ -114,6 +113,11 @@ class Opt:
     required: bool = False           # the step cannot run without it ...
     unless: str | None = None        # ... unless this other field is given
 
+    def flags(self, name: str) -> list[str]:
+        """The option strings of field ``name`` on the magic line: ``["-T", "--temperature"]``,
+        ``["--epochs"]`` (the long one is ``--field-name`` unless ``flag`` says otherwise)."""
+        return [s for s in (self.short, self.flag or "--" + name.replace("_", "-")) if s]
+
     def default_metavar(self, name: str) -> str | None:
         if self.metavar:
             return self.metavar
@@ -163,15 +167,14 @@ def is_given(cfg, f: dataclasses.Field) -> bool:
 
 def magic_spelling(cls) -> Callable[[str, str | None], str]:
     """Field name -> how the magic line writes it (``--epochs``, ``AMOUNT``, ``-T``)."""
-    names = {}
+    names, flag_values = {}, {}
     for f, opt in options_of(cls):
         if not opt.magic:
             continue
         names[f.name] = (opt.default_metavar(f.name) if opt.positional
-                         else opt.short or opt.flag or "--" + f.name.replace("_", "-"))
-
-    flag_values = {f.name: str(opt.flag_value) for f, opt in options_of(cls)
-                   if opt.magic and opt.kind == "bool"}
+                         else opt.flags(f.name)[0])
+        if opt.kind == "bool":
+            flag_values[f.name] = str(opt.flag_value)
 
     def spell(name: str, value: str | None) -> str:
         if name not in names:
@@ -323,7 +326,7 @@ def parse_text(name: str, opt: Opt, text: Any, lookup: Callable[[str, str, Opt],
     if opt.kind == "fraction":
         return parse_fraction(t, name)
     if opt.kind == "fractions":
-        return tuple(parse_fraction(p, name) for p in re.split(r"[,\s]+", t) if p)
+        return tuple(parse_fraction(p, name) for p in split_names(t))
     if opt.kind == "choice":
         return t.lower() if all(str(c) == str(c).lower() for c in opt.choices) else t
     if opt.kind in ("loader", "models", "any") and lookup is not None:

@@ -12,13 +12,8 @@ from .technique import technique_magics
 _SHELLS: "weakref.WeakSet" = weakref.WeakSet()
 
 
-def magics_for(cls) -> type:
-    """The Magics class of a registered technique, generated from its declared options."""
-    return technique_magics(cls)
-
-
 def _register(ipython, cls) -> None:
-    ipython.register_magics(magics_for(cls))
+    ipython.register_magics(technique_magics(cls))
 
 
 def _on_register(cls) -> None:
@@ -39,8 +34,7 @@ def load_ipython_extension(ipython):
 
 def unload_ipython_extension(ipython):
     mm = ipython.magics_manager
-    names = {"nbcompress", "undo", "redo", "compress_history"} | {
-        c.magic_name() for c in TECHNIQUES.values()}
+    names = set(CoreMagics.magics["line"]) | {c.magic_name() for c in TECHNIQUES.values()}
     for kind in ("line", "cell"):
         for name in names:
             mm.magics[kind].pop(name, None)

@@ -211,14 +211,14 @@ class NBMagics(Magics):
         option given on the line parsed by its declared kind, the config built (fields not on
         the line keep their declared defaults), then one undoable step."""
         self.lookup_model(args.name, local_ns)
+        spell = magic_spelling(cls)
 
         def resolve(name, text, opt):
-            return self.resolve_value(text, opt, local_ns, what=magic_flag(cls, name))
+            return self.resolve_value(text, opt, local_ns, what=spell(name, None))
 
-        typed = {f.name: getattr(args, f.name) for f, opt in options_of(cls)
-                 if opt.magic and hasattr(args, f.name)}
-        values = {k: parse_text(k, opt, typed[k], resolve)
-                  for f, opt in options_of(cls) if (k := f.name) in typed}
+        given = {f.name: opt for f, opt in options_of(cls) if opt.magic and hasattr(args, f.name)}
+        typed = {name: getattr(args, name) for name in given}
+        values = {name: parse_text(name, opt, typed[name], resolve) for name, opt in given.items()}
         config = cls(**values, device=args.device)
         config.before_magic(self, args.name, local_ns, typed)
         return self.run_step(args.name, config, args, local_ns,
@@ -270,11 +270,6 @@ class NBMagics(Magics):
                              device=args.device)
             self.rebind(name, h.current, local_ns)
         return report
-
-
-def magic_flag(cls, name: str) -> str:
-    """How the magic line spells the field ``name`` of technique ``cls`` (``--finetune``)."""
-    return magic_spelling(cls)(name, None)
 
 
 def parse_shape(text: str):

@@ -40,7 +40,7 @@ def arguments(cls: type[StepConfig]) -> list:
         if opt.positional:
             out.append(argument(f.name, nargs="?", metavar=opt.default_metavar(f.name), **kw))
             continue
-        flags = [s for s in (opt.short, opt.flag or "--" + f.name.replace("_", "-")) if s]
+        flags = opt.flags(f.name)
         if opt.kind == "bool":
             out.append(argument(*flags, dest=f.name, action="store_true", **kw))
         else:
@@ -90,8 +90,7 @@ def usage(cls: type[StepConfig]) -> str:
         if opt.positional:
             parts.append(f"[{opt.default_metavar(f.name)}]")
         elif opt.required:
-            flag = opt.flag or "--" + f.name.replace("_", "-")
-            parts.append(f"{flag} {opt.default_metavar(f.name)}")
+            parts.append(f"{opt.flags(f.name)[-1]} {opt.default_metavar(f.name)}")
     return " ".join(parts + ["[options]"])
 
 
@@ -104,7 +103,7 @@ def magic_table() -> str:
     importlib.import_module("nbcompress.techniques")      # registers every technique
     rows = ["| magic | what it does | options |", "| --- | --- | --- |"]
     for cls in TECHNIQUES.values():
-        flags = ["/".join(x for x in (opt.short, opt.flag or "--" + f.name.replace("_", "-")) if x)
+        flags = ["/".join(opt.flags(f.name))
                  for f, opt in options_of(cls) if opt.magic and not opt.positional]
         cell = " ".join(f"`{x}`" for x in flags)
         rows.append(f"| `{usage(cls)}` | {cls.summary} | {cell} |")
