@@ -104,14 +104,20 @@ def _is_bias(name: str) -> bool:
     return name == "bias" or name.startswith("bias_") or name.endswith(".bias")
 
 
-def module_counts(module: nn.Module) -> tuple[int, int]:
+def module_counts(module: nn.Module, seen: dict | None = None) -> tuple[int, int]:
     """(params, nonzero params) the module stores itself (not its children): its ``nbc_count()``
-    when it has one, else :func:`_stored_tensors`."""
+    when it has one, else :func:`_stored_tensors`. ``seen`` (id -> tensor, filled here): tensors
+    already counted elsewhere in the model (tied weights) are skipped; the tensors are held there
+    so no id is reused while counting (torch.ao hands out fresh tensors on each call)."""
     if hasattr(module, "nbc_count"):
         p, z = module.nbc_count()
         return int(p), int(z)
     p = z = 0
     for t in _stored_tensors(module).values():
+        if seen is not None:
+            if id(t) in seen:
+                continue
+            seen[id(t)] = t
         a, b = _tensor_counts(t)
         p, z = p + a, z + b
     return p, z
@@ -157,19 +163,10 @@ def count_params(model: nn.Module) -> tuple[int, int]:
     weights) counts once: for a float model, ``params == sum(p.numel() for p in
     model.parameters())``."""
     total = nz = 0
-    seen: dict[int, torch.Tensor] = {}   # a tied / shared tensor (GPT-2's lm_head and wte)
-    for _, m in _units(model):           # counts once, as model.parameters() lists it once; the
-        # tensors are held while counting, so no id is reused (torch.ao makes fresh ones per call)
-        if hasattr(m, "nbc_count"):
-            p, z = module_counts(m)
-            total, nz = total + p, nz + z
-            continue
-        for t in _stored_tensors(m).values():
-            if id(t) in seen:
-                continue
-            seen[id(t)] = t
-            p, z = _tensor_counts(t)
-            total, nz = total + p, nz + z
+    seen: dict[int, torch.Tensor] = {}   # a tied tensor (GPT-2's lm_head and wte) counts once
+    for _, m in _units(model):
+        p, z = module_counts(m, seen)
+        total, nz = total + p, nz + z
     return total, nz
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import numbers
 import time
 from typing import Any, Callable, Iterable
 
@@ -22,7 +21,7 @@ from tqdm.auto import tqdm
 from .batches import (_check_loader, _loader_len, check_loader_runs, eval_mode, first_line,
                       forward_batch, logits_of, output_layers, peek_batch, split_batch, to_device)
 from .core import BadInput, model_device, resolve_device
-from .options import is_number
+from .options import is_int, is_number
 
 # the batch helpers are importable from here too (they were defined here first)
 __all__ = ["to_device", "split_batch", "evaluate", "fit", "make_optimizer", "forward_batch",
@@ -129,7 +128,7 @@ def _validate(model, loader, epochs, lr, optimizer, weight_decay, momentum, loss
     if not isinstance(model, nn.Module):
         raise BadInput(f"expected a torch.nn.Module to train, got {type(model).__name__}")
     _check_loader(loader, "the training loader")
-    if not isinstance(epochs, numbers.Integral) or isinstance(epochs, bool) or epochs < 1:
+    if not is_int(epochs) or epochs < 1:
         raise BadInput(f"epochs must be a positive int, got {epochs!r}")
     if not is_number(lr) or not math.isfinite(lr) or lr <= 0:
         raise BadInput(f"lr must be a positive number, got {lr!r}")
@@ -160,7 +159,7 @@ def _validate(model, loader, epochs, lr, optimizer, weight_decay, momentum, loss
                            f"None; got {type(scheduler).__name__}")
     if grad_clip is not None and (not is_number(grad_clip) or grad_clip <= 0):
         raise BadInput(f"grad_clip must be a positive number or None, got {grad_clip!r}")
-    if seed is not None and (not isinstance(seed, numbers.Integral) or isinstance(seed, bool)):
+    if seed is not None and not is_int(seed):
         raise BadInput(f"seed must be an int or None, got {seed!r}")
     if amp is not None and not isinstance(amp, bool):
         raise BadInput(f"amp must be True, False or None (automatic), got {amp!r}")

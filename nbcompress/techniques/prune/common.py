@@ -8,18 +8,15 @@ from torch import nn
 from ...core import StepContext
 from ...train import forward_batch as _forward
 from ...batches import example_of, peek_batch
+from ...metrics import is_loader
 from .importance import Importance, get_importance
 from .weights import _mask_hook
 
 __all__ = ["recalibrate_bn"]
 
 
-def _is_loader(v) -> bool:
-    return isinstance(v, torch.utils.data.DataLoader)
-
-
 def _example_from_loader(loader) -> torch.Tensor | None:
-    if not _is_loader(loader):
+    if not is_loader(loader):
         return None
     return example_of(peek_batch(loader))      # leaves a shuffled loader's order as it was
 
@@ -77,7 +74,7 @@ def recalibrate_bn(model: nn.Module, loader, device, batches: int = 8) -> bool:
 
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
            and m.track_running_stats and m.running_mean is not None]
-    if not bns or not _is_loader(loader):
+    if not bns or not is_loader(loader):
         return False
     saved = {m: (m.momentum, m.running_mean.clone(), m.running_var.clone()) for m in bns}
     was = model.training
