@@ -8,12 +8,14 @@ The file format is described in :mod:`nbcompress.storage.format`; the package's 
   position and value encodings chosen by exact size;
 * :mod:`.format`: the header, its CRC-32, the registry of module codecs, reading a file,
   :func:`describe` and :func:`overhead_bytes`;
+* :mod:`.names`: what a file may name (classes, functions, Enums, library configs) and the trust
+  rules that turn a name back into a class on load;
 * :mod:`.saver`: :func:`save` and :func:`breakdown`; :mod:`.loader`: :func:`load`.
 """
 from .codec import MAX_CODEBOOK
-from .format import (FORMAT_VERSION, MAGIC, SAFE_PREFIXES, describe, overhead_bytes,
-                     register_module_codec)
+from .format import FORMAT_VERSION, MAGIC, describe, overhead_bytes, register_module_codec
 from .loader import load
+from .names import SAFE_PREFIXES
 from .saver import breakdown, save
 
 __all__ = ["save", "load", "describe", "breakdown", "register_module_codec", "MAGIC",

@@ -82,7 +82,6 @@ _CRC_AT = len(_CRC_KEY)                     # 8 hex digits, computed with them s
 _CRC_BLANK = "00000000"
 _MAX_HEADER = 1 << 28                       # a decompressed header above 256 MiB is corrupt
 
-SAFE_PREFIXES = ("torch.nn", "torch.ao.nn", "nbcompress")
 
 _DTYPE_NAMES = ("float64", "float32", "float16", "bfloat16", "complex64", "complex128",
                 "int64", "int32", "int16", "int8", "uint8", "uint16", "uint32", "uint64", "bool",
@@ -150,12 +149,14 @@ def _where(m: nn.Module, path: str) -> str:
 # ============================================================================ the file frame
 
 def _frame(huffman: bool, root: dict, objects: list[dict], tensors: list[dict],
-           blob: bytes) -> bytes:
+           blob: bytes, values: list[dict] = ()) -> bytes:
     """The file: magic, header length, JSON header (its CRC-32 of header and blob written in,
     zlib-compressed when that is shorter), then ``blob``."""
     header = {"crc32": _CRC_BLANK, "format": "nbcompress", "version": FORMAT_VERSION,
               "huffman": bool(huffman), "torch": torch.__version__.split("+")[0], "root": root,
               "objects": objects, "tensors": tensors, "blob_bytes": len(blob)}
+    if values:
+        header["values"] = list(values)
     hb = json.dumps(header, separators=(",", ":"), ensure_ascii=False, allow_nan=False
                     ).encode("utf-8")
     crc = b"%08x" % (zlib.crc32(blob, zlib.crc32(hb)) & 0xFFFFFFFF)

@@ -1,10 +1,10 @@
 """Loading (:func:`load`): the model rebuilt from the header's module tree without unpickling
-anything; class names resolve only to registered codecs, ``classes=`` and modules under the
-trusted prefixes.
+anything; class and function names resolve only to registered codecs, ``classes=`` and modules
+under the trusted prefixes (:mod:`.names`), all of them checked before anything is built.
 """
 from __future__ import annotations
 
-import importlib
+import functools
 import math
 import re
 import types
@@ -18,8 +18,11 @@ from torch import nn
 from ..core import BadInput
 from .bits import _Corrupt
 from .codec import _COMPLEX_PART, _decode, _tensor_from_bits
-from .format import (_ALL_DTYPES, _BOOKKEEPING, _CODECS, _DERIVED, _DTYPES, SAFE_PREFIXES,
-                     _class_name, _is_hook_dict, _join, _module_path, _read, _tensor_entries)
+from .format import (_ALL_DTYPES, _BOOKKEEPING, _CODECS, _DERIVED, _DTYPES, _is_hook_dict, _join,
+                     _module_path, _read, _tensor_entries)
+from .names import MOVED_MODULES, Resolver
+
+__all__ = ["load", "MOVED_MODULES"]    # MOVED_MODULES: where moved classes live now
 
 
 def _decode_tensor(tj: dict, off: int, blob: memoryview) -> torch.Tensor:
@@ -45,80 +48,14 @@ def _decode_tensor(tj: dict, off: int, blob: memoryview) -> torch.Tensor:
     return _tensor_from_bits(_decode(segs, rec, n, isz), dtype, shape)
 
 
-# Files written before the techniques moved into nbcompress.techniques (issue 14) name their
-# classes by the old module paths; they load as the same classes from their new homes.
-MOVED_MODULES = {
-    "nbcompress.qmodules": ("nbcompress.techniques.quantize.qmodules",
-                            "nbcompress.techniques.quantize.qmodules_int8"),
-    "nbcompress.earlyexit": ("nbcompress.techniques.earlyexit.model",),
-    "nbcompress.distill": ("nbcompress.techniques.distill.students",),
-}
-
-
-def _moved_class(name: str) -> type | None:
-    module, _, cls_name = name.rpartition(".")
-    for new in MOVED_MODULES.get(module, ()):
-        obj = getattr(importlib.import_module(new), cls_name, None)
-        if isinstance(obj, type) and issubclass(obj, nn.Module):
-            return obj
-    return None
-
-
-class _Resolver:
-    def __init__(self, classes: Iterable, trusted_modules: Iterable[str]):
-        if isinstance(classes, type):
-            classes = [classes]
-        if isinstance(trusted_modules, str):
-            trusted_modules = [trusted_modules]
-        self.by_name: dict[str, type] = {_class_name(c): c for c in _CODECS}
-        for c in classes or ():
-            if not isinstance(c, type):
-                raise BadInput(f"classes= must hold classes, got {c!r}")
-            self.by_name[_class_name(c)] = c
-        self.prefixes = tuple(p.strip(".") for p in (*SAFE_PREFIXES, *(trusted_modules or ()))
-                              if isinstance(p, str) and p.strip("."))
-
-    def __call__(self, name: Any) -> type:
-        if not isinstance(name, str) or not name:
-            raise _Corrupt("bad class name")
-        if name in self.by_name:
-            return self.by_name[name]
-        moved = _moved_class(name)
-        if moved is not None:
-            return moved
-        short = name.rsplit(".", 1)[-1]
-        if not any(name.startswith(p + ".") for p in self.prefixes) or "<" in name:
-            raise BadInput(f"refusing to import {name} from file; pass classes=[{short}] if you "
-                           f"trust this file")
-        parts = name.split(".")
-        mod = None
-        for i in range(len(parts) - 1, 0, -1):
-            modname = ".".join(parts[:i])
-            if not any(modname == p or modname.startswith(p + ".") for p in self.prefixes):
-                break
-            try:
-                mod = importlib.import_module(modname)
-            except ImportError:
-                continue
-            obj: Any = mod
-            for attr in parts[i:]:
-                obj = getattr(obj, attr, None)
-                if obj is None:
-                    break
-            if (isinstance(obj, type) and issubclass(obj, nn.Module)
-                    and _class_name(obj) == name):
-                return obj
-            break
-        if mod is None:
-            raise BadInput(f"cannot load: class {name} named in the file cannot be imported here")
-        raise BadInput(f"cannot load: {name} named in the file is not an nn.Module class "
-                       f"found at that name")
-
-
 class _Loader:
-    def __init__(self, header: dict, blob: memoryview, resolver: _Resolver, device: torch.device):
+    def __init__(self, header: dict, blob: memoryview, resolver: Resolver, device: torch.device):
         self.resolve = resolver
         self.modules: dict[str, nn.Module] = {}
+        self.values = header.get("values") or []
+        if not isinstance(self.values, list):
+            raise _Corrupt("bad values table")
+        self.built: dict[int, Any] = {}
         bases = [_decode_tensor(tj, off, blob).to(device) for tj, off in _tensor_entries(header)]
         self.objects: list[torch.Tensor] = []
         used: set[int] = set()
@@ -193,7 +130,57 @@ class _Loader:
             f = getattr(F, x, None)
             if isinstance(f, (types.FunctionType, types.BuiltinFunctionType)):
                 return f
+        if tag == "$fn" and type(x) is str:
+            return self.resolve(x, "function")
+        if tag == "$class" and type(x) is str:
+            return self.resolve(x, "class")
+        if tag == "$enum" and type(x) is list and len(x) == 2 and type(x[1]) is str:
+            cls = self.resolve(x[0], "enum")
+            if x[1] not in cls.__members__:
+                raise BadInput(f"cannot load: {x[0]} has no member {x[1]!r} here")
+            return cls[x[1]]
+        if tag in ("$set", "$frozenset") and type(x) is list:
+            items = [self.dec(y, depth + 1) for y in x]
+            return set(items) if tag == "$set" else frozenset(items)
+        if tag == "$items" and type(x) is list and all(type(p) is list and len(p) == 2 for p in x):
+            return {self.dec(k, depth + 1): self.dec(y, depth + 1) for k, y in x}
+        if tag == "$partial" and type(x) is list and len(x) == 3 and type(x[1]) is list:
+            if not (type(x[0]) is dict and len(x[0]) == 1
+                    and next(iter(x[0])) in ("$class", "$fn", "$partial")):
+                raise _Corrupt("a partial of something that is not a class or function")
+            kwargs = self.dec(x[2], depth + 1)
+            if type(kwargs) is not dict:
+                raise _Corrupt("bad partial keywords")
+            return functools.partial(self.dec(x[0], depth + 1),
+                                     *[self.dec(y, depth + 1) for y in x[1]], **kwargs)
+        if tag == "$obj" and type(x) is int:
+            return self.value(x)
         raise _Corrupt(f"bad attribute value tag {tag!r}")
+
+    def value(self, i: int) -> Any:
+        """Library config ``i`` of the values table, built once with its class's own
+        ``from_dict(to_dict())``, then the instance attributes to_dict does not say."""
+        if i in self.built:
+            if self.built[i] is None:
+                raise _Corrupt("a config refers to itself")
+            return self.built[i]
+        if not 0 <= i < len(self.values) or not isinstance(self.values[i], dict):
+            raise _Corrupt("bad config reference")
+        rec = self.values[i]
+        self.built[i] = None
+        cls = self.resolve(rec.get("class"), "config")
+        d, state = self.dec(rec.get("dict")), self.dec(rec.get("state"))
+        if type(d) is not dict or type(state) is not dict \
+                or any(type(k) is not str or k.startswith("__") for k in state):
+            raise _Corrupt("bad config record")
+        try:
+            obj = cls.from_dict(d)
+        except Exception as e:  # noqa: BLE001 - the library's refusal, as one line
+            raise BadInput(f"cannot load: {rec['class']}.from_dict failed: "
+                           f"{type(e).__name__}: {e}") from None
+        obj.__dict__.update(state)
+        self.built[i] = obj
+        return obj
 
     def build(self, node: Any, path: str) -> nn.Module:
         if not isinstance(node, dict):
@@ -274,18 +261,22 @@ def load(path_or_file, *, classes: Iterable[type] = (), trusted_modules: Iterabl
          map_location="cpu") -> nn.Module:
     """Rebuild the model saved by :func:`save`, without unpickling anything.
 
-    Module classes are imported only from ``torch.nn``, ``torch.ao.nn``, ``nbcompress`` and the
-    ``trusted_modules`` prefixes; other classes (e.g. defined in a notebook) must be passed in
-    ``classes=`` and are matched by module and qualified name. Corrupt, truncated or foreign
-    files raise :class:`BadInput`.
+    Classes (and the functions an attribute names) are imported only from ``torch.nn``,
+    ``torch.ao.nn``, ``nbcompress``, the model libraries ``transformers``, ``timm`` and
+    ``torchvision``, and the ``trusted_modules`` prefixes; other classes (e.g. defined in a
+    notebook) must be passed in ``classes=`` and are matched by module and qualified name (a
+    refusal names every one the file needs). A transformers config is rebuilt by its own class's
+    ``from_dict``, once per config object. Corrupt, truncated or foreign files raise
+    :class:`BadInput`.
     """
     try:
         device = torch.device(map_location)
     except (RuntimeError, TypeError, ValueError):
         raise BadInput(f"unknown map_location {map_location!r}") from None
-    resolver = _Resolver(classes, trusted_modules)
+    resolver = Resolver(classes, trusted_modules, _CODECS)
     header, blob = _read(path_or_file)
     try:
+        resolver.check_all(header)
         loader = _Loader(header, blob, resolver, device)
         return loader.build(header.get("root"), "")
     except _Corrupt as e:

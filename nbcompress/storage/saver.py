@@ -4,6 +4,8 @@ tensor object registered once (tied parameters, views of one storage), packed by
 """
 from __future__ import annotations
 
+import enum
+import functools
 import io
 import math
 import os
@@ -19,6 +21,7 @@ from ..core import BadInput
 from .codec import _bits_of, _encode
 from .format import (_ALL_DTYPES, _BOOKKEEPING, _CODECS, _DERIVED, _DTYPES, _class_name, _frame,
                      _is_hook_dict, _join, _type_name, _where, describe)
+from .names import is_cache, is_config, name_of
 
 
 # ============================================================================ saving
@@ -35,6 +38,9 @@ class _Saver:
                     self._registered.add(id(t))
         self.module_paths: dict[int, str] = {}
         self.no_huffman: set[int] = set()    # objects of modules with nbc_huffman = False
+        self.values: list[Any] = []          # library config objects, each stored once
+        self._value_of: dict[int, int] = {}
+        self._keep: list[Any] = []           # (so that their ids stay theirs while saving)
 
     # ------------------------------------------------------------------ tensors
     def ref(self, t: Any, name: str, where: str, provisional: bool = False) -> int:
@@ -96,10 +102,29 @@ class _Saver:
         if t is torch.Size:
             return {"$size": [int(x) for x in v]}
         if t is dict:
-            bad = [k for k in v if type(k) is not str]
-            if bad:
-                raise _Unsupported(f"a dict with a non-str key {bad[0]!r}")
-            return {"$dict": {k: self.enc(x, what, depth + 1) for k, x in v.items()}}
+            if all(type(k) is str for k in v):
+                return {"$dict": {k: self.enc(x, what, depth + 1) for k, x in v.items()}}
+            return {"$items": [[self.enc(k, what, depth + 1), self.enc(x, what, depth + 1)]
+                               for k, x in v.items()]}
+        if t is set or t is frozenset:
+            try:
+                items = sorted(v)
+            except TypeError:
+                items = sorted(v, key=repr)
+            return {"$" + t.__name__: [self.enc(x, what, depth + 1) for x in items]}
+        if isinstance(v, enum.Enum):
+            return {"$enum": [self._name(type(v), "an Enum"), v.name]}
+        if isinstance(v, type):
+            return {"$class": self._name(v, "a class")}
+        if t is functools.partial:
+            if not isinstance(v.func, (type, types.FunctionType, types.BuiltinFunctionType,
+                                       functools.partial)):
+                raise _Unsupported(f"a functools.partial of a {_type_name(v.func)}")
+            return {"$partial": [self.enc(v.func, what, depth + 1),
+                                 [self.enc(x, what, depth + 1) for x in v.args],
+                                 self.enc(dict(v.keywords), what, depth + 1)]}
+        if is_config(v):
+            return {"$obj": self.value(v, what, depth)}
         if t is torch.dtype:
             name = str(v).replace("torch.", "")
             if _ALL_DTYPES.get(name) is v:
@@ -115,7 +140,7 @@ class _Saver:
             name = getattr(v, "__name__", "")
             if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name or "") and getattr(F, name, None) is v:
                 return {"$fn": name}
-            raise _Unsupported("a function")
+            return {"$fn": self._name(v, "a function")}
         if isinstance(v, nn.Module):
             raise _Unsupported("a Module that is not a registered submodule")
         if isinstance(v, (types.MethodType, types.BuiltinMethodType)):
@@ -126,6 +151,37 @@ class _Saver:
             raise _Unsupported("a torch ScriptObject (packed kernels need a module codec: see "
                                "nbcompress.storage.register_module_codec)")
         raise _Unsupported(f"a {_type_name(v)}")
+
+    @staticmethod
+    def _name(obj: Any, what: str) -> str:
+        name = name_of(obj)
+        if name is None:
+            raise _Unsupported(f"{what} {getattr(obj, '__qualname__', obj)!s} that cannot be "
+                               f"imported by name (defined inside a function?)")
+        return name
+
+    def value(self, v: Any, what: str, depth: int) -> int:
+        """Index of library config ``v`` in the values table: ``{"class", "dict": to_dict(),
+        "state": the instance attributes to_dict does not say (or says differently)}``; every
+        module that holds the same config object refers to one entry."""
+        if id(v) in self._value_of:
+            return self._value_of[id(v)]
+        i = self._value_of[id(v)] = len(self.values)
+        self._keep.append(v)
+        self.values.append(None)
+        d = v.to_dict()
+        state = {}
+        for k, x in vars(v).items():
+            try:
+                same = k in d and type(d[k]) is type(x) and bool(d[k] == x)
+            except Exception:  # noqa: BLE001 - values that do not compare are kept as state
+                same = False
+            if not same:
+                state[k] = x
+        self.values[i] = {"class": self._name(type(v), "a config class"),
+                          "dict": self.enc(d, what, depth + 1),
+                          "state": self.enc(state, what, depth + 1)}
+        return i
 
     # ------------------------------------------------------------------ modules
     def node(self, m: nn.Module, path: str) -> dict:
@@ -172,7 +228,8 @@ class _Saver:
         for base, names, _ in _DERIVED:
             if isinstance(m, base):
                 skip.update(names)
-        attrs = {k: v for k, v in m.__dict__.items()
+        attrs = {k: (type(v)() if type(v) is dict and is_cache(m, k) else v)
+                 for k, v in m.__dict__.items()
                  if k not in _BOOKKEEPING and k not in skip and not _is_hook_dict(k)}
         node = {"class": qual, "training": bool(m.training),
                 "attrs": self._attrs(attrs, where, "attribute")}
@@ -267,7 +324,7 @@ def _build(model: nn.Module, huffman: bool) -> bytes:
         tj["seg"] = [len(s) for s in segs]
         blobs.extend(segs)
     blob = b"".join(blobs)
-    return _frame(huffman, root, objects, tensors, blob)
+    return _frame(huffman, root, objects, tensors, blob, saver.values)
 
 
 def save(model: nn.Module, path_or_file, *, huffman: bool = True) -> int:
