@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, flop_registry, sdpa_flop_count
 
 from .train import forward_batch as _forward
 
@@ -203,17 +203,81 @@ def packed_bytes(model: nn.Module) -> int:
     return buf.tell()
 
 
+# ------------------------------------------------------------------------ attention FLOPs
+# Fused attention kernels torch's FLOP counter has no formula for (it counts them as 0):
+# ``nn.MultiheadAttention``'s inference fast path, ``nn.TransformerEncoderLayer``'s, and the CPU
+# flash kernel that ``F.scaled_dot_product_attention`` (transformers' "sdpa") runs on. Each
+# counts what the unfused ops would: 2 FLOPs a multiply-add for the projections' matmuls, for
+# ``Q K^T`` and for ``softmax(.) V`` (no softmax, scaling, bias or mask FLOPs, as torch's own
+# formula for the CUDA kernels; a causal mask is not discounted either).
+
+def _linear_flops(rows: int, d_in: int, d_out: int) -> int:
+    return 2 * rows * d_in * d_out
+
+
+def _mha_core(b: int, lq: int, lk: int, e: int) -> int:
+    """``Q K^T`` and ``A V`` summed over heads: 2 * 2 * B * Lq * Lk * E."""
+    return 2 * (2 * b * lq * lk * e)
+
+
+def _batched(shape) -> tuple[int, int, int]:
+    """(batch, length, embed) of a ``(B, L, E)`` or unbatched ``(L, E)`` input."""
+    return (1, *shape) if len(shape) == 2 else tuple(shape)
+
+
+def _native_mha_flops(query, key, value, embed_dim, num_head, qkv_weight, *args,
+                      out_shape=None, **kwargs) -> int:
+    b, lq, e = _batched(query)
+    _, lk, _ = _batched(key)
+    return (_linear_flops(b * lq, e, e) + 2 * _linear_flops(b * lk, e, e)     # q, k, v
+            + _mha_core(b, lq, lk, e) + _linear_flops(b * lq, e, e))           # out proj
+
+
+def _encoder_layer_flops(src, embed_dim, num_heads, qkv_weight, qkv_bias, proj_weight, proj_bias,
+                         use_gelu, norm_first, eps, nw1, nb1, nw2, nb2, ffn_weight_1, *args,
+                         out_shape=None, **kwargs) -> int:
+    b, t, e = _batched(src)
+    f = ffn_weight_1[0]
+    return (_linear_flops(b * t, e, 3 * e) + _mha_core(b, t, t, e) + _linear_flops(b * t, e, e)
+            + _linear_flops(b * t, e, f) + _linear_flops(b * t, f, e))
+
+
+def _sdpa_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query, key, value)
+
+
+def _attention_formulas() -> dict:
+    """{op: formula} for the fused attention ops this torch has and counts as 0."""
+    aten = torch.ops.aten
+    wanted = {"_native_multi_head_attention": _native_mha_flops,
+              "_transformer_encoder_layer_fwd": _encoder_layer_flops,
+              "_scaled_dot_product_flash_attention_for_cpu": _sdpa_flops,
+              "_scaled_dot_product_fused_attention_overrideable": _sdpa_flops}
+    out = {}
+    for name, fn in wanted.items():
+        op = getattr(aten, name, None)
+        if op is not None and op not in flop_registry:      # a newer torch's own formula wins
+            out[op] = fn
+    return out
+
+
+ATTENTION_FORMULAS = _attention_formulas()
+
+
 def count_flops(model: nn.Module, example_input: Any) -> tuple[int, int, dict[str, int]]:
     """(flops, sparse_flops, per-leaf-module flops) of one forward of ``example_input``.
 
-    FLOPs come from ``torch.utils.flop_counter.FlopCounterMode``; the per-module split is read by
+    FLOPs come from ``torch.utils.flop_counter.FlopCounterMode``, with formulas added for the
+    fused attention kernels it counts as 0 (:data:`ATTENTION_FORMULAS`: ``nn.MultiheadAttention``
+    and ``nn.TransformerEncoderLayer`` fast paths, the CPU ``scaled_dot_product_attention``
+    kernel), so attention counts the same in eval and train mode; the per-module split is read by
     snapshotting its running total around each leaf module's forward (a quantized layer, whose
     only children hold its packed weights, counts as a leaf). ``sparse_flops`` scales each leaf's
     count by the density of its stored weights (:func:`weight_density`): a pruned layer's zeros
     are skipped whether its weights are float or int8 codes.
     """
     per_leaf: dict[str, int] = {}
-    counter = FlopCounterMode(display=False)
+    counter = FlopCounterMode(display=False, custom_mapping=ATTENTION_FORMULAS)
     handles = []
     starts: dict[str, list[int]] = {}
     units = [(n, m) for n, m in _units(model)
