@@ -11,7 +11,8 @@ shrinks them 4-5x, which for a 4-bit or binary LeNet is 2.6 kB of a 36-139 kB fi
 The JSON header is::
 
     {"format": "nbcompress", "version": 1, "huffman": bool, "torch": "2.x",
-     "root": <node>, "objects": [<object>], "tensors": [<tensor>], "blob_bytes": int}
+     "root": <node>, "objects": [<object>], "tensors": [<tensor>], "blob_bytes": int,
+     "values": [<config>]}                       (only when the model holds library configs)
 
 preceded by ``"crc32": "<8 hex digits>"`` as the header's first key: zlib's CRC-32 of the JSON
 header (with those digits written as zeros) followed by the blob, checked on load, so a changed
@@ -27,8 +28,20 @@ or ``{"same_as": "<path>"}`` for a module that appears twice (shared submodule),
 written by an extension codec, ``{"class", "training", "codec": "registered"|"method",
 "attrs", "tensors": {name: object_id}}``. Attribute values are JSON with tags for what JSON cannot
 say: ``{"$tuple": [...]}``, ``{"$dict": {...}}``, ``{"$float": "inf"}``, ``{"$dtype": "float32"}``,
-``{"$size": [...]}``, ``{"$device": "cpu"}``, ``{"$fn": "relu"}`` (a ``torch.nn.functional``
-function), ``{"$t": object_id}`` (a tensor that is also a registered parameter/buffer).
+``{"$size": [...]}``, ``{"$device": "cpu"}``, ``{"$set": [...]}``, ``{"$frozenset": [...]}``,
+``{"$items": [[key, value], ...]}`` (a dict with keys that are not all str), ``{"$fn": "relu"}`` (a
+``torch.nn.functional`` function) or ``{"$fn": "module.qualname"}`` (a function by name),
+``{"$class": "module.qualname"}`` (a class, e.g. torchvision ResNet's ``_norm_layer``),
+``{"$enum": ["module.qualname", "MEMBER"]}``, ``{"$partial": [function or class, [args],
+kwargs]}`` (a ``functools.partial``), ``{"$obj": i}`` (entry ``i`` of ``values``, a library config
+shared by every module that holds it), ``{"$t": object_id}`` (a tensor that is also a registered
+parameter/buffer). Names are imported on load only under the trust rules of :mod:`.names`.
+
+A ``<config>`` is a transformers config (or GenerationConfig): ``{"class": "module.qualname",
+"dict": config.to_dict(), "state": {instance attributes that to_dict does not say, or says
+differently, e.g. "_attn_implementation_internal"}}``, rebuilt with ``class.from_dict(dict)``
+and then ``state``. A cache a module fills lazily from its own parameters (timm's
+``attention_bias_cache``, :data:`.names.CACHES`) is stored empty.
 
 An ``<object>`` is one Python tensor of the model (a parameter or a buffer): ``{"tensor": i,
 "param": bool, "requires_grad": bool, "view": null | [offset, shape, stride]}``. Several objects may

@@ -130,7 +130,7 @@ class Resolver:
         self.by_name: dict[str, Any] = {class_name(c): c for c in codecs}
         for c in classes or ():
             if not isinstance(c, (type, types.FunctionType)):
-                raise BadInput(f"classes= must hold classes, got {c!r}")
+                raise BadInput(f"classes= must hold classes (or functions), got {c!r}")
             self.by_name[f"{c.__module__}.{c.__qualname__}"] = c
         self.prefixes = tuple(p.strip(".") for p in (*SAFE_PREFIXES, *(trusted_modules or ()))
                               if isinstance(p, str) and p.strip("."))
