@@ -13,10 +13,12 @@ from ...core import BadInput, CompressionResult, FieldError, StepConfig, StepCon
 from ...options import option
 from ...train import check_loader_runs
 from .channels import unsupported_layer
+from .heads import is_transformer
 from .importance import IMPORTANCES, Importance
 from .lottery import _run_lottery
 from .rounds import _run_prune
 from .scan import _run_sensitivity
+from .units import transformer_layers
 from .weights import _layer_list, weight_targets
 
 __all__ = ["PruneConfig", "DEFAULT_AMOUNTS"]
@@ -190,7 +192,16 @@ class PruneConfig(StepConfig):
         """There is something to prune (and ``layers`` selects some of it)."""
         no_match = FieldError(f"{{layers}} {self.layers!r} matches no Linear/Conv layer "
                               f"(layers: {_layer_list(model)})")
-        if self.structured:
+        if self.structured and is_transformer(model):
+            names = transformer_layers(model)
+            if not names:
+                raise BadInput(f"{type(model).__name__} has attention but no attention block or "
+                               f"FFN whose heads / neurons can be removed (plain Linear layers)")
+            if self.layers is not None and not any(re.search(self.layers, n) for n in names):
+                shown = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
+                raise FieldError(f"{{layers}} {self.layers!r} matches no attention block or FFN "
+                                 f"layer (they are: {shown})")
+        elif self.structured:
             bad = unsupported_layer(model)
             if bad is not None:
                 name, typ, why = bad

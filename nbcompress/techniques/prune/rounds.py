@@ -11,6 +11,8 @@ from ...core import BadInput, CompressionResult, FieldError, StepContext
 from ...train import forward_batch as _forward
 from ...train import output_layers
 from .channels import ChannelPruner, _check_runs, _shared_layer
+from .heads import is_transformer
+from .units import HeadPruner, structured_pruner
 from .common import _evaluate, _example, _finetune, _importance_for, _pct, recalibrate_bn
 from .importance import logits_of
 from .weights import (_layer_sparsities, _smallest_amount, _sparsity, _zero_masks, prune_weights_,
@@ -72,6 +74,8 @@ def _check_structured(model: nn.Module, example) -> None:
     if example is None:
         raise BadInput("--structured traces the model: give an example input (--eval LOADER, "
                        "--data LOADER or %nbcompress NAME --input-shape ...)")
+    if is_transformer(model):       # heads / FFN: the pruner leaves layers run twice whole
+        return
     shared = _shared_layer(model, example)
     if shared is not None:
         name, typ, calls = shared
@@ -172,12 +176,19 @@ class _ChannelRounds:
 
     def prune(self, k: int):
         cfg, model = self.cfg, self.model
-        cp = ChannelPruner(model, self.example, self.imp, layers=cfg.layers,
-                           round_to=cfg.round_to, scope=cfg.resolved_scope)
+        cp = structured_pruner(model, self.example, self.imp, layers=cfg.layers,
+                               round_to=cfg.round_to, scope=cfg.resolved_scope)
+        outside = f" or is outside {{layers}} {cfg.layers!r}" if cfg.layers else ""
+        if not cp.groups and isinstance(cp, HeadPruner):
+            whole = [n for n in cp.notes if n.startswith("left whole")]
+            raise FieldError("no attention head or FFN neuron to prune" + (outside or "")
+                             + (f" ({whole[0]})" if whole else ""))
         if not cp.groups:
             raise FieldError("no channels to prune: every Linear/Conv layer feeds the output"
-                             + (f" or is outside {{layers}} {cfg.layers!r}" if cfg.layers else ""))
+                             + outside)
         if self.base_channels is None:
+            if isinstance(cp, HeadPruner):
+                self.notes.extend(cp.notes)
             self._first(cp)
         frac = (k + 1) / cfg.steps
         if cfg.target_flops is not None or cfg.target_params is not None:
@@ -208,11 +219,21 @@ class _ChannelRounds:
         for r in layer_rows:       # the channels the step started from, not the last round's
             r["channels_before"] = first.get(r["layer"], r["channels_before"])
             r["kept"] = r["channels"] / r["channels_before"]
-        kept = sum(r["channels"] for r in layer_rows) / max(1, sum(r["channels_before"]
-                                                                   for r in layer_rows))
-        return (f"structured ({self.imp.name}, {self.cfg.resolved_scope} scope, round to "
-                f"{self.cfg.round_to}): {kept:.1%} of the channels of {len(layer_rows)} groups "
-                f"kept")
+        head = f"structured ({self.imp.name}, {self.cfg.resolved_scope} scope, round to " \
+               f"{self.cfg.round_to}"
+        by_unit: dict[str, list[dict]] = {}
+        for r in layer_rows:
+            by_unit.setdefault(r.get("unit", "channel"), []).append(r)
+        parts = []
+        for unit, rs in by_unit.items():
+            now, was = sum(r["channels"] for r in rs), sum(r["channels_before"] for r in rs)
+            what = {"head": "attention blocks", "neuron": "FFNs"}.get(unit, "groups")
+            parts.append(f"{now:,} of {was:,} {unit}s ({now / max(1, was):.1%}) in {len(rs)} "
+                         f"{what}" if unit != "channel" else
+                         f"{now / max(1, was):.1%} of the channels of {len(rs)} groups kept")
+        if "head" in by_unit or "neuron" in by_unit:
+            head += ", heads whole"
+        return head + "): " + "; ".join(parts) + (" kept" if "channel" not in by_unit else "")
 
 
 def _weight_final_sparsity(cfg, model, ctx, targets, example, imp, data) -> float:

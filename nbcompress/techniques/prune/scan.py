@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ...core import BadInput, CompressionResult, StepContext
-from .channels import ChannelPruner
+from .units import structured_pruner
 from .common import _evaluate, _example, _importance_for, _pct, recalibrate_bn
 from .weights import prune_weights_, weight_targets
 
@@ -29,14 +29,14 @@ def _run_sensitivity(cfg, model: nn.Module, ctx: StepContext) -> CompressionResu
         example = _example(cfg, ctx)
         if example is None:
             raise BadInput("--structured traces the model: give an example input (--eval LOADER)")
-        cp = ChannelPruner(model, example, imp, layers=cfg.layers, round_to=cfg.round_to)
+        cp = structured_pruner(model, example, imp, layers=cfg.layers, round_to=cfg.round_to)
         names = [gi.name for gi in cp.groups if gi.name in cp.scores()]
         if not names:
             raise BadInput("no channel group to scan")
         for name in names:
             for a in amounts:
                 work = copy.deepcopy(model)
-                wcp = ChannelPruner(work, example, imp, layers=None, round_to=cfg.round_to)
+                wcp = structured_pruner(work, example, imp, layers=None, round_to=cfg.round_to)
                 wcp.groups = [gi for gi in wcp.groups if gi.name == name]
                 wcp._scores = {name: cp.scores()[name]}
                 plan = wcp.plan(a)
