@@ -4,6 +4,8 @@ loader runs through a model, and finding the classifier (the layers producing th
 from __future__ import annotations
 
 import contextlib
+import inspect
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -190,7 +192,6 @@ def check_loader_runs(model: nn.Module, loader: Any, flag: str, device: Any = No
     if not isinstance(loader, DataLoader):
         return
     x, y = split_batch(peek_batch(loader, flag))
-    shape = f" (inputs of shape {tuple(x.shape)})" if isinstance(x, torch.Tensor) else ""
     try:
         with torch.no_grad(), eval_mode(model):
             out = forward_batch(model, to_device(x, device if device is not None
@@ -198,15 +199,17 @@ def check_loader_runs(model: nn.Module, loader: Any, flag: str, device: Any = No
     except BadInput:
         raise
     except Exception as e:  # noqa: BLE001 - any failure to run is a one-line user error here
-        raise FieldError(f"the model cannot run on a batch of {flag}{shape}: {first_line(e)}; "
-                       f"is it the data this model takes?") from None
-    if not labels or not isinstance(y, torch.Tensor) or y.is_floating_point() or y.numel() == 0:
+        raise run_error(model, x, e, flag) from None
+    if not labels or not isinstance(y, torch.Tensor) or y.numel() == 0:
         return
     try:
         scores = logits_of(out)
     except BadInput:        # an output we cannot read as class scores: nothing to check
         return
-    if scores.dim() < 2:
+    from .tokens import check_targets, is_token_task
+
+    check_targets(scores, x, to_device(y, scores.device), f"the labels of {flag}")
+    if scores.dim() < 2 or y.is_floating_point() or is_token_task(scores, x, y):
         return
     classes = scores.shape[1]
     lo, hi = int(y.min()), int(y.max())
@@ -214,6 +217,60 @@ def check_loader_runs(model: nn.Module, loader: Any, flag: str, device: Any = No
         bad = hi if hi >= classes else lo
         raise FieldError(f"{flag} has label {bad}, but the model scores {classes} classes "
                        f"(labels 0..{classes - 1}); is it the data this model takes?")
+
+
+def _inputs_text(x: Any) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"inputs of shape {tuple(x.shape)}"
+    if isinstance(x, Mapping):
+        return f"a dict of {sorted(x)}"
+    return f"a {type(x).__name__}"
+
+
+def _forward_mismatch(model: nn.Module, x: Any, e: BaseException) -> str | None:
+    """Why the inputs cannot be the model's forward arguments, read from its signature (and, for
+    a bare tensor, the error naming another of its inputs), or None."""
+    try:
+        sig = inspect.signature(model.forward)
+    except (TypeError, ValueError):
+        return None
+    ps = sig.parameters.values()
+    named = [p.name for p in ps if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    required = [p.name for p in ps if p.default is p.empty
+                and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    any_kw = any(p.kind == p.VAR_KEYWORD for p in ps)
+    shown = ", ".join(named[:4]) + (", ..." if len(named) > 4 else "")
+    if isinstance(x, Mapping):
+        missing = [n for n in required if n not in x]
+        if missing:
+            return (f"the model's forward needs {', '.join(missing)}, which the loader's dicts "
+                    f"do not hold")
+        unknown = [k for k in x if k not in sig.parameters]
+        if unknown and (not any_kw or len(unknown) == len(x)):
+            return (f"the model's forward takes {shown}, not {', '.join(map(str, unknown))}: "
+                    f"name the dict's keys as its arguments")
+        return None
+    takes_one = [p for p in ps if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+                 or p.kind == p.VAR_POSITIONAL]
+    first = takes_one[0].name if takes_one else None
+    others = [n for n in required if n != first]
+    text = str(e)
+    if not takes_one or others or any(n != first and re.search(rf"\b{re.escape(n)}\b", text)
+                                      for n in named):
+        return (f"the model's forward takes keyword inputs ({shown}): give dict batches such "
+                f"as {{'{named[0] if named else 'input_ids'}': ...}}")
+    return None
+
+
+def run_error(model: nn.Module, x: Any, e: BaseException, what: str) -> BadInput:
+    """The one-line error for a model that failed to run on a batch of ``what`` (a field
+    template makes it a :class:`FieldError`): what the batch held, why its signature does not
+    fit when that can be read, else the exception's first line."""
+    hint = _forward_mismatch(model, x, e)
+    text = (f"the model cannot run on a batch of {what} ({_inputs_text(x)}): "
+            + (f"{hint} ({first_line(e)})" if hint else
+               f"{first_line(e)}; is it the data this model takes?"))
+    return FieldError(text) if "{" in what else BadInput(text)
 
 
 def output_layers(model: nn.Module, layers: list[tuple[str, nn.Module]],

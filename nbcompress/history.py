@@ -451,12 +451,12 @@ class History:
             if m is not None:
                 row.update({k: getattr(m, k) for k in
                             ("params", "nonzero_params", "dense_bytes", "packed_bytes", "flops",
-                             "sparse_flops", "latency_ms", "accuracy")})
+                             "sparse_flops", "latency_ms", "accuracy", "perplexity")})
             row["current"] = i == self.pos
             rows.append(row)
         df = pd.DataFrame(rows)
         for k in ("params", "nonzero_params", "dense_bytes", "packed_bytes", "flops",
-                  "sparse_flops", "latency_ms", "accuracy"):
+                  "sparse_flops", "latency_ms", "accuracy", "perplexity"):
             if k not in df:
                 df[k] = None
         if base is not None:
@@ -465,9 +465,9 @@ class History:
                                                             and a == a) else None
                                     for a in df["accuracy"]]
         cols = ["version", "technique", "args", "params", "nonzero_params", "dense_bytes",
-                "packed_bytes", "flops", "sparse_flops", "latency_ms", "accuracy", "size_ratio",
-                "accuracy_delta", "current"]
-        return df[[c for c in cols if c in df]]
+                "packed_bytes", "flops", "sparse_flops", "latency_ms", "accuracy", "perplexity",
+                "size_ratio", "accuracy_delta", "current"]
+        return df[[c for c in cols if c in df and (c != "perplexity" or df[c].notna().any())]]
 
 
 

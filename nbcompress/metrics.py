@@ -27,7 +27,7 @@ from .latency import LATENCY_MODES, check_latency_mode, latency_model, measure_l
 
 # measuring's one front door: the counting and timing pieces are importable from here too
 __all__ = ["Metrics", "measure", "run_evaluator", "check_evaluator", "example_from", "is_loader",
-           "parse_input_shape", "evaluator_label", "ACCURACY_KEYS", "count_params", "count_flops",
+           "parse_input_shape", "evaluator_label", "ACCURACY_KEYS", "PERPLEXITY_KEYS", "count_params", "count_flops",
            "dense_bytes", "packed_bytes", "dynamic_flops", "module_counts", "weight_density",
            "LATENCY_MODES", "check_latency_mode", "latency_model", "measure_latency"]
 
@@ -41,7 +41,7 @@ class Metrics:
     flops: int | None = None            # per forward pass of the example input
     sparse_flops: int | None = None     # the same, zero weights skipped (not a dense-hardware speed)
     latency_ms: float | None = None     # median of timed forwards after warm-up, on `device`
-    accuracy: float | None = None       # from the evaluator only
+    accuracy: float | None = None       # from the evaluator only (a language model: per token)
     dense_bytes_by_dtype: dict = field(default_factory=dict)
     eval_extra: dict = field(default_factory=dict)   # the rest of an evaluator's dict
     layers: list = field(default_factory=list)       # per-layer: name, type, params, nonzero, sparsity, flops, dtype
@@ -49,6 +49,7 @@ class Metrics:
     batch_size: int | None = None       # of the example input used for FLOPs and latency
     latency_mode: str = "eager"         # how the timed model ran (see LATENCY_MODES); a mode that
     #                                     could not be used reads "eager (deployed: <why>)"
+    perplexity: float | None = None     # a language model's, from the evaluator (lower is better)
 
     @property
     def sparsity(self) -> float:
@@ -80,10 +81,13 @@ class Metrics:
         else:
             lines.append(f"  latency   {format_ms(self.latency_ms)} a forward (median, "
                          f"{self.latency_mode})")
-        if self.accuracy is None:
+        if self.perplexity is not None:
+            lines.append(f"  perplexity {format_number(self.perplexity)}")
+        if self.accuracy is None and self.perplexity is None:
             lines.append("  accuracy  not measured (no evaluator)")
-        else:
-            lines.append(f"  accuracy  {format_accuracy(self.accuracy)}")
+        elif self.accuracy is not None:
+            lines.append(f"  accuracy  {format_accuracy(self.accuracy)}"
+                         + (" (next token)" if self.perplexity is not None else ""))
         if self.eval_extra:
             items = [f"{k} {format_number(v)}" for k, v in self.eval_extra.items()]
             more = len(items) - 4
@@ -110,6 +114,8 @@ def is_loader(obj: Any) -> bool:
 
 # keys an evaluator's dict may give its accuracy under (Hugging Face's Trainer prefixes "eval_")
 ACCURACY_KEYS = ("accuracy", "acc", "top1", "top1_accuracy", "eval_accuracy", "eval_acc")
+# ... and a language model's perplexity (lower is better; Metrics.perplexity)
+PERPLEXITY_KEYS = ("perplexity", "ppl", "eval_perplexity")
 
 
 def evaluator_label(obj: Any) -> str:
@@ -158,8 +164,11 @@ def _shown(value: Any) -> str:
 
 
 def run_evaluator(model: nn.Module, evaluator: Any, device=None) -> tuple[float | None, dict]:
-    """(accuracy, other numbers). A DataLoader gives top-1 accuracy; a callable returns a number
-    (the accuracy) or a dict of numbers with the accuracy under one of :data:`ACCURACY_KEYS`.
+    """(accuracy, other numbers). A DataLoader gives top-1 accuracy, or for a language model
+    (``[batch, seq, vocab]`` scores) its next-token accuracy with ``"perplexity"`` among the other
+    numbers; a callable returns a number (the accuracy) or a dict of numbers with the accuracy
+    under one of :data:`ACCURACY_KEYS` and / or a perplexity under one of
+    :data:`PERPLEXITY_KEYS` (given back as ``"perplexity"``).
     Anything else is an :class:`EvaluatorError` naming the evaluator and what it returned; an
     exception raised inside the user's evaluator propagates as it is (their code, their
     traceback)."""
@@ -167,9 +176,12 @@ def run_evaluator(model: nn.Module, evaluator: Any, device=None) -> tuple[float 
         return None, {}
     check_evaluator(evaluator)
     if is_loader(evaluator):
-        from .train import evaluate
+        from .train import evaluation
 
-        return float(evaluate(model, evaluator, device=device, progress=False)), {}
+        res = evaluation(model, evaluator, device=device, progress=False)
+        if "perplexity" in res:
+            return res["token_accuracy"], {"perplexity": res["perplexity"]}
+        return res["accuracy"], {}
     out = evaluator(model)
     name = evaluator_label(evaluator)
     shown = _shown(out)
@@ -182,12 +194,17 @@ def run_evaluator(model: nn.Module, evaluator: Any, device=None) -> tuple[float 
             else:
                 values[str(k)] = x
         key = next((k for k in ACCURACY_KEYS if k in values), None)
-        if bad or key is None:
+        ppl = next((k for k in PERPLEXITY_KEYS if k in values), None)
+        if bad or (key is None and ppl is None):
             why = (f"its value for {bad[0]!r} is not a number" if bad else
-                   f"it has no accuracy key ({', '.join(ACCURACY_KEYS[:3])}, ...)")
+                   f"it has no accuracy key ({', '.join(ACCURACY_KEYS[:3])}, ...) nor "
+                   f"'perplexity'")
             raise EvaluatorError(f"evaluator {name} returned {shown}: {why}; an evaluator returns "
-                                 f"a number or a dict of numbers with an 'accuracy' key")
-        acc = values.pop(key)
+                                 f"a number or a dict of numbers with an 'accuracy' (or "
+                                 f"'perplexity') key")
+        acc = values.pop(key) if key is not None else None
+        if ppl is not None:
+            values = {"perplexity": values.pop(ppl), **values}
         return acc, values
     acc = _number(out)
     if acc is None:
@@ -277,6 +294,7 @@ def measure(model: nn.Module, example_input: Any = None, evaluator: Any = None, 
                 lat = measure_latency(timed, tx, device=dev)
                 del timed
         acc, extra = run_evaluator(model, evaluator, device=dev)
+        ppl = extra.pop("perplexity", None)
         extra = {**flops_details, **extra}
         layers = _layer_table(model, per_leaf)
     finally:
@@ -285,7 +303,7 @@ def measure(model: nn.Module, example_input: Any = None, evaluator: Any = None, 
     return Metrics(params=params, nonzero_params=nonzero, dense_bytes=dbytes, packed_bytes=pbytes,
                    flops=flops, sparse_flops=sparse, latency_ms=lat, accuracy=acc,
                    dense_bytes_by_dtype=per_dtype, eval_extra=extra, layers=layers,
-                   device=str(dev), batch_size=batch, latency_mode=used_mode)
+                   device=str(dev), batch_size=batch, latency_mode=used_mode, perplexity=ppl)
 
 
 def _layer_table(model: nn.Module, per_leaf: dict[str, int]) -> list[dict]:

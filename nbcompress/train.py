@@ -13,18 +13,19 @@ import time
 from typing import Any, Callable, Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .batches import (_check_loader, _loader_len, check_loader_runs, eval_mode, first_line,
-                      forward_batch, logits_of, output_layers, peek_batch, split_batch, to_device)
+                      forward_batch, logits_of, output_layers, peek_batch, run_error, split_batch,
+                      to_device)
 from .core import BadInput, model_device, resolve_device
 from .options import is_int, is_number
+from .tokens import check_targets, is_token_task, task_loss, token_counts
 
 # the batch helpers are importable from here too (they were defined here first)
-__all__ = ["to_device", "split_batch", "evaluate", "fit", "make_optimizer", "forward_batch",
+__all__ = ["to_device", "split_batch", "evaluate", "evaluation", "eval_record", "fit", "make_optimizer", "forward_batch",
            "logits_of", "eval_mode", "peek_batch", "check_loader_runs", "first_line",
            "output_layers"]
 
@@ -34,13 +35,37 @@ _POSTFIX_EVERY = 10     # steps between progress-bar loss updates (each one sync
 
 # --------------------------------------------------------------------------------- evaluation
 
+EVAL_METRICS = ("auto", "accuracy", "perplexity", "token_accuracy")
+
+
 def evaluate(model: nn.Module, loader: DataLoader, device: str | torch.device | None = None,
-             progress: bool = False) -> float:
-    """Top-1 accuracy of ``model`` on a labelled ``loader``, as a fraction in [0, 1].
+             progress: bool = False, metric: str = "auto") -> float:
+    """One number for ``model`` on a labelled ``loader`` (see :func:`evaluation` for all of them).
+
+    ``metric``: ``"auto"`` (top-1 accuracy of a classifier, as a fraction in [0, 1]; perplexity
+    of a language model, whose scores are ``[batch, seq, vocab]`` with ``[batch, seq]`` labels),
+    ``"accuracy"`` (top-1 of class scores; a language model is refused, not scored per token by
+    mistake), ``"perplexity"`` or ``"token_accuracy"`` (language models only)."""
+    if metric not in EVAL_METRICS:
+        raise BadInput(f"metric must be one of {', '.join(EVAL_METRICS)}, got {metric!r}")
+    res = evaluation(model, loader, device, progress, metric=metric)
+    if metric == "auto":
+        return res["perplexity"] if "perplexity" in res else res["accuracy"]
+    return res[metric]
+
+
+def evaluation(model: nn.Module, loader: DataLoader, device: str | torch.device | None = None,
+               progress: bool = False, *, metric: str = "auto") -> dict:
+    """What ``model`` scores on a labelled ``loader``: ``{"accuracy"}`` (top-1, a fraction) for
+    class scores; for a language model (``[batch, seq, vocab]`` scores, ``[batch, seq]`` labels,
+    see :mod:`nbcompress.tokens` for how labels line up) ``{"perplexity", "token_accuracy",
+    "loss", "tokens"}``: exp of the mean next-token negative log-likelihood over the tokens not
+    ignored (``-100``), the share of them predicted top-1, that mean, and their count.
 
     Runs in eval mode without autograd on ``device`` (default: the model's device; the model is
     not moved), batch by batch, and restores the model's train/eval mode afterwards. Targets may be
-    class indices or one-hot / soft labels (argmax taken).
+    class indices or one-hot / soft labels (argmax taken). A ``metric`` that does not fit the
+    model's scores (``"accuracy"`` of a language model) is refused on the first batch.
 
     Autograd is off with ``torch.no_grad`` rather than ``torch.inference_mode``: a module that
     caches or re-binds a buffer during forward (observers, lazily built masks) would otherwise keep
@@ -49,15 +74,19 @@ def evaluate(model: nn.Module, loader: DataLoader, device: str | torch.device | 
     if not isinstance(model, nn.Module):
         raise BadInput(f"expected a torch.nn.Module, got {type(model).__name__}")
     _check_loader(loader, "the evaluation loader")
+    if metric not in EVAL_METRICS:
+        raise BadInput(f"metric must be one of {', '.join(EVAL_METRICS)}, got {metric!r}")
     dev = model_device(model) if device is None else resolve_device(device)
     was_training = model.training
-    correct = 0
     total = 0
+    tokens = None           # decided on the first batch
     bar = tqdm(total=_loader_len(loader), desc="eval", disable=not progress, leave=False)
     model.eval()
     try:
         with torch.no_grad():
             correct_t = torch.zeros((), dtype=torch.long, device=dev)
+            nll_t = torch.zeros((), dtype=torch.float64, device=dev)
+            count_t = torch.zeros((), dtype=torch.long, device=dev)
             lo_t = hi_t = classes = None
             for batch in loader:
                 x, y = split_batch(batch)
@@ -66,7 +95,18 @@ def evaluate(model: nn.Module, loader: DataLoader, device: str | torch.device | 
                                    "(inputs, labels) batches")
                 x = to_device(x, dev)
                 y = to_device(y, dev)
-                scores = logits_of(forward_batch(model, x))
+                if tokens is None:
+                    scores = logits_of(_first_forward(model, x, "the evaluation loader"))
+                    tokens = _check_first(scores, x, y, metric)
+                else:
+                    scores = logits_of(forward_batch(model, x))
+                if tokens:
+                    nll, c, n = token_counts(scores, x, y)
+                    nll_t += nll.double()
+                    correct_t += c
+                    count_t += n
+                    bar.update(1)
+                    continue
                 pred = scores.argmax(dim=1)
                 if y.dim() == scores.dim() and y.shape == scores.shape:   # one-hot / soft labels
                     y = y.argmax(dim=1)
@@ -80,6 +120,8 @@ def evaluate(model: nn.Module, loader: DataLoader, device: str | torch.device | 
                     classes = scores.shape[1] if scores.dim() > 1 else None
                 total += y.numel()
                 bar.update(1)
+            if tokens:
+                return _token_result(float(nll_t), int(correct_t), int(count_t))
             correct = int(correct_t.item())
             if hi_t is not None and classes is not None:
                 lo, hi = int(lo_t), int(hi_t)
@@ -92,7 +134,47 @@ def evaluate(model: nn.Module, loader: DataLoader, device: str | torch.device | 
         model.train(was_training)
     if total == 0:
         raise BadInput("the evaluation loader yielded no samples")
-    return correct / total
+    return {"accuracy": correct / total}
+
+
+def _first_forward(model: nn.Module, x: Any, what: str) -> Any:
+    """The first batch's forward: a model that cannot take the loader's inputs is one line."""
+    try:
+        return forward_batch(model, x)
+    except BadInput:
+        raise
+    except Exception as e:  # noqa: BLE001 - the data does not fit the model: a user error
+        raise run_error(model, x, e, what) from None
+
+
+def _check_first(scores: torch.Tensor, x: Any, y: torch.Tensor, metric: str) -> bool:
+    """Whether the evaluation is per token; a metric that does not fit the scores refused."""
+    check_targets(scores, x, y, "the evaluation loader's labels")
+    tokens = is_token_task(scores, x, y)
+    if tokens and metric == "accuracy":
+        raise BadInput(f"top-1 accuracy scores class predictions, but the model's scores "
+                       f"{tuple(scores.shape)} are a language model's [batch, seq, vocab]: use "
+                       f"metric='perplexity' (or 'auto') or 'token_accuracy'")
+    if not tokens and metric in ("perplexity", "token_accuracy"):
+        raise BadInput(f"{metric} needs a language model's [batch, seq, vocab] scores with "
+                       f"[batch, seq] token labels; the model's scores have shape "
+                       f"{tuple(scores.shape)} and the labels {tuple(y.shape)}")
+    return tokens
+
+
+def _token_result(nll: float, correct: int, n: int) -> dict:
+    if n == 0:
+        raise BadInput("the evaluation loader's labels are all -100 (ignored): no token to score")
+    loss = nll / n
+    return {"perplexity": math.exp(loss) if loss < 700 else math.inf,
+            "token_accuracy": correct / n, "loss": loss, "tokens": n}
+
+
+def eval_record(model: nn.Module, loader: DataLoader, device: Any = None) -> dict:
+    """The numbers an epoch record or a report shows for ``loader``: ``{"accuracy"}``, or for a
+    language model ``{"perplexity", "token_accuracy"}``."""
+    res = evaluation(model, loader, device)
+    return {k: res[k] for k in ("perplexity", "token_accuracy")} if "perplexity" in res else res
 
 
 # ------------------------------------------------------------------------------------ training
@@ -209,13 +291,16 @@ def fit(model: nn.Module, loader: DataLoader, *, epochs: int = 1, lr: float = 1e
         eval_loader: DataLoader | None = None, scheduler: Any = None,
         grad_clip: float | None = None, seed: int | None = None) -> list[dict]:
     """Train ``model`` in place; one record per epoch: ``{"epoch", "loss", "seconds", "lr"}`` plus
-    ``"accuracy"`` (on ``eval_loader``) when one is given.
+    ``"accuracy"`` (on ``eval_loader``) when one is given (a language model's: ``"perplexity"``
+    and ``"token_accuracy"``).
 
     - ``loader``: a DataLoader; batches are moved to the device one at a time.
     - ``optimizer``: "adam" | "adamw" | "sgd" (``lr``, ``weight_decay``, ``momentum`` apply), a
       ready ``torch.optim.Optimizer`` (used as it is; ``lr`` is then ignored) or a callable
       ``f(params) -> Optimizer``.
-    - ``loss_fn``: default cross-entropy of ``model(x)`` against ``y``; otherwise
+    - ``loss_fn``: default cross-entropy of ``model(x)`` against ``y`` (a language model's
+      ``[batch, seq, vocab]`` scores: per token, shifted when the labels are the inputs, ``-100``
+      ignored; see :mod:`nbcompress.tokens`); otherwise
       ``loss_fn(model, batch) -> scalar tensor`` with ``batch`` already on the device (so
       unlabelled batches and teacher models work).
     - ``params``: the parameters (or param groups) to optimise; default all that require grad.
@@ -292,7 +377,12 @@ def fit(model: nn.Module, loader: DataLoader, *, epochs: int = 1, lr: float = 1e
                             if y is None:
                                 raise BadInput("the training loader yields no labels; pass "
                                                "loss_fn(model, batch) to train on unlabelled data")
-                            loss = F.cross_entropy(logits_of(forward_batch(model, x)).float(), y)
+                            if n_steps == 0:
+                                scores = logits_of(_first_forward(model, x, "the training loader"))
+                                check_targets(scores, x, y, "the training loader's labels")
+                            else:
+                                scores = logits_of(forward_batch(model, x))
+                            loss = task_loss(scores, x, y)
                         else:
                             loss = loss_fn(model, batch)
                     if n_steps == 0:
@@ -331,7 +421,7 @@ def fit(model: nn.Module, loader: DataLoader, *, epochs: int = 1, lr: float = 1e
                 record = {"epoch": epoch, "loss": mean_loss, "seconds": seconds,
                           "lr": float(opt.param_groups[0]["lr"])}
                 if eval_loader is not None:
-                    record["accuracy"] = evaluate(model, eval_loader, device=dev)
+                    record.update(eval_record(model, eval_loader, device=dev))
                 history.append(record)
                 if on_epoch_end is not None and on_epoch_end(epoch, record) is True:
                     break

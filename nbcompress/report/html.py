@@ -121,7 +121,8 @@ def headline_html(technique: str, name: str, version_text: str, args: str,
 # ------------------------------------------------------------------------------ KPI tiles
 
 _KPI_KEYS = (("packed_bytes", "Packed size"), ("nonzero_params", "Non-zero params"),
-             ("sparse_flops", "Sparse FLOPs"), ("flops", "FLOPs"), ("accuracy", "Accuracy"))
+             ("sparse_flops", "Sparse FLOPs"), ("flops", "FLOPs"), ("accuracy", "Accuracy"),
+             ("perplexity", "Perplexity"))
 
 
 def kpi_html(rows: list[MetricRow], has_before: bool) -> str:
@@ -354,12 +355,13 @@ HISTORY_COLS = (("version", "version"), ("technique", "technique"), ("args", "ar
                 ("params", "params"), ("nonzero_params", "nonzero"),
                 ("packed_bytes", "packed"), ("dense_bytes", "dense"), ("flops", "FLOPs"),
                 ("sparse_flops", "sparse FLOPs"), ("latency_ms", "latency"),
-                ("accuracy", "accuracy"))
+                ("accuracy", "accuracy"), ("perplexity", "perplexity"))
 
 
 def history_table_html(df: Any) -> str:
     """The history DataFrame as a table, the current version highlighted."""
-    from .format import accuracy_scale, format_accuracy, format_count, format_flops, format_ms
+    from .format import (accuracy_scale, format_accuracy, format_count, format_flops, format_ms,
+                         format_number)
 
     if df is None or len(df) == 0:
         return f'<div style="color:{MUTED};">no history</div>'
@@ -370,7 +372,8 @@ def history_table_html(df: Any) -> str:
     acc_scale = accuracy_scale(*df["accuracy"].tolist()) if "accuracy" in df.columns else 100.0
     fmt = {"params": format_count, "nonzero_params": format_count, "packed_bytes": format_bytes,
            "dense_bytes": format_bytes, "flops": format_flops, "sparse_flops": format_flops,
-           "latency_ms": format_ms, "accuracy": lambda v: format_accuracy(v, acc_scale)}
+           "latency_ms": format_ms, "accuracy": lambda v: format_accuracy(v, acc_scale),
+           "perplexity": format_number}
     text_cols = ("technique", "args")
     head = "".join(f'<th style="{TH}{"" if k in text_cols else NUM}">{escape(label)}</th>'
                    for k, label in cols)

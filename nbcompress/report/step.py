@@ -193,7 +193,7 @@ class StepReport:
         cols, rows = metric_rows(self.before if self.has_before else None, self.after,
                                  self.extra_models, latency=False)
         out.append(self._metrics_text(cols, rows))
-        if _is_missing(getattr(self.after, "accuracy", None)):
+        if self._unscored():
             out.append("  (accuracy not measured: give an evaluator with --eval)")
 
         lcols, lrows, source = layer_rows(self.result, self.after)
@@ -274,10 +274,14 @@ class StepReport:
         cols, rows = metric_rows(self.before if self.has_before else None, self.after,
                                  self.extra_models, latency=True)
         note = ""
-        if _is_missing(getattr(self.after, "accuracy", None)):
+        if self._unscored():
             note = (f'<div style="color:{H.MUTED};font-size:12px;margin-top:6px;">accuracy not '
                     f"measured: give an evaluator with <code>--eval</code></div>")
         return H.metrics_html(cols, rows, latency_note=self._latency_note()) + note
+
+    def _unscored(self) -> bool:
+        """No evaluator's number (accuracy, or a language model's perplexity) after the step."""
+        return all(_is_missing(getattr(self.after, k, None)) for k in ("accuracy", "perplexity"))
 
     def layers_html(self) -> str:
         cols, rows, source = layer_rows(self.result, self.after)

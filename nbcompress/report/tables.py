@@ -39,6 +39,7 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("latency_ms", "latency ms", format_ms, "lower", "ratio", ("faster", "slower"),
                deterministic=False),
     MetricSpec("accuracy", "accuracy", format_accuracy, "higher", "points"),
+    MetricSpec("perplexity", "perplexity", format_number, "lower", "ratio", ("lower", "higher")),
 )
 
 #: latency is noisy: a change smaller than this fraction is not coloured as better/worse

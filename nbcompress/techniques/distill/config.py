@@ -13,6 +13,7 @@ from torch import nn
 from ...batches import split_batch
 from ...core import BadInput, CompressionResult, FieldError, StepConfig, StepContext
 from ...options import check_fields, option
+from ...tokens import check_targets, is_token_task
 from .probe import check_layer, head, peek_batch, probe, shape_text
 
 __all__ = ["DistillConfig", "OPTIMIZERS"]
@@ -228,13 +229,22 @@ class DistillConfig(StepConfig):
         if s_out.dim() < 2:
             raise BadInput(f"the student's output has shape {tuple(s_out.shape)}: distillation "
                            f"needs class scores (N, C)")
-        if self.effective_alpha < 1 and isinstance(y, torch.Tensor) and y.numel() \
-                and not y.is_floating_point():         # hard labels are trained on: classes
-            lo, hi, c = int(y.min()), int(y.max()), s_out.shape[1]
-            if lo < 0 or hi >= c:
+        y = head(y, 2) if isinstance(y, torch.Tensor) else y
+        tokens = is_token_task(s_out, x, y)
+        if self.effective_alpha < 1 and isinstance(y, torch.Tensor) and y.numel():
+            check_targets(s_out, x, y, "the labels of {loader}")   # hard labels are trained on
+            c = s_out.shape[1]
+            if not tokens and not y.is_floating_point() and (int(y.min()) < 0 or int(y.max()) >= c):
+                lo, hi = int(y.min()), int(y.max())
                 raise FieldError(f"{{loader}} has label {hi if hi >= c else lo}, but the student "
                                  f"scores {c} classes (labels 0..{c - 1}); is it the data this "
                                  f"model takes?")
+        if tokens and self.cache_teacher:
+            raise FieldError("cannot cache the teacher outputs: a language model's are a "
+                             "[batch, seq, vocab] tensor per batch (computed batch by batch)")
+        if tokens and self.bias_adjust is not None:
+            raise FieldError("{bias_adjust} raises one class's bias; the student is a language "
+                             "model scoring tokens")
         self._check_teacher_outputs(teachers, x, s_out, s_feats, pairs)
         if self.bias_adjust is not None:
             n_cls = s_out.shape[1]

@@ -11,9 +11,10 @@ import torch
 import torch.nn.functional as F
 
 from ...core import BadInput
+from ...tokens import task_loss, token_kd_loss
 
 __all__ = ["soft_target_loss", "soft_target_loss_from_probs", "distillation_loss",
-           "looks_like_probs"]
+           "token_distillation_loss", "looks_like_probs"]
 
 
 def soft_target_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
@@ -78,6 +79,30 @@ def distillation_loss(student_logits: torch.Tensor, teacher: torch.Tensor, targe
     if soft is None:
         return hard
     return alpha * soft + (1.0 - alpha) * hard
+
+
+def token_distillation_loss(student_logits: torch.Tensor, teacher: torch.Tensor, x, targets,
+                            T: float = 4.0, alpha: float = 0.9, *,
+                            teacher_is_probs: bool = False) -> torch.Tensor:
+    """A language model's distillation loss: ``alpha`` times the token-level soft-target loss
+    (KL over the vocabulary at each position, averaged over the positions not ignored; see
+    :func:`nbcompress.tokens.token_kd_loss`) plus ``1 - alpha`` times the token cross-entropy
+    against ``targets`` (``[batch, seq]`` ids, shifted when they are the inputs, ``-100``
+    ignored). ``x``: the batch's inputs (its ``input_ids`` tell whether labels are shifted, its
+    ``attention_mask`` which positions count when there are no labels)."""
+    alpha = float(alpha)
+    if not 0.0 <= alpha <= 1.0:
+        raise BadInput(f"alpha must be in [0, 1], got {alpha}")
+    _check_T(T)
+    soft = token_kd_loss(student_logits, teacher, x, targets, T,
+                         teacher_is_probs=teacher_is_probs) if alpha > 0 else None
+    if alpha == 1.0:
+        return soft
+    if targets is None:
+        raise BadInput("hard-label term needs targets: pass labels, or alpha=1 (soft targets "
+                       "only) for unlabelled data")
+    hard = task_loss(student_logits, x, targets)
+    return hard if soft is None else alpha * soft + (1.0 - alpha) * hard
 
 
 def looks_like_probs(x: torch.Tensor, tol: float = 1e-3) -> bool:

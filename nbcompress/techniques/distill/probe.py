@@ -103,12 +103,13 @@ def probe(model: nn.Module, x: Any, layer_names: list[str], who: str):
     return out, [store[n] for n in layer_names]
 
 
-def teacher_signal(teachers: list[nn.Module], x: Any, T: float) -> torch.Tensor:
-    """One teacher: its logits. Several: the mean of their ``softmax(logits / T)``."""
+def teacher_signal(teachers: list[nn.Module], x: Any, T: float, dim: int = 1) -> torch.Tensor:
+    """One teacher: its logits. Several: the mean of their ``softmax(logits / T)`` over ``dim``
+    (the class dim; a language model's vocabulary is its last)."""
     import torch.nn.functional as F
 
     with torch.no_grad():
         outs = [logits_of(forward_batch(t, x)).float() for t in teachers]
         if len(outs) == 1:
             return outs[0]
-        return torch.stack([F.softmax(o / T, dim=1) for o in outs]).mean(0)
+        return torch.stack([F.softmax(o / T, dim=dim) for o in outs]).mean(0)

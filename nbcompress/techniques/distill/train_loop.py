@@ -20,10 +20,11 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from ...batches import forward_batch, logits_of, split_batch, to_device
 from ...core import BadInput, CompressionResult, FieldError, StepContext, model_device
+from ...tokens import is_token_task
 from ...train import fit
 from .adapters import adapter_spec, describe_adapter, make_adapter
 from .bias import adjust_bias, model_fn, per_class, per_class_table
-from .losses import distillation_loss
+from .losses import distillation_loss, token_distillation_loss
 from .probe import capture, eval_mode, head, peek_batch, probe, shape_text, teacher_signal
 from .students import seeded
 
@@ -162,8 +163,15 @@ def run_distill(cfg, model: nn.Module, ctx: StepContext) -> CompressionResult:
     extra: dict = {"T": T, "alpha": alpha, "epochs": int(cfg.epochs), "teachers": len(teachers)}
 
     with borrowed(teachers, dev):
+        # ---- a language model ([batch, seq, vocab] scores): distilled token by token
+        x0, y0 = split_batch(peek_batch(cfg.loader))
+        s0, _ = probe(model, head(x0, 2), [], "student")
+        tokens = is_token_task(s0, head(x0, 2), head(y0, 2) if y0 is not None else None)
+        extra["tokens"] = tokens
         # ---- the teacher signal: cached once, or computed batch by batch
-        if cfg.cache_teacher is None:
+        if tokens:          # a [batch, seq, vocab] tensor a batch: too big to keep
+            use_cache = False
+        elif cfg.cache_teacher is None:
             if not_cacheable(cfg.loader, pairs):
                 use_cache = False
             else:
@@ -185,7 +193,6 @@ def run_distill(cfg, model: nn.Module, ctx: StepContext) -> CompressionResult:
         s_mods = dict(model.named_modules())
         t_mods = dict(teachers[0].named_modules())
         if pairs:
-            x0, _ = split_batch(peek_batch(cfg.loader))
             x0 = to_device(head(x0, 2), dev)
             _, sf = probe(model, x0, [s for s, _ in pairs], "student")
             _, tf = probe(teachers[0], x0, [t for _, t in pairs], "teacher")
@@ -211,13 +218,17 @@ def run_distill(cfg, model: nn.Module, ctx: StepContext) -> CompressionResult:
             else:
                 x, y = split_batch(batch)
                 with capture(t_mods, [t for _, t in pairs]) as t_store:
-                    teacher_sig = teacher_signal(teachers, x, T)
+                    teacher_sig = teacher_signal(teachers, x, T, dim=-1 if tokens else 1)
                 is_probs = len(teachers) > 1
                 t_feats = [t_store[t] for _, t in pairs]
             with capture(s_mods, [s for s, _ in pairs]) as s_store:
                 s_logits = logits_of(forward_batch(student, x))
-            loss = distillation_loss(s_logits, teacher_sig, y if alpha < 1 else None, T,
-                                     alpha, teacher_is_probs=is_probs)
+            if tokens:
+                loss = token_distillation_loss(s_logits, teacher_sig, x, y, T, alpha,
+                                               teacher_is_probs=is_probs)
+            else:
+                loss = distillation_loss(s_logits, teacher_sig, y if alpha < 1 else None, T,
+                                         alpha, teacher_is_probs=is_probs)
             if pairs:
                 f_loss = sum(F.mse_loss(ad(s_store[s].float()).float(), tf.float())
                              for ad, (s, _), tf in zip(adapters, pairs, t_feats))
@@ -251,13 +262,15 @@ def run_distill(cfg, model: nn.Module, ctx: StepContext) -> CompressionResult:
                          f"dropped after ({sum(r['adapter_params'] for r in layers):,} "
                          f"parameters, not part of the result)")
         adapters = None             # dropped: not part of the result
-        _bias_and_per_class(cfg, model, teachers, ctx, labelled, layers, notes, tables, extra)
+        if not tokens:      # per class: a classifier's table
+            _bias_and_per_class(cfg, model, teachers, ctx, labelled, layers, notes, tables, extra)
 
     n_t = len(teachers)
     notes.insert(0, f"distilled for {cfg.epochs} epoch(s) from "
                     f"{'1 teacher' if n_t == 1 else f'{n_t} teachers (softened probabilities averaged)'}"
                     f" at T={T:g}, alpha={alpha:g}"
-                    + (" (soft targets only)" if alpha == 1 else ""))
+                    + (" (soft targets only)" if alpha == 1 else "")
+                    + (", token by token (a language model)" if tokens else ""))
     compare = ({"teacher": teachers[0]} if n_t == 1 else
                {f"teacher {i + 1}": t for i, t in enumerate(teachers)})
     return CompressionResult(model=model, layers=layers, notes=notes, extra=extra,
