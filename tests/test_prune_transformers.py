@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 import nbcompress
 from nbcompress.core import compress
 from nbcompress.errors import BadInput
+from nbcompress.metrics import count_flops
 from nbcompress.techniques.prune import PruneConfig
 from nbcompress.techniques.prune.heads import find_blocks
 from nbcompress.techniques.prune.importance import get_importance
@@ -173,6 +174,9 @@ def test_targets_and_criteria():
     before = _n(model)
     out = nbcompress.prune(model, structured=True, example_input=x, target_params=0.7)
     assert 0.6 * before < _n(out) <= 0.7 * before
+    f0 = count_flops(model, x)[0]
+    out = nbcompress.prune(model, structured=True, example_input=x, target_flops=0.6)
+    assert 0.5 * f0 < count_flops(out, x)[0] <= 0.6 * f0
     for imp in ("l1", "random"):
         o = nbcompress.prune(model, 0.5, structured=True, example_input=x, importance=imp)
         assert o.bert.encoder.layer[0].attention.self.num_attention_heads == 2
@@ -249,3 +253,19 @@ def test_torchvision_vit_mha_left_whole():
         amount=0.5, structured=True), example_input=x)
     assert "nn.MultiheadAttention" in " ".join(r.notes)
     assert r.model.encoder.layers[0].mlp[0].out_features == 64 and _out(r.model, x).shape == (2, 10)
+
+
+@pytest.mark.filterwarnings("ignore:Unwrapped parameters")
+@pytest.mark.parametrize("name", ("bert", "vit"))
+def test_blocks_are_torch_pruning_dependency_groups(name):
+    """Each attention block / FFN found by structure couples the same layers as torch-pruning's
+    dependency graph traced on the model (Q, K, V with the output projection; up with down)."""
+    tp = pytest.importorskip("torch_pruning")
+    model, x = _hf(name)
+    dg = tp.DependencyGraph().build_dependency(model.eval(), example_inputs=x)
+    names = {m: n for n, m in model.named_modules()}
+    tp_sets = {frozenset(names[it.dep.target.module] for it in g if it.dep.target.module in names
+                         and isinstance(it.dep.target.module, torch.nn.Linear))
+               for g in dg.get_all_groups(root_module_types=(torch.nn.Linear,))}
+    ours = {frozenset(b.layers) for b in find_blocks(model)[0]}
+    assert len(ours) == 4 and ours <= tp_sets

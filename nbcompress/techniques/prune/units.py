@@ -278,7 +278,9 @@ class HeadPruner(ChannelPruner):
                 for b in gi.blocks:
                     slice_block(b, keep)
                 gi.channels = int(keep.numel())
-            rows.append({"layer": gi.name, "type": type(gi.blocks[0].module).__name__,
+            b0 = gi.blocks[0]
+            typ = type(b0.module if gi.unit == "head" else b0.slices[0].module).__name__
+            rows.append({"layer": gi.name, "type": typ,
                          "unit": gi.unit, "coupled": ", ".join(
                              n for n in gi.members if n != gi.blocks[0].name)[:60],
                          "channels_before": before, "channels": before - len(idxs),
