@@ -50,6 +50,11 @@ def _hf(name):
         cfg = tr.ViTConfig(image_size=32, patch_size=8, hidden_size=64, num_hidden_layers=2,
                            num_attention_heads=4, intermediate_size=128, num_labels=10)
         return tr.ViTForImageClassification(cfg), torch.randn(2, 3, 32, 32)
+    if name.startswith("llama"):                  # llama-gqa: 2 key/value heads for 4 queries
+        cfg = tr.LlamaConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2 if "gqa" in name else 4,
+                             intermediate_size=128)
+        return tr.LlamaForCausalLM(cfg), {"input_ids": IDS}
     cfg = tr.WhisperConfig(vocab_size=100, d_model=64, encoder_layers=2, decoder_layers=2,
                            encoder_attention_heads=4, decoder_attention_heads=4,
                            encoder_ffn_dim=128, decoder_ffn_dim=128, num_mel_bins=16,
@@ -59,7 +64,7 @@ def _hf(name):
                                                       "decoder_input_ids": IDS[:, :6]}
 
 
-HF = ("bert", "distilbert", "gpt2", "t5", "vit", "whisper")
+HF = ("bert", "distilbert", "gpt2", "t5", "vit", "whisper", "llama", "llama-gqa")
 
 
 def _out(model, x):
@@ -97,8 +102,8 @@ def test_removed_heads_and_neurons_act_like_silenced_ones(name):
     work = copy.deepcopy(model)
     cp = HeadPruner(work, x, get_importance("l2"))
     assert cp.apply({}) and torch.equal(_out(work, x), _out(model, x))       # 0 removed: same
-    plan = {gi.name: [1, 2] if gi.unit == "head" else list(range(0, gi.channels, 3))
-            for gi in cp.groups}
+    plan = {gi.name: [1, 2][:gi.channels - 1] if gi.unit == "head" else
+            list(range(0, gi.channels, 3)) for gi in cp.groups}
     params, _ = cp.counts(plan)
     cp.apply(plan)
     assert _n(work) == params < _n(model)
@@ -119,7 +124,12 @@ def test_prune_api_halves_heads_and_ffn(name):
     heads = [getattr(m, a) for m in out.modules() for a in ("num_attention_heads", "n_heads",
                                                             "num_heads")
              if isinstance(getattr(m, a, None), int)]
-    assert heads and set(heads) == {2}
+    assert set(heads) <= {2} and {b.units for b in find_blocks(out)[0] if b.unit == "head"} == \
+        {1 if name == "llama-gqa" else 2}                   # GQA: 1 of 2 key/value groups
+    if name.startswith("llama"):
+        attn = out.model.layers[0].self_attn
+        assert attn.q_proj.out_features == 32 and attn.o_proj.in_features == 32
+        assert attn.k_proj.out_features == (16 if name == "llama-gqa" else 32)
     if name == "gpt2":
         attn = out.transformer.h[0].attn
         assert attn.c_attn.weight.shape == (64, 96) and attn.split_size == 32

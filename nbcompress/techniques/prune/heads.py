@@ -1,5 +1,6 @@
 """Where the heads and FFN neurons of a transformer are: its attention blocks and feed-forward
 layers found by their structure, each as the slices of tensors one unit (a head, a neuron) owns.
+With grouped-query attention the unit is a key/value head with the query heads that read it.
 
 The hidden size (embeddings, norms, residual stream, classifier) is never pruned, so removing a
 unit is local to one block: a head is ``head_dim`` rows of Q, K and V (of each part of a fused
@@ -9,10 +10,10 @@ of the down projection. After slicing, the module's own size attributes (``num_h
 ``all_head_size``, ``split_size``, ``attn_dim``, ...) are set to what its forward must read.
 
 Blocks are recognised by layer names and shapes, not by class, so HF BERT / DistilBERT / GPT-2 /
-T5 / ViT / Whisper, timm ``Attention`` / ``WindowAttention`` / ``Mlp`` and torchvision's
-``MLPBlock`` share one code path. A block that does not fit (a grouped-query attention, an unknown
-parameter that may index heads, ``nn.MultiheadAttention`` whose forward needs ``embed_dim ==
-num_heads * head_dim``) is left whole with a note.
+T5 / ViT / Whisper / Llama, timm ``Attention`` / ``WindowAttention`` / ``Mlp`` and torchvision's
+``MLPBlock`` share one code path. A block that does not fit (keys / values not whole groups of
+query heads, an unknown parameter that may index heads, ``nn.MultiheadAttention`` whose forward
+needs ``embed_dim == num_heads * head_dim``) is left whole with a note.
 """
 from __future__ import annotations
 
@@ -111,11 +112,24 @@ class Block:
         return self.units >= 1
 
 
+def _heads(m: nn.Module) -> int | None:
+    """The head count of an attention module: its attribute, or (Llama-style modules that keep
+    only ``head_dim``) the query projection's outputs / ``head_dim``."""
+    for a in _HEAD_ATTRS:
+        if isinstance(getattr(m, a, None), int):
+            return getattr(m, a)
+    hd = getattr(m, "head_dim", None)
+    q = next((_child(m, t[0]) for t in _QKV if all(_child(m, c) is not None for c in t)), None)
+    if isinstance(hd, int) and hd > 0 and isinstance(getattr(q, "weight", None), torch.Tensor):
+        n = _n_out(q)
+        return n // hd if n % hd == 0 else None
+    return None
+
+
 def is_transformer(model: nn.Module) -> bool:
     """The model has attention (a module with a head count, or ``nn.MultiheadAttention``): its
     structured step prunes heads and FFN neurons and keeps the hidden size."""
-    return any(isinstance(m, nn.MultiheadAttention) or
-               any(isinstance(getattr(m, a, None), int) for a in _HEAD_ATTRS)
+    return any(isinstance(m, nn.MultiheadAttention) or _heads(m) is not None
                for m in model.modules())
 
 
@@ -137,10 +151,11 @@ def _dense_slices(name, m, dim_kind, width, parts=1):
 
 def _attention(name: str, m: nn.Module, names: dict, parent: nn.Module | None):
     """A Block for attention module ``m`` (or a reason it is left whole, or None: not one)."""
-    heads = next((getattr(m, a) for a in _HEAD_ATTRS if isinstance(getattr(m, a, None), int)), None)
+    heads = _heads(m)
     if heads is None:
         return None
     slices: list[Slice] = []
+    groups = 1
     fused = _child(m, "qkv") if _is_dense(_child(m, "qkv")) else \
         _child(m, "c_attn") if _is_dense(_child(m, "c_attn")) else None
     if fused is not None:                       # timm qkv Linear / GPT-2 c_attn Conv1D
@@ -163,12 +178,15 @@ def _attention(name: str, m: nn.Module, names: dict, parent: nn.Module | None):
                                                        for c in t) else None
         q, k, v = (_child(m, c) for c in qkv)
         inner = _n_out(q)
-        if _n_out(k) != inner or _n_out(v) != inner:
-            return "keys/values have fewer heads than queries (grouped-query attention)"
         if inner % heads:
             return "its projections are not a whole number of heads"
         d = inner // heads
-        for p in (q, k, v):
+        kv = _n_out(k)
+        if _n_out(v) != kv or kv % d or heads % (kv // d):
+            return "its keys / values are not whole groups of query heads"
+        groups = heads // (kv // d)      # query heads per key/value head (GQA); 1: multi-head
+        slices += _dense_slices(names[q], q, "out", d * groups)
+        for p in (k, v):
             slices += _dense_slices(names[p], p, "out", d)
         out = next((_child(m, o) for o in _OUT if _is_dense(_child(m, o))
                     and _n_in(_child(m, o)) == inner), None)
@@ -178,17 +196,17 @@ def _attention(name: str, m: nn.Module, names: dict, parent: nn.Module | None):
             out = cands[0] if len(cands) == 1 else None
         if out is None:
             return "no output projection found"
-    slices += _dense_slices(names[out], out, "in", d)
+    slices += _dense_slices(names[out], out, "in", d * groups)
     norm = _child(m, "norm")                    # timm scale_norm over the attention output
     if isinstance(norm, nn.LayerNorm) and norm.weight is not None:
-        slices += [Slice(names[norm], norm, p, 0, d) for p in ("weight", "bias")
+        slices += [Slice(names[norm], norm, p, 0, d * groups) for p in ("weight", "bias")
                    if getattr(norm, p) is not None]
     for t in _HEAD_TABLES:
         tab = getattr(m, t, None)
         if isinstance(tab, nn.Embedding):
-            slices.append(Slice(names[tab], tab, "weight", 1, 1))
+            slices.append(Slice(names[tab], tab, "weight", 1, groups))
         elif isinstance(tab, nn.Parameter):
-            slices.append(Slice(name, m, t, tab.dim() - 1, 1))
+            slices.append(Slice(name, m, t, tab.dim() - 1, groups))
     covered = {s.module for s in slices} | {_child(m, "q_norm"), _child(m, "k_norm")}
     for sub_name, sub in m.named_modules():
         if sub in covered or (_is_norm(sub) and sub.weight is not None
@@ -199,12 +217,14 @@ def _attention(name: str, m: nn.Module, names: dict, parent: nn.Module | None):
                 continue
             if heads in p.shape or inner in p.shape:
                 return f"its parameter {sub_name + '.' if sub_name else ''}{p_name} may index heads"
-    attrs = [(m, a, 1) for a in _HEAD_ATTRS if isinstance(getattr(m, a, None), int)]
-    attrs += [(m, a, d) for a in _WIDTH_ATTRS if getattr(m, a, None) == inner]
+    attrs = [(m, a, groups) for a in _HEAD_ATTRS if isinstance(getattr(m, a, None), int)]
+    attrs += [(m, a, d * groups) for a in _WIDTH_ATTRS if getattr(m, a, None) == inner]
+    attrs += [(m, a, 1) for a in ("num_key_value_heads", "num_kv_heads")
+              if isinstance(getattr(m, a, None), int)]
     couple = None
     if hasattr(m, "has_relative_attention_bias"):   # T5: layer 0's bias serves the whole stack
         couple = re.sub(r"\.\d+\.", ".*.", name)
-    return Block(name, m, "head", heads, slices, attrs, couple)
+    return Block(name, m, "head", heads // groups, slices, attrs, couple)
 
 
 def _ffn(name: str, m: nn.Module, names: dict):
