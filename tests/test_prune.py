@@ -546,8 +546,8 @@ class Reshaped(nn.Module):
     ("prune model 0.5 --lottery --structured --finetune train", "does not combine"),
     ("prune model 0.5 --sparsity-reg 0.1", "--structured --importance bn"),
     ("prune lstm 0.5 --structured", "layer 'rnn' \\(LSTM\\)"),
-    ("prune scaled 0.5 --structured", "layer '\\(model\\)' \\(Scaled\\)"),
-    ("prune grouped 0.5 --structured", "layer '0' \\(Conv2d\\): a grouped convolution"),
+    ("prune scaled 0.5 --structured", "no channels to prune: every Linear/Conv layer feeds"),
+    ("prune grouped 0.5 --structured", "no channels to prune: every Linear/Conv layer feeds"),
     ("prune shared 0.5 --structured", "layer 'fc' \\(Linear\\): forward calls it 2 times"),
     ("prune reshaped 0.5 --structured", "--structured cannot handle layer 'fc' \\(Linear\\)"),
     ("prune model 0.5 --finetune digits", "cannot run on a batch of --finetune \\(inputs of "

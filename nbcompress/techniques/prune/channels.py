@@ -21,6 +21,7 @@ from ...core import BadInput, FieldError
 from ...train import eval_mode as _eval_mode
 from ...train import first_line
 from ...train import forward_batch as _forward
+from . import couplings as cpl
 from .importance import Importance, normalized
 from .weights import _PRUNABLE_WEIGHTS, _smallest_amount
 
@@ -28,24 +29,29 @@ __all__ = ["ChannelPruner", "unsupported_layer"]
 
 _STRUCTURED_OK = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d,
                   nn.ConvTranspose2d, nn.ConvTranspose3d, nn.modules.batchnorm._BatchNorm,
-                  nn.LayerNorm, nn.modules.instancenorm._InstanceNorm, nn.PReLU)
+                  nn.LayerNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm, nn.PReLU)
 
 
 def unsupported_layer(model: nn.Module) -> tuple[str, str, str] | None:
-    """(name, type, why) of the first layer structured pruning cannot handle, or None."""
+    """(name, type, why) of the first layer structured pruning cannot handle, or None. Layer types
+    match as subclasses (timm's ``Linear``, ``BatchNormAct2d``, ``ScaledStdConv2d`` are theirs);
+    grouped convolutions and GroupNorm keep their groups; a parameter of another module is pruned
+    with its channels when it holds one value per channel (layer scale, GlobalResponseNorm)."""
     for name, m in model.named_modules():
         own_params = [p for p in m._parameters.values() if p is not None]
         why = None
         if getattr(m, "_nbc_weight_buffers", None) or hasattr(m, "nbc_count") or \
                 type(m).__module__.startswith(("torch.ao.nn.quantized", "torch.nn.quantized")):
             why = "a compressed/quantized layer"
-        elif own_params and not isinstance(m, _STRUCTURED_OK):
-            why = "a layer type torch-pruning cannot shrink consistently here"
-        elif isinstance(m, nn.modules.conv._ConvNd) and 1 < m.groups and \
-                not (m.groups == m.in_channels == m.out_channels):
-            why = f"a grouped convolution (groups={m.groups})"
         elif own_params and any(not p.is_floating_point() for p in own_params):
             why = "a layer with non-float parameters"
+        elif own_params and not isinstance(m, _STRUCTURED_OK):
+            bad = [(k, tuple(p.shape)) for k, p in m._parameters.items()
+                   if p is not None and sum(s > 1 for s in p.shape) > 1]
+            if bad:
+                why = (f"a layer type torch-pruning cannot shrink consistently here (its "
+                       f"parameter {bad[0][0]!r} of shape {bad[0][1]} is not one value per "
+                       f"channel)")
         if why:
             return (name or "(model)", type(m).__name__, why)
     return None
@@ -59,6 +65,7 @@ class _GroupInfo:
     channels: int
     group: Any
     members: tuple
+    blocks: int = 1          # equal blocks (grouped conv / GroupNorm) that lose the same positions
 
 
 class ChannelPruner:
@@ -80,22 +87,29 @@ class ChannelPruner:
         self.round_to = max(1, int(round_to))
         self.scope = scope
         try:
-            with torch.enable_grad(), _eval_mode(model), contextlib.redirect_stdout(io.StringIO()):
-                self.DG = tp.DependencyGraph().build_dependency(model, example_inputs=example_input,
-                                                                verbose=False)
+            with torch.enable_grad(), _eval_mode(model), contextlib.redirect_stdout(io.StringIO()), \
+                    cpl.tolerant_reshapes():
+                self.DG = tp.DependencyGraph().build_dependency(
+                    model, example_inputs=example_input, verbose=False,
+                    unwrapped_parameters=cpl.unwrapped_parameters(model, tp.DependencyGraph))
         except BadInput:
             raise
         except Exception as e:  # noqa: BLE001 - tracing failed: one line for the user
             raise FieldError(f"{{structured}} could not trace the model on the example input: "
                            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+        cpl.cut_opaque(self.DG)
         self.names = {m: n for n, m in model.named_modules()}
         pat = re.compile(layers) if layers else None
         self.output_modules = self._output_modules()
         self.groups: list[_GroupInfo] = []
-        for g in self.DG.get_all_groups(ignored_layers=list(self.output_modules),
-                                        root_module_types=(nn.modules.conv._ConvNd, nn.Linear)):
-            root = g[0].dep.target.module
+        self._left: dict[str, list[str]] = {}   # why -> groups left whole (see ``notes``)
+        for root, g, err in cpl.all_groups(self.DG, list(self.output_modules),
+                                           (nn.modules.conv._ConvNd, nn.Linear)):
             if root not in self.names:
+                continue
+            if g is None:
+                self._leave(self.names[root], f"the dependency graph cannot follow their "
+                                              f"channels ({first_line(err)})")
                 continue
             members = tuple(self.names[it.dep.target.module] for it in g
                             if self.DG.is_out_channel_pruning_fn(it.dep.handler)
@@ -106,7 +120,15 @@ class ChannelPruner:
             c = len(g[0].idxs)
             if c < 2:
                 continue
-            self.groups.append(_GroupInfo(name, root, g[0].dep.handler, c, g, members))
+            blocks = cpl.channel_blocks(g)
+            why = ("their channels reach a split, slice, shuffle or concat whose sizes the "
+                   "model's own code fixes" if cpl.opaque_in(self.DG, g) else
+                   f"{c} channels in {blocks} groups" if c % blocks or c // blocks < 2 else None)
+            bad = None if why else cpl.index_problem(self.DG, g)
+            if why or bad:
+                self._leave(name, why or f"the graph couples them with a {bad}")
+                continue
+            self.groups.append(_GroupInfo(name, root, g[0].dep.handler, c, g, members, blocks))
         self._scores: dict[str, torch.Tensor] | None = None
         self._base_counts: tuple[int, int | None] | None = None
 
@@ -151,13 +173,30 @@ class ChannelPruner:
             self._scores = out
         return self._scores
 
-    def _step(self, base: int) -> int:
-        return self.round_to if base >= 2 * self.round_to else 1
+    def _step(self, base: int, blocks: int = 1) -> int:
+        """Channels per block move in steps that keep the total a multiple of ``round_to``."""
+        r = self.round_to // math.gcd(self.round_to, blocks)
+        return r if base // blocks >= 2 * r else 1
 
-    def _round(self, keep: float, base: int, current: int) -> int:
-        r = self._step(base)
-        k = max(r, int(math.floor(keep / r + 0.5 + 1e-9)) * r)   # half up, float noise aside
-        return max(1, min(current, k))
+    def _round(self, keep: float, base: int, current: int, blocks: int = 1) -> int:
+        r = self._step(base, blocks)
+        k = max(r, int(math.floor(keep / blocks / r + 0.5 + 1e-9)) * r)  # half up, noise aside
+        return max(1, min(current // blocks, k)) * blocks
+
+    def _block_scores(self, gi: _GroupInfo, s: torch.Tensor) -> torch.Tensor:
+        """Scores of a grouped layer's channels averaged over its blocks, one per channel again:
+        the same position in every block ranks the same (torch-pruning's rule)."""
+        if gi.blocks == 1:
+            return s
+        return s.view(gi.blocks, -1).mean(0).repeat(gi.blocks)
+
+    def _pick(self, gi: _GroupInfo, s: torch.Tensor, n_drop: int) -> list[int]:
+        """The ``n_drop`` lowest channels; in a grouped layer the same positions of each block."""
+        if gi.blocks == 1:
+            return sorted(int(i) for i in torch.argsort(s, stable=True)[:n_drop])
+        w = gi.channels // gi.blocks
+        pos = torch.argsort(s.view(gi.blocks, w).mean(0), stable=True)[:n_drop // gi.blocks]
+        return sorted(int(p) + j * w for j in range(gi.blocks) for p in pos)
 
     def plan(self, amount: float, base_channels: dict[str, int] | None = None) -> dict[str, list[int]]:
         """{group name: channel indices to remove} so each group keeps ``(1 - amount)`` of its base
@@ -168,24 +207,25 @@ class ChannelPruner:
         live = [gi for gi in self.groups if gi.name in scores]
         if self.scope == "global" and live:
             total_keep = sum(base[gi.name] * (1 - amount) for gi in live)
-            flat = torch.cat([normalized(scores[gi.name]) for gi in live])
+            flat = torch.cat([normalized(self._block_scores(gi, scores[gi.name]))
+                              for gi in live])
             owner = torch.cat([torch.full((gi.channels,), i, dtype=torch.long)
                                for i, gi in enumerate(live)])
             order = torch.argsort(flat, descending=True, stable=True)
             kk = int(round(total_keep))
             counts = torch.bincount(owner[order[:kk]], minlength=len(live))
             for i, gi in enumerate(live):
-                keep[gi.name] = self._round(float(counts[i]), base[gi.name], gi.channels)
+                keep[gi.name] = self._round(float(counts[i]), base[gi.name], gi.channels,
+                                            gi.blocks)
         else:
             for gi in live:
                 keep[gi.name] = self._round(base[gi.name] * (1 - amount), base[gi.name],
-                                            gi.channels)
+                                            gi.channels, gi.blocks)
         out = {}
         for gi in live:
             n_drop = gi.channels - keep[gi.name]
             if n_drop > 0:
-                order = torch.argsort(scores[gi.name], stable=True)
-                out[gi.name] = sorted(int(i) for i in order[:n_drop])
+                out[gi.name] = self._pick(gi, scores[gi.name], n_drop)
         return out
 
     def counts(self, plan: dict[str, list[int]]) -> tuple[int, int | None]:
@@ -200,7 +240,8 @@ class ChannelPruner:
             if not idxs:
                 continue
             gi = info[name]
-            g = self.DG.get_pruning_group(gi.root, gi.handler, list(idxs))
+            with cpl.tolerant_reshapes():
+                g = self.DG.get_pruning_group(gi.root, gi.handler, list(idxs))
             for it in g:
                 m = it.dep.target.module
                 if not isinstance(m, nn.Module) or m not in self.names:
@@ -231,7 +272,7 @@ class ChannelPruner:
     def _ratios(self, m: nn.Module, orm: int, irm: int) -> tuple[float, float]:
         if isinstance(m, nn.modules.conv._ConvNd):
             o, i = m.out_channels, m.in_channels
-            if m.groups > 1:                 # depthwise: in and out are the same channels
+            if cpl.is_depthwise(m):          # depthwise: in and out are the same channels
                 return 1 - max(orm, irm) / o, 1.0
             return 1 - orm / o, 1 - irm / i
         if isinstance(m, nn.Linear):
@@ -242,6 +283,43 @@ class ChannelPruner:
                 c = p.shape[0]
                 break
         return (1 - orm / c if c else 1.0), 1.0
+
+    def _capped(self, gi: _GroupInfo, idxs: list[int], scores) -> list[int]:
+        """``idxs``, or fewer of the lowest channels when removing all of them would leave a
+        coupled layer (a split branch, a GhostNet half) with no channel; [] and a note when no
+        amount works or a grouped layer would lose unequal blocks."""
+        n0, why = len(idxs), ""
+        while idxs:
+            with cpl.tolerant_reshapes():
+                g = self.DG.get_pruning_group(gi.root, gi.handler, list(idxs))
+            why = cpl.block_problem(self.DG, g)
+            if why is None and not self.DG.check_pruning_group(g):
+                why = "a coupled layer would keep no channel"
+            if why is None:
+                if len(idxs) < n0:
+                    self._leave(gi.name, "capped: removing more would leave a coupled layer "
+                                         "with no channel", "removed fewer channels of")
+                return idxs
+            if why.startswith("unequal") or gi.name not in scores:
+                break
+            n = len(idxs) // 2 // gi.blocks * gi.blocks
+            idxs = self._pick(gi, scores[gi.name], n) if n else []
+        self._leave(gi.name, f"removing channels would break a coupled layer ({why})")
+        return []
+
+    def _leave(self, name: str, why: str, verb: str = "left whole") -> None:
+        self._left.setdefault(f"{verb}\0{why}", []).append(name)
+
+    @property
+    def notes(self) -> list[str]:
+        """One line per reason: the channel groups left whole (or capped), the first few named."""
+        out = []
+        for key, names in self._left.items():
+            verb, why = key.split("\0")
+            more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+            out.append(f"{{structured}} {verb} {len(names)} channel group(s), "
+                       f"{', '.join(repr(n) for n in names[:3])}{more}: {why}")
+        return out
 
     def _base(self):
         if self._base_counts is None:
@@ -281,18 +359,18 @@ class ChannelPruner:
     def apply(self, plan: dict[str, list[int]]) -> list[dict]:
         """Remove the planned channels. One row per group: its layers and channels before/after."""
         rows = []
+        scores = self.scores()
         for gi in self.groups:
             idxs = plan.get(gi.name)
             before = gi.channels
             if idxs:
-                g = self.DG.get_pruning_group(gi.root, gi.handler, list(idxs))
-                if not self.DG.check_pruning_group(g):
-                    raise FieldError(
-                        f"{{structured}} cannot handle layer {gi.name!r} ({type(gi.root).__name__}):"
-                        f" removing {len(idxs)} of its {before} channels would leave a coupled "
-                        f"layer with none (its output is probably reshaped, split or shared in a "
-                        f"way the dependency graph cannot follow); try {{layers}} to leave it out")
+                idxs = self._capped(gi, idxs, scores)
+            if idxs:
+                with cpl.tolerant_reshapes():
+                    g = self.DG.get_pruning_group(gi.root, gi.handler, list(idxs))
+                extras = cpl.extras_of(self.DG, g)
                 g.prune()
+                cpl.follow_extras(extras, g)
             after = before - len(idxs or [])
             rows.append({"layer": gi.name, "type": type(gi.root).__name__,
                          "coupled": ", ".join(n for n in gi.members if n != gi.name)[:60],

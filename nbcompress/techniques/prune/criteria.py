@@ -77,8 +77,8 @@ class Importance:
             if s is None:
                 continue
             s = _per_channel(s, layer, kind)
-            if s is None:
-                continue
+            if s is None or (idxs and max(idxs) >= s.numel()):
+                continue          # a channel index this layer's weight does not map (split, cat)
             contribs.append((s[torch.as_tensor(idxs, dtype=torch.long, device=s.device)],
                              item.root_idxs))
         return self._reduce(group, contribs)
@@ -118,11 +118,12 @@ def _dep_kind(dep, layer) -> str | None:
         return "out"
     if fn in (tpf.prune_conv_in_channels, tpf.prune_linear_in_channels,
               tpf.prune_depthwise_conv_in_channels):
-        if isinstance(layer, nn.modules.conv._ConvNd) and layer.groups > 1:
+        if isinstance(layer, nn.modules.conv._ConvNd) and layer.groups == layer.out_channels > 1:
             return None          # depthwise: its input channels are its output channels
         return "in"
     if fn in (tpf.prune_batchnorm_out_channels, tpf.prune_layernorm_out_channels,
-              tpf.prune_instancenorm_out_channels, tpf.prune_prelu_out_channels):
+              tpf.prune_instancenorm_out_channels, tpf.prune_prelu_out_channels,
+              tpf.prune_groupnorm_out_channels):
         if getattr(layer, "weight", None) is None:
             return None
         return "norm"
@@ -138,6 +139,9 @@ def _per_channel(s: torch.Tensor, layer: nn.Module, kind: str) -> torch.Tensor |
     if kind == "in":
         if transposed:
             return s.flatten(1).sum(1)
+        g = getattr(layer, "groups", 1)
+        if g > 1:     # grouped conv: input c is column c % (in/g) of the rows of group c // (in/g)
+            return s.unflatten(0, (g, -1)).flatten(3).sum((1, 3)).flatten()
         return s.transpose(0, 1).flatten(1).sum(1)
     if s.dim() == 1:         # norm scale / PReLU slope
         return s if s.numel() > 1 else None

@@ -202,6 +202,7 @@ class _ChannelRounds:
             amount = 1 - (1 - cfg.amount) ** frac
         self.amount = amount
         rows = cp.apply(cp.plan(amount, self.base_channels))
+        self.notes.extend(n for n in cp.notes if n not in self.notes)   # groups left whole
         _check_runs(model, self.example)
         if cfg.recalibrate_bn and self.data is not None and \
                 recalibrate_bn(model, self.data, self.ctx.device, cfg.importance_batches) and k == 0:
