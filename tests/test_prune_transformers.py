@@ -176,6 +176,8 @@ def test_bad_input_model_unchanged():
     state = copy.deepcopy(model.state_dict())
     with pytest.raises(BadInput, match="matches no attention block or FFN"):
         nbcompress.prune(model, 0.5, structured=True, example_input=x, layers="classifier")
+    with pytest.raises(BadInput, match="cannot be reached.*embeddings, norms and the classifier"):
+        nbcompress.prune(model, structured=True, example_input=x, target_params=0.05)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
 
 

@@ -229,7 +229,8 @@ class _ChannelRounds:
         for unit, rs in by_unit.items():
             now, was = sum(r["channels"] for r in rs), sum(r["channels_before"] for r in rs)
             what = {"head": "attention blocks", "neuron": "FFNs"}.get(unit, "groups")
-            parts.append(f"{now:,} of {was:,} {unit}s ({now / max(1, was):.1%}) in {len(rs)} "
+            blocks = sum(r.get("blocks", 1) for r in rs)
+            parts.append(f"{now:,} of {was:,} {unit}s ({now / max(1, was):.1%}) in {blocks} "
                          f"{what}" if unit != "channel" else
                          f"{now / max(1, was):.1%} of the channels of {len(rs)} groups kept")
         if "head" in by_unit or "neuron" in by_unit:

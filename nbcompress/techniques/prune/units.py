@@ -1,4 +1,4 @@
-"""Structured pruning of transformers with the :class:`ChannelPruner` interface (``groups``,
+"""Structured pruning of transformers with :class:`ChannelPruner`'s interface (``groups``,
 ``scores``, ``plan``, ``counts``, ``search``, ``apply``): its groups are attention blocks (unit: a
 whole head) and FFNs (unit: a neuron) from :func:`heads.find_blocks`, not torch-pruning dependency
 groups. The hidden size is kept, so embeddings, norms, the classifier and convolutions are left
@@ -23,6 +23,7 @@ from .criteria import BNScaleImportance, RandomImportance
 from .heads import Block, find_blocks, is_transformer, slice_block
 from .importance import Importance, normalized
 from .measured import ActivationImportance
+from .weights import _smallest_amount
 
 __all__ = ["HeadPruner", "structured_pruner", "transformer_layers"]
 
@@ -50,10 +51,10 @@ class _UnitGroup:
     members: tuple
 
 
-class HeadPruner(ChannelPruner):
-    """Heads and FFN neurons of a transformer as groups, with ChannelPruner's policy (the amount
-    per group, rounding, the parameter / FLOP search). Heads are whole (rounded to 1, at least one
-    kept per block); FFN neurons are rounded to ``round_to``."""
+class HeadPruner:
+    """Heads and FFN neurons of a transformer as groups, with ChannelPruner's interface and policy
+    (the amount per group, rounding, the parameter / FLOP search). Heads are whole (rounded to 1,
+    at least one kept per block); FFN neurons are rounded to ``round_to`` (1 below 2x)."""
 
     def __init__(self, model: nn.Module, example_input: Any, importance: Importance, *,
                  layers: str | None = None, round_to: int = 8, scope: str = "layer"):
@@ -207,7 +208,7 @@ class HeadPruner(ChannelPruner):
         return torch.stack(contribs).mean(0)
 
     def _keep(self, gi: _UnitGroup, keep: float, base: int) -> int:
-        r = 1 if gi.unit == "head" else self._step(base)
+        r = 1 if gi.unit == "head" or base < 2 * self.round_to else self.round_to
         k = max(r, int(math.floor(keep / r + 0.5 + 1e-9)) * r)
         return max(1, min(gi.channels, k))
 
@@ -267,6 +268,26 @@ class HeadPruner(ChannelPruner):
             self._base_counts = (params, flops, {})
         return self._base_counts
 
+    def search(self, metric: str, target: float, base_channels: dict[str, int] | None = None,
+               max_amount: float = 0.99) -> float:
+        """The smallest amount whose plan keeps ``metric`` ("params" | "flops") at or below
+        ``target`` (an absolute count), by bisection on the dry-run counts."""
+        idx = 0 if metric == "params" else 1
+        now = self._base()[idx]
+        if now is None:
+            raise FieldError("{target_flops} needs FLOPs of the model: give an example input")
+        if now <= target:
+            return 0.0
+
+        def value(a):
+            return self.counts(self.plan(a, base_channels))[idx]
+
+        if value(max_amount) > target:
+            raise FieldError(f"{{target_{metric}}} cannot be reached: removing as many heads and "
+                             f"FFN neurons as possible keeps {value(max_amount) / now:.1%} of the "
+                             f"{metric} (embeddings, norms and the classifier stay whole)")
+        return _smallest_amount(value, target, max_amount)
+
     def apply(self, plan: dict[str, list[int]]) -> list[dict]:
         """Remove the planned heads / neurons. One row per group."""
         rows = []
@@ -283,6 +304,7 @@ class HeadPruner(ChannelPruner):
             rows.append({"layer": gi.name, "type": typ,
                          "unit": gi.unit, "coupled": ", ".join(
                              n for n in gi.members if n != gi.blocks[0].name)[:60],
+                         "blocks": len(gi.blocks),
                          "channels_before": before, "channels": before - len(idxs),
                          "kept": (before - len(idxs)) / before})
         self._scores = None
