@@ -34,7 +34,9 @@ class PruneConfig(StepConfig):
     Weight pruning zeroes the least important single weights (high sparsity; smaller when saved
     with ``nbcompress.save``, no faster on dense hardware). ``--structured`` removes whole
     channels/neurons with torch-pruning's dependency graph: a smaller network that really runs
-    faster. The classifier's outputs are never removed. Returns the step's report; per-round,
+    faster; on a transformer it removes whole attention heads and FFN neurons and keeps the hidden
+    size (embeddings, norms and the classifier stay whole). The classifier's outputs are never
+    removed. Returns the step's report; per-round,
     lottery and sensitivity tables are in ``report.result.tables``.
     """
 
@@ -52,11 +54,13 @@ class PruneConfig(StepConfig):
     amount: float | None = option(
         None, kind="fraction", positional=True, conflicts=_TARGETS,
         help="fraction to remove, 0 < AMOUNT < 1 (or 90%): of the weights (their sparsity after "
-             "the step) or, with --structured, of the channels/neurons")
+             "the step) or, with --structured, of the channels/neurons (transformers: of the "
+             "attention heads and FFN neurons of each block, at least one head kept)")
     structured: bool = option(
         False, kind="bool",
         help="remove whole channels/neurons (a smaller dense network) instead of single weights; "
-             "coupled layers (BatchNorm, residual adds, next layers) follow")
+             "coupled layers (BatchNorm, residual adds, next layers) follow; on a transformer "
+             "whole attention heads and FFN neurons")
     importance: Any = option(
         None, kind="choice", choices=tuple(IMPORTANCES), accepts=(Importance,),
         help="what to keep: l1 (default for weights), l2 (default for channels), taylor, hessian "
@@ -107,7 +111,7 @@ class PruneConfig(StepConfig):
     round_to: int = option(
         8, kind="int", range="[1, inf)", metavar="K",
         help="structured: keep channel counts multiples of K (default 8, fast on CPU and GPU; "
-             "layers narrower than 2K use 1)")
+             "layers narrower than 2K use 1); FFN neurons too, attention heads are whole")
     sparsity_reg: float = option(
         0.0, kind="float", range="[0, inf)", metavar="L",
         help="with --importance bn: fine-tune with an L1 penalty L on BatchNorm scales before "
