@@ -121,6 +121,29 @@ def test_layer_scale_and_groupnorm_shrink_with_their_channels():
     assert m.blocks[0].gamma.shape == (16,)
 
 
+class Scale(nn.Module):
+    """timm's poolformer ``Scale``: a per-channel vector viewed with a shape stored at init."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.shape = (dim, 1, 1)
+        self.scale = nn.Parameter(torch.linspace(0.5, 1.5, dim))
+
+    def forward(self, x):
+        return x * self.scale.view(self.shape)
+
+
+def test_a_scale_vector_and_the_shape_it_is_viewed_with_follow_the_channels():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 16, 3), Scale(16), nn.ReLU(), nn.Conv2d(16, 16, 3),
+                      nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10)).eval()
+    p = nbcompress.prune(m, 0.5, structured=True, example_input=X, round_to=1)
+    assert p[1].scale.shape == (8,) and p[1].shape == (8, 1, 1) and m[1].shape == (16, 1, 1)
+    kept = rows_kept(p[0].weight.detach(), m[0].weight.detach())
+    assert torch.equal(p[1].scale.detach(), m[1].scale.detach()[kept])
+    assert p(X).shape == (2, 10)
+
+
 class ScaledConv(nn.Conv2d):
     """A Conv2d subclass with one more per-output-channel tensor (timm's ScaledStdConv2d)."""
 

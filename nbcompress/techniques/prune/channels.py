@@ -86,12 +86,14 @@ class ChannelPruner:
         self.importance = importance
         self.round_to = max(1, int(round_to))
         self.scope = scope
+        built: list = []
         try:
             with torch.enable_grad(), _eval_mode(model), contextlib.redirect_stdout(io.StringIO()), \
-                    cpl.tolerant_reshapes():
-                self.DG = tp.DependencyGraph().build_dependency(
+                    cpl.recording_reshapes(built), cpl.tolerant_reshapes():
+                built.append(tp.DependencyGraph().build_dependency(
                     model, example_inputs=example_input, verbose=False,
-                    unwrapped_parameters=cpl.unwrapped_parameters(model, tp.DependencyGraph))
+                    unwrapped_parameters=cpl.unwrapped_parameters(model, tp.DependencyGraph)))
+            self.DG = built[0]
         except BadInput:
             raise
         except Exception as e:  # noqa: BLE001 - tracing failed: one line for the user

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 __all__ = ["channel_blocks", "block_problem", "unwrapped_parameters", "follow_extras",
-           "extras_of", "tolerant_reshapes", "all_groups", "cut_opaque", "opaque_in",
+           "extras_of", "tolerant_reshapes", "recording_reshapes", "all_groups", "cut_opaque", "opaque_in",
            "index_problem", "is_depthwise"]
 
 _STANDARD = {"weight", "bias", "running_mean", "running_var", "num_batches_tracked"}
@@ -120,9 +120,12 @@ def extras(m: nn.Module) -> dict[str, torch.Tensor]:
 def follow_extras(before: dict, group) -> None:
     """After ``group.prune()``: cut each pruned layer's extra tensors (``before``: layer ->
     (its channel count before, {name: tensor})) to the channels its weight kept along dim 0."""
+    for key, n0 in before.items():
+        if isinstance(key, tuple):
+            _follow_sizes(key[0], n0, getattr(key[0], key[1]).numel())
     for item in group:
         m = item.dep.target.module
-        if m not in before:
+        if not isinstance(m, nn.Module) or m not in before:
             continue
         n0, tensors = before[m]
         keep = sorted(set(range(n0)) - {int(i) for i in item.idxs})
@@ -137,8 +140,17 @@ def follow_extras(before: dict, group) -> None:
 
 
 def extras_of(DG, group) -> dict:
-    """``before`` for :func:`follow_extras`: the out-channel members with extra tensors."""
+    """``before`` for :func:`follow_extras`: the out-channel members with extra tensors, and the
+    modules owning an unwrapped parameter (key: (module, name), value: its channel count)."""
+    from torch_pruning import ops
+
     out = {}
+    for item in group:
+        p = item.dep.target.module
+        if item.dep.target.type == ops.OPTYPE.PARAMETER and p in DG._param_to_name:
+            path = DG._param_to_name[p].split(".")
+            owner = DG.model.get_submodule(".".join(path[:-1]))
+            out[(owner, path[-1])] = p.shape[item.dep.target.pruning_dim]
     for item in group:
         m = item.dep.target.module
         if not isinstance(m, nn.Module) or not DG.is_out_channel_pruning_fn(item.dep.handler):
@@ -154,6 +166,24 @@ def extras_of(DG, group) -> dict:
 _MAPPINGS = ("update_reshape_index_mapping", "update_concat_index_mapping",
              "update_split_index_mapping", "update_slice_index_mapping",
              "update_expand_index_mapping", "update_unbind_index_mapping")
+
+
+_SIZE_NAMES = ("dim", "channels", "num_channels", "num_features", "chs", "out_chs")
+
+
+def _follow_sizes(module: nn.Module, n0: int, n1: int) -> None:
+    """A module that owns a per-channel parameter and keeps its size in plain attributes (timm's
+    ``Scale`` views its scale as ``self.shape = (dim, 1, 1)``): those follow ``n0 -> n1``."""
+    if n0 == n1:
+        return
+    for k, v in list(vars(module).items()):
+        if k.startswith("_"):
+            continue
+        if isinstance(v, tuple) and v.count(n0) == 1 and all(
+                isinstance(x, int) and (x == n0 or x == 1) for x in v):
+            setattr(module, k, tuple(n1 if x == n0 else x for x in v))
+        elif isinstance(v, int) and not isinstance(v, bool) and v == n0 and k in _SIZE_NAMES:
+            setattr(module, k, n1)
 
 
 @contextlib.contextmanager
@@ -213,12 +243,53 @@ def all_groups(DG, ignored: list, root_types: tuple):
             yield m, group, None
 
 
+_TRACING: dict = {}
+
+
+class _ReshapeShapes(torch.overrides.TorchFunctionMode):
+    """Records the output shape of every view / reshape while the graph is traced (autograd keeps
+    only the input's)."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes: dict = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        gf = getattr(out, "grad_fn", None) if isinstance(out, torch.Tensor) else None
+        if gf is not None and ("View" in gf.name() or "Reshape" in gf.name()):
+            self.shapes[gf] = tuple(out.shape)
+        return out
+
+
+@contextlib.contextmanager
+def recording_reshapes(graph_holder: list):
+    """While tracing: remember reshape output shapes; afterwards ``graph_holder[0]`` (the built
+    dependency graph) gets them on its nodes (``_nbc_out``)."""
+    global _TRACING
+    mode = _ReshapeShapes()
+    _TRACING = mode.shapes           # read by the index mappings during the build
+    try:
+        with mode:
+            yield
+    finally:
+        _TRACING = {}
+    if graph_holder:
+        for node in graph_holder[0].module2node.values():
+            if node.grad_fn in mode.shapes:
+                node._nbc_out = mode.shapes[node.grad_fn]
+
+
 def _rank5(node) -> bool:
+    """A reshape from or to five or more dimensions: it splits or merges the channel dimension
+    (a channel shuffle, selective-kernel attention, an attention head split)."""
     from torch_pruning import ops
 
     gf = node.grad_fn
     size = getattr(gf, "_saved_self_sizes", None) or getattr(gf, "_saved_self_sym_sizes", None)
-    return node.type == ops.OPTYPE.RESHAPE and size is not None and len(size) >= 5
+    out = getattr(node, "_nbc_out", None) or _TRACING.get(gf)
+    return node.type == ops.OPTYPE.RESHAPE and (
+        (size is not None and len(size) >= 5) or (out is not None and len(out) >= 5))
 
 
 def _shuffle_reshape(node, depth: int = 4) -> bool:
