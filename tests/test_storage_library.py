@@ -125,6 +125,19 @@ def test_hf_config_state_and_tied_gpt2_generate():
     assert torch.equal(a, loaded.generate(ids, max_new_tokens=3, do_sample=False))
 
 
+def test_hf_structured_pruned_round_trip():
+    """Heads and FFN neurons removed by %prune --structured: the file records the new shapes
+    and the config as the pruner left it."""
+    model, x = _hf("gpt2")
+    pruned = nbcompress.prune(model.eval(), 0.5, structured=True, example_input=x)
+    assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in model.parameters())
+    loaded, _ = roundtrip(pruned)
+    assert loaded.config.to_dict() == pruned.config.to_dict()
+    assert loaded.transformer.h[0].mlp.c_fc.weight.shape == pruned.transformer.h[0].mlp.c_fc.weight.shape
+    assert loaded.lm_head.weight is loaded.transformer.wte.weight
+    assert_same(pruned, loaded, lambda m: m(**x))
+
+
 def test_hf_sliced_ffn_and_lowrank_round_trip():
     """The file records the shapes the modules have, not the config's: a BERT whose first FFN
     was cut from 128 to 96 neurons by hand, then factorised, comes back with those shapes."""
