@@ -26,6 +26,7 @@ model under 3x that (then killed), so neither a hang nor a crash stops the sweep
     python benchmarks/bench_zoo.py --subset full --groups timm,transformers --timeout 300
     python benchmarks/bench_zoo.py --models 'resnet|bert'    # a regex over group/name
     python benchmarks/bench_zoo.py --worker timm resnet18    # one model, rows on stdout (debug)
+    python benchmarks/bench_zoo.py --table benchmarks/results/zoo.json   # the table again
 
 Prints a pass-rate table (group x step) and writes benchmarks/results/zoo.json (``--out``).
 Needs torchvision, timm and transformers (a missing library skips its group); fvcore optional.
@@ -54,8 +55,10 @@ TIMM = ["resnet18", "resnext26ts", "regnetx_002", "efficientnet_b0", "mobilenetv
         "efficientformer_l1", "mobilevit_xxs", "coat_lite_tiny", "maxvit_tiny_tf_224",
         "xcit_nano_12_p16_224"]
 HF = ["bert", "distilbert", "roberta", "gpt2", "llama", "qwen2", "t5", "bart", "vit", "whisper"]
-FAST = {"torchvision": ["resnet18", "mobilenet_v3_small", "regnet_x_400mf"],
-        "timm": ["resnet18", "convnext_atto", "vit_tiny_patch16_224"],
+# the fast subset (tests/test_zoo.py runs it in the test suite): small members of each group;
+# timm's test_* models are its own tiny ResNet / ConvNeXt / ViT
+FAST = {"torchvision": ["mobilenet_v3_small", "regnet_x_400mf"],
+        "timm": ["test_resnet", "test_convnext", "test_vit"],
         "transformers": ["bert", "gpt2", "t5"]}
 VOCAB, SEQ, BATCH, N = 128, 8, 4, 8
 MARK = "ZOO "
@@ -170,6 +173,10 @@ def logits(model, example):
 
 class Broken(Exception):
     pass
+
+
+class StepTimeout(BaseException):
+    """The step's alarm: not an Exception, so no ``except Exception`` inside a step swallows it."""
 
 
 def check_runs(new, ref_out, example):
@@ -288,7 +295,7 @@ def worker(group: str, name: str, step_timeout: int, steps: list[str], emit=None
     torch.set_num_threads(1)
 
     def alarm(*_):
-        raise TimeoutError("step timeout")
+        raise StepTimeout("step timeout")
     signal.signal(signal.SIGALRM, alarm)
 
     if emit is None:
@@ -310,7 +317,7 @@ def worker(group: str, name: str, step_timeout: int, steps: list[str], emit=None
         signal.alarm(step_timeout)
         try:
             status, reason, extra = cell(step, model, example, loader, ref_out, done)
-        except TimeoutError:
+        except StepTimeout:
             status, reason, extra = "timeout", f"step over {step_timeout} s", {}
         finally:
             signal.alarm(0)
@@ -330,8 +337,6 @@ def cell(step, model, example, loader, ref_out, done) -> tuple[str, str, dict]:
         return "pass", "", run_step(step, model, example, loader, ref_out, done)
     except Broken as e:
         return "broken", str(e), {}
-    except TimeoutError:
-        raise
     except Exception as e:  # noqa: BLE001 - the matrix records every failure
         lines = str(e).strip().splitlines() or [""]
         text = lines[0][:300]
@@ -491,10 +496,15 @@ def main() -> None:
     ap.add_argument("--steps", default=",".join(STEPS))
     ap.add_argument("--jobs", type=int, default=1, help="models run at the same time")
     ap.add_argument("--out", default=str(RESULTS / "zoo.json"))
+    ap.add_argument("--table", metavar="JSON", help="only print the table of a results file")
     ap.add_argument("--worker", nargs=2, metavar=("GROUP", "NAME"), help=argparse.SUPPRESS)
     a = ap.parse_args()
     steps = [s for s in a.steps.split(",") if s]
     sys.path.insert(0, str(ROOT))              # this checkout's nbcompress
+    if a.table:
+        d = json.loads(Path(a.table).read_text())
+        steps = [s for s in steps if any(s in r["steps"] for r in d["models"])]
+        return print_table(summary(d["models"], steps), steps)
     if a.worker:
         return worker(*a.worker, a.timeout, steps)
     groups = [g for g in a.groups.split(",") if g]
@@ -502,16 +512,6 @@ def main() -> None:
     if a.models:
         models = [(g, n) for g, n in models if re.search(a.models, f"{g}/{n}")]
     preload(groups)
-
-    def report(r, i, total):
-        bad = {s: f"{c['status']}: {c.get('reason', '')}"[:110] for s, c in r["steps"].items()
-               if c["status"] not in ("pass", "n/a")}
-        print(f"[{i}/{total}] {r['group']}/{r['model']} {r['seconds']} s: "
-              + ("all pass" if not bad else "; ".join(f"{s} {v}" for s, v in bad.items())),
-              flush=True)
-    results = sweep(models, a.timeout, steps, a.jobs, report)
-    table = summary(results, steps)
-    print_table(table, steps)
     import torch
 
     ver = {"torch": torch.__version__, "python": platform.python_version()}
@@ -522,8 +522,24 @@ def main() -> None:
             ver[lib] = None
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"env": {**ver, "date": time.strftime("%Y-%m-%d %H:%M")},
-                               "args": vars(a), "table": table, "models": results}, indent=1))
+    done: list = []
+
+    def write(results, complete):
+        out.write_text(json.dumps({"env": {**ver, "date": time.strftime("%Y-%m-%d %H:%M")},
+                                   "args": vars(a), "complete": complete,
+                                   "table": summary(results, steps), "models": results}, indent=1))
+
+    def report(r, i, total):
+        done.append(r)
+        write(done, False)                       # what is done so far survives an interrupt
+        bad = {s: f"{c['status']}: {c.get('reason', '')}"[:110] for s, c in r["steps"].items()
+               if c["status"] not in ("pass", "n/a")}
+        print(f"[{i}/{total}] {r['group']}/{r['model']} {r['seconds']} s: "
+              + ("all pass" if not bad else "; ".join(f"{s} {v}" for s, v in bad.items())),
+              flush=True)
+    results = sweep(models, a.timeout, steps, a.jobs, report)
+    write(results, True)
+    print_table(summary(results, steps), steps)
     print(f"wrote {out}")
 
 
