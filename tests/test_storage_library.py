@@ -231,6 +231,25 @@ def test_names_in_attribute_values_are_checked(value, match):
         load(io.BytesIO(_with_attr(data, value)))
 
 
+def test_version_2_only_when_a_file_needs_it():
+    """A file that uses nothing new stays version 1 (nbcompress before this change reads it); one
+    with a set, a class or a config is version 2, which an older reader refuses by its number."""
+    _, plain = roundtrip(nn.Sequential(nn.Linear(2, 2), nn.ReLU()))
+    assert header_of(plain)["version"] == 1
+    m = nn.Linear(2, 2)
+    m.kinds = {"a", "b"}
+    _, data = roundtrip(m)
+    assert header_of(data)["version"] == 2
+    hlen, = struct.unpack("<I", data[4:8])
+    header = json.loads(zlib.decompress(data[8:8 + hlen]))
+    header["version"] = 3
+    del header["crc32"]
+    hb = json.dumps(header).encode()
+    with pytest.raises(BadInput, match="unsupported nbcompress file version 3 .*reads versions "
+                                       "1 to 2"):
+        load(io.BytesIO(data[:4] + struct.pack("<I", len(hb)) + hb + data[8 + hlen:]))
+
+
 def test_torch_tensor_operator_and_old_files_load():
     m = nn.Linear(3, 3)
     m.gate = torch.sigmoid                    # an ATen operator, stored as torch.sigmoid

@@ -10,7 +10,7 @@ shrinks them 4-5x, which for a 4-bit or binary LeNet is 2.6 kB of a 36-139 kB fi
 
 The JSON header is::
 
-    {"format": "nbcompress", "version": 1, "huffman": bool, "torch": "2.x",
+    {"format": "nbcompress", "version": 1 | 2, "huffman": bool, "torch": "2.x",
      "root": <node>, "objects": [<object>], "tensors": [<tensor>], "blob_bytes": int,
      "values": [<config>]}                       (only when the model holds library configs)
 
@@ -28,7 +28,7 @@ or ``{"same_as": "<path>"}`` for a module that appears twice (shared submodule),
 written by an extension codec, ``{"class", "training", "codec": "registered"|"method",
 "attrs", "tensors": {name: object_id}}``. Attribute values are JSON with tags for what JSON cannot
 say: ``{"$tuple": [...]}``, ``{"$dict": {...}}``, ``{"$float": "inf"}``, ``{"$dtype": "float32"}``,
-``{"$size": [...]}``, ``{"$device": "cpu"}``, ``{"$set": [...]}``, ``{"$frozenset": [...]}``,
+``{"$size": [...]}``, ``{"$device": "cpu"}``, and, in version 2 files, ``{"$set": [...]}``, ``{"$frozenset": [...]}``,
 ``{"$items": [[key, value], ...]}`` (a dict with keys that are not all str), ``{"$fn": "relu"}`` (a
 ``torch.nn.functional`` function) or ``{"$fn": "module.qualname"}`` (a function by name),
 ``{"$class": "module.qualname"}`` (a class, e.g. torchvision ResNet's ``_norm_layer``),
@@ -87,7 +87,10 @@ from .bits import _Corrupt
 from .codec import _encoding_name
 
 MAGIC = b"NBC1"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2          # the newest version this nbcompress writes and reads
+# Version 2 added the values table and the attribute tags below; a file that uses none of them
+# is written as version 1, which nbcompress releases before them read too.
+V2_TAGS = frozenset({"$items", "$set", "$frozenset", "$enum", "$class", "$partial", "$obj"})
 _LEN = struct.Struct("<I")
 _PREFIX_BYTES = len(MAGIC) + _LEN.size      # 8: magic + header length
 _CRC_KEY = b'{"crc32":"'                    # the header's first key: CRC-32 of header and blob,
@@ -162,10 +165,10 @@ def _where(m: nn.Module, path: str) -> str:
 # ============================================================================ the file frame
 
 def _frame(huffman: bool, root: dict, objects: list[dict], tensors: list[dict],
-           blob: bytes, values: list[dict] = ()) -> bytes:
+           blob: bytes, values: list[dict] = (), version: int = 1) -> bytes:
     """The file: magic, header length, JSON header (its CRC-32 of header and blob written in,
     zlib-compressed when that is shorter), then ``blob``."""
-    header = {"crc32": _CRC_BLANK, "format": "nbcompress", "version": FORMAT_VERSION,
+    header = {"crc32": _CRC_BLANK, "format": "nbcompress", "version": version,
               "huffman": bool(huffman), "torch": torch.__version__.split("+")[0], "root": root,
               "objects": objects, "tensors": tensors, "blob_bytes": len(blob)}
     if values:
@@ -237,9 +240,10 @@ def _read_stream(f, check_end: bool = True) -> tuple[dict, memoryview, bool]:
         raise BadInput("corrupt nbcompress file: the header is not valid JSON") from None
     if not isinstance(header, dict) or header.get("format") != "nbcompress":
         raise BadInput("not an nbcompress file (the header is not an nbcompress header)")
-    if header.get("version") != FORMAT_VERSION:
+    if header.get("version") not in range(1, FORMAT_VERSION + 1):
         raise BadInput(f"unsupported nbcompress file version {header.get('version')!r} "
-                       f"(this nbcompress reads version {FORMAT_VERSION})")
+                       f"(this nbcompress reads versions 1 to {FORMAT_VERSION}; a newer "
+                       f"nbcompress wrote it)")
     nblob = header.get("blob_bytes")
     if type(nblob) is not int or nblob < 0:
         raise BadInput("corrupt nbcompress file: bad blob length")

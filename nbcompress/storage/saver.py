@@ -19,8 +19,8 @@ from torch import nn
 
 from ..core import BadInput
 from .codec import _bits_of, _encode
-from .format import (_ALL_DTYPES, _BOOKKEEPING, _CODECS, _DERIVED, _DTYPES, _class_name, _frame,
-                     _is_hook_dict, _join, _type_name, _where, describe)
+from .format import (_ALL_DTYPES, _BOOKKEEPING, _CODECS, _DERIVED, _DTYPES, V2_TAGS, _class_name,
+                     _frame, _is_hook_dict, _join, _type_name, _where, describe)
 from .names import is_cache, is_config, name_of
 
 
@@ -41,6 +41,7 @@ class _Saver:
         self.values: list[Any] = []          # library config objects, each stored once
         self._value_of: dict[int, int] = {}
         self._keep: list[Any] = []           # (so that their ids stay theirs while saving)
+        self.version = 1                     # 2 once a value needs a version-2 tag
 
     # ------------------------------------------------------------------ tensors
     def ref(self, t: Any, name: str, where: str, provisional: bool = False) -> int:
@@ -81,11 +82,15 @@ class _Saver:
     # ------------------------------------------------------------------ attributes
     def enc(self, v: Any, what: str, depth: int = 0) -> Any:
         try:
-            return self._enc(v, what, depth)
+            out = self._enc(v, what, depth)
         except _Unsupported as e:
             if e.depth is None:
                 e.depth = depth
             raise
+        if type(out) is dict and len(out) == 1 and (
+                next(iter(out)) in V2_TAGS or "." in str(out.get("$fn", ""))):
+            self.version = 2                 # a tag nbcompress before version 2 does not read
+        return out
 
     def _enc(self, v: Any, what: str, depth: int) -> Any:
         if depth > 64:
@@ -324,7 +329,7 @@ def _build(model: nn.Module, huffman: bool) -> bytes:
         tj["seg"] = [len(s) for s in segs]
         blobs.extend(segs)
     blob = b"".join(blobs)
-    return _frame(huffman, root, objects, tensors, blob, saver.values)
+    return _frame(huffman, root, objects, tensors, blob, saver.values, saver.version)
 
 
 def save(model: nn.Module, path_or_file, *, huffman: bool = True) -> int:
