@@ -174,7 +174,13 @@ class _Saver:
         i = self._value_of[id(v)] = len(self.values)
         self._keep.append(v)
         self.values.append(None)
-        d = v.to_dict()
+        try:
+            d = v.to_dict()
+        except Exception as e:  # noqa: BLE001 - the library's failure, as the reason
+            raise _Unsupported(f"a {_type_name(v)} whose to_dict() fails ({type(e).__name__}: "
+                               f"{e})") from None
+        if type(d) is not dict:
+            raise _Unsupported(f"a {_type_name(v)} whose to_dict() is not a dict")
         state = {}
         for k, x in vars(v).items():
             try:
