@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import nbcompress
 from nbcompress.core import BadInput
 from nbcompress.data import TEXT_VOCAB, TokenSequences, text_arrays, text_loaders
+from nbcompress.report.html import history_table_html
 from nbcompress.report.tables import METRICS, compute_change
 from nbcompress.tokens import task_loss, token_kd_loss
 from nbcompress.train import evaluate, evaluation, fit
@@ -152,6 +153,9 @@ def test_prune_gpt2_with_finetune_through_the_magic(shell, trained, text):
     table = shell.run_line_magic("compress_history", "gpt2 --no-plot")
     assert list(table["perplexity"]) == pytest.approx([report.before.perplexity,
                                                        report.after.perplexity])
+    html = report.summary_html() + report.metrics_html()
+    assert "Perplexity" in html and "perplexity" in report.metrics_html()    # KPI tile, row
+    assert "perplexity" in history_table_html(table)
     print(text_out)
     shell.run_line_magic("undo", "gpt2")
     restored = shell.user_ns["gpt2"].state_dict()
