@@ -281,3 +281,43 @@ def test_blocks_are_torch_pruning_dependency_groups(name):
                for g in dg.get_all_groups(root_module_types=(torch.nn.Linear,))}
     ours = {frozenset(b.layers) for b in find_blocks(model)[0]}
     assert len(ours) == 4 and ours <= tp_sets
+
+
+class _WidthFromInput(torch.nn.Module):
+    """An attention that reads its head size from the input width (C // num_heads), as some timm
+    models do: it cannot lose a head, so it is left whole; the FFN beside it is still pruned."""
+
+    def __init__(self, dim=32, heads=4):
+        super().__init__()
+        self.num_heads, self.qkv, self.proj = heads, torch.nn.Linear(dim, 3 * dim), \
+            torch.nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads) \
+            .permute(2, 0, 3, 1, 4)
+        a = (q @ k.transpose(-2, -1)).softmax(-1)
+        return self.proj((a @ v).transpose(1, 2).reshape(B, N, C))
+
+
+class _Tiny(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb, self.attn = torch.nn.Linear(8, 32), _WidthFromInput()
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(),
+                                       torch.nn.Linear(64, 32))
+        self.head = torch.nn.Linear(32, 3)
+
+    def forward(self, x):
+        h = self.emb(x)
+        h = h + self.attn(h)
+        return self.head((h + self.mlp(h)).mean(1))
+
+
+def test_a_block_that_cannot_lose_a_head_is_left_whole():
+    x = torch.randn(2, 5, 8)
+    r = compress(_Tiny(), PruneConfig(amount=0.5, structured=True), example_input=x)
+    assert r.model.attn.num_heads == 4 and r.model.attn.qkv.out_features == 96
+    assert r.model.mlp[0].out_features == 32 and r.model(x).shape == (2, 3)
+    assert any("left whole: attn (its forward fails with fewer heads" in n for n in r.notes)

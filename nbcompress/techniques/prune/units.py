@@ -7,6 +7,8 @@ position bias) form one group. :func:`structured_pruner` picks this pruner or Ch
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
 import math
 import re
 from dataclasses import dataclass
@@ -17,6 +19,7 @@ from torch import nn
 
 from ...core import FieldError
 from ...train import eval_mode as _eval_mode
+from ...train import first_line
 from ...train import forward_batch as _forward
 from .channels import ChannelPruner
 from .criteria import BNScaleImportance, RandomImportance
@@ -42,6 +45,33 @@ def transformer_layers(model: nn.Module) -> list[str]:
     return [n for b in find_blocks(model)[0] for n in [b.name, *b.layers]]
 
 
+@torch.no_grad()
+def _probe(b: Block, captured: tuple | None) -> str | None:
+    """Why block ``b`` cannot lose a unit (its forward fails on a copy with one unit fewer, run
+    on the inputs it saw in the trace), or None. Blocks that cannot be run alone (coupled T5
+    blocks share a position bias; a copy that fails whole) are left to the step's run check."""
+    if captured is None or b.couple is not None or b.units < 2:
+        return None
+    memo: dict = {}
+    try:
+        work = copy.deepcopy(b.module, memo)
+        with _eval_mode(work):
+            work(*copy.deepcopy(captured[0]), **copy.deepcopy(captured[1]))
+    except Exception:  # noqa: BLE001 - cannot be judged alone
+        return None
+    probe = Block(b.name, work, b.unit, b.units,
+                  [dataclasses.replace(s, module=memo[id(s.module)]) for s in b.slices
+                   if id(s.module) in memo],
+                  [(memo[id(m)], a, k) for m, a, k in b.attrs if id(m) in memo])
+    slice_block(probe, torch.arange(1, b.units))
+    try:
+        with _eval_mode(work):
+            work(*copy.deepcopy(captured[0]), **copy.deepcopy(captured[1]))
+    except Exception as e:  # noqa: BLE001 - its forward reads the old size somewhere
+        return f"its forward fails with fewer {b.unit}s: {first_line(e)[:90]}"
+    return None
+
+
 @dataclass
 class _UnitGroup:
     name: str
@@ -64,13 +94,14 @@ class HeadPruner:
         self.names = {m: n for n, m in model.named_modules()}
         blocks, whole = find_blocks(model)
         self.notes: list[str] = [f"left whole: {w}" for w in whole]
-        calls, self._inside = self._trace(blocks)
+        calls, self._inside, inputs = self._trace(blocks)
         used = []
         for b in blocks:
             bad = [n for n in b.layers if calls and calls.get(n, 0) != 1]
-            if bad:
-                self.notes.append(f"left whole: {b.name} (layer {bad[0]} runs "
-                                  f"{calls.get(bad[0], 0)} times in one forward)")
+            why = f"layer {bad[0]} runs {calls.get(bad[0], 0)} times in one forward" if bad \
+                else _probe(b, inputs.get(b.module))
+            if why:
+                self.notes.append(f"left whole: {b.name} ({why})")
             else:
                 used.append(b)
         pat = re.compile(layers) if layers else None
@@ -105,9 +136,10 @@ class HeadPruner:
         the heads kept)."""
         calls: dict[str, int] = {}
         inside: dict[str, int] = {}
+        inputs: dict[nn.Module, tuple | None] = {}
         self._traced_flops = None
         if self.example_input is None:
-            return calls, inside
+            return calls, inside, inputs
         from torch.utils.flop_counter import FlopCounterMode
 
         counter = FlopCounterMode(display=False)
@@ -125,23 +157,37 @@ class HeadPruner:
                 inside[_n] = inside.get(_n, 0) + counter.get_total_flops() - starts[_n].pop()
 
             handles += [m.register_forward_pre_hook(pre), m.register_forward_hook(post)]
+
+        def keep_inputs(mod, args, kwargs):         # a block's first inputs, for _probe
+            if mod not in inputs:
+                try:
+                    inputs[mod] = copy.deepcopy((args, kwargs))
+                except Exception:  # noqa: BLE001 - not copyable: not probed
+                    inputs[mod] = None
+
+        for b in blocks:
+            handles.append(b.module.register_forward_pre_hook(keep_inputs, with_kwargs=True))
         try:
-            with torch.no_grad(), _eval_mode(self.model), counter:
-                _forward(self.model, self.example_input)
+            try:
+                with torch.no_grad(), _eval_mode(self.model), counter:
+                    _forward(self.model, self.example_input)
+                self._traced_flops = counter.get_total_flops()
+            except Exception:  # noqa: BLE001 - FLOPs not countable: count calls only
+                calls.clear(), inside.clear(), inputs.clear()
+                with torch.no_grad(), _eval_mode(self.model):
+                    _forward(self.model, self.example_input)
         except Exception as e:  # noqa: BLE001 - one line for the user
             raise FieldError(f"{{structured}}: the model does not run on the example input "
-                             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
-                             ) from None
+                             f"({type(e).__name__}: {first_line(e)})") from None
         finally:
             for h in handles:
                 h.remove()
-        self._traced_flops = counter.get_total_flops()
         core = {}
         for b in blocks:
             if b.unit == "head" and b.name in inside:
                 own = sum(inside.get(n, 0) for n in b.layers if n.startswith(b.name + "."))
                 core[b.name] = max(0, inside[b.name] - own)
-        return calls, {**{n: inside[n] for n in layer_names if n in inside}, **core}
+        return calls, {**{n: inside[n] for n in layer_names if n in inside}, **core}, inputs
 
     def _whole_note(self, blocks: list[Block]) -> str:
         sliced = {s.module for b in blocks for s in b.slices}
