@@ -25,13 +25,14 @@ from ...core import register_technique
 from .batchnorm import recalibrate_batchnorm
 from .config import CONV_MODES, LowRankConfig
 from .demo import demo_config
+from .layer import LowRank
 from .factorize import (effective_weight, relative_error, separable_factorize_conv,
                         svd_factorize_conv, svd_factorize_linear, tucker_factorize_conv,
                         tucker_ranks_limit)
 from .verbs import lowrank
 
 __all__ = [
-    "LowRankConfig", "lowrank", "demo_config", "CONV_MODES",
+    "LowRankConfig", "LowRank", "lowrank", "demo_config", "CONV_MODES",
     "svd_factorize_linear", "svd_factorize_conv", "tucker_factorize_conv",
     "separable_factorize_conv", "tucker_ranks_limit", "effective_weight", "relative_error",
     "recalibrate_batchnorm", "output_layers",

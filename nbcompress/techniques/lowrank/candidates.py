@@ -11,6 +11,7 @@ from torch import nn
 
 from ...batches import output_layers
 from ...core import BadInput, FieldError
+from ...layers import is_plain, param_owners, shared_with, subclass_notes
 
 _FACTORABLE = (nn.Linear, nn.Conv2d)
 
@@ -23,7 +24,7 @@ def candidates(model: nn.Module, layers: str | None, conv: str, example: Any = N
     ``example``: an input the model runs on, to find the classifier (:func:`output_layers`)."""
     paths: dict[int, list[str]] = {}
     for name, m in model.named_modules(remove_duplicate=False):
-        if type(m) in _FACTORABLE:
+        if is_plain(m, _FACTORABLE):         # subclasses computing the same; Conv1D a Linear
             paths.setdefault(id(m), []).append(name)
     found = [(ps[0], m, ps) for m in model.modules() if (ps := paths.get(id(m)))]
     every = [(n, m) for n, m, _ in found]
@@ -34,10 +35,10 @@ def candidates(model: nn.Module, layers: str | None, conv: str, example: Any = N
             f"only the {type(model).__name__} itself, no sub-modules"
         raise BadInput(f"no nn.Linear or nn.Conv2d layer to factorise in this "
                        f"{type(model).__name__} (found: {what})")
-    notes: list[str] = []
+    notes: list[str] = subclass_notes(model, _FACTORABLE, re.compile(layers) if layers else None)
     if conv == "none":
         convs = [n for n, m, _ in found if isinstance(m, nn.Conv2d)]
-        found = [f for f in found if isinstance(f[1], nn.Linear)]
+        found = [f for f in found if not isinstance(f[1], nn.Conv2d)]
         if not found:
             raise FieldError(f"{{conv='none'}} leaves nothing to factorise: the model's layers are "
                              f"all Conv2d ({', '.join(convs[:6])}{', ...' if len(convs) > 6 else ''})")
@@ -52,15 +53,13 @@ def candidates(model: nn.Module, layers: str | None, conv: str, example: Any = N
     else:
         found = _without_classifier(model, found, every, example, notes)
     # parameters shared with another module (weight tying) cannot be replaced in one place
-    owners: dict[int, set[str]] = {}
-    for mname, m in model.named_modules(remove_duplicate=False):
-        for pname, p in m.named_parameters(recurse=False):
-            owners.setdefault(id(p), set()).add(f"{mname}.{pname}" if mname else pname)
+    owners = param_owners(model)
     kept = []
     for name, m, ps in found:
-        shared = {o for o in owners.get(id(m.weight), ()) if not any(o == f"{p}.weight" for p in ps)}
+        shared = shared_with(m, ps, owners)
         if shared:
-            notes.append(f"kept {name}: its weight is shared with {sorted(shared)[0]}")
+            notes.append(f"kept {name}: its weight is shared with {shared[0]} (tied: "
+                         f"factorising it would untie the two)")
             continue
         kept.append((name, m, ps))
     if not kept:

@@ -14,11 +14,13 @@ from ...batches import check_loader_runs, head, peek_batch, split_batch, to_devi
 from ...core import (BadInput, CompressionResult, FieldError, StepConfig, StepContext,
                      check_still_runs, model_device)
 from ...counting import count_flops, count_params
+from ...layers import as_linear, is_conv1d
 from ...options import option
 from ...train import fit
 from .batchnorm import recalibrate_batchnorm
 from .candidates import candidates, replace
 from .factorize import _ksize, relative_error
+from .layer import LowRank
 from .plans import allocate, check_target, make_plan, parse_target
 
 __all__ = ["LowRankConfig", "CONV_MODES"]
@@ -123,7 +125,7 @@ class LowRankConfig(StepConfig):
         reachable at rank 1."""
         mode = self._mode()
         cands, _ = candidates(model, self.layers, self.conv, self._loader_example(model))
-        plans = [make_plan(n, m, self.conv) for n, m, _ in cands]
+        plans = [make_plan(n, as_linear(m), self.conv) for n, m, _ in cands]
         if mode == "rank":
             best = max(plans, key=lambda p: p.max_full())
             if self.rank > best.max_full():
@@ -175,7 +177,9 @@ class LowRankConfig(StepConfig):
         paths = {n: ps for n, _, ps in cands}
         x = to_device(ctx.example_input, ctx.device) if ctx.example_input is not None else None
         flops_before = count_flops(model, x)[2] if x is not None else {}
-        plans = [make_plan(n, m, self.conv) for n, m, _ in cands]
+        plans = [make_plan(n, as_linear(m), self.conv) for n, m, _ in cands]
+        layouts = {n: "conv1d" if is_conv1d(m) else "conv" if isinstance(m, nn.Conv2d)
+                   else "linear" for n, m, _ in cands}
         value = getattr(self, mode) if mode != "default" else None
         ranks, threshold = allocate(plans, mode, value, count_params(model)[0])
 
@@ -187,7 +191,7 @@ class LowRankConfig(StepConfig):
             if after >= p.dense_params:
                 skipped.append(f"{p.name} (rank {p.rank_text(r)}: {after:,} >= {p.dense_params:,} params)")
                 continue
-            new = p.build(r)
+            new = LowRank.of(p.build(r), p.module, layouts[p.name])
             for path in paths[p.name]:
                 replace(model, path, new)
             replaced[p.name] = new

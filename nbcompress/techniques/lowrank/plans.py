@@ -10,9 +10,10 @@ import torch
 from torch import nn
 
 from ...core import FieldError
-from .factorize import (_EPS, _cum_energy, _ksize, _rank_for_energy, _separable_svd, _svd_blocks,
-                        _tucker_spectra, separable_factorize_conv, svd_factorize_conv,
-                        svd_factorize_linear, tucker_factorize_conv, tucker_ranks_limit)
+from .factorize import (_EPS, _cum_energy, _ksize, _large, _rank_for_energy, _separable_svd,
+                        _spectrum_sq, _svd_blocks, _svd_top, _tucker_spectra,
+                        separable_factorize_conv, svd_factorize_conv, svd_factorize_linear,
+                        tucker_factorize_conv, tucker_ranks_limit)
 
 DEFAULT_ENERGY = 0.9
 
@@ -30,6 +31,7 @@ class _Plan:
         self.bias_params = int(module.bias.numel()) if module.bias is not None else 0
         self.dense_params = self.weight_params + self.bias_params
         self._cache = None
+        self._spectrum = None
 
     # shape-only facts (validate uses them before any decomposition)
     def full(self):                      # full rank: int, or (r_out, r_in) for tucker
@@ -102,19 +104,29 @@ class _SVDPlan(_Plan):
     def params(self, rank) -> int:
         return self.groups * int(rank) * (self.out_g + self.in_g) + self.bias_params
 
-    def _svd(self):
+    def _svd(self, rank):
+        """The SVD the factors come from: full (cached) for a small block, truncated to ``rank``
+        for a large one (``factorize._svd_top``)."""
+        if _large(self.out_g, self.in_g):
+            return _svd_top(self.module.weight, self.groups, rank)
         if self._cache is None:
             self._cache = _svd_blocks(self.module.weight, self.groups)
         return self._cache
 
     def cums(self):
-        _, s, _ = self._svd()
-        return [_cum_energy((s ** 2).sum(0), self.full())]
+        if self._spectrum is None:
+            if _large(self.out_g, self.in_g):
+                sq = _spectrum_sq(self.module.weight, self.groups)
+            else:
+                _, s, _ = self._svd(None)
+                sq = s ** 2
+            self._spectrum = [_cum_energy(sq.sum(0), self.full())]
+        return self._spectrum
 
     def build(self, rank):
         if isinstance(self.module, nn.Linear):
-            return svd_factorize_linear(self.module, rank, _svd=self._svd())
-        return svd_factorize_conv(self.module, rank, _svd=self._svd())
+            return svd_factorize_linear(self.module, rank, _svd=self._svd(rank))
+        return svd_factorize_conv(self.module, rank, _svd=self._svd(rank))
 
 
 class _TuckerPlan(_Plan):

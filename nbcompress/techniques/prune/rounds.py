@@ -112,7 +112,7 @@ class _WeightRounds:
 
     def __init__(self, cfg, model, ctx, imp, example, data, notes):
         self.cfg, self.model, self.imp = cfg, model, imp
-        self.targets = targets = weight_targets(model, cfg.layers)
+        self.targets = targets = weight_targets(model, cfg.layers, notes)
         self.n_sel = sum(m.weight.numel() for _, m in targets)
         zeros0 = sum(m.weight.numel() - int(torch.count_nonzero(m.weight)) for _, m in targets)
         self.start = zeros0 / self.n_sel

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ...core import FieldError
+from ...layers import is_conv1d, param_owners
 from .importance import Importance, MagnitudeImportance, get_importance
 
 __all__ = ["weight_targets", "prune_weights_"]
@@ -46,15 +47,40 @@ def _float_weight(m: nn.Module) -> bool:
     return isinstance(w, nn.Parameter) and w.is_floating_point()
 
 
-def weight_targets(model: nn.Module, layers: str | None = None) -> list[tuple[str, nn.Module]]:
-    """The (name, module) pairs weight pruning works on: Linear and Conv layers with a float
-    weight, whose name matches the ``layers`` regular expression (``re.search``) when given."""
+def _prunable(m: nn.Module) -> bool:
+    """Linear and Conv layers (subclasses included) and transformers' ``Conv1D`` (GPT-2's
+    attention and MLP: a Linear with its weight stored ``[in, out]``)."""
+    return isinstance(m, _PRUNABLE_WEIGHTS) or is_conv1d(m)
+
+
+def weight_targets(model: nn.Module, layers: str | None = None,
+                   notes: list[str] | None = None) -> list[tuple[str, nn.Module]]:
+    """The (name, module) pairs weight pruning works on: Linear, Conv and ``Conv1D`` layers with
+    a float weight, whose name matches the ``layers`` regular expression (``re.search``) when
+    given. A weight tied to a module that is not one of them (GPT-2's ``lm_head`` and its input
+    embedding) is left whole, named in ``notes``: pruning it through the head would zero part of
+    the embedding. A weight shared by several selected layers is pruned once, as one tensor."""
     pat = re.compile(layers) if layers else None
     out = []
+    owners = param_owners(model)
+    mods = dict(model.named_modules(remove_duplicate=False))
+    seen: set[int] = set()
+    tied = []
     for name, m in model.named_modules():
-        if isinstance(m, _PRUNABLE_WEIGHTS) and _float_weight(m) and m.weight.numel() > 0:
+        if _prunable(m) and _float_weight(m) and m.weight.numel() > 0:
             if pat is None or pat.search(name):
+                if id(m.weight) in seen:
+                    continue
+                others = [o for o in owners.get(id(m.weight), ())
+                          if not _prunable(mods.get(o.rpartition(".")[0], m))]
+                if others:
+                    tied.append(f"{name} (tied to {sorted(others)[0]})")
+                    continue
+                seen.add(id(m.weight))
                 out.append((name, m))
+    if tied and notes is not None:
+        notes.append("left whole, its weight is tied to a layer that is not pruned: "
+                     + ", ".join(tied))
     return out
 
 
@@ -226,7 +252,7 @@ def _mask_hook(masks):
 
 
 def _layer_list(model: nn.Module, limit: int = 8) -> str:
-    names = [n for n, m in model.named_modules() if isinstance(m, _PRUNABLE_WEIGHTS)]
+    names = [n for n, m in model.named_modules() if _prunable(m)]
     more = f", … ({len(names)} in all)" if len(names) > limit else ""
     return ", ".join(names[:limit]) + more
 

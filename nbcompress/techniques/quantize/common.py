@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ...layers import as_linear, is_conv1d, is_plain, param_owners, shared_with
+
 __all__ = ["MODES", "DTYPES", "WEIGHT_LAYERS", "DYNAMIC_LAYERS", "STATIC_LAYERS", "AUTO_LAYERS",
            "CONV_LAYERS", "DEFAULT_BITS", "DEFAULT_LR"]
 
@@ -32,12 +34,42 @@ def types_found(model: nn.Module) -> str:
 
 
 def select(model: nn.Module, kinds: tuple, pattern) -> list[tuple[str, nn.Module]]:
-    """Modules of exactly these types (a subclass may compute something else with its weight,
-    e.g. MultiheadAttention's out_proj), whose name ``pattern`` matches."""
+    """Modules of these types, subclasses included when they compute the same (``timm.layers.
+    Linear``; not MultiheadAttention's out_proj, nor a conv with a forward of its own), and
+    transformers' ``Conv1D`` as a Linear (:func:`nbcompress.layers.is_plain`), whose name
+    ``pattern`` matches."""
     out = []
     for n, m in model.named_modules():
-        if type(m) in kinds and (pattern is None or pattern.search(n)):
+        if is_plain(m, kinds) and (pattern is None or pattern.search(n)):
             out.append((n, m))
+    return out
+
+
+def prepare(model: nn.Module, targets: list, notes: list[str]) -> list[tuple[str, nn.Module]]:
+    """The targets a mode works on: a layer whose weight is tied to another module's (GPT-2's
+    ``lm_head`` and its input embedding) is left whole, named in the notes (quantizing it would
+    untie a copy, or change the embedding through the head); a transformers ``Conv1D`` becomes
+    the ``nn.Linear`` it is (same outputs) in ``model`` first."""
+    owners = param_owners(model)
+    paths: dict[int, list[str]] = {}
+    for n, m in model.named_modules(remove_duplicate=False):
+        paths.setdefault(id(m), []).append(n)
+    out, tied, conv1d = [], [], 0
+    for n, m in targets:
+        others = shared_with(m, paths.get(id(m), [n]), owners)
+        if others:
+            tied.append(f"{n} (tied to {others[0]})")
+            continue
+        if is_conv1d(m):
+            lin = as_linear(m)
+            replace(model, n, lin)
+            m, conv1d = lin, conv1d + 1
+        out.append((n, m))
+    if tied:
+        notes.append("left whole, its weight is tied to another layer's: " + ", ".join(tied))
+    if conv1d:
+        notes.append(f"{conv1d} transformers Conv1D layer{'s' if conv1d != 1 else ''} (weight "
+                     f"[in, out]) quantized as the Linear layers they are")
     return out
 
 

@@ -11,13 +11,14 @@ import torch
 from torch import nn
 
 from ...core import CompressionResult, FieldError, StepConfig, StepContext
+from ...layers import subclass_notes
 from ...errors import render
 from ...options import option
 from .cast import cast
 from .int8 import dynamic, engine, int8_kernel_backend, static
 from .lowbit import cluster, code_weights
 from .common import (AUTO_LAYERS, CONV_LAYERS, DTYPES, DYNAMIC_LAYERS, MODES, STATIC_LAYERS,
-                     WEIGHT_LAYERS, names, select, types_found)
+                     WEIGHT_LAYERS, names, prepare, select, types_found)
 
 __all__ = ["QuantizeConfig"]
 
@@ -187,7 +188,10 @@ class QuantizeConfig(StepConfig):
         pattern = self.pattern()
         if mode.startswith("dtype"):
             return cast(self, model, ctx, notes, pattern, mode.partition(":")[2] or self.dtype)
-        targets = select(model, self._layer_types(mode), pattern)
+        targets = prepare(model, select(model, self._layer_types(mode), pattern), notes)
+        notes.extend(subclass_notes(model, self._layer_types(mode), pattern))
+        if not targets:
+            raise FieldError("no layer left to quantize: " + "; ".join(notes))
         if mode == "dynamic":
             return dynamic(self, model, targets, notes)
         if mode == "static":

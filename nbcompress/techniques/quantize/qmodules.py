@@ -118,6 +118,12 @@ class QuantizedWeightLayer(nn.Module):
         return "binary" if self.bits == 1 and self.zero_point is None else "uniform"
 
     @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized weight (float32, or the bias's dtype): what code around the layer
+        reads (``F.linear(x, self.qkv.weight)``, ``self.wo.weight.dtype``) stays a tensor."""
+        return self.dequantized_weight()
+
+    @property
     def in_features(self) -> int:
         return self.codes.shape[1]
 

@@ -72,6 +72,26 @@ class _CopyByCodec:
         return _rebuild(*self._codec_parts())
 
 
+class _FloatView:
+    """What the code around a layer reads stays a tensor: ``weight`` is the dequantized float
+    weight (torch.ao's ``weight()`` method would break ``F.linear(x, self.qkv.weight)`` in
+    torchvision's Swin) and ``bias`` the float bias. A model reading them computes in float with
+    the int8-rounded weight; the layer itself runs its int8 kernel."""
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self._weight_bias()[0].dequantize()
+
+    @property
+    def bias(self):
+        return self._weight_bias()[1]
+
+    def extra_repr(self) -> str:        # torch.ao's calls weight() / bias() as methods
+        w, b = self._weight_bias()
+        return (f"in={w.shape[1]}, out={w.shape[0]}, qscheme={w.qscheme()}"
+                + ("" if b is not None else ", bias=False"))
+
+
 def _qweight_export(qw: torch.Tensor) -> tuple[dict, dict]:
     """(tensors, attributes) that describe an int8 quantized weight exactly."""
     tensors = {"weight_int8": qw.int_repr()}
@@ -130,7 +150,7 @@ def _count_qweight(qw: torch.Tensor, bias) -> tuple[int, int]:
     return p, nz
 
 
-class DynamicInt8Linear(_CopyByCodec, _nnqd.Linear):
+class DynamicInt8Linear(_FloatView, _CopyByCodec, _nnqd.Linear):
     """``torch.ao`` dynamic int8 Linear (int8 weight in a packed, backend-specific form; each
     batch of activations is quantized to uint8 on the fly with its own range), made countable
     and storable."""
@@ -257,7 +277,7 @@ class DynamicInt8GRU(_DynamicInt8RNN, _nnqd.GRU):
     """``torch.ao`` dynamic int8 GRU, countable and storable."""
 
 
-class _StaticInt8Mixin(_CopyByCodec):
+class _StaticInt8Mixin(_FloatView, _CopyByCodec):
     """Float in, float out: quantize the input with the calibrated (input_scale,
     input_zero_point), run the int8 kernel (output requantized with the calibrated output scale;
     ReLU fused when ``fused_relu``), dequantize."""
