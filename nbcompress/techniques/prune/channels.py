@@ -242,7 +242,7 @@ class ChannelPruner:
             if not idxs:
                 continue
             gi = info[name]
-            with cpl.tolerant_reshapes():
+            with cpl.mappings_frozen():
                 g = self.DG.get_pruning_group(gi.root, gi.handler, list(idxs))
             for it in g:
                 m = it.dep.target.module
@@ -286,10 +286,10 @@ class ChannelPruner:
                 break
         return (1 - orm / c if c else 1.0), 1.0
 
-    def _capped(self, gi: _GroupInfo, idxs: list[int], scores) -> list[int]:
+    def _capped(self, gi: _GroupInfo, idxs: list[int], scores) -> tuple[list[int], Any]:
         """``idxs``, or fewer of the lowest channels when removing all of them would leave a
         coupled layer (a split branch, a GhostNet half) with no channel; [] and a note when no
-        amount works or a grouped layer would lose unequal blocks."""
+        amount works or a grouped layer would lose unequal blocks. With the pruning group."""
         n0, why = len(idxs), ""
         while idxs:
             with cpl.tolerant_reshapes():
@@ -301,13 +301,13 @@ class ChannelPruner:
                 if len(idxs) < n0:
                     self._leave(gi.name, "capped: removing more would leave a coupled layer "
                                          "with no channel", "removed fewer channels of")
-                return idxs
+                return idxs, g
             if why.startswith("unequal") or gi.name not in scores:
                 break
             n = len(idxs) // 2 // gi.blocks * gi.blocks
             idxs = self._pick(gi, scores[gi.name], n) if n else []
         self._leave(gi.name, f"removing channels would break a coupled layer ({why})")
-        return []
+        return [], None
 
     def _leave(self, name: str, why: str, verb: str = "left whole") -> None:
         self._left.setdefault(f"{verb}\0{why}", []).append(name)
@@ -366,10 +366,8 @@ class ChannelPruner:
             idxs = plan.get(gi.name)
             before = gi.channels
             if idxs:
-                idxs = self._capped(gi, idxs, scores)
+                idxs, g = self._capped(gi, idxs, scores)
             if idxs:
-                with cpl.tolerant_reshapes():
-                    g = self.DG.get_pruning_group(gi.root, gi.handler, list(idxs))
                 extras = cpl.extras_of(self.DG, g)
                 g.prune()
                 cpl.follow_extras(extras, g)

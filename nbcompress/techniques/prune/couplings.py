@@ -30,7 +30,8 @@ import torch
 from torch import nn
 
 __all__ = ["channel_blocks", "block_problem", "unwrapped_parameters", "follow_extras",
-           "extras_of", "tolerant_reshapes", "recording_reshapes", "all_groups", "cut_opaque", "opaque_in",
+           "extras_of", "tolerant_reshapes", "recording_reshapes", "mappings_frozen",
+           "all_groups", "cut_opaque", "opaque_in",
            "index_problem", "is_depthwise"]
 
 _STANDARD = {"weight", "bias", "running_mean", "running_var", "num_batches_tracked"}
@@ -215,12 +216,30 @@ def tolerant_reshapes():
             setattr(im, k, f)
 
 
+@contextlib.contextmanager
+def mappings_frozen():
+    """torch-pruning recomputes every index mapping of the graph for each group it builds (on
+    DenseNet most of the time); while the graph does not change (listing groups, dry-run counts)
+    once is enough."""
+    from torch_pruning.dependency import index_mapping as im
+
+    orig = im.update_index_mapping
+    im.update_index_mapping = lambda graph: None
+    try:
+        yield
+    finally:
+        im.update_index_mapping = orig
+
+
 def all_groups(DG, ignored: list, root_types: tuple):
     """torch-pruning's ``get_all_groups``, one root at a time: yields ``(root, group, None)``, or
     ``(root, None, error)`` for a root whose group torch-pruning cannot build (the rest still
     come)."""
     visited = set()
     ignored = list(ignored) + list(DG.IGNORED_LAYERS_IN_TRACING)
+    with tolerant_reshapes():
+        from torch_pruning.dependency import index_mapping as im
+        im.update_index_mapping(DG)
     for m in list(DG.module2node):
         if m in ignored or not isinstance(m, root_types) or m in visited:
             continue
@@ -228,7 +247,7 @@ def all_groups(DG, ignored: list, root_types: tuple):
         if pruner is None or pruner.get_out_channels(m) is None:
             continue
         try:
-            with tolerant_reshapes():
+            with mappings_frozen():
                 group = DG.get_pruning_group(m, pruner.prune_out_channels,
                                              list(range(pruner.get_out_channels(m))))
         except Exception as e:  # noqa: BLE001 - this group stays whole, the others go on
