@@ -1,9 +1,9 @@
 """The zoo matrix's fast subset (issue 15, part 8): a few library models per family x every step.
 
 Each case runs one step of ``benchmarks/bench_zoo.py`` (the same code as the full sweep) on a fresh
-copy of a random-weight model and asserts it passes or is refused in one clear line: never a
-crash (another exception, or a refusal of several lines) and never a broken model (a step that
-returns a model that no longer runs, or a save / load or undo that is not bit-identical).
+copy of a random-weight model and asserts it passes: a crash, a broken model (a step that returns
+a model that no longer runs, or a save / load or undo that is not bit-identical) or a refusal
+fails it. Only early exits may be refused, in one clear line (not every model is sequential).
 Known failures are ``xfail(strict=True)`` with their reason, so the test fails (XPASS) the day
 they are fixed and the mark must go. torchvision / timm cases skip where those libraries do not
 import (torch 2.13 CPU); transformers cases run wherever transformers is installed. CI sets
@@ -24,8 +24,13 @@ zoo = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(zoo)
 
 MODELS = [(group, name) for group, names in zoo.FAST.items() for name in names]
-# (group, name, step): why it fails today. Remove a line when its case XPASSes.
+# Steps where a one-line refusal is the right answer on some of these models: early exits need a
+# sequential model of tensor inputs (ViT holds its own cls_token; HF models take dicts).
+REFUSAL_OK = {"earlyexit"}
+# (group, name, step): why it is refused today though it should pass (xfail, strict: the case
+# XPASSes, and fails, the day it is fixed; then remove its line).
 KNOWN: dict[tuple[str, str, str], str] = {}
+# (GPT-2 lowrank, part 5, and T5 4-bit, part 6, were here until d744393 fixed them)
 
 
 def _libs_or_skip(group: str) -> None:
@@ -74,9 +79,11 @@ def test_zoo_step(group, name, step):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         status, reason, _ = zoo.cell(step, model, example, loader, ref_out, done)
-    assert status in ("pass", "refused", "n/a"), f"{status}: {reason}"
-    if status != "pass":
-        assert reason and "\n" not in reason and "Traceback" not in reason
+    if step in REFUSAL_OK:
+        assert status in ("pass", "refused", "n/a"), f"{status}: {reason}"
+        assert status == "pass" or (reason and "\n" not in reason and "Traceback" not in reason)
+    else:
+        assert status == "pass", f"{status}: {reason}"
 
 
 def test_matrix_covers_what_the_issue_asks():
