@@ -229,6 +229,8 @@ def _attention(name: str, m: nn.Module, names: dict, parent: nn.Module | None):
 
 def _ffn(name: str, m: nn.Module, names: dict):
     if isinstance(m, nn.Sequential):            # torchvision MLPBlock: Linear, act, ..., Linear
+        if hasattr(m, "weight"):                # a layer made of layers (a low-rank factorisation)
+            return None
         dense = [c for c in m if isinstance(c, nn.Linear)]
         rest = [c for c in m if not isinstance(c, nn.Linear)]
         if len(dense) != 2 or any(any(True for _ in c.parameters()) for c in rest):
