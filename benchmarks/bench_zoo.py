@@ -376,8 +376,12 @@ def _child(conn, group, name, timeout, steps):
     os.environ.update(NBCOMPRESS_STRICT="1", NBCOMPRESS_DISPLAY="text", MPLBACKEND="Agg")
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 1), os.dup2(devnull, 2)         # progress bars and warnings: not ours
+    import resource
+
     try:
         worker(group, name, timeout, steps, emit=lambda **row: conn.send(row))
+        ru = resource.getrusage(resource.RUSAGE_SELF)     # CPU time: meaningful on a busy machine
+        conn.send({"step": "_cpu", "seconds": round(ru.ru_utime + ru.ru_stime, 1)})
     finally:
         conn.close()
 
@@ -431,12 +435,14 @@ def poll_model(job, steps) -> dict | None:
         job["p"].kill()
     job["p"].join()
     rows = job["rows"]
+    cpu = rows.pop("_cpu", {}).get("seconds")
     for s in ["build"] + steps:
         if s not in rows:
             rows[s] = ({"status": "timeout", "reason": "model over its time limit"} if over else
                        {"status": "crash", "reason": f"worker died (exit {job['p'].exitcode})"})
     return {"group": job["group"], "model": job["name"],
-            "seconds": round(time.perf_counter() - job["t0"], 1), "steps": rows}
+            "seconds": round(time.perf_counter() - job["t0"], 1), "cpu_seconds": cpu,
+            "steps": rows}
 
 
 def sweep(models, timeout, steps, jobs, report) -> list[dict]:
