@@ -2,7 +2,10 @@
 
 Architecture design compresses by changing the form of a layer: a Linear becomes two Linears
 through ``r`` units (truncated SVD); a ``k x k`` Conv2d becomes an SVD pair, a Tucker-2 triple or
-a depthwise-separable pair (``conv``), each an ``nn.Sequential`` of standard layers.
+a depthwise-separable pair (``conv``), each a :class:`LowRank` (an ``nn.Sequential`` of
+standard layers whose ``weight``, ``bias`` and shape attributes are the original's, so model code
+reading ``self.qkv.weight`` keeps running). Linear subclasses computing the same and transformers'
+``Conv1D`` are factorised as Linears; a weight tied to another module is kept whole.
 
 Ranks come from one of ``rank`` (absolute), ``ratio`` (a fraction of each layer's full rank),
 ``energy`` (the share of squared singular values kept) or ``target_params`` (a parameter budget for
@@ -15,7 +18,8 @@ unless ``layers`` selects it, and the notes say so.
 
 Files: ``config.py`` (the options, their checks, ``run``), ``candidates.py`` (which layers),
 ``plans.py`` (per-layer plans, rank allocation, ``target_params``), ``factorize.py`` (the SVD,
-Tucker-2 and separable factorisations, reconstruction error), ``batchnorm.py`` (BatchNorm
+Tucker-2 and separable factorisations, reconstruction error; large layers without a full SVD),
+``layer.py`` (:class:`LowRank`), ``batchnorm.py`` (BatchNorm
 statistics re-estimated), ``verbs.py`` (:func:`lowrank`), ``demo.py``.
 """
 from __future__ import annotations

@@ -12,8 +12,8 @@ units (``r*(M+N)`` weights) by a truncated SVD ``W ~ U_r S_r V_r^T``. A ``k x k`
   multiplier) then a pointwise ``1 x 1`` conv, fitted to the original kernel by the per-channel SVD,
   which is its least-squares optimum.
 
-Every replacement is an ``nn.Sequential`` of standard ``nn.Linear`` / ``nn.Conv2d`` (so the safe
-storage format rebuilds it with nothing custom); groups, stride, padding, dilation, padding mode
+Every replacement is an ``nn.Sequential`` of standard ``nn.Linear`` / ``nn.Conv2d`` (``config.py``
+wraps it in :class:`.layer.LowRank`, which reads like the original layer); groups, stride, padding, dilation, padding mode
 and bias are kept, and at full rank each one reproduces the original layer's outputs to float
 tolerance. The first factor never has a bias and the last keeps the original bias.
 """
