@@ -244,3 +244,24 @@ def test_bad_input_is_one_line_before_any_work(shell, trained, text):
                  DataLoader(TensorDataset(train_ids[:8].float(), train_ids[:8, 0]), batch_size=4),
                  metric="perplexity")
     assert _same(gpt, before_gpt) and _same(kw, before_kw)
+
+
+@pytest.mark.parametrize("importance,structured", [("taylor", True), ("taylor", False),
+                                                   ("hessian", False)])
+def test_importance_measured_on_data_scores_a_language_model(trained, text, importance,
+                                                             structured):
+    """Taylor / Hessian importance take their gradients from the token-level loss (shifted,
+    -100 ignored), as fit does, not from a classifier's cross-entropy on [B, T, V] scores."""
+    train, test, train_ids, _ = text
+    if importance == "hessian":      # per-sample gradients: tensor inputs (ids, ids) only
+        train = DataLoader(TensorDataset(train_ids, train_ids), batch_size=8)
+    model = copy.deepcopy(trained[0])
+    before = sum(p.numel() for p in model.parameters())
+    pruned = nbcompress.prune(model, 0.3, structured=structured, importance=importance,
+                              data=train, importance_batches=2)
+    assert evaluate(pruned, test, metric="perplexity") < 1e4
+    if structured:
+        assert sum(p.numel() for p in pruned.parameters()) < before
+    else:
+        assert sum(int((p != 0).sum()) for p in pruned.parameters()) < \
+            0.9 * sum(int((p != 0).sum()) for p in model.parameters())

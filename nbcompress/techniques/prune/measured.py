@@ -4,11 +4,11 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ...core import BadInput, FieldError
 from ...train import forward_batch as _forward
+from ...tokens import task_loss
 from ...train import logits_of
 from .criteria import Importance, _batches, group_layers
 
@@ -58,7 +58,7 @@ class TaylorImportance(_GradientStats):
                     if y is None:
                         raise FieldError("{importance='taylor'} needs labelled batches (x, y)")
                     model.zero_grad(set_to_none=True)
-                    loss = F.cross_entropy(logits_of(_forward(model, x)).float(), y)
+                    loss = task_loss(logits_of(_forward(model, x)), x, y)
                     loss.backward()
                     for k, p in params.items():
                         if p.grad is not None:
@@ -130,7 +130,7 @@ class HessianImportance(_GradientStats):
 
             def loss_one(p, x, y):
                 out = functional_call(model, ({**p}, buffers), (x.unsqueeze(0),))
-                return F.cross_entropy(logits_of(out).float(), y.unsqueeze(0))
+                return task_loss(logits_of(out), x.unsqueeze(0), y.unsqueeze(0))
 
             g = vmap(grad(loss_one), in_dims=(None, 0, 0))(detached, xs, ys)
             for k, v in g.items():
@@ -142,7 +142,7 @@ class HessianImportance(_GradientStats):
             pass
         for j in range(xs.shape[0]):
             model.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(logits_of(_forward(model, xs[j:j + 1])).float(), ys[j:j + 1])
+            loss = task_loss(logits_of(_forward(model, xs[j:j + 1])), xs[j:j + 1], ys[j:j + 1])
             loss.backward()
             for k, p in params.items():
                 if p.grad is not None:

@@ -4,11 +4,11 @@ fine-tune with the zeros kept. One round loop serves both kinds: a :class:`_Weig
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ...core import BadInput, CompressionResult, FieldError, StepContext
 from ...train import forward_batch as _forward
+from ...tokens import task_loss
 from ...train import output_layers
 from .channels import ChannelPruner, _check_runs, _shared_layer
 from .heads import is_transformer
@@ -94,7 +94,7 @@ def _sparsity_reg(cfg, model: nn.Module, ctx: StepContext, notes: list) -> dict:
         from ...train import split_batch
 
         x, y = split_batch(batch)
-        loss = F.cross_entropy(logits_of(_forward(mdl, x)).float(), y)
+        loss = task_loss(logits_of(_forward(mdl, x)), x, y)
         return loss + lam * sum(b.weight.abs().sum() for b in bns)
 
     _finetune(cfg, model, ctx, None, "sparsity-reg", round_no=1000, loss_fn=reg_loss)
