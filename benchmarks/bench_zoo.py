@@ -222,16 +222,19 @@ def undo_through_magics(model, example, loader, ref_out):
 
     sh = InteractiveShell.instance()
     sh.run_line_magic("load_ext", "nbcompress")
-    sh.user_ns.update(m=copy.deepcopy(model), loader=loader)
+    # a fresh name per model: the shell remembers each name's example input and evaluator
+    name = f"m{len(sh.user_ns.get('_zoo_names', []))}"
+    sh.user_ns.setdefault("_zoo_names", []).append(name)
+    sh.user_ns.update({name: copy.deepcopy(model), "loader": loader})
     if isinstance(example, dict):
-        sh.run_line_magic("nbcompress", "m --eval loader")
+        sh.run_line_magic("nbcompress", f"{name} --eval loader")
     else:
-        sh.run_line_magic("nbcompress", "m --input-shape " + ",".join(map(str, example.shape)))
-    sh.run_line_magic("prune", "m 0.5")
-    if same_state(sh.user_ns["m"], model):
-        raise Broken("%prune m 0.5 left the weights unchanged")
-    sh.run_line_magic("undo", "m")
-    back = sh.user_ns["m"]
+        sh.run_line_magic("nbcompress", f"{name} --input-shape " + ",".join(map(str, example.shape)))
+    sh.run_line_magic("prune", f"{name} 0.5")
+    if same_state(sh.user_ns[name], model):
+        raise Broken("%prune 0.5 left the weights unchanged")
+    sh.run_line_magic("undo", name)
+    back = sh.user_ns.pop(name)
     if not same_state(back, model):
         raise Broken("%undo did not restore the original state bit-identically")
     if not (check_runs(back, ref_out, example) == ref_out).all():

@@ -263,8 +263,10 @@ def test_dynamic_int8_on_convs_only_is_still_refused(shell):
 
 # ----------------------------------------------------------- a step never hands back a broken model
 class _ReadsWeights(nn.Module):
-    """A user's model whose forward reads a layer's .weight itself (as Swin's and ViT's code
-    paths do): replacing that layer by an int8 kernel or a factorised pair breaks it."""
+    """A user's model whose forward reads a layer's own parameters (``fc2.parameters()``): a
+    replacement cannot keep them (an int8 kernel has none, a factorised pair has two weights),
+    so replacing that layer breaks the model. (A model reading ``fc2.weight`` keeps working:
+    replaced layers keep ``.weight``, tests/test_real_layers.py.)"""
 
     def __init__(self):
         super().__init__()
@@ -274,7 +276,8 @@ class _ReadsWeights(nn.Module):
 
     def forward(self, x):
         h = torch.relu(self.fc1(x.flatten(1)))
-        return torch.nn.functional.linear(h, self.fc2.weight, self.fc2.bias)
+        w, b = self.fc2.parameters()
+        return torch.nn.functional.linear(h, w, b)
 
 
 @pytest.mark.parametrize("config", [QuantizeConfig(mode="dynamic"),
