@@ -226,3 +226,10 @@ def test_timm_linear_and_edgenext():
     assert any(isinstance(mod, LowRank) for mod in out.modules())
     with torch.no_grad():
         assert torch.isfinite(out(xe)).all()
+
+
+def test_int8_linear_prints_like_torch():
+    """The int8 Linear keeps torch.ao's text (its own extra_repr called weight() as a method)."""
+    q = nbcompress.quantize(nn.Sequential(nn.Linear(12, 5)), example_input=torch.randn(1, 12))
+    assert repr(q[0]).endswith("(in_features=12, out_features=5, dtype=torch.qint8, "
+                               "qscheme=torch.per_tensor_affine)")

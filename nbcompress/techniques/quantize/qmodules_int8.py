@@ -86,10 +86,13 @@ class _FloatView:
     def bias(self):
         return self._weight_bias()[1]
 
-    def extra_repr(self) -> str:        # torch.ao's calls weight() / bias() as methods
-        w, b = self._weight_bias()
-        return (f"in={w.shape[1]}, out={w.shape[0]}, qscheme={w.qscheme()}"
-                + ("" if b is not None else ", bias=False"))
+    def extra_repr(self) -> str:
+        """torch.ao's text (``in_features=..., out_features=..., dtype=..., qscheme=...``); its own
+        extra_repr calls ``weight()`` as a method, which is a tensor here."""
+        w, _ = self._weight_bias()
+        text = (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"dtype={self._packed_params.dtype}")
+        return text + (f", qscheme={w.qscheme()}" if w.dtype == torch.qint8 else "")
 
 
 def _qweight_export(qw: torch.Tensor) -> tuple[dict, dict]:
