@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ...layers import is_conv1d
+
 __all__ = ["Block", "find_blocks", "is_transformer", "slice_block"]
 
 _HEAD_ATTRS = ("num_attention_heads", "n_heads", "num_heads")
@@ -37,15 +39,10 @@ _FFN = ((("fc1",), "fc2"), (("lin1",), "lin2"), (("c_fc",), "c_proj"), (("wi",),
 _HEAD_TABLES = ("relative_position_bias_table", "relative_attention_bias")
 
 
-def _is_conv1d(m: nn.Module) -> bool:
-    """transformers' ``Conv1D``: a Linear whose weight is stored [in, out]."""
-    return type(m).__name__ == "Conv1D" and hasattr(m, "nf") and hasattr(m, "nx")
-
-
 def _is_dense(m) -> bool:
     """A plain float Linear / Conv1D (not a compressed or quantized replacement)."""
     w = getattr(m, "weight", None)
-    return (isinstance(m, nn.Linear) or _is_conv1d(m)) and isinstance(w, nn.Parameter) and \
+    return (isinstance(m, nn.Linear) or is_conv1d(m)) and isinstance(w, nn.Parameter) and \
         w.is_floating_point() and not getattr(m, "_nbc_weight_buffers", None)
 
 
@@ -55,7 +52,7 @@ def _is_norm(m) -> bool:
 
 
 def _out_dim(m: nn.Module) -> int:
-    return 1 if _is_conv1d(m) else 0
+    return 1 if is_conv1d(m) else 0
 
 
 def _n_out(m: nn.Module) -> int:
@@ -321,7 +318,7 @@ def _fix_sizes(m: nn.Module) -> None:
         return
     if isinstance(m, nn.Linear):
         m.out_features, m.in_features = w.shape[0], w.shape[1]
-    elif _is_conv1d(m):
+    elif is_conv1d(m):
         m.nx, m.nf = w.shape[0], w.shape[1]
     elif isinstance(m, nn.LayerNorm):
         m.normalized_shape = (w.shape[0],)
