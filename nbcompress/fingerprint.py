@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import itertools
+import weakref
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -105,4 +107,104 @@ def host_copy(model: nn.Module) -> nn.Module:
             if isinstance(t, nn.Parameter):
                 c = nn.Parameter(c, requires_grad=t.requires_grad)
             memo[id(t)] = c
-    return copy.deepcopy(model, memo)
+    out = copy.deepcopy(model, memo)
+    MEMO.carry(memo)
+    return out
+
+
+# ------------------------------------------------------------------ per-tensor results
+class TensorMemo:
+    """Results computed from one tensor's values (its nonzero count, how :mod:`.storage` packs it),
+    kept for as long as the tensor keeps exactly those values, so measuring a model again after a
+    step recomputes only what the step changed.
+
+    An entry belongs to the tensor *object* (a weak reference: it goes when the tensor goes) and
+    is valid while the tensor still has the same storage address, in-place version counter, shape,
+    strides, dtype and content sum (:func:`_content_sum`, which also sees ``.data`` edits the
+    version counter misses). ``carry(memo)`` hands the entries of tensors that ``copy.deepcopy(...,
+    memo)`` copied to their copies (a copy has the same values), so the history's records and
+    handed-out copies reuse what was measured on the original.
+
+    Inside ``with MEMO.trusting():`` a tensor validated once is not summed again (one measurement
+    asks several questions of each tensor; nothing changes the model meanwhile)."""
+
+    def __init__(self):
+        self._entries: dict[int, tuple] = {}      # id(t) -> (weakref, key, results)
+        self._trusted: dict[int, tuple] | None = None
+
+    @staticmethod
+    def _ident(t: torch.Tensor) -> tuple:
+        try:
+            version = t._version
+        except RuntimeError:              # inference tensors carry no version counter
+            version = -1
+        strided = t.layout == torch.strided and not t.is_quantized
+        return (t.data_ptr() if strided else 0, version, tuple(t.shape),
+                tuple(t.stride()) if strided else (), t.dtype, t.device.type)
+
+    def _key(self, t: torch.Tensor) -> tuple:
+        ident = self._ident(t)
+        if self._trusted is not None:
+            hit = self._trusted.get(id(t))
+            if hit is not None and hit[0] == ident:
+                return hit[1]
+        key = (ident, int(_content_sum(t)))
+        if self._trusted is not None:
+            self._trusted[id(t)] = (ident, key, t)
+        return key
+
+    def results(self, t: torch.Tensor) -> dict:
+        """The results dict for ``t``'s current values (empty when they changed or are new);
+        callers read and fill it under their own keys."""
+        if not isinstance(t, torch.Tensor):
+            return {}
+        key = self._key(t)
+        got = self._entries.get(id(t))
+        if got is not None and got[0]() is t and got[1] == key:
+            return got[2]
+        results: dict = {}
+        self._store(t, key, results)
+        return results
+
+    def _store(self, t: torch.Tensor, key: tuple, results: dict) -> None:
+        i = id(t)
+
+        def gone(_ref, _i=i, entries=self._entries):
+            e = entries.get(_i)
+            if e is not None and e[0]() is None:
+                del entries[_i]
+
+        try:
+            ref = weakref.ref(t, gone)
+        except TypeError:                 # (a tensor type without weak references: no memo)
+            return
+        self._entries[i] = (ref, key, results)
+
+    def carry(self, memo: dict) -> None:
+        """After ``copy.deepcopy(obj, memo)``: each known tensor that was copied (``memo[id(t)]``,
+        same shape and dtype) gets a copy of its results, keyed by the copy's own identity."""
+        for i, (ref, key, results) in list(self._entries.items()):
+            t = ref()
+            new = memo.get(i)
+            if t is None or not results or not isinstance(new, torch.Tensor) or new is t:
+                continue
+            if new.shape != t.shape or new.dtype != t.dtype or key[0] != self._ident(t):
+                continue
+            self._store(new, (self._ident(new), key[1]), dict(results))
+
+    @contextmanager
+    def trusting(self):
+        outer = self._trusted
+        if outer is None:
+            self._trusted = {}
+        try:
+            yield self
+        finally:
+            if outer is None:
+                self._trusted = None
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+
+MEMO = TensorMemo()
