@@ -19,6 +19,7 @@ from torch import nn
 
 from .errors import (BadInput, EvaluatorError, ExampleInputError, FieldError, NBCompressError,
                      python_name, render)
+from .fingerprint import MEMO
 from .options import check_fields, is_int, options_of, unknown_option
 
 __all__ = ["NBCompressError", "BadInput", "EvaluatorError", "ExampleInputError", "FieldError",
@@ -188,7 +189,10 @@ def compress(model: nn.Module, config: StepConfig, *, ctx: StepContext | None = 
         ctx = StepContext(device=resolve_device(device if device is not None else config.device),
                           origin_device=origin, evaluator=evaluator,
                           example_input=example_input, progress=config.progress)
-    work = copy.deepcopy(model).to(ctx.device)
+    memo: dict = {}
+    work = copy.deepcopy(model, memo)
+    MEMO.carry(memo)              # what was measured on the model holds for its copy
+    work = work.to(ctx.device)
     result = config.run(work, ctx)
     # notes may name options as field templates ("use {layers} to include it"): spelled for
     # the caller, like FieldError messages

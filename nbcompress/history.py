@@ -40,7 +40,7 @@ from torch import nn
 
 from .core import (BadInput, CompressionResult, EvaluatorError, ExampleInputError, StepConfig,
                    StepContext, _to_device, compress, model_device, resolve_device)
-from .fingerprint import _model_bytes, _same_state, host_copy, state_fingerprint
+from .fingerprint import MEMO, _model_bytes, _same_state, host_copy, state_fingerprint
 from .latency import check_latency_mode
 from .options import magic_spelling
 from .metrics import Metrics, check_evaluator, example_from, measure
@@ -62,6 +62,8 @@ class Version:
     spill_path: str | None = None
     magic: str | None = None        # the magic line that made it, when made by a magic
     nbytes: int = 0                 # bytes of the record's tensors
+    overhead: float = 0.0           # seconds the step spent besides the technique (measuring,
+    #                                 recording, fingerprinting): its bookkeeping
 
     def __post_init__(self):
         if self.record is not None and not self.nbytes:
@@ -102,8 +104,9 @@ class History:
         self._depth = 0                          # open transactions (only the outermost restores)
         self._pending_forget: list[Version] = []
         self._spill_dir: str | None = None
-        self.versions: list[Version] = [Version(record=host_copy(model), metrics=None,
-                                                home_device=str(model_device(model)))]
+        self.versions: list[Version] = []
+        self.versions.append(self._new_version(model, metrics=None,
+                                               home_device=str(model_device(model))))
         self.pos = 0
         self.live = model
         self._live_fp = state_fingerprint(model)
@@ -247,10 +250,11 @@ class History:
             return False
         if _same_state(self.live, self._record(self.current_version)):
             self._live_fp = fp
+            self.enforce_budget()          # (a record read back from disk to compare)
             return False
-        self._push(Version(record=host_copy(self.live), metrics=None, technique="edited",
-                           args="outside nbcompress (weights changed in place)",
-                           home_device=str(model_device(self.live))), self.live)
+        self._push(self._new_version(self.live, metrics=None, technique="edited",
+                                     args="outside nbcompress (weights changed in place)",
+                                     home_device=str(model_device(self.live))), self.live)
         return True
 
     def observe(self, model: nn.Module) -> None:
@@ -262,9 +266,9 @@ class History:
             return
         if not isinstance(model, nn.Module):
             raise BadInput(f"{self.name} is a {type(model).__name__}, not a torch.nn.Module")
-        self._push(Version(record=host_copy(model), metrics=None, technique="assigned",
-                           args="(rebound outside nbcompress)",
-                           home_device=str(model_device(model))), model)
+        self._push(self._new_version(model, metrics=None, technique="assigned",
+                                     args="(rebound outside nbcompress)",
+                                     home_device=str(model_device(model))), model)
 
     def metrics_of(self, version: Version) -> Metrics:
         """The version's metrics, measured now if never measured (or its settings changed). The
@@ -283,9 +287,11 @@ class History:
         """Run ``config`` on the current model as a transaction; returns a StepReport."""
         from .report import StepReport
 
+        start = time.perf_counter()
         with self.transaction():
             self.sync()
             model = self.live
+            self._check_room(model)
             before = self.metrics_of(self.current_version)
             if progress is not None:
                 config.progress = progress
@@ -306,14 +312,17 @@ class History:
             after = self._measure(new)
             beside = {label: self._measure(m) for label, m in result.compare.items()}
             result.compare = {}   # do not keep other models alive in the history
-            self._push(Version(record=host_copy(new), metrics=after, technique=config.technique,
-                               args=config.describe(), config=config, result=result,
-                               seconds=seconds, home_device=str(model_device(new)), magic=magic),
-                       new)
+            made = self._new_version(new, metrics=after, technique=config.technique,
+                                     args=config.describe(), config=config, result=result,
+                                     seconds=seconds, home_device=str(model_device(new)),
+                                     magic=magic)
+            self._push(made, new)
+            table = self.table(sync=False)       # nothing can have changed since the push
+            made.overhead = time.perf_counter() - start - seconds
             return StepReport(name=self.name, kind="step", technique=config.technique,
                               args=config.describe(), before=before, after=after, result=result,
                               version=self.pos, n_versions=len(self.versions),
-                              history=self.table(), extra_models=beside)
+                              history=table, extra_models=beside)
 
     def _push(self, version: Version, live: nn.Module) -> None:
         dropped = self.versions[self.pos + 1:]
@@ -377,12 +386,65 @@ class History:
                               n_versions=len(self.versions), history=self.table())
 
     # ------------------------------------------------------------------ memory budget
+    def _host_total(self) -> int:
+        return sum(v.nbytes for v in self.versions if v.where == "host" and v.record is not None)
+
+    def _new_version(self, model: nn.Module, **fields) -> Version:
+        """A version whose record is ``model``'s values now: a host copy when it fits in
+        ``host_budget_bytes`` (older records are spilled first, oldest first, to make room), else
+        written straight to the spill directory, so a model larger than the budget never has a
+        second copy in host memory."""
+        nbytes = _model_bytes(model)
+        room = self.host_budget_bytes - self._host_total()
+        if nbytes > room:
+            for v in self._spill_order():
+                if self._spill(v):
+                    room += v.nbytes
+                if nbytes <= room:
+                    break
+        if nbytes <= room:
+            return Version(record=host_copy(model), nbytes=nbytes, **fields)
+        v = Version(record=None, nbytes=nbytes, **fields)
+        if self._write(v, model):
+            return v
+        v.record, v.where = host_copy(model), "host"    # cannot be written: kept in memory
+        return v
+
+    def _spill_order(self) -> list[Version]:
+        """Records in host memory, the order they go to disk: oldest first, the current last."""
+        in_host = [v for i, v in enumerate(self.versions) if v.where == "host" and i != self.pos
+                   and v.record is not None]
+        if self.versions and self.current_version.where == "host" and \
+                self.current_version.record is not None:
+            in_host.append(self.current_version)
+        return in_host
+
+    def _check_room(self, model: nn.Module) -> None:
+        """Before a step: its result (at most about the size of ``model``) must fit in the host
+        budget or on the spill disk; otherwise a clear error now, before any work."""
+        need = _model_bytes(model)
+        if need <= self.host_budget_bytes - self._host_total():
+            return
+        directory = self._spill_dir or tempfile.gettempdir()
+        try:
+            free_disk = shutil.disk_usage(directory).free
+        except OSError:
+            free_disk = 0
+        if need + (1 << 26) <= free_disk:      # it, or the older records it displaces, on disk
+            return
+        from .report.format import format_bytes
+
+        raise BadInput(f"no room to record the next version of {self.name}: it needs about "
+                       f"{format_bytes(need)}, the history's host budget "
+                       f"({format_bytes(self.host_budget_bytes)}; NBCOMPRESS_HOST_BUDGET or "
+                       f"History(host_budget_bytes=...)) is full and {directory} has "
+                       f"{format_bytes(free_disk)} free; free disk space (or set TMPDIR) or raise "
+                       f"the budget. Nothing was changed")
+
     def enforce_budget(self) -> None:
         """Spill records to disk, oldest first (the current one last), while the records in host
         memory exceed ``host_budget_bytes``."""
-        in_host = [v for i, v in enumerate(self.versions) if v.where == "host" and i != self.pos]
-        if self.current_version.where == "host":
-            in_host.append(self.current_version)
+        in_host = self._spill_order()
         total = sum(v.nbytes for v in in_host)
         for v in in_host:
             if total <= self.host_budget_bytes:
@@ -391,16 +453,28 @@ class History:
                 total -= v.nbytes
 
     def _spill(self, v: Version) -> bool:
+        if v.where == "disk" or v.record is None:
+            return False
+        if not self._write(v, v.record):
+            return False
+        v.record = None
+        return True
+
+    def _write(self, v: Version, model: nn.Module) -> bool:
+        """Write ``model`` as ``v``'s record on disk. A failure (an unpicklable model, a full
+        disk) or Ctrl-C leaves no file and ``v`` as it was; Ctrl-C is then raised again."""
         if self._spill_dir is None:
             self._spill_dir = tempfile.mkdtemp(prefix="nbcompress-history-")
         path = os.path.join(self._spill_dir, f"v{id(v)}.pt")
         try:
-            torch.save(v.record, path)
-        except Exception:  # noqa: BLE001 - an unpicklable model simply stays in memory
+            torch.save(model, path)
+        except BaseException as e:  # noqa: BLE001 - an unwritable model simply stays in memory
             if os.path.exists(path):
                 os.remove(path)
+            if not isinstance(e, Exception):
+                raise
             return False
-        v.spill_path, v.record, v.where = path, None, "disk"
+        v.spill_path, v.where = path, "disk"
         return True
 
     def _record(self, v: Version) -> nn.Module:
@@ -413,8 +487,17 @@ class History:
         return v.record
 
     def _handout(self, v: Version) -> nn.Module:
-        """A fresh copy of the version's record on its home device: what the name is bound to."""
-        model = copy.deepcopy(self._record(v))
+        """A fresh copy of the version's record on its home device: what the name is bound to.
+        A record on disk is read into a fresh model that is handed out as it is (the file stays
+        the record: no second copy in host memory)."""
+        if v.where == "disk":
+            model = torch.load(v.spill_path, weights_only=False, map_location="cpu")
+            if not v.home_device.startswith("cpu"):
+                model = _to_device(model, v.home_device)
+            return model
+        memo: dict = {}
+        model = copy.deepcopy(self._record(v), memo)
+        MEMO.carry(memo)
         if not v.home_device.startswith("cpu"):
             model = _to_device(model, v.home_device)
         return model
@@ -435,11 +518,13 @@ class History:
             pass
 
     # ------------------------------------------------------------------ table
-    def table(self) -> pd.DataFrame:
+    def table(self, *, sync: bool = True) -> pd.DataFrame:
         """Row 0 the baseline, then one row a version: technique, args, sizes, FLOPs, latency,
         accuracy, and deltas against the baseline. Unmeasured versions show None (measuring every
-        version would load spilled ones; the current and baseline are always measured)."""
-        self.sync()
+        version would load spilled ones; the current and baseline are always measured).
+        ``sync=False``: the caller has just recorded the live model (no edit to look for)."""
+        if sync:
+            self.sync()
         if self.versions[0].where != "disk":
             self.metrics_of(self.versions[0])
         self.metrics_of(self.current_version)
