@@ -11,6 +11,16 @@ parameters (``nbc_count``) and says its bits (``nbc_bits``). The static layers t
 and return float output (quantize, int8 kernel, dequantize), so they drop into any model without
 rewriting its ``forward``. Importing this module teaches the FLOP counter the int8 ops
 (:mod:`.flops`).
+
+**Cheap to look at.** torch.ao keeps only the packed weight, so every read (``state_dict``,
+``.weight``, counting, storing, copying) would unpack it again (a full pass over the weight,
+hundreds of ms for a 2048x2048 layer). The Linear and conv layers here keep the plain form
+beside it (:class:`.int8_plain.Plain`: int8 codes, scales, zero points, float bias), made once when the
+weight is set (``set_weight_bias``, which loading calls too) from the tensor being packed, never
+by unpacking: ``nbc_export`` returns the same tensor objects every time (so
+:data:`nbcompress.fingerprint.MEMO`, keyed by identity, skips them when measuring or saving
+again), ``nbc_count`` is computed once per weight, and a deep copy packs once and unpacks
+nothing. The cost: one more byte per weight (the int8 codes beside the packed form).
 """
 from __future__ import annotations
 
@@ -21,7 +31,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .flops import register_quantized_flop_formulas
-from .qmodules import compact_float, quiet
+from .int8_plain import Plain, PlainPacked, bias_import, count_qweight, qweight_export, \
+    qweight_import
+from .qmodules import quiet
 
 __all__ = ["DynamicInt8Linear", "DynamicInt8LSTM", "DynamicInt8GRU", "StaticInt8Linear",
            "StaticInt8Conv1d", "StaticInt8Conv2d", "StaticInt8Conv3d", "STATIC_CONV"]
@@ -59,14 +71,22 @@ class _CopyByCodec:
 
     def _codec_parts(self):
         attrs, tensors = self.nbc_export()
-        return (type(self), attrs, {k: v.detach().clone() for k, v in tensors.items()},
+        return (type(self), dict(attrs), {k: v.detach().clone() for k, v in tensors.items()},
                 self.training)
 
     def __reduce__(self):
         return (_rebuild, self._codec_parts())
 
     def __deepcopy__(self, memo):
-        return _rebuild(*self._codec_parts())
+        cls, attrs, tensors, training = self._codec_parts()
+        new = _rebuild(cls, attrs, tensors, training)
+        # the copy's plain tensors stand for ours: per-tensor results follow them (MEMO.carry)
+        _, old = self.nbc_export()
+        _, mine = new.nbc_export()
+        for k, t in old.items():
+            if isinstance(mine.get(k), torch.Tensor):
+                memo[id(t)] = mine[k]
+        return new
 
     def __copy__(self):
         return _rebuild(*self._codec_parts())
@@ -89,102 +109,65 @@ class _FloatView:
     def extra_repr(self) -> str:
         """torch.ao's text (``in_features=..., out_features=..., dtype=..., qscheme=...``); its own
         extra_repr calls ``weight()`` as a method, which is a tensor here."""
-        w, _ = self._weight_bias()
+        tensors, _ = self._plain()
+        scheme = torch.per_channel_affine if "weight_scales" in tensors else torch.per_tensor_affine
         text = (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"dtype={self._packed_params.dtype}")
-        return text + (f", qscheme={w.qscheme()}" if w.dtype == torch.qint8 else "")
+        return text + f", qscheme={scheme}"
 
 
-def _qweight_export(qw: torch.Tensor) -> tuple[dict, dict]:
-    """(tensors, attributes) that describe an int8 quantized weight exactly."""
-    tensors = {"weight_int8": qw.int_repr()}
-    if qw.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
-        tensors["weight_scales"] = compact_float(qw.q_per_channel_scales())
-        zp = qw.q_per_channel_zero_points()
-        if bool((zp != 0).any()):
-            tensors["weight_zero_points"] = zp.to(torch.int32)
-        attrs = {"weight_axis": int(qw.q_per_channel_axis())}
-    else:
-        attrs = {"weight_scale": float(qw.q_scale()), "weight_zero_point": int(qw.q_zero_point())}
-    return tensors, attrs
+class _PlainLinear:
+    """A torch.ao Linear whose packed weight keeps its plain form (``PlainPacked``)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._packed_params.__class__ = PlainPacked
+
+    @classmethod
+    def _empty(cls, n_in: int, n_out: int):
+        """A layer of this size with no weight yet (packs a 1x1 placeholder, not an n_out x n_in
+        one); the caller sets the weight at once."""
+        with quiet():
+            m = cls(1, 1, dtype=torch.qint8)
+        m.in_features, m.out_features = int(n_in), int(n_out)
+        return m
+
+    def _plain(self) -> tuple[dict, dict]:
+        return self._packed_params._nbc_plain_form()
+
+    def nbc_count(self) -> tuple[int, int]:
+        return self._packed_params._nbc_count()
+
+    def _linear_export(self) -> tuple[dict, dict]:
+        tensors, attrs = self._plain()
+        return dict(attrs, in_features=int(self.in_features),
+                    out_features=int(self.out_features)), dict(tensors)
 
 
-def _qweight_import(tensors: dict, attrs: dict, shape: tuple) -> torch.Tensor:
-    w = tensors.get("weight_int8")
-    if not isinstance(w, torch.Tensor) or w.dtype != torch.int8 or tuple(w.shape) != tuple(shape):
-        raise ValueError(f"int8 weight missing or of the wrong shape/dtype (expected "
-                         f"{tuple(shape)})")
-    if "weight_scales" in tensors:
-        s = tensors["weight_scales"].double()
-        axis = int(attrs.get("weight_axis", 0))
-        if s.dim() != 1 or s.numel() != w.shape[axis] or not bool((s > 0).all()):
-            raise ValueError("per-channel weight scales do not match the weight")
-        zp = tensors.get("weight_zero_points")
-        zp = torch.zeros(s.numel(), dtype=torch.long) if zp is None else zp.long()
-        if zp.numel() != s.numel():
-            raise ValueError("per-channel zero points do not match the weight")
-        return torch._make_per_channel_quantized_tensor(w, s, zp, axis)
-    scale = float(attrs["weight_scale"])
-    if not scale > 0 or not math.isfinite(scale):
-        raise ValueError("weight scale must be positive")
-    return torch._make_per_tensor_quantized_tensor(w, scale, int(attrs["weight_zero_point"]))
-
-
-def _bias_import(tensors: dict, n: int):
-    b = tensors.get("bias")
-    if b is not None and (b.dim() != 1 or b.numel() != n):
-        raise ValueError(f"bias of shape {tuple(b.shape)} does not match {n} outputs")
-    return None if b is None else b.float()
-
-
-def _count_qweight(qw: torch.Tensor, bias) -> tuple[int, int]:
-    """(params, nonzero): a weight entry is zero when its int8 code equals its zero point."""
-    r = qw.int_repr().to(torch.int16)
-    if qw.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
-        shape = [1] * r.dim()
-        shape[qw.q_per_channel_axis()] = -1
-        zp = qw.q_per_channel_zero_points().to(torch.int16).reshape(shape)
-    else:
-        zp = int(qw.q_zero_point())
-    p, nz = r.numel(), int((r != zp).sum().item())
-    if bias is not None:
-        p += bias.numel()
-        nz += int(torch.count_nonzero(bias).item())
-    return p, nz
-
-
-class DynamicInt8Linear(_FloatView, _CopyByCodec, _nnqd.Linear):
+class DynamicInt8Linear(_FloatView, _CopyByCodec, _PlainLinear, _nnqd.Linear):
     """``torch.ao`` dynamic int8 Linear (int8 weight in a packed, backend-specific form; each
     batch of activations is quantized to uint8 on the fly with its own range), made countable
     and storable."""
 
     nbc_bits = 8
 
-    def nbc_count(self) -> tuple[int, int]:
-        w, b = self._weight_bias()
-        return _count_qweight(w, b)
-
     def nbc_export(self) -> tuple[dict, dict]:  # (attrs, tensors), as storage expects
-        w, b = self._weight_bias()
-        tensors, attrs = _qweight_export(w)
-        if b is not None:
-            tensors["bias"] = b.detach()
-        attrs.update(in_features=int(self.in_features), out_features=int(self.out_features))
+        attrs, tensors = self._linear_export()
         return _flags_out(self, attrs), tensors
 
     @classmethod
     def nbc_import(cls, attrs: dict, tensors: dict) -> "DynamicInt8Linear":
         n_in, n_out = int(attrs["in_features"]), int(attrs["out_features"])
+        m = cls._empty(n_in, n_out)
         with quiet():
-            m = cls(n_in, n_out, dtype=torch.qint8)
-            m.set_weight_bias(_qweight_import(tensors, attrs, (n_out, n_in)),
-                              _bias_import(tensors, n_out))
+            m.set_weight_bias(qweight_import(tensors, attrs, (n_out, n_in)),
+                              bias_import(tensors, n_out))
         return _flags_in(m, attrs)
 
     @classmethod
     def from_linear(cls, lin: nn.Linear, qweight: torch.Tensor) -> "DynamicInt8Linear":
+        m = cls._empty(lin.in_features, lin.out_features)
         with quiet():
-            m = cls(lin.in_features, lin.out_features, dtype=torch.qint8)
             bias = None if lin.bias is None else lin.bias.detach().float().cpu()
             m.set_weight_bias(qweight, bias)
         return m
@@ -220,7 +203,7 @@ class _DynamicInt8RNN(_CopyByCodec):
     def nbc_count(self) -> tuple[int, int]:
         p = nz = 0
         for _, w, b in self._gates():
-            a, c = _count_qweight(w, b)
+            a, c = count_qweight(w, b)
             p, nz = p + a, nz + c
         return p, nz
 
@@ -230,7 +213,7 @@ class _DynamicInt8RNN(_CopyByCodec):
                                                 "batch_first", "dropout", "bidirectional")}
         gate_attrs = {}
         for (wk, bk), (_, w, b) in zip(_rnn_keys(self), self._gates()):
-            t, a = _qweight_export(w)
+            t, a = qweight_export(w)
             tensors.update({f"{wk}.{k}": v for k, v in t.items()})
             tensors[bk] = b.detach()
             gate_attrs[wk] = a
@@ -248,9 +231,9 @@ class _DynamicInt8RNN(_CopyByCodec):
             for wk, bk in _rnn_keys(m):
                 n_in = _rnn_in_features(m, wk)
                 sub = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith(wk + ".")}
-                d[wk] = _qweight_import(sub, dict(attrs["gates"][wk]),
+                d[wk] = qweight_import(sub, dict(attrs["gates"][wk]),
                                         (gates * m.hidden_size, n_in))
-                d[bk] = _bias_import({"bias": tensors.get(bk)}, gates * m.hidden_size)
+                d[bk] = bias_import({"bias": tensors.get(bk)}, gates * m.hidden_size)
                 if d[bk] is None:
                     raise ValueError(f"{bk} missing")
             m.set_weight_bias(d)
@@ -296,10 +279,6 @@ class _StaticInt8Mixin(_FloatView, _CopyByCodec):
         op = self._relu_op if self.fused_relu else self._op
         return self._run(op, x).dequantize()
 
-    def nbc_count(self) -> tuple[int, int]:
-        w, b = self._weight_bias()
-        return _count_qweight(w, b)
-
     def _static_attrs(self) -> dict:
         return {"input_scale": float(self.input_scale),
                 "input_zero_point": int(self.input_zero_point),
@@ -318,7 +297,7 @@ class _StaticInt8Mixin(_FloatView, _CopyByCodec):
         self.fused_relu = bool(attrs["fused_relu"])
 
 
-class StaticInt8Linear(_StaticInt8Mixin, _nnq.Linear):
+class StaticInt8Linear(_StaticInt8Mixin, _PlainLinear, _nnq.Linear):
     """``torch.ao`` static int8 Linear (int8 weights and activations, activation ranges from
     calibration data), float in / float out."""
 
@@ -326,28 +305,24 @@ class StaticInt8Linear(_StaticInt8Mixin, _nnq.Linear):
         return op(x, self._packed_params._packed_params, self.scale, self.zero_point)
 
     def nbc_export(self):
-        w, b = self._weight_bias()
-        tensors, attrs = _qweight_export(w)
-        if b is not None:
-            tensors["bias"] = b.detach()
-        attrs.update(self._static_attrs(), in_features=int(self.in_features),
-                     out_features=int(self.out_features))
+        attrs, tensors = self._linear_export()
+        attrs.update(self._static_attrs())
         return _flags_out(self, attrs), tensors
 
     @classmethod
     def nbc_import(cls, attrs, tensors):
         n_in, n_out = int(attrs["in_features"]), int(attrs["out_features"])
+        m = cls._empty(n_in, n_out)
         with quiet():
-            m = cls(n_in, n_out, dtype=torch.qint8)
-            m.set_weight_bias(_qweight_import(tensors, attrs, (n_out, n_in)),
-                              _bias_import(tensors, n_out))
+            m.set_weight_bias(qweight_import(tensors, attrs, (n_out, n_in)),
+                              bias_import(tensors, n_out))
         m._set_static(attrs)
         return _flags_in(m, attrs)
 
     @classmethod
     def build(cls, lin: nn.Linear, qweight, bias, attrs: dict) -> "StaticInt8Linear":
+        m = cls._empty(lin.in_features, lin.out_features)
         with quiet():
-            m = cls(lin.in_features, lin.out_features, dtype=torch.qint8)
             m.set_weight_bias(qweight, bias)
         m._set_static(attrs)
         return m
@@ -358,7 +333,7 @@ StaticInt8Linear._relu_op = staticmethod(torch.ops.quantized.linear_relu)
 
 
 def _conv_class(base, op, relu_op, dims: int):
-    class StaticInt8Conv(_StaticInt8Mixin, base):
+    class StaticInt8Conv(_StaticInt8Mixin, Plain, base):
         __doc__ = (f"``torch.ao`` static int8 Conv{dims}d (int8 weights and activations, "
                    f"calibrated activation ranges; BatchNorm folded and ReLU fused when they "
                    f"follow it), float in / float out.")
@@ -368,11 +343,15 @@ def _conv_class(base, op, relu_op, dims: int):
                 x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             return op_(x, self._packed_params, self.scale, self.zero_point)
 
+        def _plain(self) -> tuple[dict, dict]:
+            return self._nbc_plain_form()
+
+        def nbc_count(self) -> tuple[int, int]:
+            return self._nbc_count()
+
         def nbc_export(self):
-            w, b = self._weight_bias()
-            tensors, attrs = _qweight_export(w)
-            if b is not None:
-                tensors["bias"] = b.detach()
+            tensors, attrs = self._plain()
+            tensors, attrs = dict(tensors), dict(attrs)
             attrs.update(self._static_attrs(), in_channels=int(self.in_channels),
                          out_channels=int(self.out_channels),
                          kernel_size=tuple(int(k) for k in self.kernel_size),
@@ -388,8 +367,8 @@ def _conv_class(base, op, relu_op, dims: int):
             shape = (int(attrs["out_channels"]), int(attrs["in_channels"]) // int(attrs["groups"]),
                      *attrs["kernel_size"])
             with quiet():
-                m.set_weight_bias(_qweight_import(tensors, attrs, shape),
-                                  _bias_import(tensors, int(attrs["out_channels"])))
+                m.set_weight_bias(qweight_import(tensors, attrs, shape),
+                                  bias_import(tensors, int(attrs["out_channels"])))
             m._set_static(attrs)
             return _flags_in(m, attrs)
 
