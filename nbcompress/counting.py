@@ -3,7 +3,6 @@
 per layer and scaled by weight density."""
 from __future__ import annotations
 
-import io
 import warnings
 from collections.abc import Iterable
 from typing import Any
@@ -195,12 +194,11 @@ def _state_tensors(model: nn.Module) -> Iterable[torch.Tensor]:
 
 
 def packed_bytes(model: nn.Module) -> int:
-    """The length of what ``nbcompress.save`` writes for this model."""
-    from .storage import save
+    """The length of what ``nbcompress.save`` writes for this model (computed without writing
+    it; tensors measured before with the same values are not encoded again)."""
+    from .storage import packed_size
 
-    buf = io.BytesIO()
-    save(model, buf)
-    return buf.tell()
+    return packed_size(model)
 
 
 # ------------------------------------------------------------------------ attention FLOPs

@@ -10,13 +10,15 @@ The file format is described in :mod:`nbcompress.storage.format`; the package's 
   :func:`describe` and :func:`overhead_bytes`;
 * :mod:`.names`: what a file may name (classes, functions, Enums, library configs) and the trust
   rules that turn a name back into a class on load;
-* :mod:`.saver`: :func:`save` and :func:`breakdown`; :mod:`.loader`: :func:`load`.
+* :mod:`.pack`: one stored tensor's packing, remembered per tensor (:data:`nbcompress.fingerprint.MEMO`)
+  while its values stay, and the CRC-32 combination that lets :func:`packed_size` skip the bytes;
+* :mod:`.saver`: :func:`save`, :func:`packed_size` and :func:`breakdown`; :mod:`.loader`: :func:`load`.
 """
 from .codec import MAX_CODEBOOK
 from .format import FORMAT_VERSION, MAGIC, describe, overhead_bytes, register_module_codec
 from .loader import load
 from .names import SAFE_PREFIXES
-from .saver import breakdown, save
+from .saver import breakdown, packed_size, save
 
-__all__ = ["save", "load", "describe", "breakdown", "register_module_codec", "MAGIC",
+__all__ = ["save", "load", "describe", "breakdown", "packed_size", "register_module_codec", "MAGIC",
            "SAFE_PREFIXES", "overhead_bytes", "FORMAT_VERSION", "MAX_CODEBOOK"]

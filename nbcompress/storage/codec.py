@@ -57,16 +57,37 @@ def _gap_symbols(d: np.ndarray, C: int) -> tuple[np.ndarray, int]:
     return sym, nsym
 
 
+_HIST = 1 << 20          # gaps below this are counted in one bincount; longer ones are few
+
+
+def _gap_histogram(d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(distinct gaps-minus-one, their counts): every bit width's sizes follow from these, so the
+    search over widths costs the number of distinct gaps, not the number of nonzeros."""
+    if d.size == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    big = d >= _HIST
+    nbig = int(np.count_nonzero(big))
+    small = d[~big] if nbig else d
+    h = np.bincount(small) if small.size else np.zeros(0, np.int64)
+    v = np.flatnonzero(h)
+    c = h[v]
+    if nbig:                    # at most n / 2**20 of them: the sum of the gaps is below n
+        bv, bc = np.unique(d[big], return_counts=True)
+        v, c = np.concatenate([v, bv]), np.concatenate([c, bc])
+    return v.astype(np.int64), c.astype(np.int64)
+
+
 def _plan_gaps(d: np.ndarray, huffman: bool, budget: float) -> dict | None:
     """Cheapest gap coding of ``d`` (gaps minus one between nonzeros); None if none beats budget."""
     best: dict | None = None
     best_size = budget
-    max_d = int(d.max()) if d.size else 0
+    v, c = _gap_histogram(d)
+    max_d = int(v[-1]) if v.size else 0
     bmax = max(1, (max_d + 1).bit_length())
     for b in range(1, bmax + 1):
         C = (1 << b) - 1
-        q = d // C
-        nfill = int(q.sum())
+        q = v // C
+        nfill = int((q * c).sum())
         nsym = d.size + nfill
         size = (nsym * b + 7) // 8
         if size < best_size:
@@ -75,7 +96,8 @@ def _plan_gaps(d: np.ndarray, huffman: bool, budget: float) -> dict | None:
             table = ((C + 1) * _LEN_BITS + 7) // 8
             if table >= best_size:
                 continue
-            counts = np.bincount(d - q * C, minlength=C + 1)
+            counts = np.zeros(C + 1, np.int64)
+            np.add.at(counts, v - q * C, c)
             counts[C] += nfill
             if table + _entropy_bytes(counts) >= best_size:
                 continue
@@ -112,6 +134,38 @@ def _distinct(u: np.ndarray, isz: int) -> tuple[np.ndarray, np.ndarray]:
     return srt[at], np.diff(np.append(at, srt.size))
 
 
+_SAMPLE = 1 << 17        # elements drawn to prove that a tensor cannot use a codebook
+_RUN = 512               # drawn as runs of this many neighbours (contiguous reads)
+
+
+def _draw(a: np.ndarray, count: int, rng) -> np.ndarray:
+    """About ``count`` elements of ``a``: runs of ``_RUN`` neighbours at random places."""
+    runs = -(-count // _RUN)
+    if runs * _RUN * 2 >= a.size:
+        return a
+    starts = np.sort(rng.integers(0, a.size - _RUN, runs))
+    return a[(starts[:, None] + np.arange(_RUN)).reshape(-1)]
+
+
+def _no_codebook(u: np.ndarray, nnz: int) -> bool:
+    """True only when ``u`` provably has more than MAX_CODEBOOK distinct nonzero values, so
+    neither the dense nor the sparse layouts can use a codebook: a sample that already has that
+    many does (a sample's distinct count bounds the whole's). False means "not proved" (the exact
+    count decides). Deterministic: the draw is seeded by the size."""
+    if nnz <= MAX_CODEBOOK:
+        return False
+    rng = np.random.default_rng(u.size)
+    s = _draw(u, _SAMPLE if nnz == u.size else -(-_SAMPLE * u.size // nnz) * 2, rng)
+    if nnz < u.size:
+        s = s[s != 0]
+        if s.size > 2 * _SAMPLE:
+            s = _draw(s, 2 * _SAMPLE, rng)
+    if s.size <= MAX_CODEBOOK:
+        return False
+    s = np.sort(s)                  # (np.unique's hash table is ~100x slower here)
+    return int(np.count_nonzero(s[1:] != s[:-1])) + 1 > MAX_CODEBOOK
+
+
 def _index_of(vals: np.ndarray, book: np.ndarray, isz: int) -> np.ndarray:
     """Position of each value in the sorted codebook ``book``."""
     if isz <= 2:
@@ -138,21 +192,34 @@ def _value_options(m: int, k: int, counts: np.ndarray | None, isz: int, huffman:
     return opts
 
 
-def _encode(u: np.ndarray, isz: int, huffman: bool) -> tuple[list[bytes], dict]:
-    """Pack one flat unsigned array; returns the five segments and the encoding record."""
+def _plan(u: np.ndarray, isz: int, huffman: bool, fast: bool = True) -> tuple[dict, dict]:
+    """The smallest encoding of one flat unsigned array, found without producing its bytes:
+    (plan, scratch). ``plan`` (record, size, layouts, code lengths, codebook) is all :func:`_emit`
+    needs to write the bytes again; ``scratch`` holds arrays computed here that it can reuse.
+
+    Every combination's size is computed exactly; ``fast`` only skips options that provably cannot
+    win: no codebook when a sample already has too many distinct values (no sort of the whole
+    tensor), and no sparse layout when its values alone, plus one bit per nonzero, are not
+    smaller than the dense raw bytes."""
     n = u.size
-    empty = b""
     if n == 0:
-        return [empty] * 5, {"pos": "dense", "val": "raw", "nnz": 0}
-    uniq, cnt = _distinct(u, isz)
+        return {"rec": {"pos": "dense", "val": "raw", "nnz": 0}, "size": 0, "pos": "dense",
+                "gap": None, "val": "raw", "extra": None, "book": None}, {}
     nnz = int(np.count_nonzero(u))
     has_zero = nnz < n
+    if fast and isz > 2 and _no_codebook(u, nnz):
+        uniq = cnt = None
+    else:
+        uniq, cnt = _distinct(u, isz)
     k_all = uniq.size if uniq is not None else MAX_CODEBOOK + 2
-
+    scratch: dict = {}
     best: tuple | None = None
     best_total = math.inf
-    nz_mask = d = None
-    if has_zero:                    # sparse layouts first: their size bounds the dense search
+    # Without a codebook any sparse layout costs at least its raw values plus one bit per nonzero
+    # (a bitmask has n >= nnz bits; a gap stream has nsym >= nnz symbols of >= 1 bit each).
+    sparse_hopeless = (fast and uniq is None
+                       and n * isz <= nnz * isz + (nnz + 7) // 8)
+    if has_zero and not sparse_hopeless:   # sparse layouts first: they bound the dense search
         nz_vals = _value_options(nnz, k_all - 1, None if cnt is None else cnt[1:], isz, huffman)
         vbest = min(nz_vals, key=lambda v: v[1])
         bm = (n + 7) // 8
@@ -160,6 +227,7 @@ def _encode(u: np.ndarray, isz: int, huffman: bool) -> tuple[list[bytes], dict]:
         nz_mask = u != 0
         idx = np.flatnonzero(nz_mask)
         d = np.diff(idx, prepend=-1) - 1
+        scratch.update(nz_mask=nz_mask, idx=idx, d=d)
         gap = _plan_gaps(d, huffman, best_total - vbest[1])
         if gap is not None and gap["size"] + vbest[1] < best_total:
             best, best_total = (gap["size"], "gaps", gap, vbest), gap["size"] + vbest[1]
@@ -170,38 +238,87 @@ def _encode(u: np.ndarray, isz: int, huffman: bool) -> tuple[list[bytes], dict]:
 
     _, pos_kind, gap, (val_kind, _, extra) = best
     rec: dict = {"pos": pos_kind, "val": val_kind, "nnz": nnz}
-    pos_table = pos = codebook = val_table = vals = empty
-    if pos_kind == "bitmask":
-        pos = np.packbits(nz_mask).tobytes()
-    elif pos_kind == "gaps":
-        C = (1 << gap["b"]) - 1
-        sym, nsym = _gap_symbols(d, C)
-        rec.update(gap_code=gap["code"], gap_bits=gap["b"], gap_symbols=nsym)
-        if gap["code"] == "fixed":
-            pos = _pack_fixed(sym, gap["b"])
-        else:
-            pos_table = _pack_fixed(gap["lens"], _LEN_BITS)
-            pos = _huffman_encode(sym, gap["lens"])
-    sparse = pos_kind != "dense"
-    le = np.dtype(f"<u{isz}")
-    if val_kind == "raw":
-        vals = (u[nz_mask] if sparse else u).astype(le, copy=False).tobytes()
-    else:
-        book = uniq[1:] if sparse else uniq
-        index = _index_of(u[nz_mask] if sparse else u, book, isz)
-        codebook = book.astype(le, copy=False).tobytes()
+    if pos_kind == "gaps":
+        rec.update(gap_code=gap["code"], gap_bits=gap["b"], gap_symbols=gap["nsym"])
+    book = None
+    if val_kind != "raw":
+        book = uniq[1:] if pos_kind != "dense" else uniq
         rec["k"] = int(book.size)
         if val_kind == "codebook":
             rec["idx_bits"] = extra
+    if isinstance(extra, np.ndarray):
+        extra = extra.astype(np.uint8)
+    if gap is not None and "lens" in gap:
+        gap = dict(gap, lens=gap["lens"].astype(np.uint8))
+    return {"rec": rec, "size": best_total, "pos": pos_kind, "gap": gap, "val": val_kind,
+            "extra": extra, "book": book}, scratch
+
+
+def _le_bytes(a: np.ndarray, isz: int):
+    """``a``'s elements as little-endian bytes: a view (no copy) on a little-endian machine."""
+    a = np.ascontiguousarray(a.astype(np.dtype(f"<u{isz}"), copy=False))
+    return memoryview(a.reshape(-1).view(np.uint8))
+
+
+def _emit(u: np.ndarray, isz: int, plan: dict, scratch: dict | None = None) -> list:
+    """The five segments (bytes, or memoryviews of ``u`` for raw values) that ``plan`` describes."""
+    scratch = scratch or {}
+    empty = b""
+    pos_kind, val_kind, extra = plan["pos"], plan["val"], plan["extra"]
+    pos_table = pos = codebook = val_table = vals = empty
+    sparse = pos_kind != "dense"
+    if u.size == 0:
+        return [empty] * 5
+    if sparse:
+        nz_mask = scratch.get("nz_mask")
+        if nz_mask is None:
+            nz_mask = u != 0
+    if pos_kind == "bitmask":
+        pos = np.packbits(nz_mask).tobytes()
+    elif pos_kind == "gaps":
+        gap = plan["gap"]
+        d = scratch.get("d")
+        if d is None:
+            d = np.diff(np.flatnonzero(nz_mask), prepend=-1) - 1
+        C = (1 << gap["b"]) - 1
+        sym, _ = _gap_symbols(d, C)
+        if gap["code"] == "fixed":
+            pos = _pack_fixed(sym, gap["b"])
+        else:
+            lens = gap["lens"].astype(np.int64)
+            pos_table = _pack_fixed(lens, _LEN_BITS)
+            pos = _huffman_encode(sym, lens)
+    src = u
+    if sparse:
+        idx = scratch.get("idx")
+        src = u[idx] if idx is not None else u[nz_mask]
+    if val_kind == "raw":
+        vals = _le_bytes(src, isz)
+    else:
+        book = plan["book"]
+        index = _index_of(src, book, isz)
+        codebook = _le_bytes(book, isz).tobytes()
+        if val_kind == "codebook":
             vals = _pack_fixed(index, extra)
         else:
-            val_table = _pack_fixed(extra, _LEN_BITS)
-            vals = _huffman_encode(index, extra)
-    segs = [pos_table, pos, codebook, val_table, vals]
-    if sum(map(len, segs)) != best_total:        # the planned size is what gets written
+            lens = extra.astype(np.int64)
+            val_table = _pack_fixed(lens, _LEN_BITS)
+            vals = _huffman_encode(index, lens)
+    return [pos_table, pos, codebook, val_table, vals]
+
+
+def _encode(u: np.ndarray, isz: int, huffman: bool, fast: bool = True) -> tuple[list, dict]:
+    """Pack one flat unsigned array; returns the five segments and the encoding record."""
+    plan, scratch = _plan(u, isz, huffman, fast)
+    segs = _emit(u, isz, plan, scratch)
+    _check_size(segs, plan)
+    return segs, dict(plan["rec"])
+
+
+def _check_size(segs: list, plan: dict) -> None:
+    if sum(map(len, segs)) != plan["size"]:        # the planned size is what gets written
         raise AssertionError(f"nbcompress packing size mismatch: {sum(map(len, segs))} != "
-                             f"{best_total} ({rec})")
-    return segs, rec
+                             f"{plan['size']} ({plan['rec']})")
 
 
 def _decode(segs: list[bytes], rec: dict, n: int, isz: int) -> np.ndarray:

@@ -72,6 +72,7 @@ bit offset of each further block of 2048 symbols (u32), so long streams decode b
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -85,6 +86,7 @@ from torch import nn
 from ..core import BadInput
 from .bits import _Corrupt
 from .codec import _encoding_name
+from .pack import crc32_combine
 
 MAGIC = b"NBC1"
 FORMAT_VERSION = 2          # the newest version this nbcompress writes and reads
@@ -168,39 +170,80 @@ def _frame(huffman: bool, root: dict, objects: list[dict], tensors: list[dict],
            blob: bytes, values: list[dict] = (), version: int = 1) -> bytes:
     """The file: magic, header length, JSON header (its CRC-32 of header and blob written in,
     zlib-compressed when that is shorter), then ``blob``."""
+    return _prefix(huffman, root, objects, tensors, len(blob), zlib.crc32(blob), values,
+                   version) + blob
+
+
+def _prefix(huffman: bool, root: dict, objects: list[dict], tensors: list[dict], blob_bytes: int,
+            blob_crc: int, values: list[dict] = (), version: int = 1) -> bytes:
+    """Everything before the blob (magic, header length, header) for a blob of ``blob_bytes``
+    bytes whose own CRC-32 is ``blob_crc``: the header's CRC of header and blob is combined from
+    the two, so the blob need not be in memory (or exist: :func:`.saver.packed_size`)."""
     header = {"crc32": _CRC_BLANK, "format": "nbcompress", "version": version,
               "huffman": bool(huffman), "torch": torch.__version__.split("+")[0], "root": root,
-              "objects": objects, "tensors": tensors, "blob_bytes": len(blob)}
+              "objects": objects, "tensors": tensors, "blob_bytes": int(blob_bytes)}
     if values:
         header["values"] = list(values)
     hb = json.dumps(header, separators=(",", ":"), ensure_ascii=False, allow_nan=False
                     ).encode("utf-8")
-    crc = b"%08x" % (zlib.crc32(blob, zlib.crc32(hb)) & 0xFFFFFFFF)
+    crc = b"%08x" % crc32_combine(zlib.crc32(hb), blob_crc, blob_bytes)
     hb = hb[:_CRC_AT] + crc + hb[_CRC_AT + 8:]
     packed = zlib.compress(hb, 9)
     if len(packed) < len(hb):
         hb = packed
-    return MAGIC + _LEN.pack(len(hb)) + hb + blob
+    return MAGIC + _LEN.pack(len(hb)) + hb
 
 
 def _read(path_or_file) -> tuple[dict, memoryview]:
+    """(header, blob) of a whole file, its CRC checked."""
+    with _opened(path_or_file) as (f, is_path):
+        header, crc = _read_header(f)
+        blob = _read_exact(f, header["blob_bytes"])
+        if len(blob) < header["blob_bytes"]:
+            _truncated(len(blob), header["blob_bytes"])
+        _check_crc(crc, zlib.crc32(blob, crc[1]) if crc else 0)
+        if is_path:
+            _check_end(f, path_or_file)
+    return header, memoryview(blob)
+
+
+@contextlib.contextmanager
+def _opened(path_or_file):
+    """(binary file, whether it was opened from a path), closed after when it was."""
     if isinstance(path_or_file, (str, os.PathLike)):
         path = os.fspath(path_or_file)
         try:
-            with open(path, "rb") as f:
-                header, blob, extra = _read_stream(f)
+            f = open(path, "rb")
         except FileNotFoundError:
             raise BadInput(f"no such file: {path}") from None
         except IsADirectoryError:
             raise BadInput(f"{path} is a directory, not an nbcompress file") from None
-        if extra:
-            raise BadInput(f"corrupt nbcompress file: unexpected data after the end ({path})")
-        return header, blob
-    if hasattr(path_or_file, "read"):
-        header, blob, _ = _read_stream(path_or_file, check_end=False)
-        return header, blob
-    raise BadInput(f"load needs a path or a readable binary file, got "
-                   f"{type(path_or_file).__name__}")
+        with f:
+            yield f, True
+    elif hasattr(path_or_file, "read"):
+        yield path_or_file, False
+    else:
+        raise BadInput(f"load needs a path or a readable binary file, got "
+                       f"{type(path_or_file).__name__}")
+
+
+def _check_end(f, path) -> None:
+    if _read_exact(f, 1):
+        raise BadInput(f"corrupt nbcompress file: unexpected data after the end "
+                       f"({os.fspath(path)})")
+
+
+def _truncated(got: int, want: int):
+    raise BadInput(f"truncated nbcompress file (the data ends after {got} of {want} bytes)")
+
+
+def _check_crc(crc: tuple | None, blob_crc_state: int) -> None:
+    """``crc``: (the header's CRC digits, the CRC-32 of the header with them blanked) or None for
+    files written before the CRC; ``blob_crc_state``: that CRC continued over the blob."""
+    if crc is not None and b"%08x" % (blob_crc_state & 0xFFFFFFFF) != crc[0]:
+        # a changed bit in the header or the packed data would otherwise load as a silently
+        # different model
+        raise BadInput("corrupt nbcompress file: its bytes do not match their CRC-32 checksum")
 
 
 def _read_exact(f, n: int) -> bytes:
@@ -212,9 +255,10 @@ def _read_exact(f, n: int) -> bytes:
     return bytes(data)
 
 
-def _read_stream(f, check_end: bool = True) -> tuple[dict, memoryview, bool]:
-    """(header, blob, whether more bytes follow). ``header["_overhead"]``: the bytes before the
-    blob (magic, header length, JSON header)."""
+def _read_header(f) -> tuple[dict, tuple | None]:
+    """(header, crc) from the start of a file; ``crc`` is (the header's CRC digits, CRC-32 of the
+    header with them blanked) or None (a file without one). ``header["_overhead"]``: the bytes
+    before the blob (magic, header length, JSON header)."""
     head = _read_exact(f, _PREFIX_BYTES)
     if not head:
         raise BadInput("not an nbcompress file (it is empty)")
@@ -247,20 +291,12 @@ def _read_stream(f, check_end: bool = True) -> tuple[dict, memoryview, bool]:
     nblob = header.get("blob_bytes")
     if type(nblob) is not int or nblob < 0:
         raise BadInput("corrupt nbcompress file: bad blob length")
-    blob = _read_exact(f, nblob)
-    if len(blob) < nblob:
-        raise BadInput(f"truncated nbcompress file (the data ends after {len(blob)} of "
-                       f"{nblob} bytes)")
+    crc = None
     if hb[:_CRC_AT] == _CRC_KEY:
-        # a changed bit in the header or the packed data would otherwise load as a silently
-        # different model
         blank = hb[:_CRC_AT] + _CRC_BLANK.encode() + hb[_CRC_AT + 8:]
-        crc = b"%08x" % (zlib.crc32(blob, zlib.crc32(blank)) & 0xFFFFFFFF)
-        if crc != hb[_CRC_AT:_CRC_AT + 8]:
-            raise BadInput("corrupt nbcompress file: its bytes do not match their CRC-32 checksum")
-    extra = bool(_read_exact(f, 1)) if check_end else False
+        crc = (hb[_CRC_AT:_CRC_AT + 8], zlib.crc32(blank))
     header["_overhead"] = _PREFIX_BYTES + hlen
-    return header, memoryview(blob), extra
+    return header, crc
 
 
 def _tensor_entries(header: dict) -> list[tuple[dict, int]]:

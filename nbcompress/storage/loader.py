@@ -8,6 +8,7 @@ import functools
 import math
 import re
 import types
+import zlib
 from collections.abc import Iterable
 from typing import Any
 
@@ -18,14 +19,17 @@ from torch import nn
 from ..core import BadInput
 from .bits import _Corrupt
 from .codec import _COMPLEX_PART, _decode, _tensor_from_bits
-from .format import (_ALL_DTYPES, _BOOKKEEPING, _CODECS, _DERIVED, _DTYPES, _is_hook_dict, _join,
-                     _module_path, _read, _tensor_entries)
+from .format import (_ALL_DTYPES, _BOOKKEEPING, _CODECS, _DERIVED, _DTYPES, _check_crc,
+                     _check_end, _is_hook_dict, _join, _module_path, _opened, _read_exact,
+                     _read_header, _tensor_entries, _truncated)
+from .pack import _bar
 from .names import MOVED_MODULES, Resolver
 
 __all__ = ["load", "MOVED_MODULES"]    # MOVED_MODULES: where moved classes live now
 
 
-def _decode_tensor(tj: dict, off: int, blob: memoryview) -> torch.Tensor:
+def _tensor_shape(tj: dict) -> tuple[torch.dtype, list[int], int, int]:
+    """(dtype, shape, number of unsigned elements, bytes per element) of a tensor record."""
     dtype = _DTYPES.get(tj.get("dtype"))
     if dtype is None:
         raise _Corrupt(f"unknown dtype {tj.get('dtype')!r}")
@@ -35,11 +39,11 @@ def _decode_tensor(tj: dict, off: int, blob: memoryview) -> torch.Tensor:
     n = math.prod(shape) * (2 if dtype in _COMPLEX_PART else 1)
     if n > (1 << 36):
         raise _Corrupt("implausible tensor size")
-    isz = _COMPLEX_PART.get(dtype, dtype).itemsize
-    segs = []
-    for s in tj["seg"]:
-        segs.append(bytes(blob[off:off + s]))
-        off += s
+    return dtype, shape, n, _COMPLEX_PART.get(dtype, dtype).itemsize
+
+
+def _decode_tensor(tj: dict, segs: list) -> torch.Tensor:
+    dtype, shape, n, isz = _tensor_shape(tj)
     rec = tj.get("enc")
     if not isinstance(rec, dict):
         raise _Corrupt("missing encoding record")
@@ -48,15 +52,63 @@ def _decode_tensor(tj: dict, off: int, blob: memoryview) -> torch.Tensor:
     return _tensor_from_bits(_decode(segs, rec, n, isz), dtype, shape)
 
 
+def _is_raw_dense(tj: dict, n: int, isz: int) -> bool:
+    rec = tj.get("enc")
+    return (isinstance(rec, dict) and rec.get("pos") == "dense" and rec.get("val") == "raw"
+            and n > 0 and tj["seg"] == [0, 0, 0, 0, n * isz])
+
+
+def _read_tensors(f, header: dict, crc: tuple | None, bar=None) -> list[torch.Tensor]:
+    """Every stored tensor, read from ``f`` (just after the header) and checked against the CRC
+    before any is decoded. A dense raw tensor is read straight into its own memory (no copy of
+    the file's bytes); the others' segments are kept until the CRC is checked, then decoded."""
+    state = crc[1] if crc else 0
+    got, want = 0, header["blob_bytes"]
+    readinto = getattr(f, "readinto", None)
+    pending: list = []
+    for tj, _off in _tensor_entries(header):
+        dtype, shape, n, isz = _tensor_shape(tj)
+        if readinto is not None and _is_raw_dense(tj, n, isz):
+            part = _COMPLEX_PART.get(dtype, dtype)
+            t = torch.empty(n, dtype=part)
+            view = memoryview(t.view(torch.uint8).numpy())
+            done = 0
+            while done < n * isz:
+                k = readinto(view[done:])
+                if not k:
+                    _truncated(got + done, want)
+                done += k
+            state = zlib.crc32(view, state)
+            got += done
+            t = torch.view_as_complex(t.reshape(list(shape) + [2])) if part is not dtype \
+                else t.reshape(shape)
+            pending.append(t)
+        else:
+            segs = []
+            for size in tj["seg"]:
+                seg = _read_exact(f, size)
+                got += len(seg)
+                if len(seg) < size:
+                    _truncated(got, want)
+                state = zlib.crc32(seg, state)
+                segs.append(seg)
+            pending.append((tj, segs))
+        if bar is not None:
+            bar.update(1)
+    _check_crc(crc, state)
+    return [p if isinstance(p, torch.Tensor) else _decode_tensor(*p) for p in pending]
+
+
 class _Loader:
-    def __init__(self, header: dict, blob: memoryview, resolver: Resolver, device: torch.device):
+    def __init__(self, header: dict, bases: list[torch.Tensor], resolver: Resolver,
+                 device: torch.device):
         self.resolve = resolver
         self.modules: dict[str, nn.Module] = {}
         self.values = header.get("values") or []
         if not isinstance(self.values, list):
             raise _Corrupt("bad values table")
         self.built: dict[int, Any] = {}
-        bases = [_decode_tensor(tj, off, blob).to(device) for tj, off in _tensor_entries(header)]
+        bases = [b.to(device) for b in bases]
         self.objects: list[torch.Tensor] = []
         used: set[int] = set()
         objs = header.get("objects")
@@ -258,7 +310,7 @@ def _dict(v: Any) -> dict:
 
 
 def load(path_or_file, *, classes: Iterable[type] = (), trusted_modules: Iterable[str] = (),
-         map_location="cpu") -> nn.Module:
+         map_location="cpu", progress: bool | None = None) -> nn.Module:
     """Rebuild the model saved by :func:`save`, without unpickling anything.
 
     Classes (and the functions an attribute names) are imported only from ``torch.nn``,
@@ -267,17 +319,30 @@ def load(path_or_file, *, classes: Iterable[type] = (), trusted_modules: Iterabl
     notebook) must be passed in ``classes=`` and are matched by module and qualified name (a
     refusal names every one the file needs). A transformers config is rebuilt by its own class's
     ``from_dict``, once per config object. Corrupt, truncated or foreign files raise
-    :class:`BadInput`.
+    :class:`BadInput`. ``progress``: a bar per tensor (None: only for files above 256 MB).
     """
+    if progress not in (None, True, False):
+        raise BadInput(f"progress must be True, False or None (automatic), got {progress!r}")
     try:
         device = torch.device(map_location)
     except (RuntimeError, TypeError, ValueError):
         raise BadInput(f"unknown map_location {map_location!r}") from None
     resolver = Resolver(classes, trusted_modules, _CODECS)
-    header, blob = _read(path_or_file)
     try:
+        with _opened(path_or_file) as (f, is_path):
+            header, crc = _read_header(f)
+            tensors = header.get("tensors")
+            bar = _bar(header["blob_bytes"], len(tensors) if isinstance(tensors, list) else 0,
+                       progress, "loading")
+            try:
+                bases = _read_tensors(f, header, crc, bar)
+            finally:
+                if bar is not None:
+                    bar.close()
+            if is_path:
+                _check_end(f, path_or_file)
         resolver.check_all(header)
-        loader = _Loader(header, blob, resolver, device)
+        loader = _Loader(header, bases, resolver, device)
         return loader.build(header.get("root"), "")
     except _Corrupt as e:
         raise BadInput(f"corrupt nbcompress file: {e}") from None

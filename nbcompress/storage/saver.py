@@ -18,10 +18,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core import BadInput
-from .codec import _bits_of, _encode
+from ..fingerprint import MEMO
 from .format import (_ALL_DTYPES, _BOOKKEEPING, _CODECS, _DERIVED, _DTYPES, V2_TAGS, _class_name,
-                     _frame, _is_hook_dict, _join, _type_name, _where, describe)
+                     _is_hook_dict, _join, _prefix, _type_name, _where, describe)
 from .names import is_cache, is_config, name_of
+from .pack import _bar, crc32_combine, pack
 
 
 # ============================================================================ saving
@@ -287,6 +288,7 @@ class _Saver:
         objects: list[dict] = [{} for _ in self.objects]
         tensors: list[dict] = []
         arrays: list[torch.Tensor] = []
+        self.owners: list[torch.Tensor | None] = []   # the model's tensor whose values each holds
         for members in groups.values():
             ts = [self.objects[i]["t"].detach() for i in members]
             views = {(t.storage_offset(), tuple(t.shape), tuple(t.stride())) for t in ts}
@@ -294,6 +296,7 @@ class _Saver:
             ti = len(tensors)
             if len(views) == 1 and ts[0].is_contiguous():
                 arr = ts[0]
+                self.owners.append(self.objects[members[0]]["t"])
                 for i in members:
                     objects[i] = {"tensor": ti, "view": None}
             else:
@@ -301,6 +304,7 @@ class _Saver:
                 hi = max(t.storage_offset() + sum((s - 1) * st for s, st in
                                                   zip(t.shape, t.stride())) + 1 for t in ts)
                 arr = ts[0].as_strided((hi - lo,), (1,), lo)
+                self.owners.append(None)            # a span of a storage: not remembered
                 for i, t in zip(members, ts):
                     objects[i] = {"tensor": ti, "view": [t.storage_offset() - lo, list(t.shape),
                                                          list(t.stride())]}
@@ -321,51 +325,99 @@ class _Unsupported(Exception):
         self.depth: int | None = None
 
 
-def _build(model: nn.Module, huffman: bool) -> bytes:
+def _packed(model: nn.Module, huffman: bool, want_bytes: bool, progress: bool | None = False):
+    """(prefix: magic + header length + header, [segments of each tensor] or None, blob bytes)
+    for ``model``. Each tensor's plan, segment lengths and CRC come from
+    :func:`nbcompress.storage.pack.pack` (remembered per tensor while its values stay)."""
     if not isinstance(model, nn.Module):
         raise BadInput(f"expected a torch.nn.Module, got {type(model).__name__}")
+    if progress not in (None, True, False):
+        raise BadInput(f"progress must be True, False or None (automatic), got {progress!r}")
     saver = _Saver(model, huffman)
     root = saver.node(model, "")
     objects, tensors, arrays = saver.tensor_table()
-    blobs: list[bytes] = []
-    for tj, arr in zip(tensors, arrays):
-        u = _bits_of(arr)
-        segs, rec = _encode(u, u.dtype.itemsize, huffman and not tj.pop("_no_huffman", False))
-        tj["enc"] = rec
-        tj["seg"] = [len(s) for s in segs]
-        blobs.extend(segs)
-    blob = b"".join(blobs)
-    return _frame(huffman, root, objects, tensors, blob, saver.values, saver.version)
+    parts: list[list] | None = [] if want_bytes else None
+    blob_bytes, blob_crc = 0, 0
+    bar = _bar(sum(a.numel() * a.element_size() for a in arrays), len(arrays), progress,
+               "packing" if want_bytes else "measuring")
+    try:
+        with MEMO.trusting():
+            for tj, arr, owner in zip(tensors, arrays, saver.owners):
+                h = huffman and not tj.pop("_no_huffman", False)
+                rec, lens, crc, segs = pack(arr, owner, h, want_bytes)
+                tj["enc"], tj["seg"] = rec, lens
+                n = sum(lens)
+                blob_crc = crc32_combine(blob_crc, crc, n)
+                blob_bytes += n
+                if parts is not None:
+                    parts.append(segs)
+                if bar is not None:
+                    bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    prefix = _prefix(huffman, root, objects, tensors, blob_bytes, blob_crc, saver.values,
+                     saver.version)
+    return prefix, parts, blob_bytes
 
 
-def save(model: nn.Module, path_or_file, *, huffman: bool = True) -> int:
+def _build(model: nn.Module, huffman: bool) -> bytes:
+    """The whole file as one bytes object (for :func:`breakdown` and tests; :func:`save` streams)."""
+    prefix, parts, _ = _packed(model, huffman, True)
+    return prefix + b"".join(s for segs in parts for s in segs)
+
+
+def packed_size(model: nn.Module, huffman: bool = True) -> int:
+    """Exactly ``len`` of what :func:`save` writes for ``model``, without producing the file: only
+    tensors whose values changed since they were last measured or saved are encoded again."""
+    prefix, _, blob_bytes = _packed(model, huffman, False)
+    return len(prefix) + blob_bytes
+
+
+def _write(f, prefix: bytes, parts: list[list]) -> None:
+    f.write(prefix)
+    for i, segs in enumerate(parts):
+        for s in segs:
+            if len(s):
+                f.write(s)
+        parts[i] = None                     # an encoded tensor's bytes go once written
+
+
+def save(model: nn.Module, path_or_file, *, huffman: bool = True,
+         progress: bool | None = None) -> int:
     """Write ``model`` (architecture, parameters, buffers, attributes, train/eval mode) to a path
     or a writable binary file object. Returns the number of bytes written.
 
     Raises :class:`BadInput` (naming the module) for anything that cannot be stored safely: an
     attribute that is not plain data, a parametrized or prune-hooked module, a tensor subclass.
-    Forward/backward hooks are not saved.
+    Forward/backward hooks are not saved. A path is written under a temporary name and renamed
+    when complete: an error or an interruption (Ctrl-C) leaves the target as it was and no
+    temporary file. ``progress``: a bar per tensor (None: only for models above 256 MB).
     """
-    data = _build(model, huffman)
-    if isinstance(path_or_file, (str, os.PathLike)):
-        path = os.fspath(path_or_file)
-        tmp = f"{path}.tmp{os.getpid()}"
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-            os.replace(tmp, path)
-        except OSError as e:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise BadInput(f"cannot write {path}: {e.strerror or e}") from None
-    elif hasattr(path_or_file, "write"):
-        path_or_file.write(data)
-    else:
+    is_path = isinstance(path_or_file, (str, os.PathLike))
+    if not is_path and not hasattr(path_or_file, "write"):
         raise BadInput(f"save needs a path or a writable binary file, got "
                        f"{type(path_or_file).__name__}")
-    return len(data)
+    prefix, parts, blob_bytes = _packed(model, huffman, True, progress)
+    total = len(prefix) + blob_bytes
+    if not is_path:
+        _write(path_or_file, prefix, parts)
+        return total
+    path = os.fspath(path_or_file)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            _write(f, prefix, parts)
+        os.replace(tmp, path)
+    except BaseException as e:              # Ctrl-C included: no half-written file stays
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        if isinstance(e, OSError):
+            raise BadInput(f"cannot write {path}: {e.strerror or e}") from None
+        raise
+    return total
 
 
 def breakdown(model: nn.Module, huffman: bool = True) -> list[dict]:
