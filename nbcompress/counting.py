@@ -3,14 +3,18 @@
 per layer and scaled by weight density."""
 from __future__ import annotations
 
+import contextlib
+import sys
 import warnings
 from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode, flop_registry, sdpa_flop_count
+from torch.utils.flop_counter import (FlopCounterMode, _FlopCounterMode, flop_registry,
+                                      sdpa_flop_count)
 
+from .fingerprint import MEMO
 from .train import forward_batch as _forward
 
 
@@ -82,7 +86,16 @@ def _stored_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
 
 def _tensor_counts(t: torch.Tensor) -> tuple[int, int]:
     """(entries, nonzero entries). A quantized tensor's entry is zero when its integer code
-    equals its zero point (per channel for per-channel schemes), i.e. it dequantizes to 0."""
+    equals its zero point (per channel for per-channel schemes), i.e. it dequantizes to 0.
+    Kept in :data:`~nbcompress.fingerprint.MEMO` while the tensor keeps its values."""
+    memo = MEMO.results(t)
+    got = memo.get("counts")
+    if got is None:
+        got = memo["counts"] = _count(t)
+    return got
+
+
+def _count(t: torch.Tensor) -> tuple[int, int]:
     t = t.detach()
     if t.is_quantized:
         r = t.int_repr().to(torch.int32)
@@ -262,6 +275,27 @@ def _attention_formulas() -> dict:
 ATTENTION_FORMULAS = _attention_formulas()
 
 
+@contextlib.contextmanager
+def _dynamo_not_imported():
+    """Count FLOPs without importing ``torch._dynamo`` (2-15 s the first time in a process, most of
+    a fresh kernel's first dashboard). Torch wraps every dispatch mode's ``__torch_dispatch__`` in
+    ``torch._disable_dynamo``, which imports dynamo on its first call only to mark the function
+    "not to be compiled"; while dynamo was never imported nothing in the process can be compiling,
+    so for the duration of the count the mark is the function itself (the attribute torch's own
+    wrapper caches it under), and it is taken away again after. Once dynamo is imported (the user
+    compiled something) torch's path runs unchanged."""
+    raw = getattr(_FlopCounterMode.__torch_dispatch__, "__wrapped__", None)
+    if "torch._dynamo" in sys.modules or raw is None or hasattr(raw, "__dynamo_disable"):
+        yield
+        return
+    raw.__dynamo_disable = raw
+    try:
+        yield
+    finally:
+        if getattr(raw, "__dynamo_disable", None) is raw:
+            del raw.__dynamo_disable
+
+
 def count_flops(model: nn.Module, example_input: Any) -> tuple[int, int, dict[str, int]]:
     """(flops, sparse_flops, per-leaf-module flops) of one forward of ``example_input``.
 
@@ -294,7 +328,7 @@ def count_flops(model: nn.Module, example_input: Any) -> tuple[int, int, dict[st
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), counter:
+        with torch.no_grad(), _dynamo_not_imported(), counter:
             _forward(model, example_input)
     finally:
         for h in handles:

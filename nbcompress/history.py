@@ -30,6 +30,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,7 +46,17 @@ from .latency import check_latency_mode
 from .options import magic_spelling
 from .metrics import Metrics, check_evaluator, example_from, measure
 
-DEFAULT_HOST_BUDGET = int(os.environ.get("NBCOMPRESS_HOST_BUDGET", 8 << 30))
+DEFAULT_HOST_BUDGET = 8 << 30
+
+
+def default_host_budget() -> int:
+    """``NBCOMPRESS_HOST_BUDGET`` (bytes) as set now (a notebook may set it after importing us),
+    else 8 GiB."""
+    try:
+        return int(os.environ.get("NBCOMPRESS_HOST_BUDGET", DEFAULT_HOST_BUDGET))
+    except ValueError:
+        raise BadInput(f"NBCOMPRESS_HOST_BUDGET must be a number of bytes, got "
+                       f"{os.environ['NBCOMPRESS_HOST_BUDGET']!r}") from None
 
 @dataclass
 class Version:
@@ -86,7 +97,7 @@ class History:
 
     def __init__(self, model: nn.Module, *, name: str = "model", evaluator: Any = None,
                  example_input: Any = None, device: str | None = None,
-                 host_budget_bytes: int = DEFAULT_HOST_BUDGET,
+                 host_budget_bytes: int | None = None,
                  measure_latency: bool = True, remember_init: bool = True,
                  latency_mode: str = "eager"):
         if not isinstance(model, nn.Module):
@@ -96,7 +107,8 @@ class History:
         self.evaluator = evaluator
         self.example_input = example_input
         self.device = device
-        self.host_budget_bytes = host_budget_bytes
+        self.host_budget_bytes = (default_host_budget() if host_budget_bytes is None
+                                  else host_budget_bytes)
         self.measure_latency = measure_latency
         self.latency_mode = check_latency_mode(latency_mode)
         self._sources: dict[str, str] = {}      # setting -> how it was given ("--eval test_loader")
@@ -110,9 +122,8 @@ class History:
         self.pos = 0
         self.live = model
         self._live_fp = state_fingerprint(model)
-        self.init_state: dict | None = None
-        if remember_init:
-            self.remember_init(model)
+        self._init: dict | None = None   # initial weights given or recorded later
+        self._init_v0 = remember_init     # ... or version 0's record (no copy of its own)
 
     # ------------------------------------------------------------------ transactions
     @contextmanager
@@ -125,7 +136,7 @@ class History:
             self._given_now = set()
             saved = (self.evaluator, self.example_input, self.device, self.latency_mode,
                      dict(self._sources), list(self.versions), [v.metrics for v in self.versions],
-                     self.pos, self.live, self._live_fp, self.init_state)
+                     self.pos, self.live, self._live_fp, (self._init, self._init_v0))
         try:
             yield self
         except BaseException:
@@ -133,7 +144,7 @@ class History:
                 made = [v for v in self.versions if all(v is not s for s in saved[5])]
                 (self.evaluator, self.example_input, self.device, self.latency_mode,
                  self._sources, self.versions, metrics, self.pos, self.live, self._live_fp,
-                 self.init_state) = saved
+                 (self._init, self._init_v0)) = saved
                 for v, m in zip(self.versions, metrics):
                     v.metrics = m
                 for v in made:
@@ -184,10 +195,28 @@ class History:
         self._given_now.add(key)
 
     def remember_init(self, model: nn.Module | None = None) -> None:
-        """Record the model's current weights as its 'initial' weights (lottery-ticket rewind)."""
+        """Record the model's current weights as its 'initial' weights (lottery-ticket rewind).
+        The live model at its first version, unchanged, is version 0's record: nothing is copied."""
+        if model is None or model is self.live:
+            self.sync()
+            if self.pos == 0:
+                self._init, self._init_v0 = None, True
+                return
         model = model if model is not None else self.current
         self.init_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()
                            if isinstance(v, torch.Tensor)}
+
+    @property
+    def init_state(self) -> dict | None:
+        """The initial weights (name -> tensor, on the host) lottery tickets rewind to; read-only."""
+        if self._init is not None or not self._init_v0:
+            return self._init
+        return {k: v for k, v in self._record(self.versions[0]).state_dict().items()
+                if isinstance(v, torch.Tensor)}
+
+    @init_state.setter
+    def init_state(self, state: dict | None) -> None:
+        self._init, self._init_v0 = state, False
 
     def _example(self):
         if self.example_input is not None:
@@ -298,7 +327,8 @@ class History:
             dev = resolve_device(device or config.device or self.device)
             ctx = StepContext(device=dev, origin_device=model_device(model),
                               evaluator=self.evaluator, example_input=self._example(),
-                              progress=config.progress, init_state=self.init_state, history=self,
+                              progress=config.progress, init_state=self._step_init(),
+                              history=self,
                               spell=magic_spelling(type(config)) if magic else None)
             t0 = time.perf_counter()
             result = compress(model, config, ctx=ctx)
@@ -317,12 +347,21 @@ class History:
                                      seconds=seconds, home_device=str(model_device(new)),
                                      magic=magic)
             self._push(made, new)
+            result.model = None     # the live model is self.live; the record is kept
+            _release_freed_memory()
             table = self.table(sync=False)       # nothing can have changed since the push
             made.overhead = time.perf_counter() - start - seconds
             return StepReport(name=self.name, kind="step", technique=config.technique,
                               args=config.describe(), before=before, after=after, result=result,
                               version=self.pos, n_versions=len(self.versions),
                               history=table, extra_models=beside)
+
+    def _step_init(self):
+        """The initial weights as a step sees them: version 0's record is read back from disk only
+        if the step looks at them (:class:`_LazyInit`)."""
+        if self._init is None and self._init_v0 and self.versions[0].where == "disk":
+            return _LazyInit(self)
+        return self.init_state
 
     def _push(self, version: Version, live: nn.Module) -> None:
         dropped = self.versions[self.pos + 1:]
@@ -555,6 +594,47 @@ class History:
         return df[[c for c in cols if c in df and (c != "perplexity" or df[c].notna().any())]]
 
 
+
+
+def _release_freed_memory() -> None:
+    """Give the memory a step freed (the technique's temporaries, the replaced live model) back to
+    the system (glibc keeps freed blocks of up to 32 MB in the process otherwise), so the next step
+    starts from what the history really holds. A no-op where there is no glibc."""
+    global _TRIM
+    if _TRIM is None:
+        try:
+            import ctypes
+            import ctypes.util
+
+            _TRIM = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _TRIM = False
+    if _TRIM:
+        _TRIM(0)
+
+
+_TRIM = None
+
+
+class _LazyInit(Mapping):
+    """``History.init_state`` read on first use (version 0's record, when on disk)."""
+
+    def __init__(self, history: History):
+        self._h, self._state = history, None
+
+    def _get(self) -> dict:
+        if self._state is None:
+            self._state = self._h.init_state or {}
+        return self._state
+
+    def __getitem__(self, k):
+        return self._get()[k]
+
+    def __iter__(self):
+        return iter(self._get())
+
+    def __len__(self) -> int:
+        return len(self._get())
 
 
 def _label(obj: Any) -> str:

@@ -1,0 +1,160 @@
+"""Issue 16: a step's bookkeeping grows with the work. What is measured once is not measured
+again (per-tensor results kept while a tensor keeps its values, edits through ``.data`` included),
+the first FLOP count of a process does not import ``torch._dynamo``, records larger than the host
+budget go straight to disk, and the faults (no room, Ctrl-C while spilling) leave the history as
+it was. Speed itself is measured in benchmarks/bench_scale.py, not here."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import nbcompress
+from nbcompress import History
+from nbcompress.core import BadInput
+from nbcompress.counting import count_params
+from nbcompress.fingerprint import _model_bytes
+
+from conftest import same_as_snapshot, snapshot
+
+
+def mlp(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(),
+                         nn.Linear(128, 10))
+
+
+def test_counts_are_kept_per_tensor_and_follow_every_kind_of_edit(monkeypatch):
+    m = mlp()
+    x = torch.randn(1, 64)
+    calls = []
+    real = torch.count_nonzero
+    monkeypatch.setattr(torch, "count_nonzero", lambda t, *a, **k: calls.append(t.numel()) or
+                        real(t, *a, **k))
+    a = nbcompress.measure(m, x, latency=False)
+    n_first = len(calls)
+    b = nbcompress.measure(m, x, latency=False)
+    assert len(calls) == n_first and b.nonzero_params == a.nonzero_params   # nothing recounted
+    m[0].weight.data[:10].zero_()          # an edit the version counter does not see
+    c = nbcompress.measure(m, x, latency=False)
+    assert c.nonzero_params == a.nonzero_params - 10 * 64
+    assert len(calls) == n_first + 1       # only the edited tensor was counted again
+    with torch.no_grad():
+        m[2].bias.zero_()                  # an in-place op
+    assert nbcompress.measure(m, x, latency=False).nonzero_params == c.nonzero_params - 128
+    assert count_params(m) == (sum(p.numel() for p in m.parameters()),
+                               sum(int(real(p)) for p in m.parameters()))
+
+
+def test_copies_reuse_what_was_measured_and_stay_exact(monkeypatch):
+    h = History(mlp(), example_input=torch.randn(1, 64), measure_latency=False)
+    h.metrics_of(h.current_version)
+    calls = []
+    real = torch.count_nonzero
+    monkeypatch.setattr(torch, "count_nonzero", lambda t, *a, **k: calls.append(t.numel()) or
+                        real(t, *a, **k))
+    h.apply(nbcompress.PruneConfig(amount=0.5, layers="^2$"), progress=False)
+    after = h.current_version.metrics
+    # the work copy carried the untouched layers' counts: at most the pruned layer's tensors
+    # (and whatever the technique counts itself) were counted again
+    assert 128 * 64 not in calls and after.nonzero_params < h.versions[0].metrics.nonzero_params
+    h.undo()
+    h.redo()
+    assert same_as_snapshot(h.current, snapshot(h.version_model(1)))
+    assert h.current_version.overhead > 0 and h.current_version.seconds > 0
+
+
+FRESH = r"""
+import sys, torch
+from torch import nn
+import nbcompress
+from torch.utils.flop_counter import FlopCounterMode
+m = nn.Sequential(nn.Flatten(), nn.Linear(784, 300), nn.ReLU(), nn.Linear(300, 100), nn.ReLU(),
+                  nn.Linear(100, 10))
+x = torch.randn(1, 1, 28, 28)
+first = nbcompress.measure(m, x, latency=False).flops
+assert "torch._dynamo" not in sys.modules, "the first count imported torch._dynamo"
+import torch._dynamo  # noqa: F401  (now torch's own path, with its real dynamo mark)
+with FlopCounterMode(display=False) as c:
+    m(x)
+again = nbcompress.measure(m, x, latency=False).flops
+print(first, again, c.get_total_flops())
+"""
+
+
+def test_first_flop_count_of_a_process_does_not_import_dynamo():
+    out = subprocess.run([sys.executable, "-c", FRESH], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    first, again, torch_own = map(int, out.stdout.split())
+    assert first == again == torch_own == 2 * (784 * 300 + 300 * 100 + 100 * 10)
+
+
+def test_records_over_the_budget_go_straight_to_disk(monkeypatch, tmp_path):
+    import nbcompress.history as hist
+
+    m = mlp()
+    copies = []
+    real = hist.host_copy
+    monkeypatch.setattr(hist, "host_copy", lambda model: copies.append(1) or real(model))
+    h = History(m, example_input=torch.randn(1, 64), measure_latency=False,
+                host_budget_bytes=_model_bytes(m) // 2)
+    snaps = [snapshot(m)]
+    for amount in (0.3, 0.6):
+        h.apply(nbcompress.PruneConfig(amount=amount), progress=False)
+        snaps.append(snapshot(h.current))
+    assert copies == []                              # never a host copy of a record
+    assert [v.where for v in h.versions] == ["disk"] * 3 and all(v.record is None
+                                                                 for v in h.versions)
+    files = set(os.listdir(h._spill_dir))
+    h.undo(2)
+    assert same_as_snapshot(h.current, snaps[0])
+    assert set(os.listdir(h._spill_dir)) == files    # handed out as read; the file stays the record
+    h.redo(2)
+    assert same_as_snapshot(h.current, snaps[2])
+    h.close()
+
+
+def test_no_room_for_the_next_version_is_one_line_before_the_step(monkeypatch):
+    import nbcompress.history as hist
+
+    m = mlp()
+    h = History(m, example_input=torch.randn(1, 64), measure_latency=False,
+                host_budget_bytes=_model_bytes(m) + 1000)      # the original fits, no more
+    snap = snapshot(m)
+    monkeypatch.setattr(hist.shutil, "disk_usage", lambda path: type("Usage", (), {"free": 1 << 20}))
+    with pytest.raises(BadInput, match="no room to record the next version") as e:
+        h.apply(nbcompress.PruneConfig(amount=0.5), progress=False)
+    assert "\n" not in str(e.value) and "Nothing was changed" in str(e.value)
+    assert len(h) == 1 and h.current is m and same_as_snapshot(m, snap)
+
+
+def test_ctrl_c_while_spilling_leaves_no_file_and_the_history_as_it_was(monkeypatch):
+    import nbcompress.history as hist
+
+    m = mlp()
+    h = History(m, example_input=torch.randn(1, 64), measure_latency=False,
+                host_budget_bytes=_model_bytes(m) + 1000)
+    h.metrics_of(h.current_version)
+    real = torch.save
+
+    def interrupted(obj, path, *a, **k):
+        with open(path, "wb") as f:
+            f.write(b"half a file")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(hist.torch, "save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        h.apply(nbcompress.PruneConfig(amount=0.5), progress=False)
+    assert len(h) == 1 and h.current is m and h.versions[0].where == "host"
+    assert os.listdir(h._spill_dir) == []
+    monkeypatch.setattr(hist.torch, "save", real)
+    h.apply(nbcompress.PruneConfig(amount=0.5), progress=False)     # and it still works
+    assert len(h) == 2
+    h.undo()
+    assert same_as_snapshot(h.current, snapshot(m))
+    h.close()
