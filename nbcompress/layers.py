@@ -19,7 +19,9 @@ import torch
 from torch import nn
 
 __all__ = ["conv1d_type", "is_conv1d", "is_linear", "is_plain", "as_linear", "param_owners",
-           "shared_with", "subclass_notes"]
+           "shared_with", "subclass_notes", "layer_bar", "BAR_WEIGHTS"]
+
+BAR_WEIGHTS = 1 << 25     # layer bars from 33.5M weights on (seconds of work); none below
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -124,3 +126,15 @@ def shared_with(module: nn.Module, paths, owners: dict[int, set[str]]) -> list[s
     for _, t in module.named_parameters(recurse=False):
         out |= owners.get(id(t), set()) - mine
     return sorted(out)
+
+
+def layer_bar(total: int, desc: str, progress: bool, weights: int):
+    """The ``tqdm.auto`` bar of a technique's per-layer loop (``bar.update()`` per layer, a
+    context manager), as the training loop shows its own (``train.fit``): shown when
+    ``progress`` (the step's setting; the magics' ``--no-progress`` turns it off) and the layers
+    hold at least :data:`BAR_WEIGHTS` weights; a small model's step takes under a second and
+    shows none (notebook outputs stay as they were)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="layer", leave=False,
+                disable=not progress or weights < BAR_WEIGHTS)

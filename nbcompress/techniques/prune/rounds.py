@@ -15,11 +15,20 @@ from .heads import is_transformer
 from .units import HeadPruner, structured_pruner
 from .common import _evaluate, _example, _finetune, _importance_for, _pct, recalibrate_bn
 from .importance import logits_of
-from .weights import (_layer_sparsities, _smallest_amount, _sparsity, _zero_masks, prune_weights_,
-                      weight_targets)
+from .weights import (_layer_sparsities, _nonzero, _smallest_amount, _sparsity, _zero_masks,
+                      prune_weights_, weight_targets)
 
 
 def _run_prune(cfg, model: nn.Module, ctx: StepContext) -> CompressionResult:
+    """The step. Per-tensor counts are taken once per tensor version (``MEMO.trusting``: every
+    change the step makes is in place, which bumps the tensor's version, or makes new tensors)."""
+    from ...fingerprint import MEMO
+
+    with MEMO.trusting():
+        return _rounds(cfg, model, ctx)
+
+
+def _rounds(cfg, model: nn.Module, ctx: StepContext) -> CompressionResult:
     import pandas as pd
 
     imp = _importance_for(cfg)
@@ -114,9 +123,10 @@ class _WeightRounds:
         self.cfg, self.model, self.imp = cfg, model, imp
         self.targets = targets = weight_targets(model, cfg.layers, notes)
         self.n_sel = sum(m.weight.numel() for _, m in targets)
-        zeros0 = sum(m.weight.numel() - int(torch.count_nonzero(m.weight)) for _, m in targets)
-        self.start = zeros0 / self.n_sel
-        self.start_layers = {n: _sparsity(m.weight) for n, m in targets}
+        self.progress = ctx.progress
+        nz0 = {n: _nonzero(m.weight) for n, m in targets}
+        self.start_layers = {n: 1.0 - nz0[n] / m.weight.numel() for n, m in targets}
+        self.start = sum(m.weight.numel() - nz0[n] for n, m in targets) / self.n_sel
         self.final = _weight_final_sparsity(cfg, model, ctx, targets, example, imp, data)
         if self.final <= self.start:
             notes.append(f"the selected layers are already {self.start:.1%} sparse (asked for "
@@ -132,14 +142,15 @@ class _WeightRounds:
         if cfg.resolved_scope == "layer" and self.out_rate != 1.0:
             spars = _layer_sparsities(self.targets, self.outputs, s_k, self.out_rate)
             rows = prune_weights_(self.model, spars, importance=self.imp, targets=self.targets,
-                                  seed=cfg.seed + k)
+                                  seed=cfg.seed + k, progress=self.progress)
         else:
             rows = prune_weights_(self.model, s_k, importance=self.imp, scope=cfg.resolved_scope,
-                                  targets=self.targets, seed=cfg.seed + k)
-        return rows, _zero_masks(self.targets)
+                                  targets=self.targets, seed=cfg.seed + k, progress=self.progress)
+        # the masks (one byte per weight) keep the zeros through fine-tuning: only then
+        return rows, _zero_masks(self.targets) if cfg.finetune is not None else []
 
     def _nonzero(self) -> int:
-        return sum(int(torch.count_nonzero(m.weight)) for _, m in self.targets)
+        return sum(_nonzero(m.weight) for _, m in self.targets)
 
     def stats(self) -> dict:
         return {"sparsity": 1 - self._nonzero() / self.n_sel}
@@ -248,7 +259,7 @@ def _weight_final_sparsity(cfg, model, ctx, targets, example, imp, data) -> floa
     n_sel = sum(m.weight.numel() for _, m in targets)
     if cfg.target_params is not None:
         _, nz = count_params(model)
-        nz_sel = sum(int(torch.count_nonzero(m.weight)) for _, m in targets)
+        nz_sel = sum(_nonzero(m.weight) for _, m in targets)
         want_nz = cfg.target_params * nz
         nz_sel_after = want_nz - (nz - nz_sel)
         if nz_sel_after < 1:

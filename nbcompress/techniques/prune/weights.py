@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ...core import FieldError
-from ...layers import is_conv1d, param_owners
+from ...layers import is_conv1d, layer_bar, param_owners
 from .importance import Importance, MagnitudeImportance, get_importance
 
 __all__ = ["weight_targets", "prune_weights_"]
@@ -84,8 +84,17 @@ def weight_targets(model: nn.Module, layers: str | None = None,
     return out
 
 
+def _nonzero(t: torch.Tensor) -> int:
+    """Nonzero entries of ``t``, kept per tensor (:data:`nbcompress.fingerprint.MEMO`, the
+    counts ``measure`` uses): counted once while the tensor keeps its values, and what the step
+    counts, the measurement after it reuses."""
+    from ...counting import _tensor_counts
+
+    return _tensor_counts(t)[1]
+
+
 def _sparsity(t: torch.Tensor) -> float:
-    return 1.0 - int(torch.count_nonzero(t)) / t.numel() if t.numel() else 0.0
+    return 1.0 - _nonzero(t) / t.numel() if t.numel() else 0.0
 
 
 
@@ -107,7 +116,10 @@ class _Scores:
         if s.shape != w.shape:
             raise FieldError(f"{{importance={self.importance.name!r}}} gave scores of shape "
                              f"{tuple(s.shape)} for layer {self.name!r} of shape {tuple(w.shape)}")
-        s = s.float().reshape(-1)
+        if not (isinstance(self.importance, _MAGNITUDE) and self.importance.p == 1
+                and s.dtype in (torch.bfloat16, torch.float16)):
+            s = s.float()         # |w| of a bf16 weight is exact in bf16: no fp32 copy
+        s = s.reshape(-1)
         if not isinstance(self.importance, _MAGNITUDE):
             s = torch.where(w.reshape(-1) == 0, torch.full_like(s, -1.0), s)
         if self._cache:
@@ -116,17 +128,18 @@ class _Scores:
 
 
 def _kth_smallest(scores: list[Callable[[], torch.Tensor]], numels: list[int], k: int,
-                  seed: int = 0) -> tuple[float, int]:
+                  seed: int = 0, tick: Callable[[], object] = lambda: None) -> tuple[float, int]:
     """(t, below): the k-th smallest score over all tensors (1-based) and how many scores are
     strictly below it. Small inputs: one exact ``kthvalue``. Large ones are never concatenated:
     a random sample brackets the k-th value, one pass per tensor counts what lies below the
     bracket and keeps what lies inside it, and ``kthvalue`` runs on that small remainder
-    (widening the bracket in the rare case the sample missed)."""
+    (widening the bracket in the rare case the sample missed). Scores may be bf16 (exact for
+    magnitudes); the candidates are compared as they are. ``tick()`` after each tensor's pass."""
     total = sum(numels)
     if total <= _EXACT_LIMIT:
-        allv = torch.cat([f() for f in scores])
-        t = torch.kthvalue(allv.cpu(), k).values
-        return float(t), int(torch.count_nonzero(allv.cpu() < t))
+        allv = torch.cat([f().float() for f in scores]).cpu()
+        t = torch.kthvalue(allv, k).values
+        return float(t), int(torch.count_nonzero(allv < t))
     g = torch.Generator().manual_seed(seed)
     m = 1 << 17
     sample = []
@@ -134,7 +147,8 @@ def _kth_smallest(scores: list[Callable[[], torch.Tensor]], numels: list[int], k
         take = max(1, int(round(m * n / total)))
         idx = torch.randint(n, (take,), generator=g)
         s = f()
-        sample.append(s[idx.to(s.device)].cpu())
+        sample.append(s[idx.to(s.device)].float().cpu())
+        tick()
     sample = torch.cat(sample).sort().values
     ms = sample.numel()
     q = k / total
@@ -149,7 +163,8 @@ def _kth_smallest(scores: list[Callable[[], torch.Tensor]], numels: list[int], k
         for f in scores:
             s = f()
             below += int(torch.count_nonzero(s < lo))
-            cands.append(s[(s >= lo) & (s <= hi)].cpu())
+            cands.append(s[(s >= lo) & (s <= hi)].float().cpu())
+            tick()
         c = torch.cat(cands)
         if below < k <= below + c.numel():
             t = torch.kthvalue(c, k - below).values
@@ -159,12 +174,14 @@ def _kth_smallest(scores: list[Callable[[], torch.Tensor]], numels: list[int], k
         d *= 4
 
 
-def _apply_threshold(items: list[_Scores], k: int, seed: int) -> None:
+def _apply_threshold(items: list[_Scores], k: int, seed: int, bar=None) -> None:
     """Zero the ``k`` lowest-scoring weights over ``items`` exactly (ties at the threshold are
-    taken in order)."""
+    taken in order). ``bar``: a progress bar advanced per tensor pass (three passes over the
+    tensors when they are many: sample, bracket, apply)."""
     if k <= 0:
         return
-    t, below = _kth_smallest(items, [it.numel for it in items], k, seed)
+    tick = bar.update if bar is not None else (lambda: None)
+    t, below = _kth_smallest(items, [it.numel for it in items], k, seed, tick)
     need_eq = k - below
     for it in items:
         s = it()
@@ -183,17 +200,20 @@ def _apply_threshold(items: list[_Scores], k: int, seed: int) -> None:
         w = it.module.weight
         with torch.no_grad():
             w.masked_fill_(drop.view(w.shape), 0.0)   # +0.0, never -0.0
+        del s, drop
+        tick()
 
 
 def prune_weights_(model: nn.Module, sparsity: float | dict[str, float], *,
                    importance: str | Importance = "l1", scope: str = "global",
                    layers: str | None = None, targets: list | None = None,
-                   seed: int = 0) -> list[dict]:
+                   seed: int = 0, progress: bool = False) -> list[dict]:
     """Zero weights of ``model`` in place until the selected layers reach ``sparsity`` (a float,
     or ``{layer name: sparsity}`` for per-layer targets). Returns one row per layer touched.
 
     ``scope="global"``: one threshold over all selected weights (one selection, no
     concatenation for large models); ``"layer"``: each layer to the same sparsity.
+    ``progress``: a per-layer bar for large models (:func:`nbcompress.layers.layer_bar`).
     """
     imp = get_importance(importance, seed=seed)
     if targets is None:
@@ -205,24 +225,29 @@ def prune_weights_(model: nn.Module, sparsity: float | dict[str, float], *,
     total = sum(m.weight.numel() for _, m in targets)
     cache = total <= (1 << 26)
     items = [_Scores(n, m, imp, cache) for n, m in targets]
-    if isinstance(sparsity, dict):
-        for it in items:
-            s = sparsity.get(it.name)
-            if s is None:
-                continue
-            k = int(round(s * it.numel))
-            if k > round(before[it.name] * it.numel):
-                _apply_threshold([it], k, seed)
-    elif scope == "layer":
-        for it in items:
-            k = int(round(sparsity * it.numel))
-            if k > round(before[it.name] * it.numel):
-                _apply_threshold([it], k, seed)
-    else:
-        k = int(round(sparsity * total))
-        zeros = sum(round(before[it.name] * it.numel) for it in items)
-        if k > zeros:
-            _apply_threshold(items, k, seed)
+    one_global = not isinstance(sparsity, dict) and scope != "layer"
+    passes = 3 if one_global and total > _EXACT_LIMIT else 1
+    with layer_bar(passes * len(items), "prune (weights)", progress, total) as bar:
+        if isinstance(sparsity, dict):
+            for it in items:
+                s = sparsity.get(it.name)
+                if s is None:
+                    continue
+                k = int(round(s * it.numel))
+                if k > round(before[it.name] * it.numel):
+                    _apply_threshold([it], k, seed)
+                bar.update()
+        elif scope == "layer":
+            for it in items:
+                k = int(round(sparsity * it.numel))
+                if k > round(before[it.name] * it.numel):
+                    _apply_threshold([it], k, seed)
+                bar.update()
+        else:
+            k = int(round(sparsity * total))
+            zeros = sum(round(before[it.name] * it.numel) for it in items)
+            if k > zeros:
+                _apply_threshold(items, k, seed, bar if passes == 3 else None)
     rows = []
     for n, m in targets:
         after = _sparsity(m.weight)

@@ -49,13 +49,15 @@ def prepare(model: nn.Module, targets: list, notes: list[str]) -> list[tuple[str
     """The targets a mode works on: a layer whose weight is tied to another module's (GPT-2's
     ``lm_head`` and its input embedding) is left whole, named in the notes (quantizing it would
     untie a copy, or change the embedding through the head); a transformers ``Conv1D`` becomes
-    the ``nn.Linear`` it is (same outputs) in ``model`` first."""
+    the ``nn.Linear`` it is (same outputs) in ``model`` first, one layer at a time (``targets``
+    is emptied as it goes, so the old layers do not all stay alive beside the new ones)."""
     owners = param_owners(model)
     paths: dict[int, list[str]] = {}
     for n, m in model.named_modules(remove_duplicate=False):
         paths.setdefault(id(m), []).append(n)
     out, tied, conv1d = [], [], 0
-    for n, m in targets:
+    for i, (n, m) in enumerate(targets):
+        targets[i] = None        # the caller's list lets go: a replaced Conv1D is freed at once
         others = shared_with(m, paths.get(id(m), [n]), owners)
         if others:
             tied.append(f"{n} (tied to {others[0]})")
@@ -100,6 +102,19 @@ def row(name, old, new, bits, kind, w, wq) -> dict:
     return {"layer": name or "(model)", "type": f"{type(old).__name__}",
             "new type": type(new).__name__, "kind": kind, "bits": int(bits),
             "params": int(w.numel()), "weight_error": float((wq - w).norm()) / denom}
+
+
+def low_precision(layers: list, pattern) -> str | None:
+    """"bf16" / "fp16" when one of the selected layers (``(name, module)`` pairs, filtered by
+    ``pattern`` when given) holds a weight in that dtype (a model that computes in it), else
+    None: torch.ao's int8 kernels take float32 input and return float32."""
+    for n, m in layers:
+        if pattern is not None and not pattern.search(n):
+            continue
+        for p in m.parameters(recurse=False):
+            if p.dtype in (torch.bfloat16, torch.float16):
+                return "bf16" if p.dtype == torch.bfloat16 else "fp16"
+    return None
 
 
 def float_params(m: nn.Module) -> bool:

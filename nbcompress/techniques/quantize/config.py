@@ -18,7 +18,7 @@ from .cast import cast
 from .int8 import dynamic, engine, int8_kernel_backend, static
 from .lowbit import cluster, code_weights
 from .common import (AUTO_LAYERS, CONV_LAYERS, DTYPES, DYNAMIC_LAYERS, MODES, STATIC_LAYERS,
-                     WEIGHT_LAYERS, names, prepare, select, types_found)
+                     WEIGHT_LAYERS, low_precision, names, prepare, select, types_found)
 
 __all__ = ["QuantizeConfig"]
 
@@ -38,7 +38,8 @@ class QuantizeConfig(StepConfig):
 
     ``%quantize model`` alone picks int8 with the fastest real kernel for the model's layers on
     its device and says which: dynamic int8 for Linear layers, static int8 with ``--calib``
-    (convs too). ``--mode uniform/cluster/binary`` store fewer bits per weight (simulated in the
+    (convs too); a bf16 / fp16 model (an LLM) gets int8 weight-only (int8 codes per output
+    channel, computed in its own dtype). ``--mode uniform/cluster/binary`` store fewer bits per weight (simulated in the
     forward pass, packed in ``nbcompress.save``). Returns the step's report; the storage byte
     split of clustered models is in ``report.result.tables``.
     """
@@ -140,6 +141,12 @@ class QuantizeConfig(StepConfig):
             return
         kinds = self._layer_types(mode)
         found = select(model, kinds, None)
+        low = low_precision(found, self.pattern())
+        if low is not None and mode in ("dynamic", "static"):
+            raise FieldError(f"{{mode={mode!r}}} runs torch.ao's int8 kernels, which compute in "
+                             f"float32, and the model's layers are {low}: leave out {{mode}} for "
+                             f"int8 weight-only ({low} compute), or cast the model to float32 "
+                             f"first (model.float())")
         if not found:
             raise FieldError(f"no quantizable layer for {self._what(mode)} ({names(kinds)}) in "
                              f"the model; it has: {types_found(model)}")
@@ -188,10 +195,14 @@ class QuantizeConfig(StepConfig):
         pattern = self.pattern()
         if mode.startswith("dtype"):
             return cast(self, model, ctx, notes, pattern, mode.partition(":")[2] or self.dtype)
-        targets = prepare(model, select(model, self._layer_types(mode), pattern), notes)
-        notes.extend(subclass_notes(model, self._layer_types(mode), pattern))
+        kinds = self._layer_types(None if mode == "weight_only" else mode)
+        targets = prepare(model, select(model, kinds, pattern), notes)
+        notes.extend(subclass_notes(model, kinds, pattern))
         if not targets:
             raise FieldError("no layer left to quantize: " + "; ".join(notes))
+        if mode == "weight_only":
+            return code_weights(self, model, ctx, targets, notes, "uniform", bits=8,
+                                per_channel=True, search=False, kind="int8 weight-only")
         if mode == "dynamic":
             return dynamic(self, model, targets, notes)
         if mode == "static":
@@ -237,6 +248,14 @@ class QuantizeConfig(StepConfig):
                          f"to the CPU)")
             return "dtype:" + dt, notes
         pattern = self.pattern()
+        low = low_precision(select(model, AUTO_LAYERS, pattern), None)
+        if low is not None and self.calib is None:
+            notes.append(f"chose int8 weight-only: the model computes in {low} and torch.ao's "
+                         f"int8 kernels in float32, so each weight is stored as int8 codes with "
+                         f"one scale per output channel and dequantized to {low} in the forward "
+                         f"(torchao's Int8WeightOnlyConfig scheme): half the bytes, {low} "
+                         f"compute, no int8 kernel speed-up")
+            return "weight_only", notes
         convs = select(model, CONV_LAYERS, pattern)
         linears = select(model, (nn.Linear,), pattern)
         rnns = select(model, (nn.LSTM, nn.GRU), pattern)

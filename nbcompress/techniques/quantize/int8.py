@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ...core import CompressionResult, FieldError, check_still_runs
+from ...layers import layer_bar
 from .common import CONV_LAYERS, mark, replace, row, select
 from .lowbit import uniform_quantize
 from .qmodules import quiet
@@ -70,8 +71,11 @@ def dynamic(cfg, model, targets, notes) -> CompressionResult:
     model = model.cpu()        # int8 kernels are CPU kernels (the model lives on the CPU)
     float_convs = _float_convs_note(cfg, model, targets)
     layers = []
-    with quiet():
-        for name, mod in targets:
+    weights = sum(p.numel() for _, m in targets for p in m.parameters())
+    with quiet(), layer_bar(len(targets), "quantize (int8 dynamic)", cfg.progress, weights) as bar:
+        for i, (name, mod) in enumerate(targets):
+            targets[i] = None         # the float layer is freed once replaced
+            bar.update()
             if isinstance(mod, nn.Linear):
                 w = mod.weight.detach().float().cpu()
                 qw = int8_weight(w, cfg.per_channel)
@@ -127,6 +131,7 @@ def static(cfg, model, ctx, targets, notes) -> CompressionResult:
     model = model.cpu().eval()      # int8 kernels are CPU kernels (the model lives there)
     cpu = torch.device("cpu")
     names = [n for n, _ in targets]
+    targets.clear()                 # the modules are looked up by name (folding replaces some)
     fused = fold_and_find_relus(model, names, notes)
     modules = dict(model.named_modules())
     reduce_range = engine() in ("x86", "fbgemm")
@@ -162,9 +167,11 @@ def static(cfg, model, ctx, targets, notes) -> CompressionResult:
     if seen == 0:
         raise FieldError("{calib} yielded no batches")
     layers = []
-    with quiet():
+    weights = sum(modules[n].weight.numel() for n in names)
+    with quiet(), layer_bar(len(names), "quantize (int8 static)", cfg.progress, weights) as bar:
         for n in names:
-            mod = modules[n]
+            bar.update()
+            mod = modules.pop(n)
             in_s, in_z = obs_in[n].calculate_qparams()
             out_s, out_z = obs_out[n].calculate_qparams()
             w = mod.weight.detach().float().cpu()

@@ -10,6 +10,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ...core import BadInput, CompressionResult, FieldError
+from ...layers import layer_bar
 from .common import DEFAULT_BITS, DEFAULT_LR, mark, replace, row
 from .qmodules import QuantizedWeightLayer, compact_float, round_scale
 
@@ -182,11 +183,20 @@ class _SharedWeights(nn.Module):
 
 # ----------------------------------------------------------------------- the steps
 
-def code_weights(cfg, model, ctx, targets, notes, mode) -> CompressionResult:
+def code_weights(cfg, model, ctx, targets, notes, mode, *, bits: int | None = None,
+                 per_channel: bool | None = None, search: bool = True,
+                 kind: str | None = None) -> CompressionResult:
     """Uniform or binary codes: each selected layer becomes a :class:`QuantizedWeightLayer`
-    (after QAT through a straight-through estimator when ``cfg.qat`` is given)."""
-    bits = 1 if mode == "binary" else (cfg.bits or DEFAULT_BITS["uniform"])
-    per_channel = True if mode == "binary" else cfg.per_channel
+    (after QAT through a straight-through estimator when ``cfg.qat`` is given). ``bits``,
+    ``per_channel``: instead of the config's (int8 weight-only sets them); ``search``: the
+    clipping search of :func:`uniform_quantize` (off: the plain absmax scale); ``kind``: the
+    layer table's name for it. The layers are replaced one at a time and ``targets`` is emptied
+    as it goes, so a replaced layer's float weight is freed at once (a 1B model is never held
+    twice over)."""
+    if bits is None:
+        bits = 1 if mode == "binary" else (cfg.bits or DEFAULT_BITS["uniform"])
+    if per_channel is None:
+        per_channel = True if mode == "binary" else cfg.per_channel
     symmetric = True if mode == "binary" else cfg.symmetric
 
     def quantizer(w):
@@ -194,12 +204,13 @@ def code_weights(cfg, model, ctx, targets, notes, mode) -> CompressionResult:
             codes, scale = binarize(w)
             return _dequant(codes, scale, None, True).to(w.dtype)
         codes, scale, zp = uniform_quantize(w, bits, per_channel=per_channel,
-                                            symmetric=symmetric)
+                                            symmetric=symmetric, search=search)
         return _dequant(codes, scale, zp, per_channel).to(w.dtype)
 
-    originals = {n: m.weight.detach().clone() for n, m in targets}
     extra: dict = {}
+    originals: dict = {}
     if cfg.qat is not None:
+        originals = {n: m.weight.detach().clone() for n, m in targets}
         for _, m in targets:
             parametrize.register_parametrization(m, "weight", _FakeQuantize(quantizer))
         try:
@@ -208,19 +219,24 @@ def code_weights(cfg, model, ctx, targets, notes, mode) -> CompressionResult:
             for _, m in targets:
                 parametrize.remove_parametrizations(m, "weight", leave_parametrized=False)
     layers = []
-    for name, m in targets:
-        w = m.weight.detach()
-        if mode == "binary":
-            codes, scale = binarize(w)
-            zp = None
-        else:
-            codes, scale, zp = uniform_quantize(w, bits, per_channel=per_channel,
-                                                symmetric=symmetric)
-        new = _weight_layer(m, codes, scale, zp, bits, per_channel, symmetric)
-        mark(new, cfg)
-        model = replace(model, name, new)
-        layers.append(row(name, m, new, bits, mode, originals[name].float(),
-                           new.dequantized_weight(torch.float32)))
+    weights = sum(m.weight.numel() for _, m in targets)
+    with layer_bar(len(targets), f"quantize ({kind or mode})", cfg.progress, weights) as bar:
+        for i, (name, m) in enumerate(targets):
+            targets[i] = None
+            w = m.weight.detach()
+            if mode == "binary":
+                codes, scale = binarize(w)
+                zp = None
+            else:
+                codes, scale, zp = uniform_quantize(w, bits, per_channel=per_channel,
+                                                    symmetric=symmetric, search=search)
+            new = _weight_layer(m, codes, scale, zp, bits, per_channel, symmetric)
+            mark(new, cfg)
+            model = replace(model, name, new)
+            layers.append(row(name, m, new, bits, kind or mode, originals.pop(name, w),
+                              new.dequantized_weight(torch.float32)))
+            del m, w, new, codes
+            bar.update()
     if mode == "binary":
         notes.append("binary weights: sign(w) * per-output-channel scale (mean |w|), "
                      "stored as 1-bit codes")
