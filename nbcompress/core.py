@@ -41,6 +41,8 @@ class StepContext:
     history: Any = None            # the History the step is applied through, if any
     spell: Any = None              # how the result's notes name options: None = Python fields,
                                    # the magic layer passes its flag spelling
+    verify_runs: bool = True       # compress runs the result once on example_input; False: the
+                                   # caller's own first forward of it does (History's measure)
 
     def evaluate(self, model: nn.Module) -> float | None:
         """Top-1 accuracy (or the evaluator's 'accuracy') of ``model`` on this context's evaluator."""
@@ -201,7 +203,7 @@ def compress(model: nn.Module, config: StepConfig, *, ctx: StepContext | None = 
     if not result.changes_model:
         result.model = model
     else:
-        if ctx.example_input is not None:
+        if ctx.example_input is not None and ctx.verify_runs:
             check_still_runs(result.model, model, ctx.example_input, config.technique)
         result.model = _to_device(result.model, origin)
     return result
@@ -216,7 +218,12 @@ def check_still_runs(new: nn.Module, original: nn.Module | None, example: Any,
     why = _run_error(new, example)
     if why is None or (original is not None and _run_error(original, example) is not None):
         return              # it runs; or the original fails too: not this step's doing
-    raise FieldError(f"{technique} would hand back a model that no longer runs on the example "
+    raise no_longer_runs(technique, why)
+
+
+def no_longer_runs(technique: str, why: str) -> FieldError:
+    """The refusal of a step whose result does not run where the original ran."""
+    return FieldError(f"{technique} would hand back a model that no longer runs on the example "
                      f"input ({why}); refused, the model is unchanged. The model's own code may "
                      f"read something the step replaced (e.g. a layer's .weight): leave that layer "
                      f"out with " + "{layers}")

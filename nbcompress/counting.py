@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import sys
 import warnings
+from collections import OrderedDict
 from collections.abc import Iterable
 from typing import Any
 
@@ -307,7 +308,76 @@ def count_flops(model: nn.Module, example_input: Any) -> tuple[int, int, dict[st
     only children hold its packed weights, counts as a leaf). ``sparse_flops`` scales each leaf's
     count by the density of its stored weights (:func:`weight_density`): a pruned layer's zeros
     are skipped whether its weights are float or int8 codes.
+
+    The forward is counted once per architecture: a model whose module tree, tensor shapes and
+    dtypes, plain attributes and example input are those of a model counted before (e.g. the
+    result of unstructured pruning) reuses that count (:func:`_structure`); ``sparse_flops`` is
+    always computed from the weights as they are now.
     """
+    key = _structure(model, example_input)
+    got = _FLOPS_SEEN.get(key) if key is not None else None
+    if got is not None:
+        _FLOPS_SEEN.move_to_end(key)
+        total, per_leaf = got
+        return int(total), _sparse(model, total, per_leaf), dict(per_leaf)
+    total, per_leaf = _count_forward(model, example_input)
+    if key is not None:
+        _FLOPS_SEEN[key] = (total, dict(per_leaf))
+        while len(_FLOPS_SEEN) > 16:
+            _FLOPS_SEEN.popitem(last=False)
+    return int(total), _sparse(model, total, per_leaf), per_leaf
+
+
+_FLOPS_SEEN: OrderedDict = OrderedDict()      # architecture -> (flops, per-leaf flops)
+_PLAIN = (int, float, bool, str, type(None))
+
+
+def _structure(model: nn.Module, example_input: Any) -> tuple | None:
+    """What a forward's FLOPs depend on besides the weights' values: every module's name and
+    class, its own tensors' shapes and dtypes, its plain attributes (numbers, strings, flags,
+    tuples of them), and the example input's structure. None (count every time) for a model
+    that counts its own FLOPs (``nbc_flops``) or an input that is not tensors."""
+    if hasattr(model, "nbc_flops"):
+        return None
+    parts: list = [_input_structure(example_input)]
+    if parts[0] is None:
+        return None
+    for name, m in model.named_modules():
+        if hasattr(m, "nbc_flops"):
+            return None
+        tensors = tuple((k, tuple(t.shape), t.dtype) for k, t in
+                        list(m._parameters.items()) + list(m._buffers.items()) if t is not None)
+        plain = tuple(sorted((k, v) for k, v in m.__dict__.items()
+                             if not k.startswith("_") and (isinstance(v, _PLAIN) or (
+                                 isinstance(v, tuple) and all(isinstance(x, _PLAIN) for x in v)))))
+        parts.append((name, type(m), tensors, plain))
+    return tuple(parts)
+
+
+def _input_structure(x: Any):
+    if isinstance(x, torch.Tensor):
+        return ("t", tuple(x.shape), x.dtype, x.device.type)
+    if isinstance(x, (tuple, list)):
+        inner = tuple(_input_structure(v) for v in x)
+        return None if any(v is None for v in inner) else (type(x).__name__, inner)
+    if isinstance(x, dict):
+        inner = tuple((k, _input_structure(v)) for k, v in x.items())
+        return None if any(v is None for _, v in inner) else ("d", inner)
+    return None
+
+
+def _sparse(model: nn.Module, total: int, per_leaf: dict[str, int]) -> int:
+    saved = 0.0
+    modules = dict(_units(model))
+    for n, f in per_leaf.items():
+        density = weight_density(modules[n]) if n in modules else None
+        if density is not None:
+            saved += f * (1.0 - density)
+    return int(round(total - saved))
+
+
+def _count_forward(model: nn.Module, example_input: Any) -> tuple[int, dict[str, int]]:
+    """One counted forward: (flops, per-leaf-module flops)."""
     per_leaf: dict[str, int] = {}
     counter = FlopCounterMode(display=False, custom_mapping=ATTENTION_FORMULAS)
     handles = []
@@ -334,14 +404,7 @@ def count_flops(model: nn.Module, example_input: Any) -> tuple[int, int, dict[st
         for h in handles:
             h.remove()
         model.train(was_training)
-    total = counter.get_total_flops()
-    saved = 0.0
-    modules = dict(units)
-    for n, f in per_leaf.items():
-        density = weight_density(modules[n])
-        if density is not None:
-            saved += f * (1.0 - density)
-    return int(total), int(round(total - saved)), per_leaf
+    return int(counter.get_total_flops()), per_leaf
 
 
 def dynamic_flops(model: nn.Module, example_input: Any, evaluator: Any) -> tuple[int, dict] | None:

@@ -40,7 +40,8 @@ import torch
 from torch import nn
 
 from .core import (BadInput, CompressionResult, EvaluatorError, ExampleInputError, StepConfig,
-                   StepContext, _to_device, compress, model_device, resolve_device)
+                   StepContext, _to_device, compress, model_device, no_longer_runs,
+                   resolve_device)
 from .fingerprint import MEMO, _model_bytes, _same_state, host_copy, state_fingerprint
 from .latency import check_latency_mode
 from .options import magic_spelling
@@ -329,7 +330,8 @@ class History:
                               evaluator=self.evaluator, example_input=self._example(),
                               progress=config.progress, init_state=self._step_init(),
                               history=self,
-                              spell=magic_spelling(type(config)) if magic else None)
+                              spell=magic_spelling(type(config)) if magic else None,
+                              verify_runs=False)     # measuring the result runs it (below)
             t0 = time.perf_counter()
             result = compress(model, config, ctx=ctx)
             seconds = time.perf_counter() - t0
@@ -339,7 +341,12 @@ class History:
                                   result=result, version=self.pos, n_versions=len(self.versions),
                                   history=None)
             new = result.model
-            after = self._measure(new)
+            try:
+                after = self._measure(new)
+            except ExampleInputError as e:
+                if before.flops is None:      # the original did not run on it either
+                    raise
+                raise no_longer_runs(config.technique, str(e).split(": ", 1)[-1]) from None
             beside = {label: self._measure(m) for label, m in result.compare.items()}
             result.compare = {}   # do not keep other models alive in the history
             made = self._new_version(new, metrics=after, technique=config.technique,

@@ -158,3 +158,33 @@ def test_ctrl_c_while_spilling_leaves_no_file_and_the_history_as_it_was(monkeypa
     h.undo()
     assert same_as_snapshot(h.current, snapshot(m))
     h.close()
+
+
+def test_flops_are_counted_once_per_architecture(monkeypatch):
+    import nbcompress.counting as counting
+
+    calls = []
+    real = counting._count_forward
+    monkeypatch.setattr(counting, "_FLOPS_SEEN", type(counting._FLOPS_SEEN)())   # a fresh process
+    monkeypatch.setattr(counting, "_count_forward",
+                        lambda m, x: calls.append(type(m).__name__) or real(m, x))
+    m = mlp(seed=3)
+    x = torch.randn(1, 64)
+    a = nbcompress.measure(m, x, latency=False)
+    p = nbcompress.prune(m, 0.5, progress=False)
+    b = nbcompress.measure(p, x, latency=False)
+    assert len(calls) == 1                           # same architecture: the count is reused
+    assert b.flops == a.flops and b.sparse_flops < 0.6 * a.sparse_flops   # sparsity: recomputed
+    assert [r["flops"] for r in b.layers] == [r["flops"] for r in a.layers]
+    m.add_module("5", nn.Linear(10, 10))             # a changed architecture is counted again
+    c = nbcompress.measure(m, x, latency=False)
+    assert len(calls) == 2 and c.flops == a.flops + 2 * 100
+    m[4].out_features = 10                           # (a plain attribute is part of it)
+    nbcompress.measure(m, x, latency=False)
+    assert len(calls) == 2
+    m[4].extra = 1
+    nbcompress.measure(m, x, latency=False)
+    assert len(calls) == 3
+    q = nbcompress.quantize(p, progress=False)       # new layer types: counted again
+    nbcompress.measure(q, x, latency=False)
+    assert len(calls) == 4

@@ -23,6 +23,8 @@ def _on_register(cls) -> None:
 
 def load_ipython_extension(ipython):
     importlib.import_module("nbcompress.techniques")      # registers every technique
+    importlib.import_module("nbcompress.report")          # the dashboards: loaded with the
+    #                                                       extension, not by its first magic
 
     ipython.register_magics(CoreMagics)
     for cls in list(TECHNIQUES.values()):
