@@ -162,19 +162,23 @@ def _draw(a: np.ndarray, count: int, rng) -> np.ndarray:
     return a[(starts[:, None] + np.arange(_RUN)).reshape(-1)]
 
 
-def _no_codebook(u: np.ndarray, nnz: int) -> bool:
+def _no_codebook(u: np.ndarray, nnz: int, idx: np.ndarray | None = None) -> bool:
     """True only when ``u`` provably has more than MAX_CODEBOOK distinct nonzero values, so
     neither the dense nor the sparse layouts can use a codebook: a sample that already has that
     many does (a sample's distinct count bounds the whole's). False means "not proved" (the exact
-    count decides). Deterministic: the draw is seeded by the size."""
+    count decides). ``idx``: the nonzero positions, when known (drawn from directly).
+    Deterministic: the draw is seeded by the size."""
     if nnz <= MAX_CODEBOOK:
         return False
     rng = np.random.default_rng(u.size)
-    s = _draw(u, _SAMPLE if nnz == u.size else -(-_SAMPLE * u.size // nnz) * 2, rng)
-    if nnz < u.size:
-        s = s[s != 0]
-        if s.size > 2 * _SAMPLE:
-            s = _draw(s, 2 * _SAMPLE, rng)
+    if idx is not None:
+        s = u[_draw(idx, _SAMPLE, rng)]
+    else:
+        s = _draw(u, _SAMPLE if nnz == u.size else -(-_SAMPLE * u.size // nnz) * 2, rng)
+        if nnz < u.size:
+            s = s[np.flatnonzero(s)]
+            if s.size > 2 * _SAMPLE:
+                s = _draw(s, 2 * _SAMPLE, rng)
     if s.size <= MAX_CODEBOOK:
         return False
     s = np.sort(s)                  # (np.unique's hash table is ~100x slower here)
@@ -227,12 +231,15 @@ def _plan(u: np.ndarray, isz: int, huffman: bool, fast: bool = True) -> tuple[di
                 "gap": None, "val": "raw", "extra": None, "book": None}, {}
     nnz = int(np.count_nonzero(u))
     has_zero = nnz < n
-    if fast and isz > 2 and _no_codebook(u, nnz):
+    scratch: dict = {}
+    if fast and isz > 2 and 32 * (n - nnz) > n:     # zeros enough that positions are searched
+        scratch["nz_mask"] = u != 0
+        scratch["idx"] = np.flatnonzero(scratch["nz_mask"])
+    if fast and isz > 2 and _no_codebook(u, nnz, scratch.get("idx")):
         uniq = cnt = None
     else:
         uniq, cnt = _distinct(u, isz)
     k_all = uniq.size if uniq is not None else MAX_CODEBOOK + 2
-    scratch: dict = {}
     best: tuple | None = None
     best_total = math.inf
     lens_of: dict = {}                  # Huffman code lengths, computed once per counts
@@ -252,10 +259,10 @@ def _plan(u: np.ndarray, isz: int, huffman: bool, fast: bool = True) -> tuple[di
     if has_zero:                    # sparse layouts first: they bound the dense search
         bm = (n + 7) // 8
         best, best_total = (bm, "bitmask", None, vbest), bm + vbest[1]
-        nz_mask = u != 0
-        idx = np.flatnonzero(nz_mask)
-        d = _gaps(idx)
-        scratch.update(nz_mask=nz_mask, idx=idx, d=d)
+        if "idx" not in scratch:
+            scratch["nz_mask"] = u != 0
+            scratch["idx"] = np.flatnonzero(scratch["nz_mask"])
+        d = scratch["d"] = _gaps(scratch["idx"])
         gap = _plan_gaps(d, huffman, best_total - vbest[1])
         if gap is not None and gap["size"] + vbest[1] < best_total:
             best, best_total = (gap["size"], "gaps", gap, vbest), gap["size"] + vbest[1]
@@ -302,13 +309,16 @@ def _emit(u: np.ndarray, isz: int, plan: dict, scratch: dict | None = None) -> l
         nz_mask = scratch.get("nz_mask")
         if nz_mask is None:
             nz_mask = u != 0
+        idx = scratch.get("idx")
+        if idx is None:             # (indexing by positions is 4x faster than by a mask)
+            idx = np.flatnonzero(nz_mask)
     if pos_kind == "bitmask":
         pos = np.packbits(nz_mask).tobytes()
     elif pos_kind == "gaps":
         gap = plan["gap"]
         d = scratch.get("d")
         if d is None:
-            d = _gaps(np.flatnonzero(nz_mask))
+            d = _gaps(idx)
         C = (1 << gap["b"]) - 1
         sym, _ = _gap_symbols(d, C)
         if gap["code"] == "fixed":
@@ -317,10 +327,7 @@ def _emit(u: np.ndarray, isz: int, plan: dict, scratch: dict | None = None) -> l
             lens = gap["lens"].astype(np.int64)
             pos_table = _pack_fixed(lens, _LEN_BITS)
             pos = _huffman_encode(sym, lens)
-    src = u
-    if sparse:
-        idx = scratch.get("idx")
-        src = u[idx] if idx is not None else u[nz_mask]
+    src = u[idx] if sparse else u
     if val_kind == "raw":
         vals = _le_bytes(src, isz)
     else:

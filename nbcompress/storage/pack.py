@@ -78,7 +78,7 @@ def _emit_checked(u: np.ndarray, isz: int, plan: dict) -> list:
     """The bytes of a remembered plan, checked against the values: codebook indices must point
     at exactly the values, Huffman codes must exist, and the size must be the planned one."""
     if plan["val"] != "raw" and u.size:
-        src = u[u != 0] if plan["pos"] != "dense" else u
+        src = u[np.flatnonzero(u)] if plan["pos"] != "dense" else u
         book = plan["book"]
         idx = np.searchsorted(book, src)
         if idx.size and (int(idx.max()) >= book.size or not np.array_equal(book[idx], src)):
