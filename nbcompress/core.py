@@ -194,6 +194,7 @@ def compress(model: nn.Module, config: StepConfig, *, ctx: StepContext | None = 
     memo: dict = {}
     work = copy.deepcopy(model, memo)
     MEMO.carry(memo)              # what was measured on the model holds for its copy
+    del memo                      # it holds every copied tensor: a replaced layer's must go
     work = work.to(ctx.device)
     result = config.run(work, ctx)
     # notes may name options as field templates ("use {layers} to include it"): spelled for

@@ -142,6 +142,11 @@ class QuantizeConfig(StepConfig):
         kinds = self._layer_types(mode)
         found = select(model, kinds, None)
         low = low_precision(found, self.pattern())
+        if low is not None and mode is None and self.calib is not None:
+            raise FieldError(f"{{calib}} calibrates static int8, whose torch.ao kernels compute "
+                             f"in float32, and the model's layers are {low}: leave out {{calib}} "
+                             f"for int8 weight-only ({low} compute), or cast the model to "
+                             f"float32 first (model.float())")
         if low is not None and mode in ("dynamic", "static"):
             raise FieldError(f"{{mode={mode!r}}} runs torch.ao's int8 kernels, which compute in "
                              f"float32, and the model's layers are {low}: leave out {{mode}} for "

@@ -1,7 +1,7 @@
 """FLOPs of the int8 ops: ``torch.utils.flop_counter.FlopCounterMode`` has no formula for the
 ``quantized::`` ops, so an int8 model would count 0 FLOPs. :func:`register_quantized_flop_formulas`
 (run when :mod:`.qmodules_int8` is imported) adds formulas for them: 2 * MACs from the input shape
-and the unpacked weight shape, the same convention the counter uses for ``aten.mm`` /
+and the output shape (Linear: no unpacking) or the unpacked weight shape (convs), the same convention the counter uses for ``aten.mm`` /
 ``aten.convolution``. Integer multiply-adds are thus counted like float ones: the work is the
 same, only cheaper. The int8 LSTM/GRU ops are counted from the input and hidden sizes (gates * H *
 (in + H) per token, layer and direction), and so is the fp32 LSTM's CPU op
@@ -23,6 +23,8 @@ def register_quantized_flop_formulas() -> None:
     from torch.utils.flop_counter import flop_registry, register_flop_formula
 
     def _linear(x, packed, *args, out_val=None, **kwargs):
+        if isinstance(out_val, torch.Tensor) and out_val.dim():    # no unpack: [..., n_out]
+            return 2 * x.numel() * out_val.shape[-1]
         w, _ = torch.ops.quantized.linear_unpack(packed)
         n_out, n_in = w.shape
         return 2 * (x.numel() // x.shape[-1]) * n_in * n_out

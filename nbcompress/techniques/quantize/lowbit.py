@@ -47,6 +47,9 @@ def uniform_quantize(w: torch.Tensor, bits: int, *, per_channel: bool = True,
         amax = rows.abs().amax(1)
         for r in ratios:
             scale = round_scale(torch.where(amax > 0, amax * r / qmax, torch.ones_like(amax)))
+            if len(ratios) == 1:          # no search: the absmax scale, no error to compare
+                best_scale = scale
+                break
             q = torch.clamp(torch.round(rows / scale[:, None]), -qmax, qmax)
             err = ((q * scale[:, None] - rows) ** 2).sum(1)
             if best_err is None:
