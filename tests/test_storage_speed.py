@@ -238,6 +238,9 @@ def test_load_streams_from_files_and_plain_readers(tmp_path):
     for cut in (len(data) - 1, len(data) // 2):
         with pytest.raises(BadInput, match="truncated nbcompress file"):
             load(io.BytesIO(data[:cut]))
+    path.write_bytes(data[:len(data) // 2])         # a file on disk: refused before reading
+    with pytest.raises(BadInput, match="truncated nbcompress file"):
+        load(path)
     bad = bytearray(data)
     bad[-100] ^= 1                                  # inside the last (dense raw) tensor
     with pytest.raises(BadInput, match="CRC-32"):
@@ -290,7 +293,7 @@ def test_disk_full_is_one_clear_error(tmp_path, monkeypatch):
 
 # ------------------------------------------------------------------------------ progress
 
-def test_progress_bar_per_tensor(capsys, tmp_path):
+def test_progress_bar_per_tensor(capsys, tmp_path, monkeypatch):
     m = lenet()
     save(m, tmp_path / "a.nbc", progress=True)
     err = capsys.readouterr().err
@@ -299,6 +302,11 @@ def test_progress_bar_per_tensor(capsys, tmp_path):
     assert "loading" in capsys.readouterr().err
     save(m, tmp_path / "a.nbc")                       # a small model: no bar by default
     load(tmp_path / "a.nbc", progress=None)
+    assert capsys.readouterr().err == ""
+    monkeypatch.setattr(pack, "_PROGRESS_BYTES", 1000)  # ... a large one gets one
+    save(m, tmp_path / "a.nbc")
+    assert "packing" in capsys.readouterr().err
+    save(m, tmp_path / "a.nbc", progress=False)
     assert capsys.readouterr().err == ""
     with pytest.raises(BadInput, match="progress must be"):
         save(m, tmp_path / "b.nbc", progress="yes")

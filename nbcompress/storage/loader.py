@@ -5,7 +5,9 @@ under the trusted prefixes (:mod:`.names`), all of them checked before anything 
 from __future__ import annotations
 
 import functools
+import io
 import math
+import os
 import re
 import types
 import zlib
@@ -64,6 +66,12 @@ def _read_tensors(f, header: dict, crc: tuple | None, bar=None) -> list[torch.Te
     the file's bytes); the others' segments are kept until the CRC is checked, then decoded."""
     state = crc[1] if crc else 0
     got, want = 0, header["blob_bytes"]
+    try:                                # a file shorter than its header says: before allocating
+        left = os.fstat(f.fileno()).st_size - f.tell()
+    except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
+        left = None
+    if left is not None and left < want:
+        _truncated(max(left, 0), want)
     readinto = getattr(f, "readinto", None)
     pending: list = []
     for tj, _off in _tensor_entries(header):
