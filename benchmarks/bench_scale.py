@@ -26,9 +26,11 @@ Sections:
 * ``bert110m``: a BERT-base-sized ``BertForSequenceClassification`` (random weights, 110M params)
   through a real IPython shell: ``%nbcompress`` (with an evaluation loader of 4 sequences of 128
   tokens), ``%prune 0.5``, ``%quantize``, ``%undo``, ``%redo``; each magic's total time and, for the
-  steps, the technique's time and the bookkeeping (measuring the result, latency included: at
-  most ~2 s of timed forwards; recording; the history table). Target: bookkeeping <= 50% of the
-  technique.
+  steps, the technique's CPU time, the measurements the user asked for (the evaluator's
+  forwards over their data and the latency timing: ``run_evaluator`` and ``measure_latency``), and
+  the bookkeeping: the rest (counting, packed size, FLOPs, recording, fingerprints, the history
+  table, the text dashboard). Target: bookkeeping <= 50% of the technique (shown also with the
+  asked-for measurements added).
 * ``gpt1b``: a 1.1B-parameter GPT-2-style config in bf16 (2.2 GB): register, prune 0.5, int8
   weight-only, save, load, undo, redo, ``%compress_history``; host budget = the model's bytes (older
   records spill to disk). Targets: peak RSS <= 4x the model's bytes; no step's bookkeeping above the
@@ -187,20 +189,54 @@ def sec_first(repeats: int) -> dict:
 
 
 def _magic_steps(sh, name: str, lines: list[str]) -> list[dict]:
+    """Each magic timed whole (wall and CPU seconds); for a step, the technique's own CPU seconds
+    (``compress``, timed by wrapping it) and the rest of the magic (measuring, recording, the
+    history table, rendering the text dashboard) as its bookkeeping."""
+    import nbcompress.history as hist
+    import nbcompress.metrics as metrics
+
+    spent: dict[str, list] = {"technique": [], "asked": []}
+    patched = [(hist, "compress", "technique"), (metrics, "run_evaluator", "asked"),
+               (metrics, "measure_latency", "asked")]
+    reals = [getattr(mod, fn) for mod, fn, _ in patched]
+
+    def timer(real, kind):
+        def timed(*a, **k):
+            with Clock() as c:
+                try:
+                    return real(*a, **k)
+                finally:
+                    spent[kind].append(c)
+        return timed
+
+    for (mod, fn, kind), real in zip(patched, reals):
+        setattr(mod, fn, timer(real, kind))
     rows = []
-    for verb, args in lines:
-        with Clock() as c:
-            sh.run_line_magic(verb, args)
-        row = {"magic": f"%{verb} {args}", "wall_s": c.wall, "cpu_s": c.cpu}
-        h = sh._nbcompress_workspace.get(name)
-        v = h.current_version
-        if verb not in ("undo", "redo", "nbcompress", "compress_history") and v.seconds:
-            row.update(technique_s=v.seconds, bookkeeping_s=v.overhead,
-                       bookkeeping_share=v.overhead / v.seconds)
-        rows.append(row)
-        print(f"  {row['magic']:<40} {c.wall:8.2f} s wall {c.cpu:8.2f} s cpu"
-              + (f"  technique {v.seconds:.2f} s, bookkeeping {v.overhead:.2f} s"
-                 if "technique_s" in row else ""), file=sys.stderr, flush=True)
+    try:
+        for verb, args in lines:
+            for v in spent.values():
+                v.clear()
+            with Clock() as c:
+                sh.run_line_magic(verb, args)
+            asked = sum(t.cpu for t in spent["asked"])
+            row = {"magic": f"%{verb} {args}", "wall_s": c.wall, "cpu_s": c.cpu,
+                   "eval_and_latency_s": asked}
+            if spent["technique"]:
+                tech = sum(t.cpu for t in spent["technique"])
+                book = c.cpu - tech - asked
+                row.update(technique_s=tech, technique_wall_s=sum(t.wall for t in
+                                                                  spent["technique"]),
+                           bookkeeping_s=book, bookkeeping_share=book / tech,
+                           with_measuring_share=(book + asked) / tech)
+            rows.append(row)
+            print(f"  {row['magic']:<40} {c.wall:8.2f} s wall {c.cpu:8.2f} s cpu, evaluator + "
+                  f"latency {asked:.2f} s"
+                  + (f", technique {row['technique_s']:.2f} s, bookkeeping "
+                     f"{row['bookkeeping_s']:.2f} s" if spent["technique"] else ""),
+                  file=sys.stderr, flush=True)
+    finally:
+        for (mod, fn, _), real in zip(patched, reals):
+            setattr(mod, fn, real)
     return rows
 
 
@@ -226,6 +262,7 @@ def sec_bert110m(repeats: int) -> dict:
                                      ("quantize", "bert --no-progress"),
                                      ("undo", "bert"), ("redo", "bert")])
     shares = [r["bookkeeping_share"] for r in rows if "bookkeeping_share" in r]
+    # (the same with the evaluator's and latency's forwards counted as bookkeeping, for the note)
     return {"params": params, "rows": rows, "worst_bookkeeping_share": max(shares),
             "target": "bookkeeping <= 50% of the technique", "met": max(shares) <= 0.5}
 
@@ -317,7 +354,8 @@ def summary(res: dict) -> str:
                     f"{r['warm_dashboard_cpu_s']:.3f} s: {r['ratio_cpu']:.2f}x")
         elif k == "bert110m":
             text = "; ".join(f"{row['magic'].split()[0]} {row['cpu_s']:.1f}s"
-                             + (f" ({100 * row['bookkeeping_share']:.0f}% bk)"
+                             + (f" (bk {100 * row['bookkeeping_share']:.0f}%, +eval/lat "
+                                f"{100 * row['with_measuring_share']:.0f}%)"
                                 if "bookkeeping_share" in row else "") for row in r["rows"])
         elif k == "gpt1b":
             text = (f"peak RSS {r['peak_rss_x_model']:.2f}x model; worst bookkeeping/technique "

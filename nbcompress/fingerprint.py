@@ -54,13 +54,13 @@ def state_fingerprint(model: nn.Module) -> tuple:
                 version = -1
             ptr = v.data_ptr() if v.layout == torch.strided and not v.is_quantized else id(v)
             ident.append((k, ptr, version, tuple(v.shape), str(v.dtype)))
-            sums.append(_content_sum(v))
+            sums.append(MEMO.content_sum(v))     # (summed once per MEMO.trusting block)
         elif isinstance(v, (tuple, list)):
             for i, x in enumerate(v):
                 if isinstance(x, torch.Tensor):
                     ident.append((f"{k}[{i}]", tuple(x.shape), str(x.dtype)))
                     sums.append(_content_sum(x))
-    content = tuple(int(s) for s in torch.stack([s.cpu() for s in sums]).tolist()) if sums else ()
+    content = tuple(int(s) for s in sums)
     return tuple(ident), content
 
 
@@ -152,6 +152,10 @@ class TensorMemo:
         if self._trusted is not None:
             self._trusted[id(t)] = (ident, key, t)
         return key
+
+    def content_sum(self, t: torch.Tensor) -> int:
+        """:func:`_content_sum` of ``t`` as an int; inside :meth:`trusting`, once per tensor."""
+        return self._key(t)[1]
 
     def results(self, t: torch.Tensor) -> dict:
         """The results dict for ``t``'s current values (empty when they changed or are new);
