@@ -149,7 +149,7 @@ def _distinct(u: np.ndarray, isz: int) -> tuple[np.ndarray, np.ndarray]:
     return srt[at], np.diff(np.append(at, srt.size))
 
 
-_SAMPLE = 1 << 17        # elements drawn to prove that a tensor cannot use a codebook
+_SAMPLE = 73_728          # elements drawn to prove that a tensor cannot use a codebook (> 65536)
 _RUN = 512               # drawn as runs of this many neighbours (contiguous reads)
 
 
