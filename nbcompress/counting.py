@@ -99,17 +99,21 @@ def _tensor_counts(t: torch.Tensor) -> tuple[int, int]:
 def _count(t: torch.Tensor) -> tuple[int, int]:
     t = t.detach()
     if t.is_quantized:
-        r = t.int_repr().to(torch.int32)
+        r = t.int_repr()                      # compared in its own 8-bit type: no widened copy
         if t.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric,
                            torch.per_channel_affine_float_qparams):
-            shape = [1] * r.dim()
-            shape[t.q_per_channel_axis()] = -1
-            zp = t.q_per_channel_zero_points().to(torch.int32).reshape(shape)
             if t.qscheme() == torch.per_channel_affine_float_qparams:   # zero points are floats
                 return r.numel(), int(torch.count_nonzero(t.dequantize()).item())
-        else:
-            zp = int(t.q_zero_point())
-        return r.numel(), int((r != zp).sum().item())
+            zp = t.q_per_channel_zero_points()
+            if not bool(zp.any()):
+                return r.numel(), int(torch.count_nonzero(r).item())
+            shape = [1] * r.dim()
+            shape[t.q_per_channel_axis()] = -1
+            return r.numel(), int(torch.count_nonzero(r != zp.to(r.dtype).reshape(shape)).item())
+        zp = int(t.q_zero_point())
+        if zp == 0:
+            return r.numel(), int(torch.count_nonzero(r).item())
+        return r.numel(), int(torch.count_nonzero(r != zp).item())
     return t.numel(), int(torch.count_nonzero(t).item())
 
 
