@@ -19,7 +19,7 @@ from ...options import option
 from ...train import fit
 from .batchnorm import recalibrate_batchnorm
 from .candidates import candidates, replace
-from .factorize import _ksize, relative_error
+from .factorize import _ksize
 from .layer import LowRank
 from .plans import allocate, check_target, make_plan, parse_target
 
@@ -195,7 +195,8 @@ class LowRankConfig(StepConfig):
             for path in paths[p.name]:
                 replace(model, path, new)
             replaced[p.name] = new
-            err = relative_error(p.module, new)
+            err = p.error(new)
+            p.release()
             rows.append({"layer": p.name, "kind": p.kind, "shape": p.shape(), "rank": p.rank_text(r),
                          "full_rank": p.rank_text(p.full()),
                          "params_before": p.dense_params, "params_after": after,
@@ -206,11 +207,14 @@ class LowRankConfig(StepConfig):
             notes.append("kept dense (factorising would not save parameters): " + ", ".join(skipped))
         if not rows:
             notes.append("no layer was factorised: every selected layer would grow at these ranks")
-        probe = x if x is not None else example       # the original ran on it above
-        if probe is not None and rows:
-            check_still_runs(model, None, probe, self.technique)
+        if x is None and example is not None and rows:  # the original ran on it above
+            check_still_runs(model, None, example, self.technique)
         if x is not None and rows:
-            per_leaf = count_flops(model, x)[2]
+            try:                    # counting runs the model: a failure there is a refusal
+                per_leaf = count_flops(model, x)[2]
+            except Exception:
+                check_still_runs(model, None, x, self.technique)
+                raise
             for row in rows:
                 pre = paths[row["layer"]][0] + "."
                 row["flops_after"] = sum(v for k, v in per_leaf.items() if k.startswith(pre))

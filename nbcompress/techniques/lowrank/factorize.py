@@ -25,7 +25,8 @@ from torch import nn
 from ...core import BadInput
 
 __all__ = ["svd_factorize_linear", "svd_factorize_conv", "tucker_factorize_conv",
-           "separable_factorize_conv", "tucker_ranks_limit", "effective_weight", "relative_error"]
+           "separable_factorize_conv", "tucker_ranks_limit", "effective_weight", "relative_error",
+           "LargeBlocks"]
 
 _EPS = 1e-9
 
@@ -36,14 +37,22 @@ def _f64(w: torch.Tensor) -> torch.Tensor:
     return w.detach().to(torch.float64)
 
 
-def _new_linear(i: int, o: int, bias: bool, like: torch.Tensor) -> nn.Linear:
-    return nn.Linear(i, o, bias=bias, device=like.device, dtype=like.dtype)
+def _make(cls, *args, init: bool = True, **kw) -> nn.Module:
+    """A new layer; ``init=False``: its parameters left uninitialised (every one is overwritten
+    with the factors: no random draws, which take seconds on a large layer)."""
+    return cls(*args, **kw) if init else nn.utils.skip_init(cls, *args, **kw)
+
+
+def _new_linear(i: int, o: int, bias: bool, like: torch.Tensor, init: bool = True) -> nn.Linear:
+    return _make(nn.Linear, i, o, bias=bias, device=like.device, dtype=like.dtype, init=init)
 
 
 def _new_conv(i: int, o: int, k, *, like: torch.Tensor, stride=1, padding=0, dilation=1,
-              groups: int = 1, bias: bool = False, padding_mode: str = "zeros") -> nn.Conv2d:
-    return nn.Conv2d(i, o, k, stride=stride, padding=padding, dilation=dilation, groups=groups,
-                     bias=bias, padding_mode=padding_mode, device=like.device, dtype=like.dtype)
+              groups: int = 1, bias: bool = False, padding_mode: str = "zeros",
+              init: bool = True) -> nn.Conv2d:
+    return _make(nn.Conv2d, i, o, k, stride=stride, padding=padding, dilation=dilation,
+                 groups=groups, bias=bias, padding_mode=padding_mode, device=like.device,
+                 dtype=like.dtype, init=init)
 
 
 def _set(param: torch.Tensor, value: torch.Tensor) -> None:
@@ -90,93 +99,208 @@ def _svd_blocks(w: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tenso
 
 
 # A block is "large" past this many multiply-adds of its full SVD (m * n * min(m, n)); below
-# it the full SVD runs as it always did (cheap, and results stay exactly as before).
+# it the full float64 SVD runs as it always did (cheap, and results stay exactly as before).
+# Setting it to infinity brings back the full SVD everywhere (benchmarks/bench_lowrank_speed.py
+# times that path as the baseline).
 _FULL_SVD_LIMIT = 1 << 28
+# The cost model that picks how a large block's leading singular vectors are found, in
+# GEMM-equivalent operations on one CPU thread (calibrated here: a GEMM ~93 GFLOP/s, eigh(4096)
+# ~12.6 s, a k x q QR ~6x its 2kq^2 flops, svd_lowrank(4096x4096, q=1280) ~14 s).
+_EIGH_FLOPS = 17.0                  # eigh of a k x k matrix with eigenvectors, per k^3
+_QR_FLOPS = 12.0                    # QR of a p x q matrix, per p q^2
+# Up to this size the eigenvectors of a Gram matrix come with its eigenvalues (eigh(1024) costs
+# ~1.6x eigvalsh: cheaper than a second decomposition when the layer is then factorised); above
+# it they cost ~4x, so the eigenvalues come alone and the vectors only for a layer factorised,
+# unless the block is so wide or tall that it saves parameters up to ``_WIDE`` of its full rank
+# (VGG's 4096 x 25088: 86%), where it is factorised at nearly any energy.
+_VECTORS_WITH_SPECTRUM = 2048
+_WIDE = 0.75
+_POWER_ITERS = 4                    # torch.svd_lowrank on the weight
+_GRAM_ITERS = 3                     # subspace iteration on the Gram matrix (G^4: ~ as accurate)
 
 
 def _large(og: int, inner: int) -> bool:
     return og * inner * min(og, inner) > _FULL_SVD_LIMIT
 
 
-def _gram(mats: torch.Tensor) -> tuple[torch.Tensor, bool]:
-    """The Gram matrices of the smaller side of each block (float64) and whether it is the
-    rows' (``M M^T``) one."""
-    rows = mats.shape[1] <= mats.shape[2]
-    return (mats @ mats.transpose(1, 2) if rows else mats.transpose(1, 2) @ mats), rows
+def _gram(a: torch.Tensor, block: int = 1024) -> torch.Tensor:
+    """``a @ a^T`` for a batch ``a`` (g, k, n), by blocks of rows, only those on and above the
+    diagonal multiplied (the rest mirrored): ~(b+1)/2b of a full GEMM for b blocks."""
+    k = a.shape[1]
+    if k < 2 * block:
+        return a @ a.transpose(1, 2)
+    out = a.new_empty(a.shape[0], k, k)
+    starts = range(0, k, block)
+    for i in starts:
+        ai = a[:, i:i + block]
+        rest = a[:, i:].transpose(1, 2)
+        prod = ai @ rest                               # (g, bi, k - i): row block i, from i on
+        out[:, i:i + block, i:] = prod
+        out[:, i + block:, i:i + block] = prod[:, :, ai.shape[1]:].transpose(1, 2)
+    return out
 
 
-def _spectrum_sq(w: torch.Tensor, groups: int) -> torch.Tensor:
-    """Squared singular values of each group's kernel matrix, in decreasing order, (g, k), float64:
-    for a small block from its SVD; for a large one, the eigenvalues of its Gram matrix on the
-    smaller side, in float32 (one GEMM and a symmetric eigensolver, several times cheaper than
-    an SVD: each value within ~1e-6 of the largest, so every energy share is exact to that)."""
-    o = w.shape[0]
-    if not _large(o // groups, w[0].numel()):
-        return torch.linalg.svdvals(_f64(w).reshape(groups, o // groups, -1)) ** 2
-    g, _ = _gram(w.detach().float().reshape(groups, o // groups, -1))
-    return torch.linalg.eigvalsh(g).flip(-1).clamp(min=0).double()
+class LargeBlocks:
+    """Truncated SVDs of a large kernel matrix (each group's ``out/g x (in/g*kh*kw)`` block),
+    in float32, without its full SVD.
 
+    The spectrum (:meth:`spectrum_sq`) comes from the eigenvalues of each block's Gram matrix on
+    its smaller side (``G = M M^T`` or ``M^T M``, computed once and kept: one GEMM and a symmetric
+    eigensolver, several times cheaper than an SVD; each value within ~1e-6 of the largest, so
+    every energy share is exact to that). The factors at rank ``r`` (:meth:`top`) come from the
+    leading eigenvectors of ``G``, found by whichever route costs fewest operations (``_route``):
 
-def _svd_top(w: torch.Tensor, groups: int, rank: int):
-    """(U, S, Vh) of each group's kernel matrix truncated to ``rank`` (batched by group, float64).
-    A small block: the full SVD, cut. A large one, in float32: a randomized SVD (``torch.svd_lowrank``, 4
-    power iterations, oversampled, seeded) when the rank is under a quarter of the block's, else
-    the eigenvectors of its Gram matrix (exact); either is far cheaper than the full SVD. The
-    reconstruction error the report gives is measured on the factors built, either way."""
-    o = w.shape[0]
-    og, inner = o // groups, w[0].numel()
-    k = min(og, inner)
-    r = max(1, min(int(rank), k))
-    if not _large(og, inner):
-        u, s, vh = torch.linalg.svd(_f64(w).reshape(groups, og, inner), full_matrices=False)
-        return u[:, :, :r], s[:, :r], vh[:, :r]
-    mats = w.detach().float().reshape(groups, og, inner)      # float32, as the weights are
-    us, ss, vhs = [], [], []
-    for m in mats:
-        if r <= k // 4:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(0)
-                u, s, v = torch.svd_lowrank(m, q=min(k, r + max(10, r // 4)), niter=4)
-            u, s, vh = u[:, :r], s[:r], v[:, :r].t()
+    - ``eigh``: all eigenvectors of ``G`` (exact);
+    - ``subspace``: ``_GRAM_ITERS`` rounds of subspace iteration on ``G`` from a seeded Gaussian
+      start of ``r`` + oversampling columns, then Rayleigh-Ritz (cheap when ``r`` is well below
+      ``k``; within ~0.5% of the optimal error on a random Gaussian matrix, the flattest
+      spectrum there is, far closer on trained weights);
+    - ``randomized``: ``torch.svd_lowrank`` on ``M`` itself (``_POWER_ITERS`` power iterations,
+      seeded), when even the Gram matrix costs more (a small rank of a wide layer).
+
+    Either way the factors are ``U_r (U_r^T M)`` (or ``(M V_r) V_r^T``) with orthonormal
+    ``U_r``: an orthogonal projection of ``M``, so ``||M - M_r||^2 = ||M||^2 - ||M_r||^2`` and
+    :meth:`relative_error` reads the error of the factors built from what building them computed
+    (no dense product of the factors; tests compare it with :func:`relative_error`)."""
+
+    def __init__(self, w: torch.Tensor, groups: int):
+        self.w, self.groups = w, int(groups)
+        self.og, self.inner = w.shape[0] // self.groups, w[0].numel()
+        self.k = min(self.og, self.inner)
+        self.rows = self.og <= self.inner          # the Gram of the rows' side (M M^T)
+        self._gram = self._eig = None
+        self.kept_sq = None                        # ||M_r||^2 of the last factors built
+        self.route = None                          # how they were found (``_route``)
+
+    def _mats(self) -> torch.Tensor:
+        return self.w.detach().float().reshape(self.groups, self.og, self.inner)
+
+    def gram(self) -> torch.Tensor:
+        """Each block's Gram matrix on its smaller side, (g, k, k) float32, computed once."""
+        if self._gram is None:
+            m = self._mats()
+            self._gram = _gram(m if self.rows else m.transpose(1, 2))
+        return self._gram
+
+    def spectrum_sq(self) -> torch.Tensor:
+        """Squared singular values of each block, decreasing, (g, k), float64. Up to
+        ``_VECTORS_WITH_SPECTRUM`` (or for a wide block) the eigenvectors come too and are kept
+        for :meth:`top`."""
+        breakeven = self.og * self.inner / (self.og + self.inner)
+        if self.k <= _VECTORS_WITH_SPECTRUM or breakeven >= _WIDE * self.k:
+            self._eig = torch.linalg.eigh(self.gram())
+            vals = self._eig[0]
         else:
-            gm, rows = _gram(m[None])
-            vals, vecs = torch.linalg.eigh(gm[0])
-            vals, vecs = vals.flip(0)[:r].clamp(min=0), vecs.flip(1)[:, :r]
-            s = vals.sqrt()
-            inv = torch.where(s > s[0] * 1e-6, 1.0 / s.clamp(min=1e-30), torch.zeros_like(s))
-            if rows:
-                u, vh = vecs, (vecs.t() @ m) * inv[:, None]
+            vals = torch.linalg.eigvalsh(self.gram())
+        return vals.flip(-1).clamp(min=0).double()
+
+    def _eigh(self, gi: int):
+        if self._eig is None:
+            self._eig = torch.linalg.eigh(self.gram())
+        return self._eig[0][gi], self._eig[1][gi]
+
+    def _oversampled(self, r: int) -> int:
+        return min(self.k, r + max(10, r // 4))
+
+    def _route(self, r: int) -> str:
+        """``eigh``, ``subspace`` or ``randomized``: the cheapest way to rank ``r`` factors (see the
+        class), by the operation counts of ``_EIGH_FLOPS`` / ``_QR_FLOPS``."""
+        mn, q, k, big = self.og * self.inner, self._oversampled(r), self.k, max(self.og, self.inner)
+        gram = 0 if self._gram is not None else 1.2 * mn * k     # _gram: ~0.6 of a GEMM
+        eigh = 0 if self._eig is not None else _EIGH_FLOPS * k ** 3
+        sub = (_GRAM_ITERS + 2) * 2 * k * k * q + (_GRAM_ITERS + 1) * _QR_FLOPS * k * q * q + \
+            _EIGH_FLOPS * q ** 3
+        rand = (2 * _POWER_ITERS + 2) * 2 * mn * q + \
+            (2 * _POWER_ITERS + 1) * _QR_FLOPS * (self.og + self.inner) / 2 * q * q + \
+            2 * _QR_FLOPS * q * q * big
+        costs = {"eigh": gram + eigh, "subspace": gram + sub, "randomized": rand - 2 * mn * r}
+        return min(costs, key=costs.get)
+
+    def _leading(self, gi: int, r: int) -> torch.Tensor:
+        """The ``r`` leading eigenvectors of block ``gi``'s Gram matrix, (k, r), by subspace
+        iteration (seeded; orthonormal columns)."""
+        g = self.gram()[gi]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            start = torch.randn(self.k, self._oversampled(r), dtype=g.dtype, device=g.device)
+        q, _ = torch.linalg.qr(g @ start)
+        for _ in range(_GRAM_ITERS):
+            q, _ = torch.linalg.qr(g @ q)
+        t = q.t() @ g @ q
+        _, z = torch.linalg.eigh((t + t.t()) / 2)
+        return q @ z.flip(1)[:, :r]
+
+    def top(self, rank: int):
+        """(U, S, Vh) of each block truncated to ``rank``, float32, batched by group; also
+        sets ``kept_sq`` (float64) for :meth:`relative_error`."""
+        r = max(1, min(int(rank), self.k))
+        self.route = route = self._route(r)
+        us, ss, vhs, kept = [], [], [], 0.0
+        for gi, m in enumerate(self._mats()):
+            if route == "randomized":
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(0)
+                    u, s, v = torch.svd_lowrank(m, q=self._oversampled(r), niter=_POWER_ITERS)
+                u, s, vh = u[:, :r], s[:r], v[:, :r].t()
+                kept += float(s.double().pow(2).sum())
             else:
-                vh, u = vecs.t(), (m @ vecs) * inv[None, :]
-        us.append(u)
-        ss.append(s)
-        vhs.append(vh)
-    return torch.stack(us).double(), torch.stack(ss).double(), torch.stack(vhs).double()
+                if route == "eigh":
+                    vecs = self._eigh(gi)[1].flip(1)[:, :r].contiguous()
+                else:
+                    vecs = self._leading(gi, r)
+                # the projection of M on the leading eigenvectors; its rows' (or columns') norms
+                # are the singular values
+                proj = vecs.t() @ m if self.rows else m @ vecs
+                norms_sq = torch.linalg.vector_norm(proj, dim=1 if self.rows else 0).double() ** 2
+                kept += float(norms_sq.sum())
+                s = norms_sq.sqrt().float()
+                inv = torch.where(s > s.max() * 1e-6, 1.0 / s.clamp(min=1e-30), torch.zeros_like(s))
+                if self.rows:
+                    u, vh = vecs, proj * inv[:, None]
+                else:
+                    vh, u = vecs.t(), proj * inv[None, :]
+            us.append(u)
+            ss.append(s)
+            vhs.append(vh)
+        self.kept_sq = kept
+        return torch.stack(us), torch.stack(ss), torch.stack(vhs)
+
+    def relative_error(self) -> float:
+        """``||W - W_hat|| / ||W||`` of the factors :meth:`top` built last (see the class)."""
+        flat = self.w.detach().reshape(-1)
+        total = sum(float(torch.linalg.vector_norm(c, dtype=torch.float64)) ** 2
+                    for c in flat.split(1 << 22))
+        if total <= 0:
+            return 0.0
+        return max(0.0, 1.0 - self.kept_sq / total) ** 0.5
 
 
-def svd_factorize_linear(layer: nn.Linear, rank: int, *, _svd=None) -> nn.Sequential:
+def svd_factorize_linear(layer: nn.Linear, rank: int, *, _svd=None, init: bool = True
+                         ) -> nn.Sequential:
     """``Linear(in, out)`` -> ``Sequential(Linear(in, rank, bias=False), Linear(rank, out))`` by
-    the truncated SVD (the best rank-``rank`` approximation in Frobenius norm)."""
+    the truncated SVD (the best rank-``rank`` approximation in Frobenius norm). ``init=False``:
+    the new layers skip their random initialisation (the factors overwrite it)."""
     w = layer.weight
     u, s, vh = _svd if _svd is not None else _svd_blocks(w, 1)
     r = int(rank)
     if not 1 <= r <= s.shape[-1]:
         raise BadInput(f"rank {r} is outside 1..{s.shape[-1]} for a {tuple(w.shape)} weight")
     root = s[0, :r].sqrt()
-    first = _new_linear(layer.in_features, r, False, w)
-    second = _new_linear(r, layer.out_features, layer.bias is not None, w)
+    first = _new_linear(layer.in_features, r, False, w, init)
+    second = _new_linear(r, layer.out_features, layer.bias is not None, w, init)
     _set(first.weight, root[:, None] * vh[0, :r])
     _set(second.weight, u[0, :, :r] * root[None, :])
     _copy_bias(second, layer)
     return nn.Sequential(first, second)
 
 
-def svd_factorize_conv(conv: nn.Conv2d, rank: int, *, _svd=None) -> nn.Sequential:
+def svd_factorize_conv(conv: nn.Conv2d, rank: int, *, _svd=None, init: bool = True
+                       ) -> nn.Sequential:
     """``k x k`` Conv2d -> ``Sequential(k x k conv into rank*groups channels, 1 x 1 conv)``.
 
     Each group's kernel, seen as an ``out/g x (in/g*kh*kw)`` matrix, is cut to rank ``rank`` by
     its SVD; the first conv keeps stride, padding, dilation, padding mode and groups, the second
-    (1 x 1, same groups) keeps the bias."""
+    (1 x 1, same groups) keeps the bias. ``init`` as in :func:`svd_factorize_linear`."""
     w = conv.weight
     g = conv.groups
     u, s, vh = _svd if _svd is not None else _svd_blocks(w, g)
@@ -187,8 +311,8 @@ def svd_factorize_conv(conv: nn.Conv2d, rank: int, *, _svd=None) -> nn.Sequentia
     root = s[:, :r].sqrt()                      # (g, r)
     first = _new_conv(conv.in_channels, g * r, conv.kernel_size, like=w, stride=conv.stride,
                       padding=conv.padding, dilation=conv.dilation, groups=g,
-                      padding_mode=conv.padding_mode)
-    second = _new_conv(g * r, o, 1, like=w, groups=g, bias=conv.bias is not None)
+                      padding_mode=conv.padding_mode, init=init)
+    second = _new_conv(g * r, o, 1, like=w, groups=g, bias=conv.bias is not None, init=init)
     _set(first.weight, (root[:, :, None] * vh[:, :r]).reshape(g * r, ci, kh, kw))
     _set(second.weight, (u[:, :, :r] * root[:, None, :]).reshape(o, r, 1, 1))
     _copy_bias(second, conv)

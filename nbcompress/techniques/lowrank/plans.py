@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from ...core import FieldError
-from .factorize import (_EPS, _cum_energy, _ksize, _large, _rank_for_energy, _separable_svd,
-                        _spectrum_sq, _svd_blocks, _svd_top, _tucker_spectra,
+from .factorize import (_EPS, LargeBlocks, _cum_energy, _ksize, _large, _rank_for_energy,
+                        _separable_svd, _svd_blocks, _tucker_spectra, relative_error,
                         separable_factorize_conv, svd_factorize_conv, svd_factorize_linear,
                         tucker_factorize_conv, tucker_ranks_limit)
 
@@ -80,6 +80,14 @@ class _Plan:
     def build(self, rank) -> nn.Sequential:
         raise NotImplementedError
 
+    def error(self, new: nn.Module) -> float:
+        """``||W - W_hat|| / ||W||`` of the replacement ``new`` :meth:`build` made."""
+        return relative_error(self.module, new)
+
+    def release(self) -> None:
+        """Drop the decompositions kept (a large layer's Gram matrix and factors)."""
+        self._cache = None
+
     def rank_text(self, rank) -> str:
         return "/".join(str(r) for r in rank) if isinstance(rank, tuple) else str(rank)
 
@@ -106,9 +114,12 @@ class _SVDPlan(_Plan):
 
     def _svd(self, rank):
         """The SVD the factors come from: full (cached) for a small block, truncated to ``rank``
-        for a large one (``factorize._svd_top``)."""
+        for a large one (:class:`factorize.LargeBlocks`, its Gram matrix kept for both the
+        spectrum and the factors)."""
         if _large(self.out_g, self.in_g):
-            return _svd_top(self.module.weight, self.groups, rank)
+            if self._cache is None:
+                self._cache = LargeBlocks(self.module.weight, self.groups)
+            return self._cache.top(rank)
         if self._cache is None:
             self._cache = _svd_blocks(self.module.weight, self.groups)
         return self._cache
@@ -116,17 +127,29 @@ class _SVDPlan(_Plan):
     def cums(self):
         if self._spectrum is None:
             if _large(self.out_g, self.in_g):
-                sq = _spectrum_sq(self.module.weight, self.groups)
+                if self._cache is None:
+                    self._cache = LargeBlocks(self.module.weight, self.groups)
+                sq = self._cache.spectrum_sq()
             else:
                 _, s, _ = self._svd(None)
                 sq = s ** 2
             self._spectrum = [_cum_energy(sq.sum(0), self.full())]
         return self._spectrum
 
+    def error(self, new: nn.Module) -> float:
+        """A large block's error from the projection its factors are (``LargeBlocks``), else
+        measured on the product of the factors."""
+        if isinstance(self._cache, LargeBlocks) and self._cache.kept_sq is not None:
+            return self._cache.relative_error()
+        return super().error(new)
+
     def build(self, rank):
+        # a large layer's factors skip the random initialisation they overwrite; a small one's
+        # draw it as they always did (the random stream a notebook goes on with is unchanged)
+        large = _large(self.out_g, self.in_g)
         if isinstance(self.module, nn.Linear):
-            return svd_factorize_linear(self.module, rank, _svd=self._svd(rank))
-        return svd_factorize_conv(self.module, rank, _svd=self._svd(rank))
+            return svd_factorize_linear(self.module, rank, _svd=self._svd(rank), init=not large)
+        return svd_factorize_conv(self.module, rank, _svd=self._svd(rank), init=not large)
 
 
 class _TuckerPlan(_Plan):
