@@ -98,8 +98,9 @@ def as_linear(m: nn.Module) -> nn.Module:
     if not is_conv1d(m):
         return m
     w = m.weight
-    lin = nn.Linear(w.shape[0], w.shape[1], bias=m.bias is not None, device=w.device,
-                    dtype=w.dtype)
+    # uninitialised (no random init of a weight about to be overwritten: seconds at 1B)
+    lin = torch.nn.utils.skip_init(nn.Linear, w.shape[0], w.shape[1], bias=m.bias is not None,
+                                   device=w.device, dtype=w.dtype)
     with torch.no_grad():
         lin.weight.copy_(w.detach().t())
         if m.bias is not None:

@@ -58,7 +58,7 @@ def uniform_quantize(w: torch.Tensor, bits: int, *, per_channel: bool = True,
                 better = err < best_err
                 best_scale = torch.where(better, scale, best_scale)
                 best_err = torch.where(better, err, best_err)
-        codes = torch.clamp(torch.round(rows / best_scale[:, None]), -qmax, qmax).to(torch.int8)
+        codes = (rows / best_scale[:, None]).round_().clamp_(-qmax, qmax).to(torch.int8)
     else:
         qmax = 2 ** bits - 1
         lo = rows.amin(1).clamp(max=0)
