@@ -194,17 +194,27 @@ def _prefix(huffman: bool, root: dict, objects: list[dict], tensors: list[dict],
     return MAGIC + _LEN.pack(len(hb)) + hb
 
 
-def _read(path_or_file) -> tuple[dict, memoryview]:
-    """(header, blob) of a whole file, its CRC checked."""
+def _read(path_or_file, keep_blob: bool = True) -> tuple[dict, memoryview | None]:
+    """(header, blob) of a whole file, its CRC checked; ``keep_blob=False``: the blob is read in
+    pieces for the check only, and None is returned for it."""
     with _opened(path_or_file) as (f, is_path):
         header, crc = _read_header(f)
-        blob = _read_exact(f, header["blob_bytes"])
-        if len(blob) < header["blob_bytes"]:
-            _truncated(len(blob), header["blob_bytes"])
-        _check_crc(crc, zlib.crc32(blob, crc[1]) if crc else 0)
+        want, got, state = header["blob_bytes"], 0, crc[1] if crc else 0
+        pieces = []
+        while got < want:
+            piece = _read_exact(f, want - got if keep_blob else min(want - got, 1 << 22))
+            if not piece:
+                _truncated(got, want)
+            got += len(piece)
+            state = zlib.crc32(piece, state)
+            if keep_blob:
+                pieces.append(piece)
+        _check_crc(crc, state)
         if is_path:
             _check_end(f, path_or_file)
-    return header, memoryview(blob)
+    if not keep_blob:
+        return header, None
+    return header, memoryview(pieces[0] if len(pieces) == 1 else b"".join(pieces))
 
 
 @contextlib.contextmanager
@@ -328,7 +338,12 @@ def describe(path_or_file) -> list[dict]:
     The ``bytes`` of all rows add up to the file size minus the overhead: 4 magic bytes, the 4-byte
     header length and the JSON header (module tree, attributes, encodings).
     """
-    header, _ = _read(path_or_file)
+    header, _ = _read(path_or_file, keep_blob=False)
+    return _rows(header)
+
+
+def _rows(header: dict) -> list[dict]:
+    """:func:`describe`'s rows from a header's tensor table (and its ``blob_bytes``)."""
     try:
         entries = _tensor_entries(header)
         rows = []
@@ -353,5 +368,5 @@ def describe(path_or_file) -> list[dict]:
 
 def overhead_bytes(path_or_file) -> int:
     """Bytes of the file that are not tensor data: magic, header length and JSON header."""
-    header, _ = _read(path_or_file)
+    header, _ = _read(path_or_file, keep_blob=False)
     return header["_overhead"]

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import enum
 import functools
-import io
 import math
 import os
 import re
@@ -20,7 +19,7 @@ from torch import nn
 from ..core import BadInput
 from ..fingerprint import MEMO
 from .format import (_ALL_DTYPES, _BOOKKEEPING, _CODECS, _DERIVED, _DTYPES, V2_TAGS, _class_name,
-                     _is_hook_dict, _join, _prefix, _type_name, _where, describe)
+                     _is_hook_dict, _join, _prefix, _rows, _type_name, _where)
 from .names import is_cache, is_config, name_of
 from .pack import _bar, crc32_combine, pack
 
@@ -326,8 +325,8 @@ class _Unsupported(Exception):
 
 
 def _packed(model: nn.Module, huffman: bool, want_bytes: bool, progress: bool | None = False):
-    """(prefix: magic + header length + header, [segments of each tensor] or None, blob bytes)
-    for ``model``. Each tensor's plan, segment lengths and CRC come from
+    """(prefix: magic + header length + header, [segments of each tensor] or None, blob bytes,
+    the header's tensor table) for ``model``. Each tensor's plan, segment lengths and CRC come from
     :func:`nbcompress.storage.pack.pack` (remembered per tensor while its values stay)."""
     if not isinstance(model, nn.Module):
         raise BadInput(f"expected a torch.nn.Module, got {type(model).__name__}")
@@ -358,19 +357,19 @@ def _packed(model: nn.Module, huffman: bool, want_bytes: bool, progress: bool | 
             bar.close()
     prefix = _prefix(huffman, root, objects, tensors, blob_bytes, blob_crc, saver.values,
                      saver.version)
-    return prefix, parts, blob_bytes
+    return prefix, parts, blob_bytes, tensors
 
 
 def _build(model: nn.Module, huffman: bool) -> bytes:
     """The whole file as one bytes object (for :func:`breakdown` and tests; :func:`save` streams)."""
-    prefix, parts, _ = _packed(model, huffman, True)
+    prefix, parts, _, _ = _packed(model, huffman, True)
     return prefix + b"".join(s for segs in parts for s in segs)
 
 
 def packed_size(model: nn.Module, huffman: bool = True) -> int:
     """Exactly ``len`` of what :func:`save` writes for ``model``, without producing the file: only
     tensors whose values changed since they were last measured or saved are encoded again."""
-    prefix, _, blob_bytes = _packed(model, huffman, False)
+    prefix, _, blob_bytes, _ = _packed(model, huffman, False)
     return len(prefix) + blob_bytes
 
 
@@ -398,7 +397,7 @@ def save(model: nn.Module, path_or_file, *, huffman: bool = True,
     if not is_path and not hasattr(path_or_file, "write"):
         raise BadInput(f"save needs a path or a writable binary file, got "
                        f"{type(path_or_file).__name__}")
-    prefix, parts, blob_bytes = _packed(model, huffman, True, progress)
+    prefix, parts, blob_bytes, _ = _packed(model, huffman, True, progress)
     total = len(prefix) + blob_bytes
     if not is_path:
         _write(path_or_file, prefix, parts)
@@ -421,7 +420,9 @@ def save(model: nn.Module, path_or_file, *, huffman: bool = True,
 
 
 def breakdown(model: nn.Module, huffman: bool = True) -> list[dict]:
-    """:func:`describe` of what :func:`save` would write for ``model``, without writing a file."""
-    return describe(io.BytesIO(_build(model, huffman)))
+    """:func:`describe` of what :func:`save` would write for ``model``, without writing a file
+    (from the same per-tensor results as :func:`packed_size`)."""
+    _, _, blob_bytes, tensors = _packed(model, huffman, False)
+    return _rows({"tensors": tensors, "blob_bytes": blob_bytes})
 
 
