@@ -223,8 +223,8 @@ def _plan(u: np.ndarray, isz: int, huffman: bool, fast: bool = True) -> tuple[di
 
     Every combination's size is computed exactly; ``fast`` only skips options that provably cannot
     win: no codebook when a sample already has too many distinct values (no sort of the whole
-    tensor), and no sparse layout when its values alone, plus one bit per nonzero, are not
-    smaller than the dense raw bytes."""
+    tensor), and no search of the sparse positions when the sparse values alone, plus one bit
+    per nonzero, are not smaller than the best dense encoding."""
     n = u.size
     if n == 0:
         return {"rec": {"pos": "dense", "val": "raw", "nnz": 0}, "size": 0, "pos": "dense",
