@@ -49,7 +49,9 @@ def _pack_varlen(codes: np.ndarray, lens) -> bytes:
     if not fixed:
         ends_all = np.cumsum(lens)
     span = n * int(lens) if fixed else int(ends_all[-1])
-    words = np.zeros((span + 63) // 64 + 1, np.uint64)
+    # int64 bit patterns: codes are below 2**57, and numpy's shifts by 64 or more give 0
+    codes = codes.view(np.int64)
+    words = np.zeros((span + 63) // 64 + 1, np.int64)
     for s0 in range(0, n, _CHUNK):
         c = codes[s0:s0 + _CHUNK]
         if fixed:
@@ -60,14 +62,14 @@ def _pack_varlen(codes: np.ndarray, lens) -> bytes:
             starts = ends_all[s0:s0 + _CHUNK] - ln
         w = starts >> 6
         r = 64 - (starts & 63) - ln                 # free bits right of the code in word w
-        fits = r >= 0
-        sh_l = np.where(fits, r, 0).astype(np.uint64)
-        sh_r = np.where(fits, 0, -r).astype(np.uint64)
-        _or_into(words, w, np.where(fits, c << sh_l, c >> sh_r))
-        spill = ~fits
-        if spill.any():                             # the code's low bits start the next word
-            _or_into(words, w[spill] + 1, c[spill] << (64 + r[spill]).astype(np.uint64))
-    return words.astype(">u8").tobytes()[:(total + 7) // 8]
+        idx = np.empty(2 * c.size, np.int64)        # each code: its part in word w, then the
+        val = np.empty(2 * c.size, np.int64)        # low bits that spill into word w + 1 (or 0)
+        idx[0::2] = w
+        idx[1::2] = w + (r < 0)
+        val[0::2] = (c << np.maximum(r, 0)) >> np.maximum(-r, 0)
+        val[1::2] = c << (64 + r)
+        _or_into(words, idx, val)
+    return words.view(np.uint64).astype(">u8").tobytes()[:(total + 7) // 8]
 
 
 def _merged(codes: np.ndarray, lens):

@@ -174,11 +174,9 @@ def _no_codebook(u: np.ndarray, nnz: int, idx: np.ndarray | None = None) -> bool
     if idx is not None:
         s = u[_draw(idx, _SAMPLE, rng)]
     else:
-        s = _draw(u, _SAMPLE if nnz == u.size else -(-_SAMPLE * u.size // nnz) * 2, rng)
-        if nnz < u.size:
+        s = _draw(u, -(-_SAMPLE * u.size // nnz) + (_RUN if nnz < u.size else 0), rng)
+        if nnz < u.size:            # (few zeros here: many zeros come with their positions)
             s = s[np.flatnonzero(s)]
-            if s.size > 2 * _SAMPLE:
-                s = _draw(s, 2 * _SAMPLE, rng)
     if s.size <= MAX_CODEBOOK:
         return False
     s = np.sort(s)                  # (np.unique's hash table is ~100x slower here)
