@@ -235,8 +235,9 @@ def _huffman_decode(buf, lengths: np.ndarray, n: int) -> np.ndarray:
     tot = int(widths.sum())
     if tot > (1 << L):
         raise _Corrupt("invalid Huffman code lengths")
-    sym_tab = np.zeros(1 << L, np.int64)
-    len_tab = np.zeros(1 << L, np.int64)
+    # (small entries: a 2**20-entry table of bytes stays in cache; of int64 it would not)
+    sym_tab = np.zeros(1 << L, np.int32)
+    len_tab = np.zeros(1 << L, np.uint8)
     sym_tab[:tot] = np.repeat(order, widths)
     len_tab[:tot] = np.repeat(ls, widths)
     nb = -(-n // _BLOCK)
@@ -270,7 +271,7 @@ def _huffman_decode(buf, lengths: np.ndarray, n: int) -> np.ndarray:
     else:
         P = starts.copy()
         last = view.size - 1
-        table = np.empty((_BLOCK, nb), np.int64)
+        table = np.empty((_BLOCK, nb), np.int32)
         mask64 = np.uint64(mask)
         for s in range(_BLOCK):
             w = ((view[np.minimum(P >> 3, last)].astype(np.uint64)
@@ -281,8 +282,8 @@ def _huffman_decode(buf, lengths: np.ndarray, n: int) -> np.ndarray:
             raise _Corrupt("Huffman block boundaries do not match")
         win = table.T.reshape(-1)[:n]
         tail = win[(nb - 1) * _BLOCK:]
-        if starts[-1] + int(len_tab[tail].sum()) > nbits:
+        if starts[-1] + int(len_tab[tail].sum(dtype=np.int64)) > nbits:
             raise _Corrupt("Huffman stream ends early")
     if (len_tab[win] == 0).any():
         raise _Corrupt("invalid Huffman code in stream")
-    return sym_tab[win]
+    return sym_tab[win].astype(np.int64)
