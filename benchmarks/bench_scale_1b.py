@@ -148,7 +148,14 @@ def main(argv=None) -> dict:
                      "was built (imports), as a multiple of the model's bytes",
                      "quantize on a bf16 model = int8 weight-only (per-output-channel int8 codes, "
                      "bf16 compute; torchao Int8WeightOnlyConfig's scheme); the tied lm_head / "
-                     "wte stays bf16 (left whole, noted)"]}
+                     "wte stays bf16 (left whole, noted). Before: quantize(m) and bits=8 made "
+                     "torch.ao DynamicInt8Linear layers (float32 kernels) and the result failed "
+                     "on its first forward (expected scalar type Float but found BFloat16)",
+                     "prune: global magnitude over the 80 block layers (the tied lm_head / wte "
+                     "left whole), exact k-th value by sample + refine, |w| kept in bf16, "
+                     "per-tensor passes (no concatenated or fp32 copy of the model)",
+                     "wall times on a shared 2-core machine under load; cpu_s "
+                     "(time.thread_time) is the honest figure"]}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(doc, indent=1))
     print(f"wrote {a.out}")
