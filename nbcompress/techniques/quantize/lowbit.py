@@ -258,9 +258,12 @@ def cluster(cfg, model, ctx, targets, notes) -> CompressionResult:
     bits = cfg.bits or DEFAULT_BITS["cluster"]
     originals = {n: m.weight.detach().clone() for n, m in targets}
     shared = {}
-    for name, m in targets:
-        centroids, index = kmeans_cluster(m.weight, bits)
-        shared[name] = (centroids, index)
+    weights = sum(m.weight.numel() for _, m in targets)
+    with layer_bar(len(targets), "quantize (k-means)", cfg.progress, weights) as bar:
+        for name, m in targets:
+            centroids, index = kmeans_cluster(m.weight, bits)
+            shared[name] = (centroids, index)
+            bar.update()
     extra: dict = {}
     if cfg.qat is not None:
         params = {n: _SharedWeights(c, i) for n, (c, i) in shared.items()}
