@@ -18,76 +18,38 @@ block fails (an exception or Ctrl-C): the magics wrap configure + step in one, s
 leaves neither a version nor its settings behind.
 
 Memory: records live in host memory (a model on an accelerator is copied to the host tensor by
-tensor, never duplicated on the accelerator) and are spilled to a temp dir, oldest first, once they
-exceed ``host_budget_bytes``; undo/redo read them back bit-identical. A version costs one host (or
-disk) copy of its tensors; the live model is the user's. Spill files are our own, written and read
-in this process (torch.save of the whole module), never files a user hands us.
+tensor, never duplicated on the accelerator) and are spilled to a temp dir past
+``host_budget_bytes`` (:mod:`nbcompress.records`); undo/redo read them back bit-identical.
 """
 from __future__ import annotations
 
-import copy
-import os
-import shutil
-import tempfile
 import time
-from collections.abc import Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from typing import Any
 
 import pandas as pd
 import torch
 from torch import nn
 
-from .core import (BadInput, CompressionResult, EvaluatorError, ExampleInputError, StepConfig,
-                   StepContext, _to_device, compress, model_device, no_longer_runs,
-                   resolve_device)
-from .fingerprint import MEMO, _model_bytes, _same_state, host_copy, state_fingerprint
+from .core import (BadInput, EvaluatorError, ExampleInputError, StepConfig, StepContext,
+                   compress, model_device, no_longer_runs, resolve_device)
+from .fingerprint import MEMO, _same_state, host_copy, state_fingerprint
 from .latency import check_latency_mode
 from .options import magic_spelling
 from .metrics import Metrics, check_evaluator, example_from, measure
+from .records import (DEFAULT_HOST_BUDGET, Records, Version, _LazyInit, _release_freed_memory,
+                      default_host_budget)
 
-DEFAULT_HOST_BUDGET = 8 << 30
-
-
-def default_host_budget() -> int:
-    """``NBCOMPRESS_HOST_BUDGET`` (bytes) as set now (a notebook may set it after importing us),
-    else 8 GiB."""
-    try:
-        return int(os.environ.get("NBCOMPRESS_HOST_BUDGET", DEFAULT_HOST_BUDGET))
-    except ValueError:
-        raise BadInput(f"NBCOMPRESS_HOST_BUDGET must be a number of bytes, got "
-                       f"{os.environ['NBCOMPRESS_HOST_BUDGET']!r}") from None
-
-@dataclass
-class Version:
-    record: nn.Module | None        # the history's own copy, on the host (None while on disk)
-    metrics: Metrics | None
-    technique: str = "baseline"
-    args: str = ""
-    config: StepConfig | None = None
-    result: CompressionResult | None = None
-    created: float = field(default_factory=time.time)
-    seconds: float = 0.0
-    home_device: str = "cpu"        # where the live model is handed out
-    where: str = "host"             # "host" | "disk"
-    spill_path: str | None = None
-    magic: str | None = None        # the magic line that made it, when made by a magic
-    nbytes: int = 0                 # bytes of the record's tensors
-    overhead: float = 0.0           # seconds the step spent besides the technique (measuring,
-    #                                 recording, fingerprinting): its bookkeeping
-
-    def __post_init__(self):
-        if self.record is not None and not self.nbytes:
-            self.nbytes = _model_bytes(self.record)
-
+# (host_copy, the budget and Version are reached through this module too)
+__all__ = ["History", "Version", "DEFAULT_HOST_BUDGET", "default_host_budget", "host_copy",
+           "state_fingerprint"]
 
 # how each remembered setting is named to the user, and how to change it
 _SETTING_FLAGS = {"evaluator": ("--eval", "OBJ"), "example_input": ("--input-shape", "SHAPE"),
                   "latency_mode": ("--latency", "MODE"), "device": ("--device", "DEVICE")}
 
 
-class History:
+class History(Records):
     """The versions of one model. Usable from Python without IPython::
 
         h = History(model, evaluator=test_loader)
@@ -434,138 +396,6 @@ class History:
                               after=after, result=arrived.result, version=self.pos,
                               n_versions=len(self.versions), history=self.table())
 
-    # ------------------------------------------------------------------ memory budget
-    def _host_total(self) -> int:
-        return sum(v.nbytes for v in self.versions if v.where == "host" and v.record is not None)
-
-    def _new_version(self, model: nn.Module, **fields) -> Version:
-        """A version whose record is ``model``'s values now: a host copy when it fits in
-        ``host_budget_bytes`` (older records are spilled first, oldest first, to make room), else
-        written straight to the spill directory, so a model larger than the budget never has a
-        second copy in host memory."""
-        nbytes = _model_bytes(model)
-        room = self.host_budget_bytes - self._host_total()
-        if nbytes > room:
-            for v in self._spill_order():
-                if self._spill(v):
-                    room += v.nbytes
-                if nbytes <= room:
-                    break
-        if nbytes <= room:
-            return Version(record=host_copy(model), nbytes=nbytes, **fields)
-        v = Version(record=None, nbytes=nbytes, **fields)
-        if self._write(v, model):
-            return v
-        v.record, v.where = host_copy(model), "host"    # cannot be written: kept in memory
-        return v
-
-    def _spill_order(self) -> list[Version]:
-        """Records in host memory, the order they go to disk: oldest first, the current last."""
-        in_host = [v for i, v in enumerate(self.versions) if v.where == "host" and i != self.pos
-                   and v.record is not None]
-        if self.versions and self.current_version.where == "host" and \
-                self.current_version.record is not None:
-            in_host.append(self.current_version)
-        return in_host
-
-    def _check_room(self, model: nn.Module) -> None:
-        """Before a step: its result (at most about the size of ``model``) must fit in the host
-        budget or on the spill disk; otherwise a clear error now, before any work."""
-        need = _model_bytes(model)
-        if need <= self.host_budget_bytes - self._host_total():
-            return
-        directory = self._spill_dir or tempfile.gettempdir()
-        try:
-            free_disk = shutil.disk_usage(directory).free
-        except OSError:
-            free_disk = 0
-        if need + (1 << 26) <= free_disk:      # it, or the older records it displaces, on disk
-            return
-        from .report.format import format_bytes
-
-        raise BadInput(f"no room to record the next version of {self.name}: it needs about "
-                       f"{format_bytes(need)}, the history's host budget "
-                       f"({format_bytes(self.host_budget_bytes)}; NBCOMPRESS_HOST_BUDGET or "
-                       f"History(host_budget_bytes=...)) is full and {directory} has "
-                       f"{format_bytes(free_disk)} free; free disk space (or set TMPDIR) or raise "
-                       f"the budget. Nothing was changed")
-
-    def enforce_budget(self) -> None:
-        """Spill records to disk, oldest first (the current one last), while the records in host
-        memory exceed ``host_budget_bytes``."""
-        in_host = self._spill_order()
-        total = sum(v.nbytes for v in in_host)
-        for v in in_host:
-            if total <= self.host_budget_bytes:
-                break
-            if self._spill(v):
-                total -= v.nbytes
-
-    def _spill(self, v: Version) -> bool:
-        if v.where == "disk" or v.record is None:
-            return False
-        if not self._write(v, v.record):
-            return False
-        v.record = None
-        return True
-
-    def _write(self, v: Version, model: nn.Module) -> bool:
-        """Write ``model`` as ``v``'s record on disk. A failure (an unpicklable model, a full
-        disk) or Ctrl-C leaves no file and ``v`` as it was; Ctrl-C is then raised again."""
-        if self._spill_dir is None:
-            self._spill_dir = tempfile.mkdtemp(prefix="nbcompress-history-")
-        path = os.path.join(self._spill_dir, f"v{id(v)}.pt")
-        try:
-            torch.save(model, path)
-        except BaseException as e:  # noqa: BLE001 - an unwritable model simply stays in memory
-            if os.path.exists(path):
-                os.remove(path)
-            if not isinstance(e, Exception):
-                raise
-            return False
-        v.spill_path, v.where = path, "disk"
-        return True
-
-    def _record(self, v: Version) -> nn.Module:
-        """The version's record, read back into host memory if it was spilled."""
-        if v.where == "disk":
-            # our own file from this process (see module docstring), hence weights_only=False
-            v.record = torch.load(v.spill_path, weights_only=False, map_location="cpu")
-            os.remove(v.spill_path)
-            v.spill_path, v.where = None, "host"
-        return v.record
-
-    def _handout(self, v: Version) -> nn.Module:
-        """A fresh copy of the version's record on its home device: what the name is bound to.
-        A record on disk is read into a fresh model that is handed out as it is (the file stays
-        the record: no second copy in host memory)."""
-        if v.where == "disk":
-            model = torch.load(v.spill_path, weights_only=False, map_location="cpu")
-            if not v.home_device.startswith("cpu"):
-                model = _to_device(model, v.home_device)
-            return model
-        memo: dict = {}
-        model = copy.deepcopy(self._record(v), memo)
-        MEMO.carry(memo)
-        if not v.home_device.startswith("cpu"):
-            model = _to_device(model, v.home_device)
-        return model
-
-    def _forget(self, v: Version) -> None:
-        if v.spill_path and os.path.exists(v.spill_path):
-            os.remove(v.spill_path)
-        v.record, v.spill_path = None, None
-
-    def close(self) -> None:
-        if self._spill_dir:
-            shutil.rmtree(self._spill_dir, ignore_errors=True)
-
-    def __del__(self):  # pragma: no cover - best effort temp cleanup
-        try:
-            self.close()
-        except Exception:  # noqa: BLE001
-            pass
-
     # ------------------------------------------------------------------ table
     def table(self, *, sync: bool = True) -> pd.DataFrame:
         """Row 0 the baseline, then one row a version: technique, args, sizes, FLOPs, latency,
@@ -604,47 +434,6 @@ class History:
         return df[[c for c in cols if c in df and (c != "perplexity" or df[c].notna().any())]]
 
 
-
-
-def _release_freed_memory() -> None:
-    """Give the memory a step freed (the technique's temporaries, the replaced live model) back to
-    the system (glibc keeps freed blocks of up to 32 MB in the process otherwise), so the next step
-    starts from what the history really holds. A no-op where there is no glibc."""
-    global _TRIM
-    if _TRIM is None:
-        try:
-            import ctypes
-            import ctypes.util
-
-            _TRIM = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-        except (OSError, AttributeError):
-            _TRIM = False
-    if _TRIM:
-        _TRIM(0)
-
-
-_TRIM = None
-
-
-class _LazyInit(Mapping):
-    """``History.init_state`` read on first use (version 0's record, when on disk)."""
-
-    def __init__(self, history: History):
-        self._h, self._state = history, None
-
-    def _get(self) -> dict:
-        if self._state is None:
-            self._state = self._h.init_state or {}
-        return self._state
-
-    def __getitem__(self, k):
-        return self._get()[k]
-
-    def __iter__(self):
-        return iter(self._get())
-
-    def __len__(self) -> int:
-        return len(self._get())
 
 
 def _label(obj: Any) -> str:

@@ -95,7 +95,7 @@ def test_first_flop_count_of_a_process_does_not_import_dynamo():
 
 
 def test_records_over_the_budget_go_straight_to_disk(monkeypatch, tmp_path):
-    import nbcompress.history as hist
+    import nbcompress.records as hist
 
     m = mlp()
     copies = []
@@ -120,7 +120,7 @@ def test_records_over_the_budget_go_straight_to_disk(monkeypatch, tmp_path):
 
 
 def test_no_room_for_the_next_version_is_one_line_before_the_step(monkeypatch):
-    import nbcompress.history as hist
+    import nbcompress.records as hist
 
     m = mlp()
     h = History(m, example_input=torch.randn(1, 64), measure_latency=False,
@@ -134,7 +134,7 @@ def test_no_room_for_the_next_version_is_one_line_before_the_step(monkeypatch):
 
 
 def test_ctrl_c_while_spilling_leaves_no_file_and_the_history_as_it_was(monkeypatch):
-    import nbcompress.history as hist
+    import nbcompress.records as hist
 
     m = mlp()
     h = History(m, example_input=torch.randn(1, 64), measure_latency=False,

@@ -117,6 +117,37 @@ def test_the_shortcuts_skip_the_sort_where_it_is_provable(monkeypatch):
 
 # ------------------------------------------------------------------------------ packed_size
 
+@pytest.mark.parametrize("huffman", [True, False])
+def test_segment_lengths_come_from_the_plan_alone(huffman):
+    """Measuring a packed size writes no bytes: every segment's length follows from the plan."""
+    for name, t in _spread().items():
+        u = codec._bits_of(t)
+        plan, scratch = codec._plan(u, u.dtype.itemsize, huffman)
+        segs = codec._emit(u, u.dtype.itemsize, plan, scratch)
+        assert codec._seg_lengths(plan, u.size, u.dtype.itemsize) == [len(x) for x in segs], name
+
+
+def test_packed_size_encodes_nothing_and_a_file_length_does_not_depend_on_its_crc(monkeypatch):
+    from nbcompress.storage import format as fmt
+
+    MEMO.clear()
+    m = nbcompress.prune(lenet(), 0.8)
+    n = len(saved(m))
+    MEMO.clear()
+    monkeypatch.setattr(codec, "_emit", lambda *a, **k: pytest.fail("packed_size encoded bytes"))
+    import nbcompress.storage.pack as pack_mod
+    monkeypatch.setattr(pack_mod, "_emit", codec._emit)
+    assert packed_size(m) == n
+    monkeypatch.undo()
+    hb = saved(m)
+    head_len = int.from_bytes(hb[4:8], "little")
+    header = zlib.decompress(hb[8:8 + head_len])
+    for digits in (b"00000000", b"ffffffff", b"0123abcd"):
+        other = header[:fmt._CRC_AT] + digits + header[fmt._CRC_AT + 8:]
+        assert zlib.decompress(fmt._deflate_header(other)) == other
+        assert len(fmt._deflate_header(other)) == head_len
+
+
 def _gpt2_tied():
     transformers = pytest.importorskip("transformers")
     cfg = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=500, n_positions=64,

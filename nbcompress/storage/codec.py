@@ -349,6 +349,37 @@ def _encode(u: np.ndarray, isz: int, huffman: bool, fast: bool = True) -> tuple[
     return segs, dict(plan["rec"])
 
 
+def _seg_lengths(plan: dict, n: int, isz: int) -> list[int]:
+    """The five segment lengths :func:`_emit` will write for ``plan`` (of ``n`` elements of
+    ``isz`` bytes), from the plan alone: measuring a model's packed size needs no bytes."""
+    rec = plan["rec"]
+    pos_table = pos = 0
+    if plan["pos"] == "bitmask":
+        pos = (n + 7) // 8
+    elif plan["pos"] == "gaps":
+        gap = plan["gap"]
+        if gap["code"] == "huffman":
+            pos_table = (((1 << gap["b"]) - 1 + 1) * _LEN_BITS + 7) // 8
+        pos = gap["size"] - pos_table
+    m = n if plan["pos"] == "dense" else int(rec["nnz"])
+    codebook = val_table = 0
+    if plan["val"] == "raw":
+        vals = m * isz
+    else:
+        k = int(rec["k"])
+        codebook = k * isz
+        if plan["val"] == "codebook":
+            vals = (m * int(rec["idx_bits"]) + 7) // 8
+        else:
+            val_table = (k * _LEN_BITS + 7) // 8
+            vals = plan["size"] - pos_table - pos - codebook - val_table
+    out = [pos_table, pos, codebook, val_table, vals]
+    if sum(out) != plan["size"] or min(out) < 0:
+        raise AssertionError(f"nbcompress segment lengths {out} do not add up to the planned "
+                             f"{plan['size']} ({rec})")
+    return out
+
+
 def _check_size(segs: list, plan: dict) -> None:
     if sum(map(len, segs)) != plan["size"]:        # the planned size is what gets written
         raise AssertionError(f"nbcompress packing size mismatch: {sum(map(len, segs))} != "

@@ -6,7 +6,9 @@ A file holds the whole model (architecture included) and loading it never unpick
 
 The header is UTF-8 JSON, either as is (it starts with ``{``) or zlib-compressed (RFC 1950, level
 9), whichever is shorter: the module tree and encoding records repeat the same keys, so deflate
-shrinks them 4-5x, which for a 4-bit or binary LeNet is 2.6 kB of a 36-139 kB file.
+shrinks them 4-5x, which for a 4-bit or binary LeNet is 2.6 kB of a 36-139 kB file. (Files
+written since 2026-12 deflate the header's first 18 bytes, which hold the CRC, as a stored block
+of their own, so a file's length does not depend on its CRC: see ``_deflate_header``.)
 
 The JSON header is::
 
@@ -188,10 +190,26 @@ def _prefix(huffman: bool, root: dict, objects: list[dict], tensors: list[dict],
                     ).encode("utf-8")
     crc = b"%08x" % crc32_combine(zlib.crc32(hb), blob_crc, blob_bytes)
     hb = hb[:_CRC_AT] + crc + hb[_CRC_AT + 8:]
-    packed = zlib.compress(hb, 9)
+    packed = _deflate_header(hb)
     if len(packed) < len(hb):
         hb = packed
     return MAGIC + _LEN.pack(len(hb)) + hb
+
+
+def _deflate_header(hb: bytes) -> bytes:
+    """``hb`` as one zlib stream (RFC 1950, read by ``zlib.decompress``) whose length does not
+    depend on the 8 CRC digits: the header's first 18 bytes (``{"crc32":"`` and the digits) are
+    a stored block ended by a full flush (which byte-aligns the stream and forgets what came
+    before), the rest is deflated at level 9 after it. So the length of a file is known without
+    its CRC (:func:`.saver.packed_size` computes none); it costs the header about 10 bytes."""
+    head, tail = hb[:_CRC_AT + 8], hb[_CRC_AT + 8:]
+    out = [b"\x78\xda"]                                # zlib header: deflate, 32 KiB window, level 9
+    c = zlib.compressobj(0, zlib.DEFLATED, -15)         # '{"crc32":"<digits>' stored as it is
+    out.append(c.compress(head) + c.flush(zlib.Z_FULL_FLUSH))
+    c = zlib.compressobj(9, zlib.DEFLATED, -15)
+    out.append(c.compress(tail) + c.flush(zlib.Z_FINISH))
+    out.append(struct.pack(">I", zlib.adler32(hb) & 0xFFFFFFFF))
+    return b"".join(out)
 
 
 def _read(path_or_file, keep_blob: bool = True) -> tuple[dict, memoryview | None]:

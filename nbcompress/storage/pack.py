@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from ..fingerprint import MEMO
-from .codec import _bits_of, _check_size, _emit, _plan
+from .codec import _bits_of, _check_size, _emit, _plan, _seg_lengths
 
 # ============================================================================ CRC-32 combination
 # zlib's CRC-32 of A + B from crc(A), crc(B) and len(B): crc32(B, init) is affine in init, and
@@ -93,8 +93,8 @@ def _emit_checked(u: np.ndarray, isz: int, plan: dict) -> list:
 
 def pack(arr: torch.Tensor, owner: torch.Tensor | None, huffman: bool,
          want_bytes: bool) -> tuple[dict, list[int], int, list | None]:
-    """(encoding record, five segment lengths, CRC-32 of the segments, the segments or None) of
-    one stored tensor ``arr``. ``owner``: the model's tensor object whose values ``arr`` holds
+    """(encoding record, five segment lengths, CRC-32 of the segments (None when measuring), the
+    segments or None) of one stored tensor ``arr``. ``owner``: the model's tensor object whose values ``arr`` holds
     (its memo entry keeps the result); None for groups of several views (not remembered).
 
     ``want_bytes=False`` (measuring) trusts a remembered result entirely; ``want_bytes=True``
@@ -102,10 +102,19 @@ def pack(arr: torch.Tensor, owner: torch.Tensor | None, huffman: bool,
     memo = MEMO.results(owner) if owner is not None else None
     key = _memo_key(huffman)
     hit = memo.get(key) if memo is not None else None
-    u = _bits_of(arr)
-    isz = u.dtype.itemsize
     if hit is not None and not want_bytes:
         return dict(hit["rec"]), list(hit["seg"]), hit["crc"], None
+    u = _bits_of(arr)
+    isz = u.dtype.itemsize
+    if not want_bytes:
+        # measuring: the plan gives every segment's length exactly; no bytes, no CRC (the
+        # header's length does not depend on the CRC: see format._deflate_header)
+        plan, scratch = _plan(u, isz, huffman)
+        del scratch
+        lens = _seg_lengths(plan, u.size, isz)
+        if memo is not None:
+            memo[key] = {"rec": dict(plan["rec"]), "seg": lens, "crc": None, "plan": plan}
+        return dict(plan["rec"]), lens, None, None
     segs = None
     if hit is not None:
         try:

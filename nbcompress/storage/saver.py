@@ -346,7 +346,8 @@ def _packed(model: nn.Module, huffman: bool, want_bytes: bool, progress: bool | 
                 rec, lens, crc, segs = pack(arr, owner, h, want_bytes)
                 tj["enc"], tj["seg"] = rec, lens
                 n = sum(lens)
-                blob_crc = crc32_combine(blob_crc, crc, n)
+                if want_bytes:
+                    blob_crc = crc32_combine(blob_crc, crc, n)
                 blob_bytes += n
                 if parts is not None:
                     parts.append(segs)
