@@ -30,6 +30,11 @@ def _content_sum(t: torch.Tensor) -> torch.Tensor:
     size = t.element_size()
     if size not in _BITS or t.numel() == 0:
         return torch.zeros((), dtype=torch.int64, device=t.device)
+    if size < 8 and (t.numel() * size) % 8 == 0:
+        try:      # whole 8-byte words: a native int64 sum (bf16 summed as int16 is 13x slower)
+            return t.view(torch.int64).sum()
+        except RuntimeError:        # (a storage offset that is not 8-byte aligned)
+            pass
     bits = t.view(_BITS[size])
     return bits.sum(dtype=torch.int64 if size == 8 else torch.int32).to(torch.int64)
 
