@@ -188,3 +188,34 @@ def test_flops_are_counted_once_per_architecture(monkeypatch):
     q = nbcompress.quantize(p, progress=False)       # new layer types: counted again
     nbcompress.measure(q, x, latency=False)
     assert len(calls) == 4
+
+
+def test_copies_of_int8_layers_share_the_packed_kernel_weight_and_nothing_that_can_change():
+    import copy
+
+    from torch.utils.data import DataLoader, TensorDataset
+
+    torch.manual_seed(0)
+    cnn = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 10))
+    data = DataLoader(TensorDataset(torch.randn(32, 1, 8, 8), torch.randint(0, 10, (32,))),
+                      batch_size=8)
+    x = torch.randn(2, 1, 8, 8)
+    for q, xin in ((nbcompress.quantize(mlp(), progress=False), torch.randn(2, 64)),
+                   (nbcompress.quantize(cnn, mode="static", calib=data, progress=False), x)):
+        layers = [m for m in q.modules() if hasattr(m, "nbc_export")]
+        assert layers
+        c = copy.deepcopy(q)
+        assert torch.equal(q(xin), c(xin))
+        for a, b in zip(layers, [m for m in c.modules() if hasattr(m, "nbc_export")]):
+            pa = getattr(a._packed_params, "_packed_params", a._packed_params)
+            pb = getattr(b._packed_params, "_packed_params", b._packed_params)
+            assert pa is pb                                   # shared, not packed again
+            ta, tb = a.nbc_export()[1], b.nbc_export()[1]
+            assert all(ta[k] is not tb[k] and torch.equal(ta[k], tb[k]) for k in ta)
+        # the copy's weight replaced: the original keeps its own
+        first = [m for m in c.modules() if hasattr(m, "nbc_export")][0]
+        w, bias = first._weight_bias()
+        before = q(xin)
+        first.set_weight_bias(torch.quantize_per_tensor(torch.zeros(w.shape), 0.1, 0, torch.qint8),
+                              bias)
+        assert torch.equal(q(xin), before) and not torch.equal(c(xin), before)

@@ -24,6 +24,7 @@ nothing. The cost: one more byte per weight (the int8 codes beside the packed fo
 """
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -64,6 +65,33 @@ def _rebuild(cls, attrs: dict, tensors: dict, training: bool) -> nn.Module:
     return m
 
 
+def _keeps_plain(m: nn.Module) -> bool:
+    """A layer whose packed weight keeps its plain form (Linear through ``PlainPacked``, convs
+    as ``Plain`` themselves)."""
+    packed = m.__dict__.get("_modules", {}).get("_packed_params")
+    return isinstance(m, Plain) or isinstance(packed, PlainPacked)
+
+
+def _copy_sharing_packed(obj, memo):
+    """A deep copy of ``obj`` (the layer, or its ``PlainPacked``) whose packed kernel weight (a
+    torch ScriptObject) is the original's, shared, not packed again: a packed weight is never
+    changed in place (``set_weight_bias`` replaces it), so sharing it is safe, and copying a
+    quantized BERT no longer re-packs 85M weights (the plain int8 codes, scales and bias are
+    copied, so the copy is its own in everything that can change)."""
+    new = obj.__class__.__new__(obj.__class__)
+    memo[id(obj)] = new
+    for k, v in obj.__dict__.items():
+        if type(v).__name__ == "ScriptObject":
+            new.__dict__[k] = v
+        elif k == "_modules":
+            new.__dict__[k] = {n: (None if c is None else
+                                   _copy_sharing_packed(c, memo) if isinstance(c, PlainPacked)
+                                   else copy.deepcopy(c, memo)) for n, c in v.items()}
+        else:
+            new.__dict__[k] = copy.deepcopy(v, memo)
+    return new
+
+
 class _CopyByCodec:
     """Copies and pickles go through ``nbc_export`` / ``nbc_import``: the torch.ao base classes'
     own ``__getstate__`` / ``__deepcopy__`` keep only their fixed fields and would drop ours
@@ -78,6 +106,8 @@ class _CopyByCodec:
         return (_rebuild, self._codec_parts())
 
     def __deepcopy__(self, memo):
+        if _keeps_plain(self):
+            return _copy_sharing_packed(self, memo)
         cls, attrs, tensors, training = self._codec_parts()
         new = _rebuild(cls, attrs, tensors, training)
         # the copy's plain tensors stand for ours: per-tensor results follow them (MEMO.carry)
