@@ -145,6 +145,9 @@ def weight_density(module: nn.Module) -> float | None:
     what it stores: float weights, the int codes of a ``torch.ao`` quantized weight against its
     zero points, or, for a layer that only counts itself, ``nbc_count()`` less its biases.
     None when the module stores no weight."""
+    plain = _plain_weight_counts(module)
+    if plain is not None:
+        return plain[1] / plain[0] if plain[0] else None
     tensors = _stored_tensors(module)
     w = getattr(module, "weight", None)
     if isinstance(w, torch.Tensor) and "weight" not in tensors:   # torch.nn.utils.prune: the
@@ -170,6 +173,34 @@ def weight_density(module: nn.Module) -> float | None:
                     p, z = p - a, z - b
         return z / p if p else None
     return None
+
+
+def _plain_weight_counts(module: nn.Module) -> tuple[int, int] | None:
+    """(weights, nonzero weights) of an int8 layer that keeps its weight's plain form (int8
+    codes and zero points, made once when it was packed: ``quantize.int8_plain``), from those
+    codes, kept in MEMO with them; None for any other module. (Its quantized weight, rebuilt on
+    each ``_weight_bias()``, would be a new tensor to count every time.)"""
+    plain = getattr(module, "_plain", None) or getattr(module, "_nbc_plain_form", None)
+    if not callable(plain):
+        return None
+    tensors, attrs = plain()
+    codes = tensors.get("weight_int8")
+    if not isinstance(codes, torch.Tensor):
+        return None
+    memo = MEMO.results(codes)
+    got = memo.get("plain_counts")
+    if got is None:
+        zp = tensors.get("weight_zero_points")
+        if zp is not None:
+            shape = [1] * codes.dim()
+            shape[int(attrs.get("weight_axis", 0))] = -1
+            nz = torch.count_nonzero(codes != zp.to(codes.dtype).reshape(shape))
+        elif "weight_scales" in tensors or not int(attrs.get("weight_zero_point", 0)):
+            nz = torch.count_nonzero(codes)
+        else:
+            nz = torch.count_nonzero(codes != int(attrs["weight_zero_point"]))
+        got = memo["plain_counts"] = (codes.numel(), int(nz))
+    return got
 
 
 def count_params(model: nn.Module) -> tuple[int, int]:

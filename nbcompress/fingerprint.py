@@ -151,11 +151,14 @@ class TensorMemo:
         ident = self._ident(t)
         if self._trusted is not None:
             hit = self._trusted.get(id(t))
-            if hit is not None and hit[0] == ident:
+            if hit is not None and hit[2]() is t and hit[0] == ident:
                 return hit[1]
         key = (ident, int(_content_sum(t)))
         if self._trusted is not None:
-            self._trusted[id(t)] = (ident, key, t)
+            try:     # a weak reference: trusting must not keep a technique's replaced tensors alive
+                self._trusted[id(t)] = (ident, key, weakref.ref(t))
+            except TypeError:
+                pass
         return key
 
     def content_sum(self, t: torch.Tensor) -> int:

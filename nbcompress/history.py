@@ -300,6 +300,7 @@ class History(Records):
             t0 = time.perf_counter()
             result = compress(model, config, ctx=ctx)
             seconds = time.perf_counter() - t0
+            _release_freed_memory()             # the technique's temporaries, before recording
             if not result.changes_model:
                 return StepReport(name=self.name, kind="step", technique=config.technique,
                                   args=config.describe(), before=before, after=before,
