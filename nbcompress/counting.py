@@ -149,7 +149,7 @@ def weight_density(module: nn.Module) -> float | None:
     if plain is not None:
         return plain[1] / plain[0] if plain[0] else None
     tensors = _stored_tensors(module)
-    w = getattr(module, "weight", None)
+    w = module.__dict__.get("weight")       # (not a property: a quantized layer's dequantizes)
     if isinstance(w, torch.Tensor) and "weight" not in tensors:   # torch.nn.utils.prune: the
         tensors["weight"] = w                                     # masked weight, not weight_orig
     exact = {n: t for n, t in tensors.items() if not _is_bias(n)

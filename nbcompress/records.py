@@ -73,6 +73,17 @@ class Records:
         written straight to the spill directory, so a model larger than the budget never has a
         second copy in host memory."""
         nbytes = _model_bytes(model)
+        if self._make_room(nbytes):
+            return Version(record=host_copy(model), nbytes=nbytes, **fields)
+        v = Version(record=None, nbytes=nbytes, **fields)
+        if self._write(v, model):
+            return v
+        v.record, v.where = host_copy(model), "host"    # cannot be written: kept in memory
+        return v
+
+    def _make_room(self, nbytes: int) -> bool:
+        """Spill records (oldest first, the current last) until ``nbytes`` more fit in the host
+        budget; whether they fit."""
         room = self.host_budget_bytes - self._host_total()
         if nbytes > room:
             for v in self._spill_order():
@@ -80,13 +91,7 @@ class Records:
                     room += v.nbytes
                 if nbytes <= room:
                     break
-        if nbytes <= room:
-            return Version(record=host_copy(model), nbytes=nbytes, **fields)
-        v = Version(record=None, nbytes=nbytes, **fields)
-        if self._write(v, model):
-            return v
-        v.record, v.where = host_copy(model), "host"    # cannot be written: kept in memory
-        return v
+        return nbytes <= room
 
     def _spill_order(self) -> list[Version]:
         """Records in host memory, the order they go to disk: oldest first, the current last."""

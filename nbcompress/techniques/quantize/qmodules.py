@@ -137,11 +137,16 @@ class QuantizedWeightLayer(nn.Module):
         return self.bits
 
     def nbc_count(self) -> tuple[int, int]:
-        nz = int((self.codes.to(torch.int16) != self._zero_code()).sum().item())
-        p = self.codes.numel()
+        from ...counting import _tensor_counts
+
+        if self.zero_point is None:      # symmetric: a zero code; counted once per codes tensor
+            p, nz = _tensor_counts(self.codes)
+        else:
+            p = self.codes.numel()
+            nz = int(torch.count_nonzero(self.codes.to(torch.int16) != self._zero_code()).item())
         if self.bias is not None:
-            p += self.bias.numel()
-            nz += int(torch.count_nonzero(self.bias).item())
+            b, bnz = _tensor_counts(self.bias)
+            p, nz = p + b, nz + bnz
         return p, nz
 
     def _channel_shape(self) -> tuple:
