@@ -274,7 +274,7 @@ def sec_gpt1b(repeats: int) -> dict:
 
     from bench_scale_1b import build_gpt2_1b
 
-    m = build_gpt2_1b()
+    m = build_gpt2_1b(n_layer=int(os.environ.get("NBC_BENCH_GPT_LAYERS", "20")))
     nbytes = model_bytes(m)
     params = sum(p.numel() for p in m.parameters())
     base = rss_now()
@@ -323,7 +323,8 @@ def child(section: str, repeats: int) -> None:
 
 def run_section(section: str, repeats: int, timeout: int) -> dict:
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, __file__, "--child", section, "--repeats", str(repeats)],
+    proc = subprocess.run([sys.executable, __file__, "--child", section, "--repeats", str(repeats),
+                           "--gpt-layers", os.environ.get("NBC_BENCH_GPT_LAYERS", "20")],
                           capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"})
     sys.stderr.write(proc.stderr[-3000:] if proc.returncode else "")
@@ -378,9 +379,12 @@ def main(argv=None) -> int:
     ap.add_argument("--sections", default=",".join(DEFAULT))
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--timeout", type=int, default=3600)
+    ap.add_argument("--gpt-layers", type=int, default=20,
+                    help="layers of the gpt1b model (20: 1.1B parameters; 2 for a quick run)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "scale.json"))
     a = ap.parse_args(argv)
+    os.environ["NBC_BENCH_GPT_LAYERS"] = str(a.gpt_layers)
     if a.child:
         child(a.child, a.repeats)
         return 0
