@@ -47,7 +47,7 @@ def state_fingerprint(model: nn.Module) -> tuple:
     on one CPU core: 16 ms for 100 MB of weights."""
     ident, sums = [], []
     owned = {id(t) for t in itertools.chain(model.parameters(), model.buffers())}
-    for k, v in model.state_dict(keep_vars=True).items():
+    for k, v in _state_entries(model, owned):
         if isinstance(v, torch.Tensor) and id(v) not in owned:
             # made afresh by the module's _save_to_state_dict (torch.ao's scale / zero point)
             ident.append((k, tuple(v.shape), str(v.dtype)))
@@ -60,6 +60,8 @@ def state_fingerprint(model: nn.Module) -> tuple:
             ptr = v.data_ptr() if v.layout == torch.strided and not v.is_quantized else id(v)
             ident.append((k, ptr, version, tuple(v.shape), str(v.dtype)))
             sums.append(MEMO.content_sum(v))     # (summed once per MEMO.trusting block)
+        elif isinstance(v, tuple) and k.endswith("(state)"):
+            ident.append((k, v))
         elif isinstance(v, (tuple, list)):
             for i, x in enumerate(v):
                 if isinstance(x, torch.Tensor):
@@ -67,6 +69,32 @@ def state_fingerprint(model: nn.Module) -> tuple:
                     sums.append(_content_sum(x))
     content = tuple(int(s) for s in sums)
     return tuple(ident), content
+
+
+def _state_entries(model: nn.Module, owned: set):
+    """``model.state_dict(keep_vars=True)``'s entries, module by module, except that a module
+    with ``nbc_state() -> (tensors, extra)`` (an int8 layer's packed weight, which keeps its plain
+    int8 codes, scales and bias: ``quantize.int8_plain``) is represented by those kept tensors and
+    ``extra`` (added to ``owned``: they have an identity and a version) instead of the quantized
+    weight its ``_save_to_state_dict`` would rebuild on every call."""
+    skip = None
+    for name, m in model.named_modules():
+        if skip is not None and (name == skip or name.startswith(skip + ".")):
+            continue
+        skip = None
+        prefix = f"{name}." if name else ""
+        state = getattr(m, "nbc_state", None)
+        if callable(state):
+            skip = name
+            tensors, extra = state()
+            yield f"{prefix}(state)", tuple(sorted((str(k), repr(v)) for k, v in extra.items()))
+            for k, t in tensors.items():
+                owned.add(id(t))
+                yield prefix + k, t
+            continue
+        dest: dict = {}
+        m._save_to_state_dict(dest, prefix, True)
+        yield from dest.items()
 
 
 def _same_values(a: Any, b: Any) -> bool:

@@ -219,3 +219,20 @@ def test_copies_of_int8_layers_share_the_packed_kernel_weight_and_nothing_that_c
         first.set_weight_bias(torch.quantize_per_tensor(torch.zeros(w.shape), 0.1, 0, torch.qint8),
                               bias)
         assert torch.equal(q(xin), before) and not torch.equal(c(xin), before)
+
+
+def test_fingerprints_of_int8_layers_read_their_kept_codes_and_see_edits(monkeypatch):
+    import nbcompress.techniques.quantize.int8_plain as plain
+    from nbcompress.fingerprint import state_fingerprint
+
+    q = nbcompress.quantize(mlp(), progress=False)
+    h = History(q, example_input=torch.randn(1, 64), measure_latency=False)
+    rebuilt = []
+    real = plain.qweight_import
+    monkeypatch.setattr(plain, "qweight_import", lambda *a: rebuilt.append(1) or real(*a))
+    fp = state_fingerprint(q)
+    assert rebuilt == [] and fp == state_fingerprint(q)     # no quantized weight rebuilt
+    codes = q[0]._packed_params._nbc_plain_form()[0]["weight_int8"]
+    codes.data[0, 0] += 1                                    # an edit no version counter sees
+    assert state_fingerprint(q) != fp
+    assert h.sync() and h.current_version.technique == "edited"

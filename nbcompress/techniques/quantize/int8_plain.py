@@ -134,3 +134,10 @@ class Plain:
 
 class PlainPacked(Plain, _nnq.modules.linear.LinearPackedParams):
     """torch.ao's packed Linear weight, keeping its plain form."""
+
+    def nbc_state(self) -> tuple[dict, dict]:
+        """What the history's fingerprint looks at instead of this module's state dict (whose
+        entry is a quantized weight rebuilt on every call): the kept plain tensors, and the
+        packed dtype with the plain form's attributes."""
+        tensors, attrs = self._nbc_plain_form()
+        return tensors, dict(attrs, dtype=str(self.dtype))
