@@ -177,8 +177,12 @@ class History(Records):
         """The initial weights (name -> tensor, on the host) lottery tickets rewind to; read-only."""
         if self._init is not None or not self._init_v0:
             return self._init
-        return {k: v for k, v in self._record(self.versions[0]).state_dict().items()
-                if isinstance(v, torch.Tensor)}
+        record = self._record(self.versions[0])
+        cached = getattr(self, "_init_view", None)
+        if cached is None or cached[0] is not record:     # views of the record, made once
+            cached = self._init_view = (record, {k: v for k, v in record.state_dict().items()
+                                                 if isinstance(v, torch.Tensor)})
+        return cached[1]
 
     @init_state.setter
     def init_state(self, state: dict | None) -> None:

@@ -140,6 +140,8 @@ class Records:
             return False
         if not self._write(v, v.record):
             return False
+        if getattr(self, "_init_view", (None,))[0] is v.record:
+            self._init_view = None      # (views of it must not keep the spilled record in memory)
         v.record = None
         return True
 
