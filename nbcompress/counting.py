@@ -372,12 +372,10 @@ def _structure(model: nn.Module, example_input: Any) -> tuple | None:
     class, its own tensors' shapes and dtypes, its plain attributes (numbers, strings, flags,
     tuples of them), and the example input's structure. None (count every time) for a model
     that counts its own FLOPs (``nbc_flops``) or an input that is not tensors."""
-    if hasattr(model, "nbc_flops"):
-        return None
     parts: list = [_input_structure(example_input)]
     if parts[0] is None:
         return None
-    for name, m in model.named_modules():
+    for name, m in model.named_modules():          # (the model itself first)
         if hasattr(m, "nbc_flops"):
             return None
         tensors = tuple((k, tuple(t.shape), t.dtype) for k, t in

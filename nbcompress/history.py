@@ -33,7 +33,7 @@ from torch import nn
 
 from .core import (BadInput, EvaluatorError, ExampleInputError, StepConfig, StepContext,
                    compress, model_device, no_longer_runs, resolve_device)
-from .fingerprint import MEMO, _model_bytes, _same_state, host_copy, state_fingerprint
+from .fingerprint import MEMO, _same_state, host_copy, state_fingerprint
 from .latency import check_latency_mode
 from .options import magic_spelling
 from .metrics import Metrics, check_evaluator, example_from, measure
@@ -290,10 +290,7 @@ class History(Records):
         with self.transaction():
             self.sync()
             model = self.live
-            self._check_room(model)
-            # room for the result's record (about the model's size) made before the technique
-            # runs: a record that must go to disk goes now, not while the work copy exists too
-            self._make_room(_model_bytes(model))
+            self._room_for_step(model)
             before = self.metrics_of(self.current_version)
             if progress is not None:
                 config.progress = progress

@@ -102,12 +102,17 @@ class Records:
             in_host.append(self.current_version)
         return in_host
 
-    def _check_room(self, model: nn.Module) -> None:
+    def _room_for_step(self, model: nn.Module) -> None:
         """Before a step: its result (at most about the size of ``model``) must fit in the host
-        budget or on the spill disk; otherwise a clear error now, before any work."""
+        budget or on the spill disk, otherwise a clear error now, before any work; the room is
+        then made (older records spilled) before the technique runs, so a record that must go to
+        disk goes now, not while the work copy exists too."""
         need = _model_bytes(model)
-        if need <= self.host_budget_bytes - self._host_total():
-            return
+        if need > self.host_budget_bytes - self._host_total():
+            self._check_disk(need)
+        self._make_room(need)
+
+    def _check_disk(self, need: int) -> None:
         directory = self._spill_dir or tempfile.gettempdir()
         try:
             free_disk = shutil.disk_usage(directory).free
