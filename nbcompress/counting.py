@@ -99,22 +99,45 @@ def _tensor_counts(t: torch.Tensor) -> tuple[int, int]:
 def _count(t: torch.Tensor) -> tuple[int, int]:
     t = t.detach()
     if t.is_quantized:
-        r = t.int_repr()                      # compared in its own 8-bit type: no widened copy
-        if t.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric,
-                           torch.per_channel_affine_float_qparams):
-            if t.qscheme() == torch.per_channel_affine_float_qparams:   # zero points are floats
-                return r.numel(), int(torch.count_nonzero(t.dequantize()).item())
-            zp = t.q_per_channel_zero_points()
-            if not bool(zp.any()):
-                return r.numel(), int(torch.count_nonzero(r).item())
-            shape = [1] * r.dim()
-            shape[t.q_per_channel_axis()] = -1
-            return r.numel(), int(torch.count_nonzero(r != zp.to(r.dtype).reshape(shape)).item())
-        zp = int(t.q_zero_point())
-        if zp == 0:
-            return r.numel(), int(torch.count_nonzero(r).item())
-        return r.numel(), int(torch.count_nonzero(r != zp).item())
+        r = t.int_repr()
+        if t.qscheme() == torch.per_channel_affine_float_qparams:   # zero points are floats
+            return r.numel(), int(torch.count_nonzero(t.dequantize()).item())
+        if t.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
+            return code_counts(r, t.q_per_channel_zero_points(), t.q_per_channel_axis())
+        return code_counts(r, zero_point=int(t.q_zero_point()))
     return t.numel(), int(torch.count_nonzero(t).item())
+
+
+def code_counts(codes: torch.Tensor, zero_points: torch.Tensor | None = None, axis: int = 0,
+                zero_point: int = 0) -> tuple[int, int]:
+    """(entries, nonzero entries) of integer codes, an entry being zero when it equals its zero
+    point: one per slice along ``axis`` (``zero_points``), else ``zero_point``. Compared in the
+    codes' own integer type when the zero points fit it (no widened copy)."""
+    if zero_points is not None:
+        if not bool(zero_points.any()):
+            return codes.numel(), int(torch.count_nonzero(codes).item())
+        shape = [1] * codes.dim()
+        shape[axis] = -1
+        zp = zero_points.reshape(shape)
+        lo, hi = int(zp.min()), int(zp.max())
+    elif zero_point == 0:
+        return codes.numel(), int(torch.count_nonzero(codes).item())
+    else:
+        zp = lo = hi = int(zero_point)
+    info = torch.iinfo(codes.dtype)
+    if info.min <= lo and hi <= info.max:
+        zp = zp.to(codes.dtype) if isinstance(zp, torch.Tensor) else zp
+    else:
+        codes = codes.to(torch.int64)
+    return codes.numel(), int(torch.count_nonzero(codes != zp).item())
+
+
+def plain_code_counts(tensors: dict, attrs: dict) -> tuple[int, int]:
+    """:func:`code_counts` of the plain form of an int8 weight (``quantize.int8_plain``:
+    ``weight_int8`` codes, per-channel ``weight_zero_points`` along ``weight_axis`` or one
+    ``weight_zero_point``)."""
+    return code_counts(tensors["weight_int8"], tensors.get("weight_zero_points"),
+                       int(attrs.get("weight_axis", 0)), int(attrs.get("weight_zero_point", 0)))
 
 
 def _is_bias(name: str) -> bool:
@@ -190,16 +213,7 @@ def _plain_weight_counts(module: nn.Module) -> tuple[int, int] | None:
     memo = MEMO.results(codes)
     got = memo.get("plain_counts")
     if got is None:
-        zp = tensors.get("weight_zero_points")
-        if zp is not None:
-            shape = [1] * codes.dim()
-            shape[int(attrs.get("weight_axis", 0))] = -1
-            nz = torch.count_nonzero(codes != zp.to(codes.dtype).reshape(shape))
-        elif "weight_scales" in tensors or not int(attrs.get("weight_zero_point", 0)):
-            nz = torch.count_nonzero(codes)
-        else:
-            nz = torch.count_nonzero(codes != int(attrs["weight_zero_point"]))
-        got = memo["plain_counts"] = (codes.numel(), int(nz))
+        got = memo["plain_counts"] = plain_code_counts(tensors, attrs)
     return got
 
 

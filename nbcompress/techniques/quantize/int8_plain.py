@@ -7,6 +7,7 @@ import math
 
 import torch
 
+from ...counting import _count, plain_code_counts
 from .qmodules import compact_float, quiet
 
 with quiet():
@@ -60,37 +61,19 @@ def bias_import(tensors: dict, n: int):
 
 def count_qweight(qw: torch.Tensor, bias) -> tuple[int, int]:
     """(params, nonzero): a weight entry is zero when its int8 code equals its zero point."""
-    r = qw.int_repr().to(torch.int16)
-    if qw.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
-        shape = [1] * r.dim()
-        shape[qw.q_per_channel_axis()] = -1
-        zp = qw.q_per_channel_zero_points().to(torch.int16).reshape(shape)
-    else:
-        zp = int(qw.q_zero_point())
-    p, nz = r.numel(), int((r != zp).sum().item())
-    if bias is not None:
-        p += bias.numel()
-        nz += int(torch.count_nonzero(bias).item())
-    return p, nz
+    return _with_bias(_count(qw), bias)
 
 
 def count_plain(tensors: dict, attrs: dict) -> tuple[int, int]:
     """``count_qweight`` from the plain form (int8 codes, zero points, bias)."""
-    r = tensors["weight_int8"]
-    zp = tensors.get("weight_zero_points")
-    if zp is not None:
-        shape = [1] * r.dim()
-        shape[int(attrs.get("weight_axis", 0))] = -1
-        nz = int((r.to(torch.int16) != zp.to(torch.int16).reshape(shape)).sum().item())
-    elif "weight_scales" in tensors or not int(attrs.get("weight_zero_point", 0)):
-        nz = int(torch.count_nonzero(r).item())
-    else:
-        nz = int((r.to(torch.int16) != int(attrs["weight_zero_point"])).sum().item())
-    p = r.numel()
-    b = tensors.get("bias")
-    if b is not None:
-        p += b.numel()
-        nz += int(torch.count_nonzero(b).item())
+    return _with_bias(plain_code_counts(tensors, attrs), tensors.get("bias"))
+
+
+def _with_bias(counts: tuple[int, int], bias) -> tuple[int, int]:
+    p, nz = counts
+    if bias is not None:
+        p += bias.numel()
+        nz += int(torch.count_nonzero(bias).item())
     return p, nz
 
 

@@ -137,13 +137,12 @@ class QuantizedWeightLayer(nn.Module):
         return self.bits
 
     def nbc_count(self) -> tuple[int, int]:
-        from ...counting import _tensor_counts
+        from ...counting import _tensor_counts, code_counts
 
         if self.zero_point is None:      # symmetric: a zero code; counted once per codes tensor
             p, nz = _tensor_counts(self.codes)
         else:
-            p = self.codes.numel()
-            nz = int(torch.count_nonzero(self.codes.to(torch.int16) != self._zero_code()).item())
+            p, nz = code_counts(self.codes, self.zero_point.reshape(-1), axis=0)
         if self.bias is not None:
             b, bnz = _tensor_counts(self.bias)
             p, nz = p + b, nz + bnz
@@ -153,11 +152,6 @@ class QuantizedWeightLayer(nn.Module):
         if self.scale.numel() == 1:
             return (1,) * self.codes.dim()
         return (-1,) + (1,) * (self.codes.dim() - 1)
-
-    def _zero_code(self):
-        if self.zero_point is None:
-            return 0
-        return self.zero_point.to(torch.int16).reshape(self._channel_shape())
 
     # ---------------------------------------------------------------- compute
     def dequantized_weight(self, dtype=None) -> torch.Tensor:
