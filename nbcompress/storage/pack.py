@@ -93,9 +93,10 @@ def _emit_checked(u: np.ndarray, isz: int, plan: dict) -> list:
 
 def pack(arr: torch.Tensor, owner: torch.Tensor | None, huffman: bool,
          want_bytes: bool) -> tuple[dict, list[int], int, list | None]:
-    """(encoding record, five segment lengths, CRC-32 of the segments (None when measuring), the
-    segments or None) of one stored tensor ``arr``. ``owner``: the model's tensor object whose values ``arr`` holds
-    (its memo entry keeps the result); None for groups of several views (not remembered).
+    """(encoding record, five segment lengths, CRC-32 of the segments, the segments) of one stored
+    tensor ``arr``; when measuring (``want_bytes=False``) the last two are None. ``owner``: the
+    model's tensor object whose values ``arr`` holds (its memo entry keeps the result); None for
+    groups of several views (not remembered).
 
     ``want_bytes=False`` (measuring) trusts a remembered result entirely; ``want_bytes=True``
     (saving) reuses only the remembered plan, produces the bytes again and computes their CRC."""
@@ -131,7 +132,7 @@ def pack(arr: torch.Tensor, owner: torch.Tensor | None, huffman: bool,
     crc = crc32_of(segs)
     if memo is not None:
         memo[key] = {"rec": dict(plan["rec"]), "seg": lens, "crc": crc, "plan": plan}
-    return dict(plan["rec"]), lens, crc, (segs if want_bytes else None)
+    return dict(plan["rec"]), lens, crc, segs
 
 
 # ============================================================================ progress

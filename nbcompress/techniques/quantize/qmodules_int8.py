@@ -19,8 +19,8 @@ beside it (:class:`.int8_plain.Plain`: int8 codes, scales, zero points, float bi
 weight is set (``set_weight_bias``, which loading calls too) from the tensor being packed, never
 by unpacking: ``nbc_export`` returns the same tensor objects every time (so
 :data:`nbcompress.fingerprint.MEMO`, keyed by identity, skips them when measuring or saving
-again), ``nbc_count`` is computed once per weight, and a deep copy packs once and unpacks
-nothing. The cost: one more byte per weight (the int8 codes beside the packed form).
+again), ``nbc_count`` is computed once per weight, and a deep copy shares the packed weight
+(never changed in place) and copies the plain tensors: it packs and unpacks nothing. The cost: one more byte per weight (the int8 codes beside the packed form).
 """
 from __future__ import annotations
 
