@@ -1,7 +1,7 @@
 """nbcompress: neural-network compression as IPython magics.
 
 In a notebook: ``%load_ext nbcompress``, then ``%nbcompress``, ``%prune``, ``%quantize``,
-``%lowrank``, ``%distill``, ``%undo``/``%redo``, ``%compress_history``. The same techniques are
+``%lowrank``, ``%distill``, ``%undo``/``%redo``, ``%compress_history``, ``%export``. The same techniques are
 plain functions here (``nbcompress.prune(model, 0.5)``) and undoable steps through
 :class:`History`.
 """
@@ -14,6 +14,7 @@ from .metrics import Metrics, measure
 from .storage import load, save
 from .train import evaluate, fit
 from .core import TECHNIQUES
+from .deploy import ExportReport, export
 from .techniques.distill import DistillConfig, distill
 from .techniques.earlyexit import EarlyExitConfig, early_exit
 from .techniques.lowrank import LowRankConfig, lowrank
@@ -27,6 +28,7 @@ __all__ = [
     "History", "Workspace", "Metrics", "measure", "save", "load", "evaluate", "fit",
     "PruneConfig", "prune", "sensitivity", "QuantizeConfig", "quantize", "DistillConfig", "distill",
     "LowRankConfig", "lowrank", "EarlyExitConfig", "early_exit", "TECHNIQUES",
+    "export", "ExportReport",
     "load_ipython_extension", "unload_ipython_extension",
 ]
 
