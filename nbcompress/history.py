@@ -421,6 +421,8 @@ class History(Records):
                 row.update({k: getattr(m, k) for k in
                             ("params", "nonzero_params", "dense_bytes", "packed_bytes", "flops",
                              "sparse_flops", "latency_ms", "accuracy", "perplexity")})
+            if v.exports:                 # the latest %export of this version
+                row.update(v.exports[-1])
             row["current"] = i == self.pos
             rows.append(row)
         df = pd.DataFrame(rows)
@@ -435,7 +437,7 @@ class History(Records):
                                     for a in df["accuracy"]]
         cols = ["version", "technique", "args", "params", "nonzero_params", "dense_bytes",
                 "packed_bytes", "flops", "sparse_flops", "latency_ms", "accuracy", "perplexity",
-                "size_ratio", "accuracy_delta", "current"]
+                "size_ratio", "accuracy_delta", "exported", "runtime_ms", "agreement", "current"]
         return df[[c for c in cols if c in df and (c != "perplexity" or df[c].notna().any())]]
 
 

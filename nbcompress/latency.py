@@ -15,7 +15,7 @@ from .core import BadInput, model_device
 from .train import forward_batch as _forward
 
 
-LATENCY_MODES = ("eager", "channels_last", "deployed")
+LATENCY_MODES = ("eager", "channels_last", "deployed", "onnxruntime")
 
 
 def check_latency_mode(mode: Any) -> str:
@@ -30,6 +30,10 @@ def latency_model(model: nn.Module, example_input: Any, mode: str = "eager"):
     - ``eager``: the model itself, PyTorch's default (NCHW).
     - ``channels_last``: a copy with 4-D tensors in channels_last memory format, and the input too
       (what oneDNN's CPU convolution, pooling and BatchNorm kernels run fastest on).
+    - ``onnxruntime``: the model exported to ONNX (:func:`nbcompress.export`'s lowering: int8
+      layers as ONNX Runtime's int8 kernels) and run in ONNX Runtime, CPU execution provider, one
+      thread: where a deployed model often runs. A model the exporter cannot take is timed eager
+      and the mode used says why.
     - ``deployed``: a copy traced and passed through ``torch.jit.optimize_for_inference``
       (frozen; BatchNorm folded into convs, conv + ReLU fused): how PyTorch deploys a model for
       inference. A model with data-dependent control flow (an early-exit model) cannot be traced
@@ -42,6 +46,13 @@ def latency_model(model: nn.Module, example_input: Any, mode: str = "eager"):
     if mode == "eager":
         return model, example_input, "eager"
     x = example_input
+    if mode == "onnxruntime":
+        from .deploy.exporter import onnx_session
+
+        try:
+            return onnx_session(model, x), x, "onnxruntime"
+        except Exception as e:  # noqa: BLE001 - any model the exporter or runtime refuses
+            return model, example_input, f"eager (onnxruntime: {_why(e)})"
     if mode == "channels_last":
         try:
             m = copy.deepcopy(model).to(memory_format=torch.channels_last)

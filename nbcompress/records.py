@@ -53,6 +53,7 @@ class Version:
     nbytes: int = 0                 # bytes of the record's tensors
     overhead: float = 0.0           # seconds the step spent besides the technique (measuring,
     #                                 recording, fingerprinting): its bookkeeping
+    exports: list = field(default_factory=list)   # %export of this version: ExportReport.as_row()
 
     def __post_init__(self):
         if self.record is not None and not self.nbytes:

@@ -39,7 +39,8 @@ def test_modes_used_and_the_model_is_not_changed(cnn):
         used[mode] = m.latency_mode
         assert m.latency_ms is not None and m.latency_ms > 0
         assert m.flops == measure(cnn, x, latency=False).flops     # FLOPs do not depend on it
-    assert used == {"eager": "eager", "channels_last": "channels_last", "deployed": "deployed"}
+    assert used == {"eager": "eager", "channels_last": "channels_last", "deployed": "deployed",
+                    "onnxruntime": "onnxruntime"}
     assert same_as_snapshot(cnn, snap)
     assert all(p.is_contiguous() for p in cnn.parameters())         # still NCHW
     assert isinstance(cnn.bn1, nn.BatchNorm2d)

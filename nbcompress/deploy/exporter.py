@@ -46,6 +46,8 @@ class ExportConfig:
     """The options of :func:`export` and ``%export``, declared once."""
 
     magic_name: ClassVar[str] = "export"
+    model_help: ClassVar[str] = ("the variable holding the model, or NAME@K for version K of its "
+                                 "history (0 is the first)")
     path: str = option(None, kind="str", positional=True, metavar="PATH", required=True,
                        help="the file to write (its folder must exist); .onnx, .pt2 or .pt")
     format: str | None = option(
@@ -100,13 +102,16 @@ def run_export(model: nn.Module, cfg: ExportConfig, example_input: Any) -> Expor
     if os.path.isdir(path):
         raise FieldError(f"{{path}}: {path!r} is a folder; give a file name")
     if fmt != "onnx" and cfg.opset is not None:
-        raise FieldError("{{opset}} only applies to {{format=onnx}}")
+        raise FieldError("{opset} only applies to {format='onnx'}")
     if fmt != "state_dict" and example_input is None:
         raise BadInput(f"exporting to {fmt} traces the model on an example input: give "
                        f"example_input= (or register the model with --eval LOADER / "
                        f"--input-shape)")
     t0 = time.perf_counter()
     lowered, notes = lowered_copy(model, fmt)
+    if fmt == "pt2" and notes:
+        notes["loading"] = ("the quantized operators are PyTorch's own: import "
+                            "torch.ao.quantization.fx._decomposed before torch.export.load")
     example = None if example_input is None else _own_copy(example_input)
     if example is not None:
         _check_runs(lowered, example)
@@ -134,6 +139,23 @@ def run_export(model: nn.Module, cfg: ExportConfig, example_input: Any) -> Expor
         shutil.rmtree(tmp, ignore_errors=True)
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def onnx_session(model: nn.Module, example_input: Any):
+    """The model exported to ONNX in a temporary folder and loaded in ONNX Runtime (CPU, one
+    thread): an :class:`~.runtime.OnnxRunner`, called like the model (latency mode
+    ``onnxruntime``). The file is removed once the session holds the graph."""
+    from .runtime import OnnxRunner
+
+    lowered, _ = lowered_copy(model, "onnx")
+    example = _own_copy(example_input)
+    tmp = tempfile.mkdtemp(prefix="nbc-ort-")
+    try:
+        path = os.path.join(tmp, "model.onnx")
+        _write(lowered, path, "onnx", example, None)
+        return OnnxRunner(path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _own_copy(example: Any) -> Any:

@@ -71,7 +71,7 @@ class ExportReport:
     def as_row(self) -> dict:
         """The columns a history table shows for this export."""
         return {"exported": f"{self.format} {format_bytes(self.bytes)}",
-                "runtime ms": self.latency_ms, "agreement": self.agreement}
+                "runtime_ms": self.latency_ms, "agreement": self.agreement}
 
     # ------------------------------------------------------------------ text
     def _lines(self, timings: bool) -> list[str]:

@@ -1,4 +1,4 @@
-"""IPython front end: the core magics (%nbcompress, %undo, %redo, %compress_history) and one
+"""IPython front end: the core magics (%nbcompress, %undo, %redo, %compress_history, %export) and one
 generated magic per registered technique (``magics/technique.py``)."""
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import weakref
 
 from ..core import _ON_REGISTER, TECHNIQUES
 from .core import CoreMagics
+from .export import ExportMagics
 from .technique import technique_magics
 
 _SHELLS: "weakref.WeakSet" = weakref.WeakSet()
@@ -27,6 +28,7 @@ def load_ipython_extension(ipython):
     #                                                       extension, not by its first magic
 
     ipython.register_magics(CoreMagics)
+    ipython.register_magics(ExportMagics)
     for cls in list(TECHNIQUES.values()):
         _register(ipython, cls)
     _SHELLS.add(ipython)
@@ -36,7 +38,7 @@ def load_ipython_extension(ipython):
 
 def unload_ipython_extension(ipython):
     mm = ipython.magics_manager
-    names = set(CoreMagics.magics["line"]) | {c.magic_name() for c in TECHNIQUES.values()}
+    names = set(CoreMagics.magics["line"]) | set(ExportMagics.magics["line"]) | {c.magic_name() for c in TECHNIQUES.values()}
     for kind in ("line", "cell"):
         for name in names:
             mm.magics[kind].pop(name, None)

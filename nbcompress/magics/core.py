@@ -38,9 +38,10 @@ class CoreMagics(NBMagics):
                    "(default: one sample of the --eval loader)")
     @argument("--device", default=None, help="default work device for this name's steps")
     @argument("--latency", default=None, metavar="|".join(LATENCY_MODES),
-              help="how latency is timed: eager (default, as the model is), channels_last, or "
+              help="how latency is timed: eager (default, as the model is), channels_last, "
                    "deployed (traced + torch.jit.optimize_for_inference: BatchNorm folded, conv + "
-                   "ReLU fused); remembered for this name")
+                   "ReLU fused) or onnxruntime (exported to ONNX, ONNX Runtime CPU, one thread); "
+                   "remembered for this name")
     @argument("--remember-init", action="store_true",
               help="record the current weights as the initial weights (lottery-ticket rewind)")
     def nbcompress(self, line="", local_ns=None):
