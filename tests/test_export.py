@@ -219,3 +219,26 @@ def test_latency_is_timed_in_the_runtime(trained_lenet, mnist, tmp_path):
     assert r.latency_ms > 0 and r.eager_latency_ms > 0 and r.latency_batch == 64
     assert "latency (batch 64, one thread)" in str(r) and "latency" not in repr(r)
     assert "<li>" in r._repr_html_()
+
+
+class _BatchTwoIsSpecial(nn.Module):
+    """A model whose code looks at the batch size: the exporter fixes the batch dimension."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(64, 10)
+
+    def forward(self, x):
+        if x.shape[0] == 2:
+            return self.fc(x.flatten(1)) * 2.0
+        return self.fc(x.flatten(1))
+
+
+def test_a_model_that_fixes_its_batch_is_checked_in_slices(digits, tmp_path):
+    m = _BatchTwoIsSpecial()
+    r = export(m, tmp_path / "f.onnx", example_input=_x(digits[1]), check=digits[1],
+               latency=False)
+    assert not r.dynamic_batch and "fixed to the example input's" in repr(r)
+    assert r.check["n"] == len(digits[1].dataset) and r.check["agreement"] == 1.0
+    p = export(m, tmp_path / "f.pt2", example_input=_x(digits[1]), latency=False)
+    assert not p.dynamic_batch and p.rel_diff == 0

@@ -198,29 +198,53 @@ def _write(lowered: nn.Module, path: str, fmt: str, example: Any, opset: int | N
     args, kwargs = _args(example)
     targs, tkwargs, batch = _tiled(args, kwargs)
     dyn = _dynamic_shapes(lowered, targs, tkwargs, batch)
-    errors = []
-    for shapes, (a, k) in ((dyn, (targs, tkwargs)), (None, (args, kwargs))):
-        if shapes is None and dyn is None and errors:
-            break
+    error = None
+    if dyn is not None:               # first with the batch dimension free (traced at batch 2)
         try:
-            if fmt == "pt2":
-                with _quiet():
-                    ep = torch.export.export(lowered, a, k, dynamic_shapes=shapes, strict=False)
-                    torch.export.save(ep, path)
-            else:
-                _onnx(lowered, path, a, k, shapes, opset)
-            return shapes is not None and _batch_is_free(path, fmt, a, k)
+            if _traced(lowered, path, fmt, targs, tkwargs, dyn, opset):
+                return True
         except BadInput:
             raise
-        except Exception as e:  # noqa: BLE001 - first free batch, then the example's shape
-            errors.append(e)
-            if dyn is None:
-                break
-    raise BadInput(f"cannot export to {fmt}: {_reason(errors[-1], lowered)}; "
+        except Exception as e:  # noqa: BLE001 - then at the example's own shape
+            error = e
+    try:                              # the batch fixed to the example's (the model fixed it)
+        _traced(lowered, path, fmt, args, kwargs, None, opset)
+        return False
+    except BadInput:
+        raise
+    except Exception as e:  # noqa: BLE001 - one line naming the cause
+        error = e
+    raise BadInput(f"cannot export to {fmt}: {_reason(error, lowered)}; "
                    f"format='state_dict' writes the tensors as they are") from None
 
 
-def _onnx(lowered, path, args, kwargs, shapes, opset) -> None:
+def _traced(lowered, path, fmt, args, kwargs, shapes, opset) -> bool:
+    """Trace and write; True when the written graph's batch dimension is free."""
+    if fmt == "pt2":
+        with _quiet():
+            ep = torch.export.export(lowered, args, kwargs, dynamic_shapes=shapes, strict=False)
+            torch.export.save(ep, path)
+        return shapes is not None and _pt2_batch_is_free(ep)
+    prog = _onnx(lowered, path, args, kwargs, shapes, opset)
+    ep = getattr(prog, "exported_program", None)     # torch.export fixed it: the ONNX input's
+    return (shapes is not None and _batch_is_free(path)  # dimension may still look free
+            and (ep is None or _pt2_batch_is_free(ep)))
+
+
+def _pt2_batch_is_free(ep) -> bool:
+    users = set(ep.graph_signature.user_inputs)
+    vals = [n.meta.get("val") for n in ep.graph.nodes if n.op == "placeholder" and n.name in users]
+    firsts = [v.shape[0] for v in vals if isinstance(v, torch.Tensor) and v.dim()]
+    if not firsts or not all(isinstance(d, torch.SymInt) for d in firsts):
+        return False
+    for d in firsts:              # a symbol the model's code pinned to one value (VR[2, 2])
+        vr = ep.range_constraints.get(d.node.expr)
+        if vr is not None and vr.lower == vr.upper:
+            return False
+    return True
+
+
+def _onnx(lowered, path, args, kwargs, shapes, opset):
     from .ops import onnx_translations
 
     with _quiet():
@@ -229,11 +253,10 @@ def _onnx(lowered, path, args, kwargs, shapes, opset) -> None:
                                  custom_translation_table=onnx_translations(), verbose=False,
                                  optimize=True)
         prog.save(path)
+    return prog
 
 
-def _batch_is_free(path: str, fmt: str, args, kwargs) -> bool:
-    if fmt != "onnx":
-        return True
+def _batch_is_free(path: str) -> bool:
     import onnx
 
     g = onnx.load(path, load_external_data=False).graph
