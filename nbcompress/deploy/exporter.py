@@ -238,6 +238,8 @@ def _pt2_batch_is_free(ep) -> bool:
     if not firsts or not all(isinstance(d, torch.SymInt) for d in firsts):
         return False
     for d in firsts:              # a symbol the model's code pinned to one value (VR[2, 2])
+        if not d.node.expr.free_symbols:            # a constant that only looks symbolic
+            return False
         vr = ep.range_constraints.get(d.node.expr)
         if vr is not None and vr.lower == vr.upper:
             return False
@@ -245,7 +247,7 @@ def _pt2_batch_is_free(ep) -> bool:
 
 
 def _onnx(lowered, path, args, kwargs, shapes, opset):
-    from .ops import onnx_translations
+    from .ops import finish_onnx, onnx_translations
 
     with _quiet():
         prog = torch.onnx.export(lowered, args, kwargs=kwargs or None, dynamo=True,
@@ -253,6 +255,7 @@ def _onnx(lowered, path, args, kwargs, shapes, opset):
                                  custom_translation_table=onnx_translations(), verbose=False,
                                  optimize=True)
         prog.save(path)
+    finish_onnx(path)           # exact rewrites that keep int8 tensors int8 in ONNX Runtime
     return prog
 
 
