@@ -3,9 +3,10 @@ PyTorch operators on plain tensors.
 
 ``lowered_copy(model, target)`` deep-copies the model to the CPU in eval mode and replaces
 
-- dynamic int8 Linear -> ``nbcompress::dynamic_int8_linear`` for ONNX (``DynamicQuantizeLinear``
-  + ``MatMulInteger``: int8 in ONNX Runtime), PT2E's dynamic pattern (``choose_qparams``,
-  quantize, dequantize) for ``.pt2``;
+- dynamic int8 Linear -> ``nbcompress::dynamic_int8_linear`` for ONNX (activation codes
+  0..127 on the x86 engine as torch.ao computes them, else ``DynamicQuantizeLinear``; then
+  ``MatMulInteger``: int8 in ONNX Runtime, see :mod:`.ops`), PT2E's dynamic pattern
+  (``choose_qparams``, quantize, dequantize, same range) for ``.pt2``;
 - static int8 Linear / Conv -> QDQ: quantize the input with its calibrated scale, dequantize the
   int8 weight and the int32 bias, the float op (+ ReLU), quantize and dequantize the output
   (ONNX Runtime fuses it into ``QLinearConv`` / ``QLinearMatMul``);
@@ -89,6 +90,9 @@ class LoweredDynamicLinear(_CodedWeight):
         self.register_buffer("bias", (torch.zeros(m.out_features) if bias is None
                                       else bias.detach().float().clone()))
         self.target = target
+        # the activations' codes: torch.ao's dynamic Linear quantizes them to 0..127 on the
+        # x86 / fbgemm engine (reduce_range), to 0..255 elsewhere
+        self.qmax = 127 if torch.backends.quantized.engine in ("x86", "fbgemm") else 255
         if target == "onnx":
             # MatMulInteger multiplies x [.., in] by B [in, out]: the codes transposed, and the
             # zero points as int8 (ONNX wants them in the codes' type)
@@ -99,10 +103,10 @@ class LoweredDynamicLinear(_CodedWeight):
     def forward(self, x):
         if self.target == "onnx":
             return torch.ops.nbcompress.dynamic_int8_linear(
-                x, self.weight_t, self.weight_scales, self.zero_point_i8, self.bias)
-        scale, zp = QD.choose_qparams.tensor(x, 0, 255, _EPS, torch.uint8)
-        xq = QD.quantize_per_tensor.tensor(x, scale, zp, 0, 255, torch.uint8)
-        xd = QD.dequantize_per_tensor.tensor(xq, scale, zp, 0, 255, torch.uint8)
+                x, self.weight_t, self.weight_scales, self.zero_point_i8, self.bias, self.qmax)
+        scale, zp = QD.choose_qparams.tensor(x, 0, self.qmax, _EPS, torch.uint8)
+        xq = QD.quantize_per_tensor.tensor(x, scale, zp, 0, self.qmax, torch.uint8)
+        xd = QD.dequantize_per_tensor.tensor(xq, scale, zp, 0, self.qmax, torch.uint8)
         return F.linear(xd, self.dequantized(), self.bias)
 
 
@@ -217,11 +221,16 @@ class LoweredEarlyExit(nn.Module):
 def _lowered(m: nn.Module, target: str, notes: dict) -> nn.Module | None:
     """The replacement of one module, or None to keep it (and look inside)."""
     if isinstance(m, DynamicInt8Linear):
+        new = LoweredDynamicLinear(m, target)
+        codes = (f"to codes 0..{new.qmax}" + (" as torch.ao's x86 kernel does (reduce_range)"
+                                               if new.qmax == 127 else ""))
         notes["dynamic int8 Linear"] = (
-            "int8 weights; activations quantized per call (DynamicQuantizeLinear + "
-            "MatMulInteger)" if target == "onnx" else
-            "int8 weights; PT2E dynamic pattern (choose_qparams, quantize, dequantize)")
-        return LoweredDynamicLinear(m, target)
+            f"int8 weights; activations quantized per call {codes} (" +
+            ("DynamicQuantizeLinear + MatMulInteger)" if new.qmax == 255 else
+             "their range in plain ops, QuantizeLinear + MatMulInteger)") if target == "onnx"
+            else f"int8 weights; activations quantized per call {codes} (PT2E dynamic pattern: "
+                 f"choose_qparams, quantize, dequantize)")
+        return new
     if isinstance(m, StaticInt8Linear):
         notes["static int8 Linear"] = "QDQ: int8 weights and activations, int32 bias"
         return LoweredStatic(m)

@@ -1,20 +1,27 @@
 """The one operator the exporters lack: a dynamic int8 Linear as ONNX Runtime runs it.
 
-``nbcompress::dynamic_int8_linear(x, weight_t, w_scale, w_zero_point, bias)``: the activations
-are quantized per call to uint8 with their own range (ONNX ``DynamicQuantizeLinear``: scale =
-(max(0, x) - min(0, x)) / 255), multiplied with the int8 weight in integers (``MatMulInteger``)
-and rescaled to float. The ONNX translation below writes exactly those nodes, which ONNX Runtime
-fuses into its int8 ``DynamicQuantizeMatMul`` kernel. The PyTorch body computes the same numbers
-(it runs only when the lowered copy itself is run, e.g. to compare). Static int8 layers, k-bit
-weights and ``.pt2`` files need no custom operator: they are written with PyTorch's own
-``quantized_decomposed`` operators (PT2E's representation), which the ONNX exporter turns into
+``nbcompress::dynamic_int8_linear(x, weight_t, w_scale, w_zero_point, bias, qmax)``: the
+activations are quantized per call to uint8 codes 0..qmax with their own range (scale =
+(max(0, x) - min(0, x)) / qmax, zero point round(-min(0, x) / scale)), multiplied with the int8
+weight in integers (``MatMulInteger``) and rescaled to float. ``qmax`` is what the PyTorch model
+uses: 127 on the x86 / fbgemm engine (``torch.ao``'s dynamic Linear quantizes activations with
+``reduce_range=True``), 255 elsewhere. With 255 the ONNX translation writes
+``DynamicQuantizeLinear`` (whose range is 0..255) + ``MatMulInteger``, which ONNX Runtime fuses
+into its ``DynamicQuantizeMatMul`` kernel; with 127 it writes the range, scale and zero point in
+plain operators, ``QuantizeLinear`` and ``MatMulInteger`` (run as ``MatMulIntegerToFloat``), so the
+file computes the same numbers as the model (writing 255 there would be a different, finer
+quantization: up to ~2% of the logits' scale apart on LeNet-300-100). The PyTorch body computes
+the same numbers (it runs only when the lowered copy itself is run, e.g. to compare). Static int8
+layers, k-bit weights and ``.pt2`` files need no custom operator: they are written with PyTorch's
+own ``quantized_decomposed`` operators (PT2E's representation), which the ONNX exporter turns into
 ``QuantizeLinear`` / ``DequantizeLinear`` pairs.
 
 :func:`finish_onnx` then tidies the written graph where an exact rewrite lets ONNX Runtime keep
 int8 tensors int8: a ``MaxPool`` of a dequantized tensor becomes the ``MaxPool`` of its integer
 codes, dequantized after (the maximum commutes with a dequantization, whose scale is positive:
 the same numbers), so that the runtime pools uint8 in place of float and fuses the residual
-``Add`` that follows into ``QLinearAdd``.
+``Add`` that follows into ``QLinearAdd``; and the exporter's per-node debugging metadata goes
+(stack traces and source paths: size, and the exporting machine's paths, in a shipped file).
 """
 from __future__ import annotations
 
@@ -25,24 +32,26 @@ import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers quantized_
 __all__ = ["dynamic_int8_linear", "onnx_translations", "finish_onnx", "QD"]
 
 QD = torch.ops.quantized_decomposed
+_TINY = float(torch.finfo(torch.float32).tiny)
 
 
 @torch.library.custom_op("nbcompress::dynamic_int8_linear", mutates_args=())
 def dynamic_int8_linear(x: torch.Tensor, weight_t: torch.Tensor, w_scale: torch.Tensor,
-                        w_zero_point: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+                        w_zero_point: torch.Tensor, bias: torch.Tensor,
+                        qmax: int = 255) -> torch.Tensor:
     xf = x.float()
     lo = torch.clamp(xf.min(), max=0.0)
     hi = torch.clamp(xf.max(), min=0.0)
-    scale = (hi - lo) / 255.0
+    scale = (hi - lo) / float(qmax)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    zp = torch.clamp(torch.round(-lo / scale), 0, 255)
-    xq = torch.clamp(torch.round(xf / scale) + zp, 0, 255)
+    zp = torch.clamp(torch.round(-lo / scale), 0, qmax)
+    xq = torch.clamp(torch.round(xf / scale) + zp, 0, qmax)
     acc = (xq - zp) @ (weight_t.float() - w_zero_point.float())
     return (acc * (scale * w_scale.float()) + bias.float()).to(x.dtype)
 
 
 @dynamic_int8_linear.register_fake
-def _(x, weight_t, w_scale, w_zero_point, bias):
+def _(x, weight_t, w_scale, w_zero_point, bias, qmax=255):
     return x.new_empty(*x.shape[:-1], weight_t.shape[1])
 
 
@@ -51,8 +60,20 @@ def onnx_translations() -> dict:
     from onnxscript import FLOAT
     from onnxscript import opset18 as op
 
-    def dynamic_int8_linear_onnx(x: FLOAT, weight_t, w_scale, w_zero_point, bias):
-        xq, xs, xz = op.DynamicQuantizeLinear(x)
+    def dynamic_int8_linear_onnx(x: FLOAT, weight_t, w_scale, w_zero_point, bias,
+                                 qmax: int = 255):
+        if qmax == 255:
+            xq, xs, xz = op.DynamicQuantizeLinear(x)
+        else:           # DynamicQuantizeLinear's range is 0..255: the model's range, written out
+            zero = op.Constant(value_float=0.0)
+            lo = op.Min(op.ReduceMin(x, keepdims=0), zero)
+            hi = op.Max(op.ReduceMax(x, keepdims=0), zero)
+            # scale > 0 (an all-zero x gives codes 0: the bias); lo <= 0 <= hi puts the zero
+            # point in [0, qmax] without a clip
+            xs = op.Max(op.Div(op.Sub(hi, lo), op.Constant(value_float=float(qmax))),
+                        op.Constant(value_float=_TINY))
+            xz = op.Cast(op.Round(op.Div(op.Neg(lo), xs)), to=2)
+            xq = op.QuantizeLinear(x, xs, xz)
         acc = op.MatMulInteger(xq, weight_t, xz, w_zero_point)
         y = op.Mul(op.Cast(acc, to=1), op.Mul(xs, w_scale))
         return op.Add(y, bias)
@@ -97,13 +118,30 @@ def pool_before_dequantize(graph) -> int:
     return done
 
 
+def strip_node_metadata(graph) -> int:
+    """Remove the exporter's per-node debugging properties (the Python stack trace, source
+    paths, FX node text: about 1 kB a node, 14% of an int8 LeNet-300-100 file, and the
+    exporting machine's paths inside a file meant to be shipped) from every node of an
+    ``onnx.GraphProto`` and its subgraphs; the computation is untouched. Returns the bytes
+    removed."""
+    removed = 0
+    for n in graph.node:
+        removed += sum(len(p.key) + len(p.value) for p in n.metadata_props)
+        del n.metadata_props[:]
+        for a in n.attribute:
+            for g in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+                removed += strip_node_metadata(g)
+    return removed
+
+
 def finish_onnx(path: str) -> int:
-    """The written ``.onnx`` file tidied in place by the exact rewrites above (its external
-    data, if any, left where it is); returns how many nodes were rewritten."""
+    """The written ``.onnx`` file tidied in place (its external data, if any, left where it
+    is): the exact rewrites above, and the nodes' debugging metadata removed. Returns how many
+    nodes were rewritten."""
     import onnx
 
     model = onnx.load(path, load_external_data=False)
     done = pool_before_dequantize(model.graph)
-    if done:
+    if done + strip_node_metadata(model.graph):
         onnx.save(model, path)
     return done
