@@ -36,6 +36,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -378,7 +379,10 @@ def main(argv=None) -> dict:
     if a.runs:
         cfg.runs = a.runs
     t0 = time.perf_counter()
-    res = run(cfg, sections)
+    try:
+        res = run(cfg, sections)
+    finally:
+        shutil.rmtree(cfg.tmp, ignore_errors=True)
     res["total_seconds"] = time.perf_counter() - t0
     res["quick"] = a.quick
     out = write(res, a.out or RESULTS / ("export_quick.json" if a.quick else "export.json"))
