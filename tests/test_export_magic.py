@@ -32,6 +32,11 @@ def test_export_current_and_earlier_versions(session, tmp_path):
     df = ip.run_line_magic("compress_history", "m --no-plot")
     assert list(df["exported"].str.split().str[0]) == ["onnx", "pt2"]
     assert df["agreement"].iloc[1] >= 0.99
+    from nbcompress.report.html import history_table_html
+    from nbcompress.report.tables import history_text
+
+    assert "top-1 agreement" in history_text(df) and "pt2 " in history_text(df)
+    assert "runtime latency" in history_table_html(df)
     assert "exported m@1 to q.onnx (onnx, opset 18)" in repr(r)
 
 

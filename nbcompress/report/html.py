@@ -355,13 +355,15 @@ HISTORY_COLS = (("version", "version"), ("technique", "technique"), ("args", "ar
                 ("params", "params"), ("nonzero_params", "nonzero"),
                 ("packed_bytes", "packed"), ("dense_bytes", "dense"), ("flops", "FLOPs"),
                 ("sparse_flops", "sparse FLOPs"), ("latency_ms", "latency"),
-                ("accuracy", "accuracy"), ("perplexity", "perplexity"))
+                ("accuracy", "accuracy"), ("perplexity", "perplexity"),
+                ("exported", "exported"), ("runtime_ms", "runtime latency"),
+                ("agreement", "top-1 agreement"))
 
 
 def history_table_html(df: Any) -> str:
     """The history DataFrame as a table, the current version highlighted."""
     from .format import (accuracy_scale, format_accuracy, format_count, format_flops, format_ms,
-                         format_number)
+                         format_number, format_pct)
 
     if df is None or len(df) == 0:
         return f'<div style="color:{MUTED};">no history</div>'
@@ -373,8 +375,8 @@ def history_table_html(df: Any) -> str:
     fmt = {"params": format_count, "nonzero_params": format_count, "packed_bytes": format_bytes,
            "dense_bytes": format_bytes, "flops": format_flops, "sparse_flops": format_flops,
            "latency_ms": format_ms, "accuracy": lambda v: format_accuracy(v, acc_scale),
-           "perplexity": format_number}
-    text_cols = ("technique", "args")
+           "perplexity": format_number, "runtime_ms": format_ms, "agreement": format_pct}
+    text_cols = ("technique", "args", "exported")
     head = "".join(f'<th style="{TH}{"" if k in text_cols else NUM}">{escape(label)}</th>'
                    for k, label in cols)
     head += "".join(f'<th style="{TH}">{escape(str(c))}</th>' for c in others)

@@ -447,7 +447,8 @@ HISTORY_TEXT_COLS = (("version", "v"), ("technique", "technique"), ("args", "arg
                      ("params", "params"), ("nonzero_params", "nonzero"),
                      ("dense_bytes", "dense"), ("packed_bytes", "packed"), ("flops", "FLOPs"),
                      ("sparse_flops", "sparse FLOPs"), ("latency_ms", "latency"),
-                     ("accuracy", "accuracy"), ("size_ratio", "smaller"))
+                     ("accuracy", "accuracy"), ("size_ratio", "smaller"),
+                     ("exported", "exported"), ("agreement", "top-1 agreement"))
 
 
 def history_text(df: Any, *, columns: tuple[str, ...] | None = None, timings: bool = False,
@@ -471,8 +472,10 @@ def history_text(df: Any, *, columns: tuple[str, ...] | None = None, timings: bo
             texts[k] = [format_accuracy(v, scale) for v in vals]
         elif k == "size_ratio":
             texts[k] = [MISSING if _is_missing(v) else f"{float(v):.1f}×" for v in vals]
-        elif k in ("technique", "args", "version"):
+        elif k in ("technique", "args", "version", "exported"):
             texts[k] = ["" if _is_missing(v) else str(v) for v in vals]
+        elif k == "agreement":
+            texts[k] = [MISSING if _is_missing(v) else format_pct(v) for v in vals]
         else:
             texts[k] = [MISSING if not _numeric_cell(v) else c
                         for v, c in zip(vals, format_column(k, vals))]
