@@ -101,6 +101,7 @@ def cell(model, example, name: str, folder: str) -> dict:
         raise
     except Exception as e:  # noqa: BLE001 - the compression step itself refused
         return failure(e, which)
+    scale = float(logits(m, example).abs().max())      # pruning can zero a whole classifier
     try:
         r = nbcompress.export(m, f"{folder}/{name}.{fmt}", example_input=example, latency=False)
     except Timeout:
@@ -111,7 +112,7 @@ def cell(model, example, name: str, folder: str) -> dict:
         out = {"status": "pass", "bytes": r.bytes, "max_abs_diff": r.max_abs_diff,
                "rel_diff": r.rel_diff, "top1": list(r.example_top1 or ()),
                "int8_kernels": r.int8_kernels, "dynamic_batch": r.dynamic_batch,
-               "outputs": r.outputs}
+               "outputs": r.outputs, "out_scale": scale}
     out["seconds"] = round(time.perf_counter() - t0, 1)
     out["cpu_seconds"] = round(time.thread_time() - tt, 1)
     return out
@@ -158,6 +159,7 @@ def _mark(c: dict, scale: float | None = None) -> str:
     top = c.get("top1") or []
     agree = f" {top[0]}/{top[1]}" if len(top) == 2 else ""
     k = f" k{c['int8_kernels']}" if c.get("int8_kernels") else ""
+    scale = c.get("out_scale", scale)
     tiny = scale is not None and scale < TINY
     d = f"d{c['rel_diff']:.0e}" + ("(tiny out)" if tiny else "")
     return f"ok {c['bytes'] / 1e6:.1f}MB {d}{agree}{k}"
