@@ -137,8 +137,6 @@ def test_hf_pt2_and_pruned(tmp_path):
     assert not torch.allclose(ref, _logits(model, x))      # pruning did change the model
 
 
-@pytest.mark.xfail(strict=True, reason="lowering keeps use_cache: the KV cache object is an "
-                   "output torch.export cannot flatten (proposed fix in lowered_copy)")
 def test_gpt2_with_its_default_kv_cache_exports(tmp_path):
     torch.manual_seed(0)
     model = _gpt2(use_cache=True).eval()
@@ -146,8 +144,6 @@ def test_gpt2_with_its_default_kv_cache_exports(tmp_path):
     assert r.agreement == 1.0
 
 
-@pytest.mark.xfail(strict=True, reason="LoweredDynamicLinear has no .weight; T5's feed-forward "
-                   "reads wo.weight.dtype (proposed fix in lowering.py)")
 def test_t5_int8_exports(tmp_path):
     tf = _tf()
     torch.manual_seed(0)
@@ -159,8 +155,6 @@ def test_t5_int8_exports(tmp_path):
     assert r.int8_kernels > 0
 
 
-@pytest.mark.xfail(strict=True, reason="the ONNX int8 Linear does not floor the activation "
-                   "scale at 6.1e-5 as torch.ao's dynamic Linear does (proposed fix in ops.py)")
 def test_int8_file_matches_the_model_on_small_activations(tmp_path):
     torch.manual_seed(0)
     q = nbcompress.quantize(torch.nn.Sequential(torch.nn.Linear(16, 8)).eval())
@@ -168,6 +162,8 @@ def test_int8_file_matches_the_model_on_small_activations(tmp_path):
     export(q, tmp_path / "m.onnx", example_input=x, latency=False)
     got, _ = _run_file(tmp_path / "m.onnx", x)
     assert float((got - _logits(q, x)).abs().max()) <= 1e-6
+    p = export(q, tmp_path / "m.pt2", example_input=x, latency=False)     # the same range there
+    assert p.max_abs_diff <= 1e-6
 
 
 # ------------------------------------------------------------- timm / torchvision image models

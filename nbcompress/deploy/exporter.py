@@ -330,6 +330,8 @@ def _reason(e: BaseException, lowered: nn.Module) -> str:
     for name, m in lowered.named_modules():
         if name and f"'{name}'" in str(e):
             return f"{text} (in {name}: {type(m).__name__})"
+    if len(text) > 200 and ". " in text[:200]:      # torch's run-on hints: the first sentence
+        text = text[:text.index(". ") + 1]
     return text[:300]
 
 

@@ -36,12 +36,11 @@ from ..techniques.earlyexit.model import EarlyExitModel
 from ..techniques.quantize.qmodules import QuantizedWeightLayer
 from ..techniques.quantize.qmodules_int8 import (STATIC_CONV, DynamicInt8GRU, DynamicInt8Linear,
                                                  DynamicInt8LSTM, StaticInt8Linear)
-from .ops import QD
+from .ops import QD, activation_qparams
 
 __all__ = ["lowered_copy", "TARGETS"]
 
 TARGETS = ("onnx", "pt2", "state_dict")
-_EPS = float(torch.finfo(torch.float32).eps)
 
 
 # --------------------------------------------------------------------------- weights
@@ -73,6 +72,12 @@ class _CodedWeight(nn.Module):
         info = torch.iinfo(codes.dtype)
         self.qmin, self.qmax, self.qdtype = int(info.min), int(info.max), codes.dtype
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The float weight the codes stand for, for model code that reads ``layer.weight``
+        (torchvision's Swin multiplies by it, T5 reads its dtype): DequantizeLinear in ONNX."""
+        return self.dequantized()
+
     def dequantized(self) -> torch.Tensor:
         return QD.dequantize_per_channel.default(
             self.weight_codes, self.weight_scales, self.weight_zero_points, self.axis,
@@ -93,7 +98,7 @@ class LoweredDynamicLinear(_CodedWeight):
         self.target = target
         # the activations' codes: torch.ao's dynamic Linear quantizes them to 0..127 on the
         # x86 / fbgemm engine (reduce_range), to 0..255 elsewhere
-        self.qmax = 127 if torch.backends.quantized.engine in ("x86", "fbgemm") else 255
+        self.act_qmax = 127 if torch.backends.quantized.engine in ("x86", "fbgemm") else 255
         if target == "onnx":
             # MatMulInteger multiplies x [.., in] by B [in, out]: the codes transposed, and the
             # zero points as int8 (ONNX wants them in the codes' type)
@@ -101,13 +106,26 @@ class LoweredDynamicLinear(_CodedWeight):
             self.register_buffer("zero_point_i8", zp.to(torch.int8))
             del self.weight_codes
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The float weight the codes stand for, for model code that reads ``layer.weight``
+        (torchvision's Swin multiplies by it, T5 reads its dtype): DequantizeLinear in ONNX."""
+        codes = self.weight_t.t() if self.target == "onnx" else self.weight_codes
+        info = torch.iinfo(codes.dtype)
+        return QD.dequantize_per_channel.default(codes, self.weight_scales,
+                                                 self.weight_zero_points, 0, info.min, info.max,
+                                                 codes.dtype)
+
     def forward(self, x):
         if self.target == "onnx":
             return torch.ops.nbcompress.dynamic_int8_linear(
-                x, self.weight_t, self.weight_scales, self.zero_point_i8, self.bias, self.qmax)
-        scale, zp = QD.choose_qparams.tensor(x, 0, self.qmax, _EPS, torch.uint8)
-        xq = QD.quantize_per_tensor.tensor(x, scale, zp, 0, self.qmax, torch.uint8)
-        xd = QD.dequantize_per_tensor.tensor(xq, scale, zp, 0, self.qmax, torch.uint8)
+                x, self.weight_t, self.weight_scales, self.zero_point_i8, self.bias,
+                self.act_qmax)
+        # torch.ao's own choice of range (its floor on the scale included), not choose_qparams'
+        scale, zp = activation_qparams(x, self.act_qmax)
+        zp = zp.to(torch.int64)
+        xq = QD.quantize_per_tensor.tensor(x, scale, zp, 0, self.act_qmax, torch.uint8)
+        xd = QD.dequantize_per_tensor.tensor(xq, scale, zp, 0, self.act_qmax, torch.uint8)
         return F.linear(xd, self.dequantized(), self.bias)
 
 
@@ -230,11 +248,11 @@ def _lowered(m: nn.Module, target: str, notes: dict) -> nn.Module | None:
     """The replacement of one module, or None to keep it (and look inside)."""
     if isinstance(m, DynamicInt8Linear):
         new = LoweredDynamicLinear(m, target)
-        codes = (f"to codes 0..{new.qmax}" + (" as torch.ao's x86 kernel does (reduce_range)"
-                                               if new.qmax == 127 else ""))
+        codes = (f"to codes 0..{new.act_qmax}" + (" as torch.ao's x86 kernel does (reduce_range)"
+                                                   if new.act_qmax == 127 else ""))
         notes["dynamic int8 Linear"] = (
             f"int8 weights; activations quantized per call {codes} (" +
-            ("DynamicQuantizeLinear + MatMulInteger)" if new.qmax == 255 else
+            ("DynamicQuantizeLinear + MatMulInteger)" if new.act_qmax == 255 else
              "their range in plain ops, QuantizeLinear + MatMulInteger)") if target == "onnx"
             else f"int8 weights; activations quantized per call {codes} (PT2E dynamic pattern: "
                  f"choose_qparams, quantize, dequantize)")
@@ -296,6 +314,10 @@ def lowered_copy(model: nn.Module, target: str) -> tuple[nn.Module, dict]:
     if target not in TARGETS:
         raise ValueError(f"unknown target {target!r}")
     m = copy.deepcopy(model).cpu().eval()
+    for mod in m.modules():     # a KV cache is generation state, not a graph output (torch.export
+        cfg = getattr(mod, "config", None)      # cannot flatten transformers' Cache objects)
+        if getattr(cfg, "use_cache", False):
+            cfg.use_cache = False
     notes: dict = {}
     m = _walk(m, target, notes)
     for p in m.parameters():

@@ -29,10 +29,26 @@ import torch
 
 import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers quantized_decomposed ops)
 
-__all__ = ["dynamic_int8_linear", "onnx_translations", "finish_onnx", "QD"]
+__all__ = ["dynamic_int8_linear", "activation_qparams", "onnx_translations", "finish_onnx", "QD"]
 
 QD = torch.ops.quantized_decomposed
 _TINY = float(torch.finfo(torch.float32).tiny)
+# torch.ao's dynamic Linear (fbgemm and qnnpack: ChooseQuantizationParams) floors the activation
+# scale at SMALL_SCALE_THRESHOLD and keeps the zero point of the unfloored scale
+_SMALL_SCALE = 6.1e-5
+
+
+def activation_qparams(x: torch.Tensor, qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(scale, zero point)`` (float tensors) with which torch.ao's dynamic Linear quantizes
+    ``x`` to codes 0..qmax: the range widened to hold 0, the zero point from the raw scale, the
+    scale then floored at 6.1e-5 (fbgemm / qnnpack's ChooseQuantizationParams). Plain torch
+    operators: the .pt2 path writes them as they are."""
+    xf = x.float()
+    lo = torch.clamp(xf.min(), max=0.0)
+    hi = torch.clamp(xf.max(), min=0.0)
+    raw = torch.clamp((hi - lo) / float(qmax), min=_TINY)
+    zp = torch.clamp(torch.round(-lo / raw), 0, qmax)
+    return torch.clamp(raw, min=_SMALL_SCALE), zp
 
 
 @torch.library.custom_op("nbcompress::dynamic_int8_linear", mutates_args=())
@@ -40,11 +56,7 @@ def dynamic_int8_linear(x: torch.Tensor, weight_t: torch.Tensor, w_scale: torch.
                         w_zero_point: torch.Tensor, bias: torch.Tensor,
                         qmax: int = 255) -> torch.Tensor:
     xf = x.float()
-    lo = torch.clamp(xf.min(), max=0.0)
-    hi = torch.clamp(xf.max(), min=0.0)
-    scale = (hi - lo) / float(qmax)
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    zp = torch.clamp(torch.round(-lo / scale), 0, qmax)
+    scale, zp = activation_qparams(xf, qmax)
     xq = torch.clamp(torch.round(xf / scale) + zp, 0, qmax)
     acc = (xq - zp) @ (weight_t.float() - w_zero_point.float())
     return (acc * (scale * w_scale.float()) + bias.float()).to(x.dtype)
@@ -70,9 +82,10 @@ def onnx_translations() -> dict:
             hi = op.Max(op.ReduceMax(x, keepdims=0), zero)
             # scale > 0 (an all-zero x gives codes 0: the bias); lo <= 0 <= hi puts the zero
             # point in [0, qmax] without a clip
-            xs = op.Max(op.Div(op.Sub(hi, lo), op.Constant(value_float=float(qmax))),
-                        op.Constant(value_float=_TINY))
-            xz = op.Cast(op.Round(op.Div(op.Neg(lo), xs)), to=2)
+            raw = op.Max(op.Div(op.Sub(hi, lo), op.Constant(value_float=float(qmax))),
+                         op.Constant(value_float=_TINY))
+            xz = op.Cast(op.Round(op.Div(op.Neg(lo), raw)), to=2)
+            xs = op.Max(raw, op.Constant(value_float=_SMALL_SCALE))
             xq = op.QuantizeLinear(x, xs, xz)
         acc = op.MatMulInteger(xq, weight_t, xz, w_zero_point)
         y = op.Mul(op.Cast(acc, to=1), op.Mul(xs, w_scale))
