@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import gc
 import itertools
 import weakref
 from contextlib import contextmanager
@@ -220,10 +221,22 @@ class TensorMemo:
             return
         self._entries[i] = (ref, key, results)
 
+    def _snapshot(self) -> list:
+        """The entries as a list, taken with the cyclic garbage collector paused: a collection
+        during the copy runs the weak references' callbacks, which delete entries (``dictionary
+        changed size during iteration``, seen once in CI on a torchvision RegNet)."""
+        enabled = gc.isenabled()
+        gc.disable()
+        try:
+            return list(self._entries.items())
+        finally:
+            if enabled:
+                gc.enable()
+
     def carry(self, memo: dict) -> None:
         """After ``copy.deepcopy(obj, memo)``: each known tensor that was copied (``memo[id(t)]``,
         same shape and dtype) gets a copy of its results, keyed by the copy's own identity."""
-        for i, (ref, key, results) in list(self._entries.items()):
+        for i, (ref, key, results) in self._snapshot():
             t = ref()
             new = memo.get(i)
             if t is None or not results or not isinstance(new, torch.Tensor) or new is t:

@@ -226,7 +226,7 @@ CASES = [
          r"^could not run the model on the example input \(shape \(1, 1, 8\)\): ValueError: "
          r"expected 4D input \(got 3D input\)$"),
     case("nbcompress net --latency turbo",
-         r"^--latency must be one of eager, channels_last, deployed; got 'turbo'$"),
+         r"^--latency must be one of eager, channels_last, deployed, onnxruntime; got 'turbo'$"),
     case("nbcompress net --latency deployed --eval says_hello", HELLO),
     case("nbcompress net --device cuda", CUDA, marks=[NO_CUDA]),
     case("nbcompress net --device banana", BANANA),
