@@ -8,11 +8,13 @@ from __future__ import annotations
 import argparse
 import copy
 import io
+import os
+import tempfile
 import time
 
 import torch
 
-from . import History, load, save
+from . import History, export, load, save
 from .data import lenet_300_100, mnist_loaders, train_reference
 
 
@@ -75,6 +77,9 @@ def run(epochs: int = 20, seed: int = 0, progress: bool = False) -> dict:
         same = torch.equal(hist.current.eval()(x), restored.eval()(x))
     print(f"\nsaved with nbcompress.save: {buf.getbuffer().nbytes:,} bytes; "
           f"reloaded outputs identical: {same}")
+    with tempfile.TemporaryDirectory() as folder:     # %export model model.onnx --check ...
+        print("\n" + str(export(hist.current, os.path.join(folder, "model.onnx"),
+                                example_input=x[:1], check=test_loader)))
     for name, h in histories.items():
         print(f"\nHistory (%compress_history {name}):")
         print(format_table(h.table()))
