@@ -5,8 +5,8 @@ PyTorch operators on plain tensors.
 
 - dynamic int8 Linear -> ``nbcompress::dynamic_int8_linear`` for ONNX (activation codes
   0..127 on the x86 engine as torch.ao computes them, else ``DynamicQuantizeLinear``; then
-  ``MatMulInteger``: int8 in ONNX Runtime, see :mod:`.ops`), PT2E's dynamic pattern
-  (``choose_qparams``, quantize, dequantize, same range) for ``.pt2``;
+  ``MatMulInteger``: int8 in ONNX Runtime, see :mod:`.ops`); for ``.pt2`` torch.ao's range
+  (:func:`.ops.activation_qparams`, plain ops) and PT2E's quantize / dequantize pair;
 - static int8 Linear / Conv -> QDQ: quantize the input with its calibrated scale, dequantize the
   int8 weight and the int32 bias, the float op (+ ReLU), quantize and dequantize the output
   (ONNX Runtime fuses it into ``QLinearConv`` / ``QLinearMatMul``; a one-channel stem conv is
@@ -121,7 +121,8 @@ class LoweredDynamicLinear(_CodedWeight):
             return torch.ops.nbcompress.dynamic_int8_linear(
                 x, self.weight_t, self.weight_scales, self.zero_point_i8, self.bias,
                 self.act_qmax)
-        # torch.ao's own choice of range (its floor on the scale included), not choose_qparams'
+        # torch.ao's own choice of range (its floor on the scale included; choose_qparams has
+        # none)
         scale, zp = activation_qparams(x, self.act_qmax)
         zp = zp.to(torch.int64)
         xq = QD.quantize_per_tensor.tensor(x, scale, zp, 0, self.act_qmax, torch.uint8)
@@ -253,9 +254,9 @@ def _lowered(m: nn.Module, target: str, notes: dict) -> nn.Module | None:
         notes["dynamic int8 Linear"] = (
             f"int8 weights; activations quantized per call {codes} (" +
             ("DynamicQuantizeLinear + MatMulInteger)" if new.act_qmax == 255 else
-             "their range in plain ops, QuantizeLinear + MatMulInteger)") if target == "onnx"
-            else f"int8 weights; activations quantized per call {codes} (PT2E dynamic pattern: "
-                 f"choose_qparams, quantize, dequantize)")
+             "their range and codes in plain ops, + MatMulInteger)") if target == "onnx"
+            else f"int8 weights; activations quantized per call {codes} (torch.ao's range in "
+                 f"plain ops, then quantized_decomposed quantize / dequantize)")
         return new
     if isinstance(m, StaticInt8Linear):
         notes["static int8 Linear"] = "QDQ: int8 weights and activations, int32 bias"

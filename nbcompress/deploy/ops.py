@@ -57,7 +57,7 @@ def dynamic_int8_linear(x: torch.Tensor, weight_t: torch.Tensor, w_scale: torch.
                         qmax: int = 255) -> torch.Tensor:
     xf = x.float()
     scale, zp = activation_qparams(xf, qmax)
-    xq = torch.clamp(torch.round(xf / scale) + zp, 0, qmax)
+    xq = torch.clamp(torch.round(xf * (1.0 / scale)) + zp, 0, qmax)    # fbgemm's reciprocal
     acc = (xq - zp) @ (weight_t.float() - w_zero_point.float())
     return (acc * (scale * w_scale.float()) + bias.float()).to(x.dtype)
 
@@ -86,7 +86,11 @@ def onnx_translations() -> dict:
                          op.Constant(value_float=_TINY))
             xz = op.Cast(op.Round(op.Div(op.Neg(lo), raw)), to=2)
             xs = op.Max(raw, op.Constant(value_float=_SMALL_SCALE))
-            xq = op.QuantizeLinear(x, xs, xz)
+            # codes as torch.ao's kernel makes them: x times the scale's reciprocal, rounded
+            # half to even (QuantizeLinear divides: a value at a tie can land one code apart,
+            # which deep networks amplify: 2% of a random-init Swin-T's outputs)
+            codes = op.Add(op.Round(op.Mul(x, op.Reciprocal(xs))), op.Cast(xz, to=1))
+            xq = op.Cast(op.Clip(codes, zero, op.Constant(value_float=float(qmax))), to=2)
         acc = op.MatMulInteger(xq, weight_t, xz, w_zero_point)
         y = op.Mul(op.Cast(acc, to=1), op.Mul(xs, w_scale))
         return op.Add(y, bias)
