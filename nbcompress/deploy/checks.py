@@ -18,14 +18,13 @@ from .runtime import OnnxRunner, Pt2Runner, flat_inputs
 __all__ = ["compare", "exported_runner", "time_alternated"]
 
 
-def exported_runner(report, lowered: nn.Module | None = None, optimized_copy: bool = False):
+def exported_runner(report, lowered: nn.Module, optimized_copy: bool = False):
     """A callable ``run(x) -> list of output tensors`` for the written file."""
     if report.format == "onnx":
         ort = OnnxRunner(report.path, optimized_copy=optimized_copy)
-        ref = lowered
 
         def run(x):
-            return ort.run_named(flat_inputs(ref, x) if ref is not None else _named(x))
+            return ort.run_named(flat_inputs(lowered, x))
         return run, ort
     if report.format == "pt2":
         p = Pt2Runner(report.path)
@@ -35,8 +34,7 @@ def exported_runner(report, lowered: nn.Module | None = None, optimized_copy: bo
                 return _leaves(forward_batch(p.module_, x))
         return run, p
     state = torch.load(report.path, weights_only=True, map_location="cpu")
-    _same_state(state, lowered)
-    lowered.load_state_dict(state, strict=True)
+    _same_state(state, lowered)         # read back equal: running ``lowered`` runs the file
 
     def run(x):
         with torch.no_grad():
@@ -48,13 +46,6 @@ def _same_state(state: dict, lowered: nn.Module) -> None:
     mine = {k: v for k, v in lowered.state_dict().items() if isinstance(v, torch.Tensor)}
     if set(state) != set(mine) or any(not torch.equal(state[k], mine[k]) for k in mine):
         raise BadInput("the written state_dict does not read back equal to the model's tensors")
-
-
-def _named(x: Any):
-    if isinstance(x, Mapping):
-        return [(str(k), v) for k, v in x.items() if isinstance(v, torch.Tensor)]
-    args = x if isinstance(x, (tuple, list)) else (x,)
-    return [(f"input_{i}", a) for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
 
 
 def _leaves(out: Any) -> list[torch.Tensor]:
