@@ -20,7 +20,7 @@ from torch import nn
 from .errors import (BadInput, EvaluatorError, ExampleInputError, FieldError, NBCompressError,
                      python_name, render)
 from .fingerprint import MEMO
-from .options import check_fields, is_int, options_of, unknown_option
+from .options import check_fields, is_int, option, options_of, unknown_option
 
 __all__ = ["NBCompressError", "BadInput", "EvaluatorError", "ExampleInputError", "FieldError",
            "StepContext", "CompressionResult", "StepConfig", "compress", "resolve_device",
@@ -89,8 +89,21 @@ class StepConfig:
                                  "work); rebound to the result")
     summary: ClassVar[str] = ""
     examples: ClassVar[tuple] = ()
+    # the option whose value makes the step train (e.g. "finetune"); None: it always trains.
+    # --processes / --launcher only apply with it.
+    trains_with: ClassVar[str | None] = None
     device: str | None = None
     progress: bool = True
+    # every technique's training (nbcompress.train.fit) can run on several processes
+    processes: int = option(
+        1, kind="int", range="[1, inf)", metavar="N", kw_only=True, last=True,
+        help="train on N processes (data parallel, PyTorch DDP; on the CPU one thread each, on "
+             "CUDA one per GPU); each reads the loader's batch size, so a step sees N times as "
+             "many samples")
+    launcher: str = option(
+        "none", kind="choice", choices=("none", "accelerate"), kw_only=True, last=True,
+        help="what starts the --processes workers: none (torch.multiprocessing) or accelerate "
+             "(Hugging Face Accelerate's notebook_launcher)")
 
     def run(self, model: nn.Module, ctx: StepContext) -> CompressionResult:  # pragma: no cover
         raise NotImplementedError
@@ -105,6 +118,16 @@ class StepConfig:
         if not isinstance(model, nn.Module):
             raise BadInput(f"expected a torch.nn.Module, got {type(model).__name__}")
         check_fields(self)
+        if (self.processes != 1 or self.launcher != "none") and self.trains_with is not None:
+            f = next(f for f in dataclasses.fields(self) if f.name == self.trains_with)
+            if getattr(self, f.name) in (None, False) or getattr(self, f.name) == f.default:
+                which = "{processes}" if self.processes != 1 else "{launcher}"
+                raise FieldError(f"{which} only applies with {{{self.trains_with}}}: the "
+                                 f"processes train, and this step does not")
+        if self.processes != 1 or self.launcher != "none":
+            from .distributed import check_request
+
+            check_request(self.processes, self.launcher, resolve_device(self.device))
         self.validate(model)
 
     def before_magic(self, magics, name: str, local_ns, typed: dict) -> None:
@@ -196,7 +219,14 @@ def compress(model: nn.Module, config: StepConfig, *, ctx: StepContext | None = 
     MEMO.carry(memo)              # what was measured on the model holds for its copy
     del memo                      # it holds every copied tensor: a replaced layer's must go
     work = work.to(ctx.device)
-    result = config.run(work, ctx)
+    from .distributed import scope
+
+    with scope(config.processes, config.launcher) as req:
+        result = config.run(work, ctx)
+    if req.runs:        # how the training ran: once per distinct way (lottery rounds: one line)
+        for line in dict.fromkeys(req.runs):
+            n = req.runs.count(line)
+            result.notes.append(line + (f" ({n} training runs)" if n > 1 else ""))
     # notes may name options as field templates ("use {layers} to include it"): spelled for
     # the caller, like FieldError messages
     result.notes = [render(n, ctx.spell or python_name) if isinstance(n, str) else n

@@ -112,6 +112,8 @@ class Opt:
     check: Callable | None = None    # extra check: value -> message template or None
     required: bool = False           # the step cannot run without it ...
     unless: str | None = None        # ... unless this other field is given
+    last: bool = False               # listed after the technique's own options (the options
+                                     # every technique shares, declared on StepConfig)
 
     def flags(self, name: str) -> list[str]:
         """The option strings of field ``name`` on the magic line: ``["-T", "--temperature"]``,
@@ -127,7 +129,8 @@ class Opt:
 
 
 def option(default: Any = MISSING, *, help: str, kind: str = "any",
-           default_factory: Any = MISSING, range: str | None = None, **kw) -> Any:
+           default_factory: Any = MISSING, range: str | None = None, kw_only: bool = False,
+           **kw) -> Any:
     """A dataclass field that is also a declared option (see the module docstring)."""
     if kind not in KINDS:
         raise ValueError(f"unknown option kind {kind!r} (one of {', '.join(KINDS)})")
@@ -139,14 +142,17 @@ def option(default: Any = MISSING, *, help: str, kind: str = "any",
         kw["conflicts"] = (kw["conflicts"],)
     opt = Opt(kind=kind, help=help, range=Range.parse(range) if range else None, **kw)
     if default_factory is not MISSING:
-        return dataclasses.field(default_factory=default_factory, metadata={"option": opt})
-    return dataclasses.field(default=default, metadata={"option": opt})
+        return dataclasses.field(default_factory=default_factory, metadata={"option": opt},
+                                 kw_only=kw_only)
+    return dataclasses.field(default=default, metadata={"option": opt}, kw_only=kw_only)
 
 
 def options_of(cls_or_obj) -> list[tuple[dataclasses.Field, Opt]]:
-    """The declared options of a config class, in declaration order."""
-    return [(f, f.metadata["option"]) for f in dataclasses.fields(cls_or_obj)
+    """The declared options of a config class, in declaration order (the shared ones, marked
+    ``last``, after the technique's own)."""
+    opts = [(f, f.metadata["option"]) for f in dataclasses.fields(cls_or_obj)
             if "option" in f.metadata]
+    return sorted(opts, key=lambda fo: fo[1].last)
 
 
 def default_of(f: dataclasses.Field) -> Any:

@@ -18,164 +18,20 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .batches import (_check_loader, _loader_len, check_loader_runs, eval_mode, first_line,
-                      forward_batch, logits_of, output_layers, peek_batch, run_error, split_batch,
-                      to_device)
+                      forward_batch, logits_of, output_layers, peek_batch, split_batch, to_device)
 from .core import BadInput, model_device, resolve_device
+from .evaluation import EVAL_METRICS, _first_forward, eval_record, evaluate, evaluation
 from .options import is_int, is_number
-from .tokens import check_targets, is_token_task, task_loss, token_counts
+from .tokens import check_targets, task_loss
 
 # the batch helpers are importable from here too (they were defined here first)
-__all__ = ["to_device", "split_batch", "evaluate", "evaluation", "eval_record", "fit", "make_optimizer", "forward_batch",
+__all__ = ["to_device", "split_batch", "evaluate", "evaluation", "eval_record", "EVAL_METRICS",
+           "fit", "make_optimizer", "forward_batch",
            "logits_of", "eval_mode", "peek_batch", "check_loader_runs", "first_line",
            "output_layers"]
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 _POSTFIX_EVERY = 10     # steps between progress-bar loss updates (each one syncs a CUDA device)
-
-
-# --------------------------------------------------------------------------------- evaluation
-
-EVAL_METRICS = ("auto", "accuracy", "perplexity", "token_accuracy")
-
-
-def evaluate(model: nn.Module, loader: DataLoader, device: str | torch.device | None = None,
-             progress: bool = False, metric: str = "auto") -> float:
-    """One number for ``model`` on a labelled ``loader`` (see :func:`evaluation` for all of them).
-
-    ``metric``: ``"auto"`` (top-1 accuracy of a classifier, as a fraction in [0, 1]; perplexity
-    of a language model, whose scores are ``[batch, seq, vocab]`` with ``[batch, seq]`` labels),
-    ``"accuracy"`` (top-1 of class scores; a language model is refused, not scored per token by
-    mistake), ``"perplexity"`` or ``"token_accuracy"`` (language models only)."""
-    if metric not in EVAL_METRICS:
-        raise BadInput(f"metric must be one of {', '.join(EVAL_METRICS)}, got {metric!r}")
-    res = evaluation(model, loader, device, progress, metric=metric)
-    if metric == "auto":
-        return res["perplexity"] if "perplexity" in res else res["accuracy"]
-    return res[metric]
-
-
-def evaluation(model: nn.Module, loader: DataLoader, device: str | torch.device | None = None,
-               progress: bool = False, *, metric: str = "auto") -> dict:
-    """What ``model`` scores on a labelled ``loader``: ``{"accuracy"}`` (top-1, a fraction) for
-    class scores; for a language model (``[batch, seq, vocab]`` scores, ``[batch, seq]`` labels,
-    see :mod:`nbcompress.tokens` for how labels line up) ``{"perplexity", "token_accuracy",
-    "loss", "tokens"}``: exp of the mean next-token negative log-likelihood over the tokens not
-    ignored (``-100``), the share of them predicted top-1, that mean, and their count.
-
-    Runs in eval mode without autograd on ``device`` (default: the model's device; the model is
-    not moved), batch by batch, and restores the model's train/eval mode afterwards. Targets may be
-    class indices or one-hot / soft labels (argmax taken). A ``metric`` that does not fit the
-    model's scores (``"accuracy"`` of a language model) is refused on the first batch.
-
-    Autograd is off with ``torch.no_grad`` rather than ``torch.inference_mode``: a module that
-    caches or re-binds a buffer during forward (observers, lazily built masks) would otherwise keep
-    an inference tensor that a later :func:`fit` cannot train through; the speed is the same.
-    """
-    if not isinstance(model, nn.Module):
-        raise BadInput(f"expected a torch.nn.Module, got {type(model).__name__}")
-    _check_loader(loader, "the evaluation loader")
-    if metric not in EVAL_METRICS:
-        raise BadInput(f"metric must be one of {', '.join(EVAL_METRICS)}, got {metric!r}")
-    dev = model_device(model) if device is None else resolve_device(device)
-    was_training = model.training
-    total = 0
-    tokens = None           # decided on the first batch
-    bar = tqdm(total=_loader_len(loader), desc="eval", disable=not progress, leave=False)
-    model.eval()
-    try:
-        with torch.no_grad():
-            correct_t = torch.zeros((), dtype=torch.long, device=dev)
-            nll_t = torch.zeros((), dtype=torch.float64, device=dev)
-            count_t = torch.zeros((), dtype=torch.long, device=dev)
-            lo_t = hi_t = classes = None
-            for batch in loader:
-                x, y = split_batch(batch)
-                if y is None:
-                    raise BadInput("the evaluation loader yields no labels: accuracy needs "
-                                   "(inputs, labels) batches")
-                x = to_device(x, dev)
-                y = to_device(y, dev)
-                if tokens is None:
-                    scores = logits_of(_first_forward(model, x, "the evaluation loader"))
-                    tokens = _check_first(scores, x, y, metric)
-                else:
-                    scores = logits_of(forward_batch(model, x))
-                if tokens:
-                    nll, c, n = token_counts(scores, x, y)
-                    nll_t += nll.double()
-                    correct_t += c
-                    count_t += n
-                    bar.update(1)
-                    continue
-                pred = scores.argmax(dim=1)
-                if y.dim() == scores.dim() and y.shape == scores.shape:   # one-hot / soft labels
-                    y = y.argmax(dim=1)
-                if pred.shape != y.shape:
-                    raise BadInput(f"the model's predictions have shape {tuple(pred.shape)} but "
-                                   f"the labels have shape {tuple(y.shape)}")
-                correct_t += (pred == y).sum()
-                if y.numel() and not y.is_floating_point():   # checked at the end: no sync here
-                    lo_t = torch.minimum(lo_t, y.min()) if lo_t is not None else y.min()
-                    hi_t = torch.maximum(hi_t, y.max()) if hi_t is not None else y.max()
-                    classes = scores.shape[1] if scores.dim() > 1 else None
-                total += y.numel()
-                bar.update(1)
-            if tokens:
-                return _token_result(float(nll_t), int(correct_t), int(count_t))
-            correct = int(correct_t.item())
-            if hi_t is not None and classes is not None:
-                lo, hi = int(lo_t), int(hi_t)
-                if lo < 0 or hi >= classes:
-                    raise BadInput(f"the evaluation loader has label {hi if hi >= classes else lo}"
-                                   f", but the model scores {classes} classes (labels 0.."
-                                   f"{classes - 1}): the accuracy would be meaningless")
-    finally:
-        bar.close()
-        model.train(was_training)
-    if total == 0:
-        raise BadInput("the evaluation loader yielded no samples")
-    return {"accuracy": correct / total}
-
-
-def _first_forward(model: nn.Module, x: Any, what: str) -> Any:
-    """The first batch's forward: a model that cannot take the loader's inputs is one line."""
-    try:
-        return forward_batch(model, x)
-    except BadInput:
-        raise
-    except Exception as e:  # noqa: BLE001 - the data does not fit the model: a user error
-        raise run_error(model, x, e, what) from None
-
-
-def _check_first(scores: torch.Tensor, x: Any, y: torch.Tensor, metric: str) -> bool:
-    """Whether the evaluation is per token; a metric that does not fit the scores refused."""
-    check_targets(scores, x, y, "the evaluation loader's labels")
-    tokens = is_token_task(scores, x, y)
-    if tokens and metric == "accuracy":
-        raise BadInput(f"top-1 accuracy scores class predictions, but the model's scores "
-                       f"{tuple(scores.shape)} are a language model's [batch, seq, vocab]: use "
-                       f"metric='perplexity' (or 'auto') or 'token_accuracy'")
-    if not tokens and metric in ("perplexity", "token_accuracy"):
-        raise BadInput(f"{metric} needs a language model's [batch, seq, vocab] scores with "
-                       f"[batch, seq] token labels; the model's scores have shape "
-                       f"{tuple(scores.shape)} and the labels {tuple(y.shape)}")
-    return tokens
-
-
-def _token_result(nll: float, correct: int, n: int) -> dict:
-    if n == 0:
-        raise BadInput("the evaluation loader's labels are all -100 (ignored): no token to score")
-    loss = nll / n
-    return {"perplexity": math.exp(loss) if loss < 700 else math.inf,
-            "token_accuracy": correct / n, "loss": loss, "tokens": n}
-
-
-def eval_record(model: nn.Module, loader: DataLoader, device: Any = None) -> dict:
-    """The numbers an epoch record or a report shows for ``loader``: ``{"accuracy"}``, or for a
-    language model ``{"perplexity", "token_accuracy"}``."""
-    res = evaluation(model, loader, device)
-    return {k: res[k] for k in ("perplexity", "token_accuracy")} if "perplexity" in res else res
-
 
 # ------------------------------------------------------------------------------------ training
 
@@ -289,7 +145,9 @@ def fit(model: nn.Module, loader: DataLoader, *, epochs: int = 1, lr: float = 1e
         after_step: Callable[[nn.Module], Any] | None = None,
         on_epoch_end: Callable[[int, dict], Any] | None = None,
         eval_loader: DataLoader | None = None, scheduler: Any = None,
-        grad_clip: float | None = None, seed: int | None = None) -> list[dict]:
+        grad_clip: float | None = None, seed: int | None = None,
+        processes: int | None = None, launcher: str | None = None,
+        carry: Iterable[torch.Tensor] = ()) -> list[dict]:
     """Train ``model`` in place; one record per epoch: ``{"epoch", "loss", "seconds", "lr"}`` plus
     ``"accuracy"`` (on ``eval_loader``) when one is given (a language model's: ``"perplexity"``
     and ``"token_accuracy"``).
@@ -314,17 +172,40 @@ def fit(model: nn.Module, loader: DataLoader, *, epochs: int = 1, lr: float = 1e
       ``f(optimizer, total_steps) -> scheduler`` or a ready LR scheduler; stepped every step.
     - ``grad_clip``: max global gradient norm. ``seed``: seeds torch for the run (the global RNG
       state is restored afterwards; shuffling order is the loader's own generator).
+    - ``processes``: train data-parallel on this many forked workers (see
+      :mod:`nbcompress.distributed`; default 1, or what the step's ``processes=`` asked for).
+      Each worker reads its shard of the loader's dataset at the loader's batch size, so a step
+      sees ``processes x batch_size`` samples. ``launcher``: "none" (torch.multiprocessing) or
+      "accelerate" (Hugging Face Accelerate's ``notebook_launcher``; with ``processes=1`` it runs
+      the one worker under the launcher, as the same loop). The model's tensors (and the
+      optimized parameters, and the tensors in ``carry`` that ``loss_fn`` updates) are copied
+      back from rank 0 when every worker finished; ``.grad`` stays as it was, and a ready
+      ``optimizer`` object keeps its state in the kernel (its workers' copies did the steps).
 
     An exception or ``KeyboardInterrupt`` (also one raised inside ``loss_fn``) propagates
     unchanged; the model's train/eval mode is restored and the progress bar closed either way.
     Parameters keep whatever the finished steps wrote; ``.grad`` holds the last step's gradients
-    (None for parameters left out of ``params``).
+    (None for parameters left out of ``params``). On several processes the model is unchanged
+    by a failure or interrupt: nothing is copied back.
     """
+    from . import distributed
+
     _validate(model, loader, epochs, lr, optimizer, weight_decay, momentum, loss_fn, after_step,
               on_epoch_end, eval_loader, scheduler, grad_clip, seed, amp)
+    req = distributed.current()
+    if processes is None:
+        processes = req.processes if req is not None else 1
+    if launcher is None:
+        launcher = req.launcher if req is not None else "none"
     dev = model_device(model) if device is None else resolve_device(device)
-    if model_device(model) != dev:
-        model.to(dev)
+    distributed.check_request(processes, launcher, dev)
+    several = processes > 1 or launcher != "none"
+    if several and processes > 1:
+        why = distributed.unshardable(loader)
+        if why:
+            raise BadInput(why)
+    if model_device(model) != dev and not (several and dev.type == "cuda"):
+        model.to(dev)       # (several processes on CUDA: each worker moves it to its own GPU)
 
     if params is None:
         params = [p for p in model.parameters() if p.requires_grad]
@@ -342,98 +223,207 @@ def fit(model: nn.Module, loader: DataLoader, *, epochs: int = 1, lr: float = 1e
     steps_per_epoch = _loader_len(loader)
     if steps_per_epoch == 0:
         raise BadInput("the training loader is empty")
-    total_steps = steps_per_epoch * epochs if steps_per_epoch is not None else None
-    if scheduler is None:
-        sched = None
-    elif isinstance(scheduler, torch.optim.lr_scheduler.LRScheduler):
-        sched = scheduler
-    elif isinstance(scheduler, str):
-        if total_steps is None:
-            raise BadInput("scheduler='cosine' needs a loader with a length (len(loader))")
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total_steps)
-    else:
-        sched = scheduler(opt, total_steps)
+    if isinstance(scheduler, str) and steps_per_epoch is None:
+        raise BadInput("scheduler='cosine' needs a loader with a length (len(loader))")
+    run = _Run(model, opt, opt_params, trained, params_subset, epochs, loss_fn, after_step,
+               on_epoch_end, eval_loader, scheduler, grad_clip, seed, amp, progress, desc)
+    if several:
+        records = _fit_workers(run, loader, processes, launcher, dev, list(carry))
+        if req is not None:
+            req.runs.append(distributed.describe_run(processes, launcher, dev, loader.batch_size,
+                                                     run.uses_ddp))
+        return records
+    return run.epochs_on(model, loader, dev)
 
-    autocast, scaler = _amp_setup(amp, dev)
-    history: list[dict] = []
-    was_training = model.training
-    bar = None
-    try:
-        # training works even when called under torch.no_grad() / inference_mode() (a notebook
-        # cell inside a `with torch.no_grad():` block, an evaluation helper)
-        with _seed_scope(seed, dev), torch.inference_mode(False), torch.enable_grad():
-            for epoch in range(1, epochs + 1):
-                model.train()
-                bar = tqdm(total=steps_per_epoch, desc=f"{desc} {epoch}/{epochs}",
-                           disable=not progress, leave=False)
-                t0 = time.perf_counter()
-                loss_sum = torch.zeros((), dtype=torch.float32, device=dev)  # no float64 on MPS
-                n_steps = 0
-                for batch in loader:
-                    batch = to_device(batch, dev)
-                    with autocast():
-                        if loss_fn is None:
-                            x, y = split_batch(batch)
-                            if y is None:
-                                raise BadInput("the training loader yields no labels; pass "
-                                               "loss_fn(model, batch) to train on unlabelled data")
-                            if n_steps == 0:
-                                scores = logits_of(_first_forward(model, x, "the training loader"))
-                                check_targets(scores, x, y, "the training loader's labels")
+
+class _Run:
+    """One training run's settings, and its epochs on one process (the worker's or the
+    kernel's): :func:`fit` on one process is ``epochs_on(model, loader, device)``."""
+
+    def __init__(self, model, opt, opt_params, trained, params_subset, epochs, loss_fn,
+                 after_step, on_epoch_end, eval_loader, scheduler, grad_clip, seed, amp,
+                 progress, desc):
+        self.model, self.opt, self.opt_params, self.trained = model, opt, opt_params, trained
+        self.params_subset, self.epochs, self.loss_fn = params_subset, epochs, loss_fn
+        self.after_step, self.on_epoch_end, self.eval_loader = after_step, on_epoch_end, eval_loader
+        self.scheduler, self.grad_clip, self.seed, self.amp = scheduler, grad_clip, seed, amp
+        self.progress, self.desc = progress, desc
+
+    @property
+    def uses_ddp(self) -> bool:
+        """DistributedDataParallel can sync the gradients only when the loss is the model's own
+        forward and every trained parameter is the model's."""
+        own = {id(p) for p in self.model.parameters()}
+        return self.loss_fn is None and all(id(p) in own for p in self.opt_params)
+
+    def _scheduler(self, steps_per_epoch):
+        scheduler, opt = self.scheduler, self.opt
+        total_steps = steps_per_epoch * self.epochs if steps_per_epoch is not None else None
+        if scheduler is None:
+            return None
+        if isinstance(scheduler, torch.optim.lr_scheduler.LRScheduler):
+            return scheduler
+        if isinstance(scheduler, str):
+            return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total_steps)
+        return scheduler(opt, total_steps)
+
+    def epochs_on(self, model: nn.Module, loader: DataLoader, dev: torch.device, *,
+                  fwd: nn.Module | None = None, sync: Callable[[], None] | None = None,
+                  rank: int = 0, world: int = 1) -> list[dict]:
+        """The epochs. ``fwd``: what the default loss runs the batch through (a DDP wrapper of
+        ``model``); ``sync()``: after each backward (gradients averaged over the workers);
+        ``rank`` / ``world``: this worker of how many (rank 0 evaluates, keeps the records and
+        decides an early stop for all)."""
+        import torch.distributed as dist
+
+        fwd = model if fwd is None else fwd
+        opt, opt_params, loss_fn, after_step = self.opt, self.opt_params, self.loss_fn, self.after_step
+        grad_clip, epochs, desc = self.grad_clip, self.epochs, self.desc
+        progress = self.progress and rank == 0
+        steps_per_epoch = _loader_len(loader)
+        sched = self._scheduler(steps_per_epoch)
+        sampler = getattr(loader, "sampler", None)
+        autocast, scaler = _amp_setup(self.amp, dev)
+        history: list[dict] = []
+        was_training = model.training
+        bar = None
+        seed = None if self.seed is None else int(self.seed) + rank
+        try:
+            # training works even when called under torch.no_grad() / inference_mode() (a notebook
+            # cell inside a `with torch.no_grad():` block, an evaluation helper)
+            with _seed_scope(seed, dev), torch.inference_mode(False), torch.enable_grad():
+                for epoch in range(1, epochs + 1):
+                    if hasattr(sampler, "set_epoch"):
+                        sampler.set_epoch(epoch)
+                    model.train()
+                    bar = tqdm(total=steps_per_epoch, desc=f"{desc} {epoch}/{epochs}",
+                               disable=not progress, leave=False)
+                    t0 = time.perf_counter()
+                    loss_sum = torch.zeros((), dtype=torch.float32, device=dev)  # no float64 on MPS
+                    n_steps = 0
+                    for batch in loader:
+                        batch = to_device(batch, dev)
+                        with autocast():
+                            if loss_fn is None:
+                                x, y = split_batch(batch)
+                                if y is None:
+                                    raise BadInput("the training loader yields no labels; pass "
+                                                   "loss_fn(model, batch) to train on unlabelled data")
+                                if n_steps == 0:
+                                    scores = logits_of(_first_forward(fwd, x, "the training loader"))
+                                    check_targets(scores, x, y, "the training loader's labels")
+                                else:
+                                    scores = logits_of(forward_batch(fwd, x))
+                                loss = task_loss(scores, x, y)
                             else:
-                                scores = logits_of(forward_batch(model, x))
-                            loss = task_loss(scores, x, y)
+                                loss = loss_fn(model, batch)
+                        if n_steps == 0:
+                            _check_loss(loss)
+                        opt.zero_grad(set_to_none=True)
+                        if self.params_subset:   # grads of parameters not trained must not pile up
+                            model.zero_grad(set_to_none=True)
+                        if scaler is not None:
+                            scaler.scale(loss).backward()
+                            if sync is not None:
+                                sync()
+                            if grad_clip is not None:
+                                scaler.unscale_(opt)
+                                torch.nn.utils.clip_grad_norm_(opt_params, grad_clip)
+                            scaler.step(opt)
+                            scaler.update()
                         else:
-                            loss = loss_fn(model, batch)
+                            loss.backward()
+                            if sync is not None:
+                                sync()
+                            if grad_clip is not None:
+                                torch.nn.utils.clip_grad_norm_(opt_params, grad_clip)
+                            opt.step()
+                        if sched is not None:
+                            sched.step()
+                        if after_step is not None:
+                            with torch.no_grad():
+                                after_step(model)
+                        loss_sum += loss.detach().float()
+                        n_steps += 1
+                        bar.update(1)
+                        if progress and n_steps % _POSTFIX_EVERY == 0:
+                            bar.set_postfix(loss=f"{loss_sum.item() / n_steps:.4f}", refresh=False)
                     if n_steps == 0:
-                        _check_loss(loss)
-                    opt.zero_grad(set_to_none=True)
-                    if params_subset:       # grads of parameters not trained must not pile up
-                        model.zero_grad(set_to_none=True)
-                    if scaler is not None:
-                        scaler.scale(loss).backward()
-                        if grad_clip is not None:
-                            scaler.unscale_(opt)
-                            torch.nn.utils.clip_grad_norm_(opt_params, grad_clip)
-                        scaler.step(opt)
-                        scaler.update()
-                    else:
-                        loss.backward()
-                        if grad_clip is not None:
-                            torch.nn.utils.clip_grad_norm_(opt_params, grad_clip)
-                        opt.step()
-                    if sched is not None:
-                        sched.step()
-                    if after_step is not None:
-                        with torch.no_grad():
-                            after_step(model)
-                    loss_sum += loss.detach().float()
-                    n_steps += 1
-                    bar.update(1)
-                    if progress and n_steps % _POSTFIX_EVERY == 0:
-                        bar.set_postfix(loss=f"{loss_sum.item() / n_steps:.4f}", refresh=False)
-                if n_steps == 0:
-                    raise BadInput("the training loader yielded no batches")
-                mean_loss = loss_sum.item() / n_steps
-                seconds = time.perf_counter() - t0
-                bar.set_postfix(loss=f"{mean_loss:.4f}")
+                        raise BadInput("the training loader yielded no batches")
+                    mean_loss = loss_sum.item() / n_steps
+                    if world > 1:       # the epoch's loss over every worker's steps
+                        both = torch.tensor([loss_sum.item(), float(n_steps)], dtype=torch.float64)
+                        dist.all_reduce(both)
+                        mean_loss = float(both[0] / both[1])
+                    seconds = time.perf_counter() - t0
+                    bar.set_postfix(loss=f"{mean_loss:.4f}")
+                    bar.close()
+                    record = {"epoch": epoch, "loss": mean_loss, "seconds": seconds,
+                              "lr": float(opt.param_groups[0]["lr"])}
+                    stop = False
+                    if rank == 0:
+                        if self.eval_loader is not None:
+                            record.update(eval_record(model, self.eval_loader, device=dev))
+                        history.append(record)
+                        stop = self.on_epoch_end is not None and \
+                            self.on_epoch_end(epoch, record) is True
+                    if world > 1:       # rank 0's early stop holds for every worker
+                        flag = torch.tensor([1 if stop else 0])
+                        dist.broadcast(flag, 0)
+                        stop = bool(flag.item())
+                    if stop:
+                        break
+        finally:
+            if bar is not None:
                 bar.close()
-                record = {"epoch": epoch, "loss": mean_loss, "seconds": seconds,
-                          "lr": float(opt.param_groups[0]["lr"])}
-                if eval_loader is not None:
-                    record.update(eval_record(model, eval_loader, device=dev))
-                history.append(record)
-                if on_epoch_end is not None and on_epoch_end(epoch, record) is True:
-                    break
-    finally:
-        if bar is not None:
-            bar.close()
-        if params_subset:
-            for p in model.parameters():
-                if id(p) not in trained:
-                    p.grad = None
-        model.train(was_training)
-    return history
+            if self.params_subset:
+                for p in model.parameters():
+                    if id(p) not in self.trained:
+                        p.grad = None
+            model.train(was_training)
+        return history
+
+
+def _fit_workers(run: _Run, loader: DataLoader, processes: int, launcher: str,
+                 dev: torch.device, carry: list) -> list[dict]:
+    """:func:`fit` on ``processes`` forked workers (see :mod:`nbcompress.distributed`)."""
+    from . import distributed
+
+    model = run.model
+    tensors, seen = [], set()
+    for t in [*model.parameters(), *model.buffers(), *run.opt_params, *carry]:
+        if isinstance(t, torch.Tensor) and id(t) not in seen:
+            seen.add(id(t))
+            tensors.append(t)
+    use_ddp = run.uses_ddp
+
+    def work(rank: int, world: int):
+        from torch.nn.parallel import DistributedDataParallel
+
+        wdev = torch.device("cuda", rank) if dev.type == "cuda" else dev
+        if model_device(model) != wdev:
+            model.to(wdev)
+        part = loader if world == 1 else distributed.shard_loader(loader, rank, world,
+                                                                   run.seed or 0)
+        fwd, sync = model, None
+        if use_ddp:
+            # static_graph: parameters the forward never uses (an unused head) are allowed,
+            # without find_unused_parameters' traversal of the graph at every step
+            fwd = DistributedDataParallel(model, device_ids=[rank] if wdev.type == "cuda" else None,
+                                          static_graph=True)
+        else:
+            params = run.opt_params
+            sync = lambda: distributed.average_gradients(params, world)  # noqa: E731
+        records = run.epochs_on(model, part, wdev, fwd=fwd, sync=sync, rank=rank, world=world)
+        if rank != 0:
+            return None
+        return {"records": records, "tensors": [t.detach().cpu() for t in tensors]}
+
+    out = distributed.launch(work, processes, launcher, dev)
+    with torch.no_grad():
+        for t, v in zip(tensors, out["tensors"]):
+            t.copy_(v.to(t.device))
+    return out["records"]
 
 
 def _check_loss(loss: Any) -> None:

@@ -59,6 +59,7 @@ class DistillConfig(StepConfig):
     """
 
     technique: ClassVar[str] = "distill"
+    trains_with: ClassVar[str | None] = "loader"
     model_help: ClassVar[str] = ("the variable holding the student model (rebound to the trained "
                                  "one)")
     summary: ClassVar[str] = ("train a small student from a teacher's (or an ensemble's) "

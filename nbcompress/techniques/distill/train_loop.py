@@ -208,7 +208,8 @@ def run_distill(cfg, model: nn.Module, ctx: StepContext) -> CompressionResult:
                          f"weights stay pruned)")
 
         feature_sum = torch.zeros((), dtype=torch.float64, device=dev)
-        feature_steps = [0]
+        feature_steps = torch.zeros((), dtype=torch.long)   # tensors: fit carries them back
+                                                            # from its workers (processes=N)
 
         def loss_fn(student: nn.Module, batch: Any) -> torch.Tensor:
             if use_cache:
@@ -233,7 +234,7 @@ def run_distill(cfg, model: nn.Module, ctx: StepContext) -> CompressionResult:
                 f_loss = sum(F.mse_loss(ad(s_store[s].float()).float(), tf.float())
                              for ad, (s, _), tf in zip(adapters, pairs, t_feats))
                 feature_sum.add_(f_loss.detach().double())
-                feature_steps[0] += 1
+                feature_steps.add_(1)
                 loss = loss + cfg.feature_weight * f_loss
             return loss
 
@@ -248,7 +249,8 @@ def run_distill(cfg, model: nn.Module, ctx: StepContext) -> CompressionResult:
                           loss_fn=loss_fn, params=params, device=dev, amp=cfg.amp,
                           progress=ctx.progress, desc="distill",
                           after_step=after_step if masks else None,
-                          scheduler=cfg.scheduler, seed=cfg.seed)
+                          scheduler=cfg.scheduler, seed=cfg.seed,
+                          carry=(feature_sum, feature_steps))
         tables["epochs"] = pd.DataFrame([{"epoch": r["epoch"], "loss": r["loss"]}
                                          for r in records])
         extra["final_loss"] = records[-1]["loss"]
@@ -256,8 +258,8 @@ def run_distill(cfg, model: nn.Module, ctx: StepContext) -> CompressionResult:
             layers.append({"name": s_name, "kind": "feature hint", "teacher_layer": t_name,
                            "adapter": describe_adapter(ad),
                            "adapter_params": sum(p.numel() for p in ad.parameters())})
-        if pairs and feature_steps[0]:
-            extra["feature_mse_mean"] = feature_sum.item() / feature_steps[0]
+        if pairs and int(feature_steps):
+            extra["feature_mse_mean"] = feature_sum.item() / int(feature_steps)
             notes.append(f"{len(pairs)} feature adapter(s) trained with the student and "
                          f"dropped after ({sum(r['adapter_params'] for r in layers):,} "
                          f"parameters, not part of the result)")

@@ -36,6 +36,7 @@ class EarlyExitConfig(StepConfig):
     """
 
     technique: ClassVar[str] = "earlyexit"
+    trains_with: ClassVar[str | None] = "data"
     model_help: ClassVar[str] = ("the variable holding the model (rebound to the early-exit "
                                  "model)")
     summary: ClassVar[str] = "early-exit heads: an easy input leaves after a few blocks"

@@ -45,6 +45,7 @@ class LowRankConfig(StepConfig):
     """
 
     technique: ClassVar[str] = "lowrank"
+    trains_with: ClassVar[str | None] = "finetune"
     summary: ClassVar[str] = "low-rank (SVD, Tucker-2) and depthwise-separable layers"
     examples: ClassVar[tuple] = (
         "%lowrank model --target-params 3x --finetune train_loader --epochs 1",

@@ -41,6 +41,7 @@ class PruneConfig(StepConfig):
     """
 
     technique: ClassVar[str] = "prune"
+    trains_with: ClassVar[str | None] = "finetune"
     summary: ClassVar[str] = "weight or channel pruning"
     examples: ClassVar[tuple] = (
         "%prune model 0.9                                  # 90% sparse, global magnitude",

@@ -45,6 +45,7 @@ class QuantizeConfig(StepConfig):
     """
 
     technique: ClassVar[str] = "quantize"
+    trains_with: ClassVar[str | None] = "qat"
     summary: ClassVar[str] = ("int8 with real kernels, fp16/bf16, k-bit uniform codes, weight "
                               "clustering (+ Huffman), binary weights, quantization-aware training")
     examples: ClassVar[tuple] = (
