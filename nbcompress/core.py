@@ -128,6 +128,14 @@ class StepConfig:
             from .distributed import check_request
 
             check_request(self.processes, self.launcher, resolve_device(self.device))
+            loader = getattr(self, self.trains_with) if self.trains_with else None
+            if self.processes > 1 and isinstance(loader, torch.utils.data.DataLoader):
+                from .distributed import unshardable
+
+                why = unshardable(loader)
+                if why:
+                    raise FieldError(why.replace("the training loader", f"{{{self.trains_with}}}",
+                                                 1))
         self.validate(model)
 
     def before_magic(self, magics, name: str, local_ns, typed: dict) -> None:
@@ -156,7 +164,8 @@ class StepConfig:
     def describe(self) -> str:
         """The arguments as a compact, deterministic string (history 'args' column)."""
         parts = []
-        for f in dataclasses.fields(self):
+        last = lambda f: "option" in f.metadata and f.metadata["option"].last  # noqa: E731
+        for f in sorted(dataclasses.fields(self), key=last):
             if f.name in ("device", "progress"):
                 continue
             v = getattr(self, f.name)

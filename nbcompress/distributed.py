@@ -192,12 +192,15 @@ def _worker_main(rank: int, work: Callable, world: int, folder: str, device_type
         rank = int(os.environ.get("RANK", rank))
     if inside:
         env = False
-    else:   # a Ctrl-C is the kernel's to handle: it stops every worker itself
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    else:   # the kernel stops its workers with SIGTERM (torchelastic's agent with SIGINT):
+        # either ends a worker at once, whatever handler the kernel had (IPython's, torchelastic's)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
     threads = torch.get_num_threads()
     try:
         if device_type == "cpu":
-            torch.set_num_threads(1)
+            if not inside:      # one core each; one process in the kernel keeps the kernel's
+                torch.set_num_threads(1)
             backend = "gloo"
         else:
             torch.cuda.set_device(rank)
@@ -309,6 +312,10 @@ def _launch_torch(work, processes, folder, device_type, port) -> None:
             raise
 
 
+_SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT")
+                 if hasattr(signal, n))
+
+
 def _launch_accelerate(work, processes, folder, device_type, port) -> None:
     import logging
 
@@ -318,16 +325,25 @@ def _launch_accelerate(work, processes, folder, device_type, port) -> None:
     quiet = logging.getLogger("torch.distributed.elastic")
     level = quiet.level
     quiet.setLevel(logging.ERROR)
+    # torchelastic's agent installs its own SIGINT / SIGTERM handlers in this process (raising
+    # its SignalException) and leaves them: the kernel gets its own back after, and a Ctrl-C
+    # during the run is a KeyboardInterrupt, as everywhere else
+    handlers = {sig: signal.getsignal(sig) for sig in _SIGNALS}
     try:
         with contextlib.redirect_stdout(open(os.devnull, "w")):   # "Launching training on ..."
             notebook_launcher(_worker_main, args=(0, work, processes, folder, device_type, port,
                                                   True, os.getpid()),
                               num_processes=processes, master_addr="127.0.0.1", use_port=str(port))
-    except Exception:   # noqa: BLE001 - a worker failed: its error file says why
+    except Exception as e:   # noqa: BLE001 - a worker failed: its error file says why
+        if getattr(e, "sigval", None) == signal.SIGINT:
+            raise KeyboardInterrupt from None
         if not any(f.startswith("error-") for f in os.listdir(folder)):
             raise
     finally:
         quiet.setLevel(level)
+        for sig, h in handlers.items():
+            if h is not None:
+                signal.signal(sig, h)
 
 
 def average_gradients(params: list[torch.Tensor], world: int) -> None:

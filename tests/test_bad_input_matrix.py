@@ -58,6 +58,14 @@ def matrix_in_dict(model):
     return {"accuracy": 0.5, "f1": torch.zeros(3, 3)}
 
 
+class _Stream(torch.utils.data.IterableDataset):
+    def __init__(self, x):
+        self.x = x
+
+    def __iter__(self):
+        return iter((v, 0) for v in self.x)
+
+
 # ------------------------------------------------------------------------ fixtures (module: once)
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread():
@@ -84,6 +92,8 @@ def data():
         unlabelled_loader=DataLoader(Unlabelled(x_tr), batch_size=32),
         empty_loader=DataLoader(TensorDataset(torch.zeros(0, 1, 8, 8),
                                               torch.zeros(0, dtype=torch.long)), batch_size=32),
+        # a stream: no length, no index, cannot be split between processes
+        stream_loader=DataLoader(_Stream(x_tr), batch_size=32),
         # labels 50..59 for a 10-class model
         bad_labels_loader=DataLoader(TensorDataset(x_tr, torch.randint(50, 60, (64,), generator=g)),
                                      batch_size=32),
@@ -236,6 +246,27 @@ CASES = [
     case("nbcompress net --inp 1,1,8,8", r"^unknown option --inp: did you mean --input-shape\? "
          r"\(options are never abbreviated\)$"),
     case('nbcompress net --eval "test_loader', QUOTE),
+
+    # ---- --processes / --launcher (every technique's training; declared once on StepConfig)
+    case("prune net 0.5 --finetune train_loader --processes 0",
+         r"^--processes must be a whole number >= 1, got 0$"),
+    case("prune net 0.5 --processes 2",
+         r"^--processes only applies with --finetune: the processes train, and this step does "
+         r"not$"),
+    case("prune net 0.5 --finetune train_loader --processes 64",
+         r"^64 processes asked for, but this machine has \d+ CPU cores? \(each process trains "
+         r"on one\)$"),
+    case("prune net 0.5 --finetune stream_loader --processes 2",
+         r"^--finetune reads an IterableDataset, which cannot be split between processes"),
+    case("prune net 0.5 --finetune train_loader --processes 2 --launcher mpi",
+         r"^--launcher must be one of none, accelerate, got 'mpi'$"),
+    case("quantize net --mode binary --processes 2",
+         r"^--processes only applies with --qat"),
+    case("lowrank net --launcher accelerate", r"^--launcher only applies with --finetune"),
+    case("distill other --teacher teacher --data train_loader --processes two",
+         r"^--processes must be a whole number, got 'two'$"),
+    case("earlyexit net --data stream_loader --exits 2 --processes 2",
+         r"^--data reads an IterableDataset"),
 
     # ---- %prune
     case("prune number 0.5", NOT_A_MODULE),

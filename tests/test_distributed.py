@@ -1,0 +1,335 @@
+"""Issue 19: training on several processes (PyTorch DDP over gloo on this CPU, one thread each),
+started by torch.multiprocessing or Hugging Face Accelerate's notebook_launcher, from the one
+training loop (``nbcompress.train.fit``), the Python verbs and the magics.
+
+What is proved here: the workers really train in parallel on shards of the data and the result
+comes back into the kernel's model (weights move, the loss falls, accuracy is the single
+process's within noise); one process under the launcher gives bit-for-bit the plain loop's
+weights; pruned zeros, binary codes and frozen parts stay as they are; a worker's exception or a
+Ctrl-C in the kernel stops every worker, leaves no process behind and leaves the model and its
+history untouched; the step's notes say how it ran.
+"""
+from __future__ import annotations
+
+import multiprocessing
+import os
+import threading
+import time
+import _thread
+
+import psutil
+import pytest
+import torch
+from IPython.core.error import UsageError
+from torch import nn
+from torch.utils.data import DataLoader, Subset
+
+import nbcompress
+from nbcompress.core import BadInput
+from nbcompress.data import digits_loaders
+from nbcompress.distributed import shard_loader, unshardable
+from nbcompress.train import evaluate, fit
+
+from conftest import digits_cnn, same_as_snapshot, snapshot
+
+CORES = len(os.sched_getaffinity(0))
+needs_two = pytest.mark.skipif(CORES < 2, reason="needs 2 CPU cores (one per process)")
+
+
+def _children() -> list:
+    """Live child processes of this one (zombies reaped by multiprocessing excluded)."""
+    multiprocessing.active_children()       # joins finished ones
+    return [p for p in psutil.Process().children(recursive=True)
+            if p.status() != psutil.STATUS_ZOMBIE]
+
+
+@pytest.fixture(scope="module")
+def digits():
+    train, test = digits_loaders(batch_size=64)
+    return train, test
+
+
+def mlp(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 128), nn.ReLU(), nn.Dropout(0.1),
+                         nn.Linear(128, 10))
+
+
+# ------------------------------------------------------------------------------ the loop itself
+@needs_two
+def test_two_processes_train_the_kernels_model(digits):
+    train, test = digits
+    model = mlp()
+    before = snapshot(model)
+    acc0 = evaluate(model, test)
+    records = fit(model, train, epochs=3, seed=0, processes=2, progress=False, eval_loader=test)
+    assert not same_as_snapshot(model, before), "the workers' training did not come back"
+    assert [r["epoch"] for r in records] == [1, 2, 3]
+    assert records[-1]["loss"] < records[0]["loss"]
+    acc = evaluate(model, test)
+    assert acc > acc0 + 0.5 and acc > 0.85, (acc0, acc)
+    assert records[-1]["accuracy"] == pytest.approx(acc)    # rank 0 evaluated the same weights
+    assert model.training                                    # mode as it was
+    assert all(p.grad is None for p in model.parameters())  # grads stay in the workers
+    assert _children() == []
+
+
+@needs_two
+@pytest.mark.parametrize("launcher", ["none", "accelerate"])
+def test_n_processes_with_the_same_global_batch_match_one(digits, launcher):
+    """2 processes x 32 a batch against 1 process x 64: the same data per step, accuracy within
+    noise (the seeds and sample order differ, so not the same weights)."""
+    train, test = digits
+    one = mlp()
+    fit(one, DataLoader(train.dataset, batch_size=64, shuffle=True,
+                        generator=torch.Generator().manual_seed(0)),
+        epochs=4, seed=0, progress=False)
+    two = mlp()
+    rec = fit(two, DataLoader(train.dataset, batch_size=32, shuffle=True), epochs=4, seed=0,
+              processes=2, launcher=launcher, progress=False)
+    a1, a2 = evaluate(one, test), evaluate(two, test)
+    assert abs(a1 - a2) < 0.03, (a1, a2)
+    assert len(rec) == 4
+
+
+def test_one_process_under_the_launcher_is_the_plain_loop(digits):
+    train, _ = digits
+
+    def loader():
+        return DataLoader(train.dataset, batch_size=64, shuffle=True,
+                          generator=torch.Generator().manual_seed(3))
+
+    plain, launched = mlp(), mlp()
+    r1 = fit(plain, loader(), epochs=2, seed=5, progress=False, scheduler="cosine")
+    r2 = fit(launched, loader(), epochs=2, seed=5, progress=False, scheduler="cosine",
+             processes=1, launcher="accelerate")
+    for a, b in zip(plain.state_dict().values(), launched.state_dict().values()):
+        assert torch.equal(a, b)
+    assert [r["loss"] for r in r1] == [r["loss"] for r in r2]
+
+
+@needs_two
+def test_custom_loss_and_parameters_outside_the_model_are_averaged_and_carried(digits):
+    """A technique's own loss (no DDP wrapper): the gradients of the optimizer's parameters are
+    all-reduced, an extra module outside the model is trained and comes back, and a tensor the
+    loss updates comes back through ``carry``."""
+    train, _ = digits
+    model, extra = mlp(), nn.Linear(10, 10)
+    extra_before = extra.weight.detach().clone()
+    seen = torch.zeros((), dtype=torch.long)
+
+    def loss_fn(m, batch):
+        x, y = batch
+        seen.add_(len(y))
+        return nn.functional.cross_entropy(extra(m(x)), y)
+
+    fit(model, train, epochs=1, loss_fn=loss_fn, params=list(model.parameters()) +
+        list(extra.parameters()), seed=0, processes=2, progress=False, carry=[seen])
+    assert not torch.equal(extra.weight, extra_before)
+    n = len(train.dataset)
+    assert int(seen) == (n + 1) // 2            # rank 0's shard: half the samples
+
+
+def test_shard_loader_splits_the_dataset_without_overlap(digits):
+    train, _ = digits
+    loader = DataLoader(Subset(train.dataset, range(100)), batch_size=16, shuffle=True)
+    idx = []
+    for rank in range(2):
+        part = shard_loader(loader, rank, 2, seed=0)
+        assert part.batch_size == 16 and isinstance(part.sampler,
+                                                    torch.utils.data.DistributedSampler)
+        idx.append(list(iter(part.sampler)))
+    assert len(idx[0]) == len(idx[1]) == 50
+    assert set(idx[0]).isdisjoint(idx[1]) and set(idx[0]) | set(idx[1]) == set(range(100))
+    part.sampler.set_epoch(2)
+    assert list(iter(part.sampler)) != idx[1]   # reshuffled every epoch
+
+
+def test_unshardable_loaders_are_named(digits):
+    train, _ = digits
+
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter([])
+
+    assert "IterableDataset" in unshardable(DataLoader(Stream(), batch_size=4))
+    bs = torch.utils.data.BatchSampler(torch.utils.data.SequentialSampler(range(10)), 4, False)
+    assert "batch_sampler" in unshardable(DataLoader(train.dataset, batch_sampler=bs))
+    weighted = torch.utils.data.WeightedRandomSampler([1.0] * len(train.dataset), 10)
+    assert "WeightedRandomSampler" in unshardable(DataLoader(train.dataset, batch_size=4,
+                                                             sampler=weighted))
+    assert unshardable(train) is None
+
+
+# ------------------------------------------------------------------------ failures and Ctrl-C
+@needs_two
+@pytest.mark.parametrize("launcher", ["none", "accelerate"])
+def test_a_workers_exception_stops_all_and_changes_nothing(digits, launcher):
+    train, _ = digits
+    model = mlp()
+    before = snapshot(model)
+
+    def loss_fn(m, batch):
+        x, y = batch
+        if torch.distributed.get_rank() == 1:
+            raise BadInput("rank 1 refuses this batch")
+        return nn.functional.cross_entropy(m(x), y)
+
+    t0 = time.monotonic()
+    with pytest.raises(BadInput, match="^rank 1 refuses this batch$"):
+        fit(model, train, epochs=50, loss_fn=loss_fn, processes=2, launcher=launcher,
+            progress=False)
+    assert time.monotonic() - t0 < 60      # rank 0 did not train on alone, or hang
+    assert same_as_snapshot(model, before)
+    assert _children() == []
+
+    def crash(m, batch):
+        raise ZeroDivisionError("worker arithmetic")
+
+    with pytest.raises(RuntimeError, match="a training worker failed: ZeroDivisionError: "
+                                           "worker arithmetic"):
+        fit(model, train, epochs=1, loss_fn=crash, processes=2, launcher=launcher, progress=False)
+    assert same_as_snapshot(model, before)
+    assert _children() == []
+
+
+@needs_two
+@pytest.mark.parametrize("launcher", ["none", "accelerate"])
+def test_ctrl_c_in_the_kernel_stops_every_worker(digits, launcher):
+    """The kernel's interrupt (SIGINT to the kernel, KeyboardInterrupt in its main thread) while
+    the workers train: every worker is gone after, the model is untouched."""
+    train, _ = digits
+    model = mlp()
+    before = snapshot(model)
+    timer = threading.Timer(4.0, _thread.interrupt_main)
+
+    def slow(m, batch):
+        x, y = batch
+        time.sleep(0.05)
+        return nn.functional.cross_entropy(m(x), y)
+
+    timer.start()
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            fit(model, train, epochs=1000, loss_fn=slow, processes=2, launcher=launcher,
+                progress=False)
+    finally:
+        timer.cancel()
+    assert time.monotonic() - t0 < 30
+    assert same_as_snapshot(model, before)
+    assert _children() == [], [p.cmdline() for p in _children()]
+
+
+# ------------------------------------------------------------------------------ every technique
+@pytest.fixture
+def digits_ns(shell, digits):
+    train, test = digits
+    small = DataLoader(Subset(train.dataset, range(512)), batch_size=64, shuffle=True)
+    shell.user_ns.update(train_loader=small, test_loader=test)
+    return shell
+
+
+@needs_two
+def test_prune_finetune_magic_on_two_processes_keeps_the_zeros(digits_ns):
+    sh = digits_ns
+    sh.user_ns["net"] = digits_cnn()
+    before = snapshot(sh.user_ns["net"])
+    sh.run_line_magic("nbcompress", "net --eval test_loader")
+    rep = sh.run_line_magic("prune", "net 0.8 --finetune train_loader --epochs 2 --processes 2 "
+                                     "--no-progress")
+    net = sh.user_ns["net"]
+    convs = [m for m in net.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    zero = sum(int((m.weight == 0).sum()) for m in convs)
+    total = sum(m.weight.numel() for m in convs)
+    assert zero / total == pytest.approx(0.8, abs=0.01)     # fine-tuning kept the mask
+    notes = " ".join(rep.result.notes)
+    assert "trained on 2 processes" in notes and "DistributedDataParallel over gloo" in notes
+    assert "64 samples a batch in each, 128 a step in all" in notes
+    h = sh._nbcompress_workspace.get("net")
+    assert "processes=2" in h.versions[-1].args and h.versions[-1].args.endswith("processes=2")
+    sh.run_line_magic("undo", "net")
+    back = sh.user_ns["net"]
+    assert all(int((m.weight == 0).sum()) == 0 for m in back.modules()
+               if isinstance(m, (nn.Conv2d, nn.Linear)))          # the dense model again
+    assert same_as_snapshot(back, before)
+    assert _children() == []
+
+
+@needs_two
+def test_quantize_binary_qat_and_distill_on_two_processes(digits_ns):
+    sh = digits_ns
+    train = sh.user_ns["train_loader"]
+    teacher = digits_cnn(seed=1)
+    fit(teacher, train, epochs=3, seed=0, progress=False)
+    sh.user_ns.update(teacher=teacher, net=digits_cnn(seed=2))
+    before_teacher = snapshot(teacher)
+    rep = sh.run_line_magic("distill", "net --teacher teacher --data train_loader --epochs 6 "
+                                       "--lr 0.003 --processes 2 --launcher accelerate "
+                                       "--no-progress")
+    assert "started by Accelerate's notebook_launcher" in " ".join(rep.result.notes)
+    assert same_as_snapshot(teacher, before_teacher)
+    test = sh.user_ns["test_loader"]
+    assert evaluate(sh.user_ns["net"], test) > 0.5     # (one process: 0.93 after 8 epochs)
+    sh.run_line_magic("quantize", "net --mode binary --qat train_loader --epochs 1 "
+                                  "--processes 2 --no-progress")
+    q = sh.user_ns["net"]
+    codes = [b for n, b in q.named_buffers() if n.endswith("codes")]
+    assert codes, "no binary layer"
+    assert all(set(torch.unique(c).tolist()) <= {0, 1, -1} for c in codes)
+    assert _children() == []
+
+
+@needs_two
+def test_distill_features_and_earlyexit_custom_losses_on_two_processes(digits):
+    """The two techniques whose loss is their own: distillation with feature adapters outside
+    the student (their mean loss comes back through carry) and early-exit heads."""
+    train, test = digits
+    small = DataLoader(Subset(train.dataset, range(512)), batch_size=64, shuffle=True)
+    teacher = digits_cnn(seed=1)
+    fit(teacher, small, epochs=2, seed=0, progress=False)
+    student = digits_cnn(seed=3)
+    from nbcompress.core import compress
+    from nbcompress.techniques.distill.config import DistillConfig
+
+    res = compress(student, DistillConfig(teachers=[teacher], loader=small, epochs=1,
+                                          features=["2:2"], processes=2, progress=False))
+    assert res.extra["feature_mse_mean"] > 0        # carried back from rank 0's loss
+    assert "gradients averaged by all_reduce" in " ".join(res.notes)
+    ee = nbcompress.early_exit(digits_cnn(seed=4), small, exits=[2], epochs=1, processes=2)
+    assert len(ee.heads) == 1 and evaluate(ee, test) > 0.0
+    assert _children() == []
+
+
+def test_cuda_initialised_in_the_kernel_is_refused_in_one_line(monkeypatch, digits):
+    train, _ = digits
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    with pytest.raises(BadInput, match="CUDA is already initialised in this kernel"):
+        fit(mlp(), train, processes=2, device="cpu", progress=False)
+
+
+def test_bad_requests_from_python_change_nothing(digits):
+    train, _ = digits
+    model = mlp()
+    before = snapshot(model)
+    with pytest.raises(BadInput, match="processes must be a whole number >= 1, got 0"):
+        fit(model, train, processes=0)
+    with pytest.raises(BadInput, match=r"launcher must be one of none, accelerate, got 'ray'"):
+        fit(model, train, processes=2, launcher="ray")
+    with pytest.raises(BadInput, match=f"{CORES + 1} processes asked for"):
+        nbcompress.prune(model, 0.5, finetune=train, processes=CORES + 1)
+    with pytest.raises(BadInput, match="processes only applies with finetune"):
+        nbcompress.prune(model, 0.5, processes=2)
+    assert same_as_snapshot(model, before)
+
+
+def test_magic_help_lists_the_shared_options_last(shell):
+    from nbcompress.techniques.prune.config import PruneConfig
+    from nbcompress.options import options_of
+
+    names = [f.name for f, _ in options_of(PruneConfig)]
+    assert names[-2:] == ["processes", "launcher"]
+    with pytest.raises(UsageError, match="--processes only applies with --finetune"):
+        shell.user_ns["m"] = mlp()
+        shell.run_line_magic("prune", "m 0.5 --processes 2")
