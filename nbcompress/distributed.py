@@ -43,7 +43,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
-from torch.utils.data import DataLoader, IterableDataset, RandomSampler, SequentialSampler
+from torch.utils.data import (BatchSampler, DataLoader, IterableDataset, RandomSampler,
+                              SequentialSampler)
 from torch.utils.data.distributed import DistributedSampler
 
 from .errors import BadInput
@@ -116,10 +117,21 @@ def check_request(processes: Any, launcher: Any, device: torch.device | None = N
             raise BadInput(f"{processes} processes asked for, but this machine has {cores} CPU "
                            f"core{'s' if cores != 1 else ''} (each process trains on one)")
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        raise BadInput("CUDA is already initialised in this kernel (a tensor or model went to the "
-                       "GPU), and workers forked from it cannot use CUDA. Restart the kernel and "
-                       "keep the model (and teacher) on the CPU until the multi-process step: "
-                       "its workers put it on their GPUs")
+        raise BadInput("CUDA is already initialised in this kernel (a step, a measurement or "
+                       "your code used the GPU), and workers forked from it cannot use CUDA: "
+                       "drop processes to train on one GPU here, train on the CPU's cores with "
+                       "device='cpu', or run the training from a script with `accelerate launch`")
+
+
+def _batching(loader: DataLoader):
+    """(sampler, batch size, drop_last) of ``loader``: its own, or those of a plain
+    ``BatchSampler`` it was given (a loader built over another loader's batch sampler)."""
+    if loader.batch_size is not None:
+        return loader.sampler, loader.batch_size, loader.drop_last
+    bs = loader.batch_sampler
+    if type(bs) is BatchSampler:
+        return bs.sampler, bs.batch_size, bs.drop_last
+    return None, None, None
 
 
 def shard_loader(loader: DataLoader, rank: int, world: int, seed: int = 0) -> DataLoader:
@@ -129,12 +141,17 @@ def shard_loader(loader: DataLoader, rank: int, world: int, seed: int = 0) -> Da
     why = unshardable(loader)
     if why:
         raise BadInput(why)
-    shuffle = isinstance(loader.sampler, RandomSampler)
-    sampler = DistributedSampler(loader.dataset, num_replicas=world, rank=rank, shuffle=shuffle,
-                                 seed=int(seed), drop_last=False)
-    return DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=sampler,
-                      collate_fn=loader.collate_fn, drop_last=loader.drop_last,
+    sampler, batch_size, drop_last = _batching(loader)
+    shuffle = isinstance(sampler, RandomSampler)
+    part = DistributedSampler(loader.dataset, num_replicas=world, rank=rank, shuffle=shuffle,
+                              seed=int(seed), drop_last=False)
+    return DataLoader(loader.dataset, batch_size=batch_size, sampler=part,
+                      collate_fn=loader.collate_fn, drop_last=drop_last,
                       num_workers=loader.num_workers, pin_memory=loader.pin_memory)
+
+
+def batch_size_of(loader: DataLoader) -> int | None:
+    return _batching(loader)[1]
 
 
 def unshardable(loader: DataLoader) -> str | None:
@@ -143,12 +160,14 @@ def unshardable(loader: DataLoader) -> str | None:
         return ("the training loader reads an IterableDataset, which cannot be split between "
                 "processes by index (it has no fixed length and order): give a map-style Dataset "
                 "(one with __len__ and __getitem__), or train on one process")
-    if loader.batch_size is None:
-        return ("the training loader has its own batch_sampler (batch_size is None), which "
-                "cannot be split between processes: give batch_size= (a DistributedSampler then "
-                "shards the dataset), or train on one process")
-    if not isinstance(loader.sampler, (RandomSampler, SequentialSampler)):
-        return (f"the training loader draws samples with a {type(loader.sampler).__name__}, "
+    sampler, batch_size, _ = _batching(loader)
+    if batch_size is None:
+        return (f"the training loader has its own batch_sampler "
+                f"({type(loader.batch_sampler).__name__}), which cannot be split between "
+                f"processes: give batch_size= (a DistributedSampler then shards the dataset), or "
+                f"train on one process")
+    if not isinstance(sampler, (RandomSampler, SequentialSampler)):
+        return (f"the training loader draws samples with a {type(sampler).__name__}, "
                 f"which cannot be split between processes (only shuffled or in-order loaders "
                 f"are): train on one process")
     return None
@@ -260,7 +279,7 @@ def launch(work: Callable[[int, int], Any], processes: int, launcher: str,
                 _launch_accelerate(work, processes, folder, device.type, port)
             else:
                 _launch_torch(work, processes, folder, device.type, port)
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, BadInput):
             _kill([p for p in multiprocessing.active_children() if p not in before])
             raise
         except Exception as e:  # noqa: BLE001 - the workers' own error is read below
@@ -338,6 +357,9 @@ def _launch_accelerate(work, processes, folder, device_type, port) -> None:
         if getattr(e, "sigval", None) == signal.SIGINT:
             raise KeyboardInterrupt from None
         if not any(f.startswith("error-") for f in os.listdir(folder)):
+            if isinstance(e, ValueError):   # e.g. an Accelerator already made in this kernel
+                raise BadInput(f"Accelerate's notebook_launcher refused to start the workers: "
+                               f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
             raise
     finally:
         quiet.setLevel(level)
@@ -369,6 +391,37 @@ def average_gradients(params: list[torch.Tensor], world: int) -> None:
 
 
 def steps_hint(loader: DataLoader, world: int) -> int:
-    n = len(loader.dataset)
-    per = math.ceil(n / world)
-    return per // loader.batch_size if loader.drop_last else math.ceil(per / loader.batch_size)
+    """Steps per epoch of each worker's shard of ``loader``."""
+    _, batch, drop_last = _batching(loader)
+    per = math.ceil(len(loader.dataset) / world)
+    return per // batch if drop_last else math.ceil(per / batch)
+
+
+@contextlib.contextmanager
+def progress_bar(steps: torch.Tensor, total: int | None, desc: str, show: bool):
+    """The kernel's progress bar of a run on workers: a thread reads rank 0's step count from
+    ``steps`` (shared memory) while the workers train; workers draw no bar of their own (a
+    forked worker cannot send to the notebook's widgets)."""
+    if not show:
+        yield
+        return
+    import threading
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, desc=desc, leave=False)
+    stop = threading.Event()
+
+    def follow():
+        while not stop.wait(0.25):
+            bar.n = int(steps[0])
+            bar.refresh()
+
+    t = threading.Thread(target=follow, daemon=True)
+    t.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        t.join()
+        bar.close()

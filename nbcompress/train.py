@@ -181,6 +181,8 @@ def fit(model: nn.Module, loader: DataLoader, *, epochs: int = 1, lr: float = 1e
       optimized parameters, and the tensors in ``carry`` that ``loss_fn`` updates) are copied
       back from rank 0 when every worker finished; ``.grad`` stays as it was, and a ready
       ``optimizer`` object keeps its state in the kernel (its workers' copies did the steps).
+      ``after_step`` runs in every worker, ``on_epoch_end`` and ``eval_loader`` in rank 0's:
+      what they change there stays there (a ``True`` from ``on_epoch_end`` stops every worker).
 
     An exception or ``KeyboardInterrupt`` (also one raised inside ``loss_fn``) propagates
     unchanged; the model's train/eval mode is restored and the progress bar closed either way.
@@ -230,7 +232,8 @@ def fit(model: nn.Module, loader: DataLoader, *, epochs: int = 1, lr: float = 1e
     if several:
         records = _fit_workers(run, loader, processes, launcher, dev, list(carry))
         if req is not None:
-            req.runs.append(distributed.describe_run(processes, launcher, dev, loader.batch_size,
+            req.runs.append(distributed.describe_run(processes, launcher, dev,
+                                                     distributed.batch_size_of(loader),
                                                      run.uses_ddp))
         return records
     return run.epochs_on(model, loader, dev)
@@ -269,17 +272,20 @@ class _Run:
 
     def epochs_on(self, model: nn.Module, loader: DataLoader, dev: torch.device, *,
                   fwd: nn.Module | None = None, sync: Callable[[], None] | None = None,
-                  rank: int = 0, world: int = 1) -> list[dict]:
+                  rank: int = 0, world: int = 1,
+                  tick: Callable[[int], None] | None = None) -> list[dict]:
         """The epochs. ``fwd``: what the default loss runs the batch through (a DDP wrapper of
         ``model``); ``sync()``: after each backward (gradients averaged over the workers);
         ``rank`` / ``world``: this worker of how many (rank 0 evaluates, keeps the records and
-        decides an early stop for all)."""
+        decides an early stop for all); ``tick(steps)``: after each step, the steps done so far
+        (a worker tells the kernel's progress bar; it shows none itself)."""
         import torch.distributed as dist
 
         fwd = model if fwd is None else fwd
         opt, opt_params, loss_fn, after_step = self.opt, self.opt_params, self.loss_fn, self.after_step
         grad_clip, epochs, desc = self.grad_clip, self.epochs, self.desc
-        progress = self.progress and rank == 0
+        progress = self.progress and tick is None
+        done = 0
         steps_per_epoch = _loader_len(loader)
         sched = self._scheduler(steps_per_epoch)
         sampler = getattr(loader, "sampler", None)
@@ -346,6 +352,9 @@ class _Run:
                         loss_sum += loss.detach().float()
                         n_steps += 1
                         bar.update(1)
+                        if tick is not None:
+                            done += 1
+                            tick(done)
                         if progress and n_steps % _POSTFIX_EVERY == 0:
                             bar.set_postfix(loss=f"{loss_sum.item() / n_steps:.4f}", refresh=False)
                     if n_steps == 0:
@@ -414,12 +423,22 @@ def _fit_workers(run: _Run, loader: DataLoader, processes: int, launcher: str,
         else:
             params = run.opt_params
             sync = lambda: distributed.average_gradients(params, world)  # noqa: E731
-        records = run.epochs_on(model, part, wdev, fwd=fwd, sync=sync, rank=rank, world=world)
+        def tick(done: int) -> None:
+            if rank == 0:
+                steps[0] = done
+
+        records = run.epochs_on(model, part, wdev, fwd=fwd, sync=sync, rank=rank, world=world,
+                                tick=tick)
         if rank != 0:
             return None
         return {"records": records, "tensors": [t.detach().cpu() for t in tensors]}
 
-    out = distributed.launch(work, processes, launcher, dev)
+    steps = torch.zeros(1, dtype=torch.int64).share_memory_()   # rank 0's steps, for the bar
+    total = run.epochs * (distributed.steps_hint(loader, processes) if processes > 1
+                          else _loader_len(loader))
+    with distributed.progress_bar(steps, total, f"{run.desc} ({processes} process"
+                                  f"{'es' if processes != 1 else ''})", run.progress):
+        out = distributed.launch(work, processes, launcher, dev)
     with torch.no_grad():
         for t, v in zip(tensors, out["tensors"]):
             t.copy_(v.to(t.device))

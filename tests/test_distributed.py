@@ -92,6 +92,32 @@ def test_n_processes_with_the_same_global_batch_match_one(digits, launcher):
     assert len(rec) == 4
 
 
+@needs_two
+def test_rank_zeros_early_stop_holds_for_every_worker(digits):
+    train, test = digits
+    seen = []
+
+    def stop_at_two(epoch, record):
+        seen.append((epoch, record["accuracy"]))
+        return epoch == 2
+
+    records = fit(mlp(), train, epochs=10, processes=2, eval_loader=test, progress=False,
+                  on_epoch_end=stop_at_two)
+    assert [r["epoch"] for r in records] == [1, 2]
+    assert seen == []           # called in the worker (rank 0), not in the kernel
+    assert _children() == []
+
+
+def test_an_accelerator_made_in_the_kernel_is_one_line(digits, monkeypatch):
+    from accelerate.state import AcceleratorState
+
+    train, _ = digits
+    monkeypatch.setitem(AcceleratorState._shared_state, "_fake", True)
+    with pytest.raises(BadInput, match="^Accelerate's notebook_launcher refused to start the "
+                                       "workers: .*Accelerator"):
+        fit(mlp(), train, processes=2, launcher="accelerate", progress=False)
+
+
 def test_one_process_under_the_launcher_is_the_plain_loop(digits):
     train, _ = digits
 
@@ -153,8 +179,22 @@ def test_unshardable_loaders_are_named(digits):
             return iter([])
 
     assert "IterableDataset" in unshardable(DataLoader(Stream(), batch_size=4))
-    bs = torch.utils.data.BatchSampler(torch.utils.data.SequentialSampler(range(10)), 4, False)
-    assert "batch_sampler" in unshardable(DataLoader(train.dataset, batch_sampler=bs))
+    class Buckets(torch.utils.data.Sampler):
+        def __iter__(self):
+            return iter([[0, 1], [2, 3]])
+
+        def __len__(self):
+            return 2
+
+    assert "batch_sampler (Buckets)" in unshardable(DataLoader(train.dataset,
+                                                               batch_sampler=Buckets()))
+    # a loader built over another one's plain BatchSampler (distillation's cached outputs) is
+    # split by that sampler's batch size
+    bs = torch.utils.data.BatchSampler(torch.utils.data.RandomSampler(train.dataset), 16, True)
+    over = DataLoader(train.dataset, batch_sampler=bs)
+    assert unshardable(over) is None
+    part = shard_loader(over, 0, 2)
+    assert part.batch_size == 16 and part.drop_last and part.sampler.shuffle
     weighted = torch.utils.data.WeightedRandomSampler([1.0] * len(train.dataset), 10)
     assert "WeightedRandomSampler" in unshardable(DataLoader(train.dataset, batch_size=4,
                                                              sampler=weighted))
