@@ -178,7 +178,9 @@ def describe_run(processes: int, launcher: str, device: torch.device, batch_size
     backend = "NCCL" if device.type == "cuda" else "gloo"
     how = "DistributedDataParallel" if ddp else "gradients averaged by all_reduce"
     by = "Accelerate's notebook_launcher" if launcher == "accelerate" else "torch.multiprocessing"
-    per = f"{batch_size} samples a batch in each, {batch_size * processes} a step in all" \
+    per = (f"{batch_size} samples a batch in each, {batch_size * processes} a step in all"
+           + (f" ({processes}x one process's: an epoch has 1/{processes} of the steps; raise "
+              f"the learning rate or the epochs to match)" if processes > 1 else "")) \
         if batch_size else "the loader's batches split between them"
     where = "one per GPU" if device.type == "cuda" else "one thread each"
     return (f"trained on {processes} process{'es' if processes != 1 else ''} ({where}, {how} "

@@ -373,3 +373,90 @@ def test_magic_help_lists_the_shared_options_last(shell):
     with pytest.raises(UsageError, match="--processes only applies with --finetune"):
         shell.user_ns["m"] = mlp()
         shell.run_line_magic("prune", "m 0.5 --processes 2")
+
+
+# ------------------------------------------------------------------------ a model we did not write
+@needs_two
+def test_hugging_face_bert_with_dict_batches_fine_tunes_on_two_processes(shell):
+    """A transformers BertForSequenceClassification (random weights from a config), dict batches
+    as a collator yields them, pruned and fine-tuned on 2 processes through the magic."""
+    tr = pytest.importorskip("transformers")
+    from test_dict_batches import Tokens
+
+    cfg = tr.BertConfig(vocab_size=39, hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=4, intermediate_size=64, num_labels=3,
+                        max_position_embeddings=16)
+    torch.manual_seed(0)
+    bert = tr.BertForSequenceClassification(cfg).eval()
+    train = DataLoader(Tokens(seed=0), batch_size=32, shuffle=True)
+    test = DataLoader(Tokens(n=96, seed=1), batch_size=48)
+    shell.user_ns.update(bert=bert, text_train=train, text_test=test)
+    shell.run_line_magic("nbcompress", "bert --eval text_test")
+    acc0 = evaluate(bert, test)
+    rep = shell.run_line_magic("prune", "bert 0.3 --finetune text_train --epochs 6 --lr 3e-3 "
+                                        "--processes 2 --no-progress")
+    tuned = shell.user_ns["bert"]
+    assert "trained on 2 processes" in " ".join(rep.result.notes)
+    assert evaluate(tuned, test) > max(acc0, 0.5)
+    lin = [m for m in tuned.modules() if isinstance(m, nn.Linear)]
+    zero = sum(int((m.weight == 0).sum()) for m in lin) / sum(m.weight.numel() for m in lin)
+    assert zero > 0.2                         # the mask survived the workers' steps
+    assert _children() == []
+
+
+# ------------------------------------------------------------------------ a real kernel's interrupt
+@needs_two
+def test_interrupting_a_real_kernel_mid_training_leaves_no_worker_and_the_model(tmp_path):
+    """What a user does: a Jupyter kernel runs ``%prune ... --processes 2``; the notebook's stop
+    button (``interrupt_kernel``) arrives mid-training. The cell ends in KeyboardInterrupt, the
+    kernel has no child process left, the name holds the model it held, its history one version."""
+    from jupyter_client.manager import start_new_kernel
+
+    km, kc = start_new_kernel(kernel_name="python3")
+    try:
+        def run(code, timeout=120):
+            return kc.execute_interactive(code, timeout=timeout,
+                                          output_hook=lambda msg: outputs.append(msg))
+
+        outputs = []
+        run("import torch, psutil, os, time\n"
+            "from torch import nn\n"
+            "from torch.utils.data import DataLoader, TensorDataset\n"
+            "torch.manual_seed(0)\n"
+            "net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))\n"
+            "before = {k: v.clone() for k, v in net.state_dict().items()}\n"
+            "class Slow(TensorDataset):\n"
+            "    def __getitem__(self, i):\n"
+            "        time.sleep(0.01)\n"
+            "        return super().__getitem__(i)\n"
+            "slow = DataLoader(Slow(torch.randn(4096, 8), torch.randint(0, 2, (4096,))),"
+            " batch_size=16, shuffle=True)\n"
+            "%load_ext nbcompress\n"
+            "%nbcompress net --input-shape 1,8\n")
+        msg_id = kc.execute("%prune net 0.5 --finetune slow --epochs 50 --processes 2 "
+                            "--no-progress")
+        deadline = time.monotonic() + 60
+        kernel = psutil.Process(km.provisioner.process.pid)
+        while time.monotonic() < deadline and len(kernel.children(recursive=True)) < 2:
+            time.sleep(0.2)
+        assert len(kernel.children(recursive=True)) >= 2, "the workers never started"
+        time.sleep(1.0)
+        km.interrupt_kernel()
+        reply = kc.get_shell_msg(timeout=60)
+        while reply["parent_header"].get("msg_id") != msg_id:
+            reply = kc.get_shell_msg(timeout=60)
+        assert reply["content"]["status"] == "error"
+        assert reply["content"]["ename"] == "KeyboardInterrupt"
+        time.sleep(0.5)
+        left = [p for p in kernel.children(recursive=True) if p.status() != psutil.STATUS_ZOMBIE]
+        assert left == [], [p.cmdline() for p in left]
+        outputs.clear()
+        run("h = get_ipython()._nbcompress_workspace.get('net')\n"
+            "print(len(h.versions), all(torch.equal(v, before[k]) for k, v in "
+            "net.state_dict().items()))")
+        text = "".join(m["content"].get("text", "") for m in outputs
+                       if m["msg_type"] == "stream")
+        assert text.split() == ["1", "True"], text
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
