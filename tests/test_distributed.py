@@ -460,3 +460,21 @@ def test_interrupting_a_real_kernel_mid_training_leaves_no_worker_and_the_model(
     finally:
         kc.stop_channels()
         km.shutdown_kernel(now=True)
+
+
+@needs_two
+def test_lowrank_finetune_on_two_processes_keeps_the_factorised_layers(digits):
+    """The fifth technique: SVD factors are trained on 2 processes and come back as factors."""
+    train, test = digits
+    net = mlp()
+    fit(net, train, epochs=5, seed=0, progress=False)
+    from nbcompress.core import compress
+    from nbcompress.techniques.lowrank.config import LowRankConfig
+
+    res = compress(net, LowRankConfig(rank=8, finetune=train, epochs=2, processes=2,
+                                      launcher="accelerate", progress=False))
+    n_params = sum(p.numel() for p in res.model.parameters())
+    assert n_params < sum(p.numel() for p in net.parameters())
+    assert "trained on 2 processes" in " ".join(res.notes)
+    assert evaluate(res.model, test) > 0.8
+    assert _children() == []
