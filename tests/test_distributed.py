@@ -406,7 +406,8 @@ def test_hugging_face_bert_with_dict_batches_fine_tunes_on_two_processes(shell):
 
 # ------------------------------------------------------------------------ a real kernel's interrupt
 @needs_two
-def test_interrupting_a_real_kernel_mid_training_leaves_no_worker_and_the_model(tmp_path):
+@pytest.mark.parametrize("launcher", ["none", "accelerate"])
+def test_interrupting_a_real_kernel_mid_training_leaves_no_worker_and_the_model(launcher):
     """What a user does: a Jupyter kernel runs ``%prune ... --processes 2``; the notebook's stop
     button (``interrupt_kernel``) arrives mid-training. The cell ends in KeyboardInterrupt, the
     kernel has no child process left, the name holds the model it held, its history one version."""
@@ -434,7 +435,7 @@ def test_interrupting_a_real_kernel_mid_training_leaves_no_worker_and_the_model(
             "%load_ext nbcompress\n"
             "%nbcompress net --input-shape 1,8\n")
         msg_id = kc.execute("%prune net 0.5 --finetune slow --epochs 50 --processes 2 "
-                            "--no-progress")
+                            f"--launcher {launcher} --no-progress")
         deadline = time.monotonic() + 60
         kernel = psutil.Process(km.provisioner.process.pid)
         while time.monotonic() < deadline and len(kernel.children(recursive=True)) < 2:
@@ -457,6 +458,14 @@ def test_interrupting_a_real_kernel_mid_training_leaves_no_worker_and_the_model(
         text = "".join(m["content"].get("text", "") for m in outputs
                        if m["msg_type"] == "stream")
         assert text.split() == ["1", "True"], text
+        # and the kernel's Ctrl-C is its own again: a plain loop is interrupted as usual
+        msg_id = kc.execute("while True: time.sleep(0.05)")
+        time.sleep(1.0)
+        km.interrupt_kernel()
+        reply = kc.get_shell_msg(timeout=30)
+        while reply["parent_header"].get("msg_id") != msg_id:
+            reply = kc.get_shell_msg(timeout=30)
+        assert reply["content"]["ename"] == "KeyboardInterrupt"
     finally:
         kc.stop_channels()
         km.shutdown_kernel(now=True)
