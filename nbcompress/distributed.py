@@ -145,9 +145,13 @@ def shard_loader(loader: DataLoader, rank: int, world: int, seed: int = 0) -> Da
     shuffle = isinstance(sampler, RandomSampler)
     part = DistributedSampler(loader.dataset, num_replicas=world, rank=rank, shuffle=shuffle,
                               seed=int(seed), drop_last=False)
+    extra = {}
+    if loader.num_workers > 0:      # the user's worker settings, as they gave them
+        extra = dict(worker_init_fn=loader.worker_init_fn, prefetch_factor=loader.prefetch_factor,
+                     persistent_workers=loader.persistent_workers, timeout=loader.timeout)
     return DataLoader(loader.dataset, batch_size=batch_size, sampler=part,
                       collate_fn=loader.collate_fn, drop_last=drop_last,
-                      num_workers=loader.num_workers, pin_memory=loader.pin_memory)
+                      num_workers=loader.num_workers, pin_memory=loader.pin_memory, **extra)
 
 
 def batch_size_of(loader: DataLoader) -> int | None:

@@ -93,6 +93,17 @@ def test_n_processes_with_the_same_global_batch_match_one(digits, launcher):
 
 
 @needs_two
+def test_a_loader_with_its_own_worker_processes(digits):
+    """DataLoader workers inside the training workers: trained, and nothing left after."""
+    train, test = digits
+    loader = DataLoader(train.dataset, batch_size=64, shuffle=True, num_workers=1)
+    model = mlp()
+    fit(model, loader, epochs=2, seed=0, processes=2, progress=False)
+    assert evaluate(model, test) > 0.6          # (untrained: about 0.1)
+    assert _children() == []
+
+
+@needs_two
 def test_rank_zeros_early_stop_holds_for_every_worker(digits):
     train, test = digits
     seen = []
@@ -169,6 +180,12 @@ def test_shard_loader_splits_the_dataset_without_overlap(digits):
     assert set(idx[0]).isdisjoint(idx[1]) and set(idx[0]) | set(idx[1]) == set(range(100))
     part.sampler.set_epoch(2)
     assert list(iter(part.sampler)) != idx[1]   # reshuffled every epoch
+    init = lambda i: None  # noqa: E731
+    with_workers = DataLoader(train.dataset, batch_size=8, num_workers=1, worker_init_fn=init,
+                              prefetch_factor=3, persistent_workers=True)
+    part = shard_loader(with_workers, 1, 2)
+    assert (part.num_workers, part.worker_init_fn, part.prefetch_factor,
+            part.persistent_workers) == (1, init, 3, True)
 
 
 def test_unshardable_loaders_are_named(digits):
