@@ -189,6 +189,9 @@ def test_a_vgg_sized_layer_at_a_small_rank():
     (row,) = result.layers
     assert row["rank"] == "64" and row["params_after"] == 64 * (25088 + 4096) + 4096
     measured = relative_error(model[0], result.model[0])
-    assert row["rel_error"] == pytest.approx(measured, abs=1e-5)
+    # the report's error comes from the float32 singular values (1 - kept / total, about 2e-4
+    # here, so float32 rounding moves the square root by several 1e-6), the measured one from the
+    # float32 factors' product: they agree to 0.1% (CI once saw 0.014249 against 0.014260)
+    assert row["rel_error"] == pytest.approx(measured, rel=1e-3)
     noise = 1e-3 * math.sqrt(4096 * 25088) / float(model[0].weight.detach().norm())
     assert measured <= noise * 1.02
