@@ -63,10 +63,6 @@ class Request:
     launcher: str = "none"
     runs: list = field(default_factory=list)
 
-    @property
-    def distributed(self) -> bool:
-        return self.processes > 1 or self.launcher != "none"
-
 
 _SCOPE: contextvars.ContextVar[Request | None] = contextvars.ContextVar("nbcompress_processes",
                                                                          default=None)
@@ -244,9 +240,12 @@ def _worker_main(rank: int, work: Callable, world: int, folder: str, device_type
     except BaseException as e:  # noqa: BLE001 - told to the kernel, which raises it
         if inside:
             raise
-        with open(os.path.join(folder, f"error-{rank}.pkl"), "wb") as f:
+        # written whole, then renamed: a worker stopped while writing leaves no half a file
+        tmp = os.path.join(folder, f"error-{rank}.tmp")
+        with open(tmp, "wb") as f:
             pickle.dump({"type": type(e).__name__, "bad_input": isinstance(e, BadInput),
                          "message": str(e), "traceback": traceback.format_exc()}, f)
+        os.replace(tmp, os.path.join(folder, f"error-{rank}.pkl"))
         os._exit(1)     # no atexit / finalizers of the kernel's copied state
     finally:
         if inside:
@@ -278,6 +277,10 @@ def launch(work: Callable[[int, int], Any], processes: int, launcher: str,
 
     folder = tempfile.mkdtemp(prefix="nbcompress-ddp-")
     before = set(multiprocessing.active_children())
+
+    def stop_workers():
+        _kill([p for p in multiprocessing.active_children() if p not in before])
+
     try:
         port = _free_port()
         try:
@@ -285,25 +288,28 @@ def launch(work: Callable[[int, int], Any], processes: int, launcher: str,
                 _launch_accelerate(work, processes, folder, device.type, port)
             else:
                 _launch_torch(work, processes, folder, device.type, port)
-        except (KeyboardInterrupt, BadInput):
-            _kill([p for p in multiprocessing.active_children() if p not in before])
-            raise
-        except Exception as e:  # noqa: BLE001 - the workers' own error is read below
-            _kill([p for p in multiprocessing.active_children() if p not in before])
-            _raise_worker_error(folder, e)
+        except BadInput:
+            raise                   # (the finally stops the workers)
+        except Exception as e:  # noqa: BLE001 - a worker failed: its own error file says why
+            stop_workers()          # before reading the files: no worker writes any more
+            _raise_worker_error(folder)
             raise RuntimeError(f"the training workers failed: {e}") from None
-        _raise_worker_error(folder, None)
+        _raise_worker_error(folder)
         path = os.path.join(folder, "result.pt")
         if not os.path.exists(path):
             raise RuntimeError("the training workers ended without a result")
         return torch.load(path, weights_only=False)
-    finally:
-        _kill([p for p in multiprocessing.active_children() if p not in before])
+    finally:                        # also on KeyboardInterrupt: no worker outlives the call
+        stop_workers()
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def _raise_worker_error(folder: str, launch_error: Exception | None) -> None:
-    errors = sorted(f for f in os.listdir(folder) if f.startswith("error-"))
+def _error_files(folder: str) -> list[str]:
+    return sorted(f for f in os.listdir(folder) if f.startswith("error-") and f.endswith(".pkl"))
+
+
+def _raise_worker_error(folder: str) -> None:
+    errors = _error_files(folder)
     if not errors:
         return
     infos = []
@@ -323,18 +329,10 @@ def _launch_torch(work, processes, folder, device_type, port) -> None:
     from torch.multiprocessing import start_processes
 
     ctx = start_processes(_worker_main, args=(work, processes, folder, device_type, port, False,
-                                                      os.getpid()),
+                                              os.getpid()),
                           nprocs=processes, join=False, start_method="fork")
-    try:
-        while not ctx.join(timeout=0.2):
-            pass
-    except KeyboardInterrupt:
-        _kill(ctx.processes)
-        raise
-    except Exception:   # noqa: BLE001 - a worker exited non-zero: its error file says why
-        _kill(ctx.processes)
-        if not any(f.startswith("error-") for f in os.listdir(folder)):
-            raise
+    while not ctx.join(timeout=0.2):    # a worker exiting non-zero raises here (launch reads
+        pass                            # its error file); Ctrl-C: launch stops them all
 
 
 _SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT")
@@ -355,18 +353,18 @@ def _launch_accelerate(work, processes, folder, device_type, port) -> None:
     # during the run is a KeyboardInterrupt, as everywhere else
     handlers = {sig: signal.getsignal(sig) for sig in _SIGNALS}
     try:
-        with contextlib.redirect_stdout(open(os.devnull, "w")):   # "Launching training on ..."
+        with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
             notebook_launcher(_worker_main, args=(0, work, processes, folder, device_type, port,
-                                                  True, os.getpid()),
+                                                  True, os.getpid()),        # ("Launching ...")
                               num_processes=processes, master_addr="127.0.0.1", use_port=str(port))
-    except Exception as e:   # noqa: BLE001 - a worker failed: its error file says why
+    except Exception as e:   # noqa: BLE001 - a worker's failure is launch's to read
         if getattr(e, "sigval", None) == signal.SIGINT:
             raise KeyboardInterrupt from None
-        if not any(f.startswith("error-") for f in os.listdir(folder)):
-            if isinstance(e, ValueError):   # e.g. an Accelerator already made in this kernel
-                raise BadInput(f"Accelerate's notebook_launcher refused to start the workers: "
-                               f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
-            raise
+        if isinstance(e, ValueError) and not _error_files(folder):
+            # refused before any worker ran, e.g. an Accelerator already made in this kernel
+            raise BadInput(f"Accelerate's notebook_launcher refused to start the workers: "
+                           f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        raise
     finally:
         quiet.setLevel(level)
         for sig, h in handlers.items():
