@@ -20,7 +20,7 @@ from torch import nn
 from .errors import (BadInput, EvaluatorError, ExampleInputError, FieldError, NBCompressError,
                      python_name, render)
 from .fingerprint import MEMO
-from .options import check_fields, is_int, option, options_of, unknown_option
+from .options import check_fields, is_given, is_int, option, options_of, unknown_option
 
 __all__ = ["NBCompressError", "BadInput", "EvaluatorError", "ExampleInputError", "FieldError",
            "StepContext", "CompressionResult", "StepConfig", "compress", "resolve_device",
@@ -118,25 +118,28 @@ class StepConfig:
         if not isinstance(model, nn.Module):
             raise BadInput(f"expected a torch.nn.Module, got {type(model).__name__}")
         check_fields(self)
-        if (self.processes != 1 or self.launcher != "none") and self.trains_with is not None:
-            f = next(f for f in dataclasses.fields(self) if f.name == self.trains_with)
-            if getattr(self, f.name) in (None, False) or getattr(self, f.name) == f.default:
-                which = "{processes}" if self.processes != 1 else "{launcher}"
-                raise FieldError(f"{which} only applies with {{{self.trains_with}}}: the "
-                                 f"processes train, and this step does not")
         if self.processes != 1 or self.launcher != "none":
-            from .distributed import check_request
-
-            check_request(self.processes, self.launcher, resolve_device(self.device))
-            loader = getattr(self, self.trains_with) if self.trains_with else None
-            if self.processes > 1 and isinstance(loader, torch.utils.data.DataLoader):
-                from .distributed import unshardable
-
-                why = unshardable(loader)
-                if why:
-                    raise FieldError(why.replace("the training loader", f"{{{self.trains_with}}}",
-                                                 1))
+            self._check_processes()
         self.validate(model)
+
+    def _check_processes(self) -> None:
+        """``processes`` / ``launcher`` given: the step must train (its ``trains_with`` option
+        given), the request run here, the training loader split between processes."""
+        from .distributed import check_request, unshardable
+
+        trains = self.trains_with
+        if trains is not None:
+            f = next(f for f in dataclasses.fields(self) if f.name == trains)
+            if not is_given(self, f):
+                which = "{processes}" if self.processes != 1 else "{launcher}"
+                raise FieldError(f"{which} only applies with {{{trains}}}: the processes train, "
+                                 f"and this step does not")
+        check_request(self.processes, self.launcher, resolve_device(self.device))
+        loader = getattr(self, trains) if trains else None
+        if self.processes > 1 and isinstance(loader, torch.utils.data.DataLoader):
+            why = unshardable(loader)
+            if why:
+                raise FieldError(why.replace("the training loader", f"{{{trains}}}", 1))
 
     def before_magic(self, magics, name: str, local_ns, typed: dict) -> None:
         """Hook for checks that need the notebook (e.g. a model is not its own teacher), before
