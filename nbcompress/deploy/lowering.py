@@ -106,15 +106,13 @@ class LoweredDynamicLinear(_CodedWeight):
             self.register_buffer("zero_point_i8", zp.to(torch.int8))
             del self.weight_codes
 
-    @property
-    def weight(self) -> torch.Tensor:
-        """The float weight the codes stand for, for model code that reads ``layer.weight``
-        (torchvision's Swin multiplies by it, T5 reads its dtype): DequantizeLinear in ONNX."""
-        codes = self.weight_t.t() if self.target == "onnx" else self.weight_codes
-        info = torch.iinfo(codes.dtype)
-        return QD.dequantize_per_channel.default(codes, self.weight_scales,
-                                                 self.weight_zero_points, 0, info.min, info.max,
-                                                 codes.dtype)
+    def dequantized(self) -> torch.Tensor:
+        if self.target != "onnx":
+            return super().dequantized()
+        # the ONNX target keeps the codes transposed only (MatMulInteger's layout)
+        return QD.dequantize_per_channel.default(
+            self.weight_t.t(), self.weight_scales, self.weight_zero_points, self.axis,
+            self.qmin, self.qmax, self.qdtype)
 
     def forward(self, x):
         if self.target == "onnx":
