@@ -423,6 +423,7 @@ def _fit_workers(run: _Run, loader: DataLoader, processes: int, launcher: str,
         else:
             params = run.opt_params
             sync = lambda: distributed.average_gradients(params, world)  # noqa: E731
+
         def tick(done: int) -> None:
             if rank == 0:
                 steps[0] = done

@@ -436,6 +436,14 @@ def test_interrupting_a_real_kernel_mid_training_leaves_no_worker_and_the_model(
             return kc.execute_interactive(code, timeout=timeout,
                                           output_hook=lambda msg: outputs.append(msg))
 
+        def interrupt(msg_id, timeout):
+            """The stop button on the running cell ``msg_id``: its reply."""
+            km.interrupt_kernel()
+            reply = kc.get_shell_msg(timeout=timeout)
+            while reply["parent_header"].get("msg_id") != msg_id:
+                reply = kc.get_shell_msg(timeout=timeout)
+            return reply["content"]
+
         outputs = []
         run("import torch, psutil, os, time\n"
             "from torch import nn\n"
@@ -459,12 +467,9 @@ def test_interrupting_a_real_kernel_mid_training_leaves_no_worker_and_the_model(
             time.sleep(0.2)
         assert len(kernel.children(recursive=True)) >= 2, "the workers never started"
         time.sleep(1.0)
-        km.interrupt_kernel()
-        reply = kc.get_shell_msg(timeout=60)
-        while reply["parent_header"].get("msg_id") != msg_id:
-            reply = kc.get_shell_msg(timeout=60)
-        assert reply["content"]["status"] == "error"
-        assert reply["content"]["ename"] == "KeyboardInterrupt"
+        reply = interrupt(msg_id, 60)
+        assert reply["status"] == "error"
+        assert reply["ename"] == "KeyboardInterrupt"
         time.sleep(0.5)
         left = [p for p in kernel.children(recursive=True) if p.status() != psutil.STATUS_ZOMBIE]
         assert left == [], [p.cmdline() for p in left]
@@ -478,11 +483,7 @@ def test_interrupting_a_real_kernel_mid_training_leaves_no_worker_and_the_model(
         # and the kernel's Ctrl-C is its own again: a plain loop is interrupted as usual
         msg_id = kc.execute("while True: time.sleep(0.05)")
         time.sleep(1.0)
-        km.interrupt_kernel()
-        reply = kc.get_shell_msg(timeout=30)
-        while reply["parent_header"].get("msg_id") != msg_id:
-            reply = kc.get_shell_msg(timeout=30)
-        assert reply["content"]["ename"] == "KeyboardInterrupt"
+        assert interrupt(msg_id, 30)["ename"] == "KeyboardInterrupt"
     finally:
         kc.stop_channels()
         km.shutdown_kernel(now=True)
