@@ -19,12 +19,21 @@ from .lottery import _run_lottery
 from .rounds import _run_prune
 from .scan import _run_sensitivity
 from .units import transformer_layers
-from .weights import _layer_list, weight_targets
+from .weights import _layer_list, _rows_view, parse_pattern, pattern_fits, weight_targets
 
 __all__ = ["PruneConfig", "DEFAULT_AMOUNTS"]
 
 DEFAULT_AMOUNTS = (0.1, 0.3, 0.5, 0.7, 0.9)
 _TARGETS = ("target_flops", "target_params")
+
+
+def _pattern_message(value) -> str | None:
+    """The option check of ``pattern``: its message when the text is not N:M."""
+    try:
+        parse_pattern(value)
+    except FieldError as e:
+        return e.template
+    return None
 
 
 @dataclass
@@ -70,6 +79,12 @@ class PruneConfig(StepConfig):
         None, kind="choice", choices=("global", "layer"),
         help="rank all layers together (default for weights) or prune each layer by the same "
              "amount (default for channels and --lottery)")
+    pattern: str | None = option(
+        None, kind="str", metavar="N:M", check=_pattern_message,
+        conflicts=("structured", "lottery", "sensitivity") + _TARGETS,
+        help="semi-structured: keep N of every M consecutive weights of each output channel "
+             "(2:4 runs on NVIDIA sparse tensor cores, Ampere and newer; AMOUNT is then 1 - N/M "
+             "and may be left out)")
     layers: str | None = option(
         None, kind="regex",
         help="only layers whose name matches this regular expression (re.search)")
@@ -150,7 +165,9 @@ class PruneConfig(StepConfig):
         targets = [t for t in _TARGETS if getattr(self, t) is not None]
         if self.amount is not None and self.sensitivity:
             raise FieldError("{sensitivity} scans its own amounts ({amounts}): leave out {amount}")
-        if self.amount is None and not targets and not self.sensitivity:
+        if self.pattern is not None:
+            self._validate_pattern(model)
+        elif self.amount is None and not targets and not self.sensitivity:
             raise FieldError("give {amount} (the fraction to remove, e.g. 0.5), {target_flops=F} "
                              "or {target_params=P}")
         if self.sensitivity and targets:
@@ -178,6 +195,22 @@ class PruneConfig(StepConfig):
                 raise FieldError("{sparsity_reg} trains with the penalty first: give "
                                  "{finetune=LOADER}")
         self._validate_layers(model)
+
+    def _validate_pattern(self, model: nn.Module) -> None:
+        n, m = parse_pattern(self.pattern)
+        implied = 1 - n / m
+        if self.amount is not None and abs(self.amount - implied) > 1e-9:
+            raise FieldError(f"{{pattern}} {self.pattern} removes {implied:.4g} of the weights "
+                             f"({m - n} of every {m}): leave out {{amount}} or give {implied:.4g}")
+        if self.steps != 1:
+            raise FieldError(f"{{pattern}} {self.pattern} is reached in one step: leave out "
+                             f"{{steps}}")
+        targets = weight_targets(model, self.layers)
+        if targets and not any(pattern_fits(mod, m) for _, mod in targets):
+            name, mod = targets[0]
+            raise FieldError(f"{{pattern}} {self.pattern} needs layers whose inputs per output "
+                             f"channel are a multiple of {m}; none is (e.g. {name!r}: "
+                             f"{_rows_view(mod, mod.weight).shape[1]})")
 
     def _validate_importance(self, model: nn.Module) -> None:
         spec = self.importance if self.importance is not None else self.importance_name

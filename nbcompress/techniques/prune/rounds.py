@@ -15,8 +15,9 @@ from .heads import is_transformer
 from .units import HeadPruner, structured_pruner
 from .common import _evaluate, _example, _finetune, _importance_for, _pct, recalibrate_bn
 from .importance import logits_of
+from .semisparse import to_semi_sparse
 from .weights import (_layer_sparsities, _nonzero, _smallest_amount, _sparsity, _zero_masks,
-                      prune_weights_, weight_targets)
+                      parse_pattern, pattern_fits, prune_n_m_, prune_weights_, weight_targets)
 
 
 def _run_prune(cfg, model: nn.Module, ctx: StepContext) -> CompressionResult:
@@ -44,7 +45,7 @@ def _rounds(cfg, model: nn.Module, ctx: StepContext) -> CompressionResult:
     if cfg.sparsity_reg > 0:
         rows.append(_sparsity_reg(cfg, model, ctx, notes))
 
-    kind = _ChannelRounds if cfg.structured else _WeightRounds
+    kind = _ChannelRounds if cfg.structured else _PatternRounds if cfg.pattern else _WeightRounds
     rounds = kind(cfg, model, ctx, imp, example, data, notes)
     for k in range(cfg.steps):
         if imp.needs_data:
@@ -160,6 +161,49 @@ class _WeightRounds:
             r["sparsity_before"] = self.start_layers[r["layer"]]
         sp = 1 - self._nonzero() / self.n_sel
         return (f"weights ({self.imp.name}, {self.cfg.resolved_scope} scope): {sp:.1%} of "
+                f"{self.n_sel:,} weights in {len(self.targets)} layers are zero")
+
+
+class _PatternRounds(_WeightRounds):
+    """N:M (``pattern``): one round takes every layer that fits to the pattern; with 2:4 the plain
+    ``nn.Linear`` layers become :class:`~.semisparse.SemiSparseLinear`, whose inference forward
+    runs on NVIDIA's sparse tensor cores where there are some."""
+
+    def __init__(self, cfg, model, ctx, imp, example, data, notes):
+        self.cfg, self.model, self.imp, self.notes = cfg, model, imp, notes
+        self.n, self.m = parse_pattern(cfg.pattern)
+        targets = weight_targets(model, cfg.layers, notes)
+        left = [name for name, mod in targets if not pattern_fits(mod, self.m)]
+        if left:
+            notes.append(f"left whole, their inputs per output channel are not a multiple of "
+                         f"{self.m}: {', '.join(left[:8])}{' ...' if len(left) > 8 else ''}")
+        self.targets = [(name, mod) for name, mod in targets if pattern_fits(mod, self.m)]
+        self.n_sel = sum(mod.weight.numel() for _, mod in self.targets)
+        self.progress = ctx.progress
+        nz0 = {name: _nonzero(mod.weight) for name, mod in self.targets}
+        self.start_layers = {name: 1.0 - nz0[name] / mod.weight.numel()
+                             for name, mod in self.targets}
+        self.start = sum(mod.weight.numel() - nz0[name] for name, mod in self.targets) / self.n_sel
+        self.kernels: list[str] = []
+
+    def prune(self, k: int):
+        rows = prune_n_m_(self.targets, self.n, self.m, importance=self.imp, seed=self.cfg.seed,
+                          progress=self.progress)
+        if (self.n, self.m) == (2, 4):
+            self.kernels = [name for name, mod in self.targets if to_semi_sparse(mod)]
+        return rows, _zero_masks(self.targets) if self.cfg.finetune is not None else []
+
+    def summary(self, layer_rows: list[dict]) -> str:
+        for r in layer_rows:
+            r["sparsity_before"] = self.start_layers[r["layer"]]
+        sp = 1 - self._nonzero() / self.n_sel
+        if self.kernels:
+            self.notes.append(
+                f"2:4: {len(self.kernels)} Linear layer(s) run their inference forward on NVIDIA "
+                f"sparse tensor cores (compute capability 8.0+, through "
+                f"torch.sparse.to_sparse_semi_structured); on the CPU and while training they run "
+                f"dense, and the zeros are packed when saved")
+        return (f"weights ({self.imp.name}, {self.cfg.pattern} pattern): {sp:.1%} of "
                 f"{self.n_sel:,} weights in {len(self.targets)} layers are zero")
 
 

@@ -306,3 +306,55 @@ def _layer_sparsities(targets, outputs: set[str], s: float, out_rate: float,
     p = min(hi, 1.0)
     return {name: min(0.999999, p * out_rate if name in outputs else p) for name in n}
 
+
+
+def parse_pattern(text: str) -> tuple[int, int]:
+    """``"2:4"`` -> (2, 4): keep N of every M consecutive weights (0 < N < M <= 64)."""
+    n, sep, m = str(text).strip().partition(":")
+    try:
+        n_i, m_i = int(n), int(m)
+    except ValueError:
+        n_i = m_i = -1
+    if not sep or not 0 < n_i < m_i <= 64:
+        raise FieldError(f"{{pattern}} must be N:M with 0 < N < M <= 64 (keep N of every M "
+                         f"consecutive weights, e.g. 2:4), got {text!r}")
+    return n_i, m_i
+
+
+def _rows_view(m: nn.Module, t: torch.Tensor) -> torch.Tensor:
+    """``t`` (shaped like ``m.weight``) as [output channel, that channel's inputs]: the layout in
+    which N:M groups run along the inputs (GPT-2's ``Conv1D`` stores its weight [in, out])."""
+    return t.t() if is_conv1d(m) else t.reshape(t.shape[0], -1)
+
+
+def pattern_fits(m: nn.Module, group: int) -> bool:
+    """Whether each output channel's inputs split into whole groups of ``group``."""
+    return _rows_view(m, m.weight).shape[1] % group == 0
+
+
+def prune_n_m_(targets: list[tuple[str, nn.Module]], n: int, m: int, *,
+               importance: str | Importance = "l1", seed: int = 0,
+               progress: bool = False) -> list[dict]:
+    """Semi-structured N:M pruning in place: in every group of ``m`` consecutive inputs of an
+    output channel, the ``n`` most important weights stay and the others become zero (2:4 is
+    what NVIDIA's sparse tensor cores run). ``targets`` must fit (:func:`pattern_fits`). Returns
+    one row per layer, as :func:`prune_weights_` does."""
+    imp = get_importance(importance, seed=seed)
+    rows = []
+    total = sum(mod.weight.numel() for _, mod in targets)
+    with layer_bar(len(targets), f"prune ({n}:{m})", progress, total) as bar:
+        for name, mod in targets:
+            w = mod.weight
+            before = _sparsity(w)
+            s = _Scores(name, mod, imp, cache=False)().reshape(w.shape)
+            groups = _rows_view(mod, s).contiguous().reshape(-1, m)
+            drop = torch.zeros(groups.shape, dtype=torch.bool, device=groups.device)
+            drop.scatter_(1, groups.topk(m - n, dim=1, largest=False).indices, True)
+            drop = drop.reshape(_rows_view(mod, w).shape)
+            with torch.no_grad():
+                w.masked_fill_((drop.t() if is_conv1d(mod) else drop).reshape(w.shape), 0.0)
+            del s, groups, drop
+            rows.append({"layer": name, "type": type(mod).__name__, "weights": w.numel(),
+                         "sparsity_before": before, "sparsity": _sparsity(w)})
+            bar.update()
+    return rows

@@ -32,6 +32,12 @@ class _FlagOffError(FieldError):
         return render(self.template.replace("{symmetric=False}", "{symmetric}"), spell)
 
 
+_INT8_MM_NOTE = ("int8 on CUDA through torch._int_mm (cuBLAS's int8 GEMM): Linear layers with "
+                 "int8 weights (one scale per output channel) and int8 activations (one scale "
+                 "per row, computed on the fly); convs, LSTM/GRU and Linear layers whose sizes "
+                 "are not multiples of 8 keep int8 weight codes, dequantized in the forward")
+
+
 @dataclass
 class QuantizeConfig(StepConfig):
     """Quantize a model and rebind the name to the result (``%undo`` goes back).
@@ -201,7 +207,7 @@ class QuantizeConfig(StepConfig):
         pattern = self.pattern()
         if mode.startswith("dtype"):
             return cast(self, model, ctx, notes, pattern, mode.partition(":")[2] or self.dtype)
-        kinds = self._layer_types(None if mode == "weight_only" else mode)
+        kinds = self._layer_types(None if mode in ("weight_only", "int8_mm") else mode)
         targets = prepare(model, select(model, kinds, pattern), notes)
         notes.extend(subclass_notes(model, kinds, pattern))
         if not targets:
@@ -209,6 +215,10 @@ class QuantizeConfig(StepConfig):
         if mode == "weight_only":
             return code_weights(self, model, ctx, targets, notes, "uniform", bits=8,
                                 per_channel=True, search=False, kind="int8 weight-only")
+        if mode == "int8_mm":
+            return code_weights(self, model, ctx, targets, notes, "uniform", bits=8,
+                                per_channel=True, search=False, kind="int8 (torch._int_mm)",
+                                int8_matmul=True)
         if mode == "dynamic":
             return dynamic(self, model, targets, notes)
         if mode == "static":
@@ -227,6 +237,9 @@ class QuantizeConfig(StepConfig):
         mode = self._mode_without_device()
         origin = device if origin is None else origin
         backend = int8_kernel_backend("cpu")
+        if mode == "dynamic" and origin.type == "cuda":
+            notes.append(_INT8_MM_NOTE)
+            return "int8_mm", notes
         if mode in ("dynamic", "static"):
             if backend is None:
                 raise FieldError(f"this PyTorch build has no int8 CPU kernels (quantized engines: "
@@ -244,6 +257,9 @@ class QuantizeConfig(StepConfig):
         # automatic: the fastest real kernel for these layers where the model lives
         if origin.type != "cpu" or backend is None:
             where = origin if origin.type != "cpu" else device
+            if self.bits == 8 and where.type == "cuda":
+                notes.append(_INT8_MM_NOTE)
+                return "int8_mm", notes
             if self.bits == 8:
                 notes.append(f"no int8 kernels on {where} (torch.ao's are CPU-only): 8-bit "
                              f"uniform codes instead, stored packed, dequantized in forward")

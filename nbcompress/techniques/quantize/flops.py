@@ -3,7 +3,8 @@
 (run when :mod:`.qmodules_int8` is imported) adds formulas for them: 2 * MACs from the input shape
 and the output shape (Linear: no unpacking) or the unpacked weight shape (convs), the same convention the counter uses for ``aten.mm`` /
 ``aten.convolution``. Integer multiply-adds are thus counted like float ones: the work is the
-same, only cheaper. The int8 LSTM/GRU ops are counted from the input and hidden sizes (gates * H *
+same, only cheaper (``aten._int_mm``, the int8 GEMM of :class:`.qmodules.Int8MatmulLinear`, too).
+The int8 LSTM/GRU ops are counted from the input and hidden sizes (gates * H *
 (in + H) per token, layer and direction), and so is the fp32 LSTM's CPU op
 ``aten.mkldnn_rnn_layer``, which torch does not count either: an LSTM model's FLOPs then compare
 before and after.
@@ -64,6 +65,11 @@ def register_quantized_flop_formulas() -> None:
     formulas.update({name: _conv for name in ("conv1d", "conv2d", "conv3d", "conv1d_relu",
                                               "conv2d_relu", "conv3d_relu")})
     packets = [(getattr(torch.ops.quantized, n, None), f) for n, f in formulas.items()]
+
+    def _int_mm(a, b, *args, out_val=None, **kwargs):       # Int8MatmulLinear's int8 GEMM
+        return 2 * a.shape[0] * a.shape[1] * b.shape[1]
+
+    packets.append((getattr(torch.ops.aten, "_int_mm", None), _int_mm))
     # the int8 LSTM/GRU ops, and the fp32 LSTM's CPU op (uncounted by torch too), so that an LSTM
     # model's FLOPs compare before and after
     packets += [(getattr(torch.ops.aten, "quantized_lstm", None), _rnn(4)),

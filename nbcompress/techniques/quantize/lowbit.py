@@ -12,7 +12,7 @@ from torch.nn.utils import parametrize
 from ...core import BadInput, CompressionResult, FieldError
 from ...layers import layer_bar
 from .common import DEFAULT_BITS, DEFAULT_LR, mark, replace, row
-from .qmodules import QuantizedWeightLayer, compact_float, round_scale
+from .qmodules import Int8MatmulLinear, QuantizedWeightLayer, compact_float, int_mm_fits, round_scale
 
 __all__ = ["uniform_quantize", "binarize", "kmeans_cluster", "code_weights", "cluster", "fit_qat",
            "storage_table"]
@@ -188,12 +188,13 @@ class _SharedWeights(nn.Module):
 
 def code_weights(cfg, model, ctx, targets, notes, mode, *, bits: int | None = None,
                  per_channel: bool | None = None, search: bool = True,
-                 kind: str | None = None) -> CompressionResult:
+                 kind: str | None = None, int8_matmul: bool = False) -> CompressionResult:
     """Uniform or binary codes: each selected layer becomes a :class:`QuantizedWeightLayer`
     (after QAT through a straight-through estimator when ``cfg.qat`` is given). ``bits``,
     ``per_channel``: instead of the config's (int8 weight-only sets them); ``search``: the
     clipping search of :func:`uniform_quantize` (off: the plain absmax scale); ``kind``: the
-    layer table's name for it. The layers are replaced one at a time and ``targets`` is emptied
+    layer table's name for it; ``int8_matmul``: 8-bit Linear layers whose sizes allow it become
+    :class:`.qmodules.Int8MatmulLinear` (int8 GEMM). The layers are replaced one at a time and ``targets`` is emptied
     as it goes, so a replaced layer's float weight is freed at once (a 1B model is never held
     twice over)."""
     if bits is None:
@@ -222,6 +223,7 @@ def code_weights(cfg, model, ctx, targets, notes, mode, *, bits: int | None = No
             for _, m in targets:
                 parametrize.remove_parametrizations(m, "weight", leave_parametrized=False)
     layers = []
+    gemm = 0
     weights = sum(m.weight.numel() for _, m in targets)
     with layer_bar(len(targets), f"quantize ({kind or mode})", cfg.progress, weights) as bar:
         for i, (name, m) in enumerate(targets):
@@ -233,7 +235,9 @@ def code_weights(cfg, model, ctx, targets, notes, mode, *, bits: int | None = No
             else:
                 codes, scale, zp = uniform_quantize(w, bits, per_channel=per_channel,
                                                     symmetric=symmetric, search=search)
-            new = _weight_layer(m, codes, scale, zp, bits, per_channel, symmetric)
+            new = _weight_layer(m, codes, scale, zp, bits, per_channel, symmetric,
+                                int8_matmul=int8_matmul)
+            gemm += isinstance(new, Int8MatmulLinear)
             mark(new, cfg)
             model = replace(model, name, new)
             layers.append(row(name, m, new, bits, kind or mode, originals.pop(name, w),
@@ -247,8 +251,12 @@ def code_weights(cfg, model, ctx, targets, notes, mode, *, bits: int | None = No
         notes.append(f"{bits}-bit {'symmetric' if symmetric else 'asymmetric'} codes, "
                      f"{'per-channel' if per_channel else 'per-tensor'} scales, stored packed "
                      f"at {bits} bits")
-    notes.append("simulated: codes are dequantized in each forward (no low-bit kernels), "
-                 "so latency does not improve")
+    if gemm:
+        notes.append(f"{gemm} of {len(layers)} layers compute in int8 (torch._int_mm); "
+                     f"the others dequantize their codes in each forward")
+    else:
+        notes.append("simulated: codes are dequantized in each forward (no low-bit kernels), "
+                     "so latency does not improve")
     return CompressionResult(model, layers=layers, notes=notes, extra=extra)
 
 
@@ -315,10 +323,14 @@ def fit_qat(cfg, model, ctx, mode, exclude_shadows: bool = False) -> list[dict]:
                progress=ctx.progress, desc=f"QAT {mode}", seed=cfg.seed)
 
 
-def _weight_layer(m: nn.Module, codes, scale, zp, bits, per_channel, symmetric):
+def _weight_layer(m: nn.Module, codes, scale, zp, bits, per_channel, symmetric,
+                  int8_matmul: bool = False):
     kw = dict(per_channel=per_channel, symmetric=symmetric, bias=m.bias is not None)
     if isinstance(m, nn.Linear):
-        new = QuantizedWeightLayer("linear", tuple(m.weight.shape), bits, **kw)
+        gemm = (int8_matmul and bits == 8 and symmetric and per_channel
+                and int_mm_fits(m.in_features, m.out_features))
+        cls = Int8MatmulLinear if gemm else QuantizedWeightLayer
+        new = cls("linear", tuple(m.weight.shape), bits, **kw)
     else:
         if m.padding_mode != "zeros":
             raise FieldError(f"{type(m).__name__} with padding_mode={m.padding_mode!r} is not "

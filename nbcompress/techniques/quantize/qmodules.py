@@ -7,6 +7,11 @@
   distinct integers is written at B bits), so the file is about params*B/8 bytes plus scales.
   Binary weights are the same layer with codes in {-1, +1} and a per-channel scale.
 
+* **int8 on a GPU**: :class:`Int8MatmulLinear` is that layer with 8-bit symmetric per-channel
+  codes whose forward really computes in int8: each row of the input is quantized on the fly and
+  multiplied with the codes by ``torch._int_mm`` (cuBLAS's int8 GEMM on CUDA, exact int32 sums on
+  any device), as torchao's int8 dynamic-activation config does.
+
 * :class:`ReducedPrecision` wraps a module cast to fp16/bf16 and casts float inputs to that dtype
   (and outputs back to float32), so loaders, evaluators and losses keep working unchanged.
 """
@@ -18,8 +23,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.weak import WeakIdKeyDictionary
 
-__all__ = ["QuantizedWeightLayer", "ReducedPrecision", "compact_float", "round_scale", "quiet"]
+__all__ = ["QuantizedWeightLayer", "Int8MatmulLinear", "ReducedPrecision", "compact_float", "round_scale", "quiet"]
 
 
 class quiet(warnings.catch_warnings):
@@ -173,6 +179,52 @@ class QuantizedWeightLayer(nn.Module):
         kind = ("binary" if self.scheme == "binary" else
                 f"{self.bits}-bit {'symmetric' if self.symmetric else 'asymmetric'}")
         return f"{self.op}, weight {self.weight_shape}, {kind}, {grain} scale"
+
+
+_CODES_T = WeakIdKeyDictionary()      # codes tensor -> (its version, codes.t().contiguous())
+
+
+def int_mm_fits(in_features: int, out_features: int) -> bool:
+    """cuBLAS's int8 GEMM needs both sizes a multiple of 8 (the rows are padded when too few)."""
+    return in_features % 8 == 0 and out_features % 8 == 0 and in_features > 0 and out_features > 0
+
+
+def _int_mm(xq: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """``xq @ codes.t()`` in int32 through ``torch._int_mm`` with cuBLAS's conditions met: the
+    transposed codes contiguous (cached per codes version) and more than 16 rows (zero rows
+    appended, then dropped)."""
+    hit = _CODES_T.get(codes)
+    if hit is None or hit[0] != codes._version:
+        hit = (codes._version, codes.t().contiguous())
+        _CODES_T[codes] = hit
+    m = xq.shape[0]
+    if xq.is_cuda and m <= 16:
+        xq = torch.cat([xq, xq.new_zeros(17 - m, xq.shape[1])])
+    return torch._int_mm(xq.contiguous(), hit[1])[:m]
+
+
+class Int8MatmulLinear(QuantizedWeightLayer):
+    """A Linear with int8 weights (symmetric, one scale per output channel) that computes in int8:
+    ``y = (q(x) @ codes.T) * s_x * s_w + bias``, ``q(x)`` one symmetric scale per input row
+    (dynamic, absmax / 127). On CUDA this is cuBLAS's int8 GEMM; elsewhere the same exact int32
+    sums (so the CPU tests check the numbers the GPU computes). Stored, counted and exported as a
+    :class:`QuantizedWeightLayer` (its float view is the dequantized weight)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not x.is_floating_point() or self.codes.dtype != torch.int8:
+            return super().forward(x)
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1]).float()
+        s_x = x2.abs().amax(1, keepdim=True).clamp(min=1e-12) / 127.0
+        xq = torch.round(x2 / s_x).clamp_(-127, 127).to(torch.int8)
+        acc = _int_mm(xq, self.codes)
+        y = acc.float() * s_x * self.scale.float().reshape(1, -1)
+        if self.bias is not None:
+            y = y + self.bias.float()
+        return y.to(x.dtype).reshape(*shape[:-1], y.shape[-1])
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + ", int8 activations per row (torch._int_mm)"
 
 
 def _tuple(v):
