@@ -265,9 +265,10 @@ class QuantizeConfig(StepConfig):
                              f"uniform codes instead, stored packed, dequantized in forward")
                 return "uniform", notes
             dt = "bf16" if where.type != "cuda" or torch.cuda.is_bf16_supported() else "fp16"
+            int8 = ("--mode dynamic runs int8 GEMMs here (torch._int_mm)" if where.type == "cuda"
+                    else "move the model to the CPU")
             notes.append(f"chose {dt}: torch.ao's int8 kernels are CPU-only and this model runs "
-                         f"on {where}, where {dt} has native kernels (for int8, move the model "
-                         f"to the CPU)")
+                         f"on {where}, where {dt} has native kernels (for int8: {int8})")
             return "dtype:" + dt, notes
         pattern = self.pattern()
         low = low_precision(select(model, AUTO_LAYERS, pattern), None)
