@@ -117,10 +117,21 @@ def test_pattern_on_gpt2_conv1d_groups_run_along_the_inputs():
                              measure_latency=False)
     rep.apply(nbcompress.PruneConfig(pattern="2:4"), progress=False)
     out = rep.current
-    attn = out.transformer.h[0].attn.c_attn.weight.detach()          # Conv1D: [in, out]
-    assert (attn.t().reshape(-1, 4) != 0).sum(1).eq(2).all()
-    assert not (attn.reshape(-1, 4) != 0).sum(1).eq(2).all()         # not along the outputs
-    assert any("tied" in n for n in rep.current_version.result.notes)  # lm_head left whole
+    ids = torch.randint(0, 64, (2, 8))
+    with torch.no_grad():
+        ref = model(ids).logits
+    # the Conv1D ([in, out]) was pruned along its inputs, then became the Linear it is
+    layer = out.transformer.h[0].attn.c_attn
+    assert type(layer) is SemiSparseLinear and layer.weight.shape == (96, 32)
+    attn = layer.weight.detach()
+    assert (attn.reshape(-1, 4) != 0).sum(1).eq(2).all()
+    assert not (attn.t().reshape(-1, 4) != 0).sum(1).eq(2).all()     # not along the outputs
+    notes = rep.current_version.result.notes
+    assert any("tied" in n for n in notes)                            # lm_head left whole
+    assert any("Conv1D layers became the nn.Linear" in n for n in notes)
+    with torch.no_grad():
+        y = out(ids).logits
+    assert torch.isfinite(y).all() and not torch.equal(y, ref)
     rep.undo()
     assert state_equal(rep.current, model)
 

@@ -15,6 +15,8 @@ from .heads import is_transformer
 from .units import HeadPruner, structured_pruner
 from .common import _evaluate, _example, _finetune, _importance_for, _pct, recalibrate_bn
 from .importance import logits_of
+from ...layers import as_linear, is_conv1d
+from ..quantize.common import replace
 from .semisparse import to_semi_sparse
 from .weights import (_layer_sparsities, _nonzero, _smallest_amount, _sparsity, _zero_masks,
                       parse_pattern, pattern_fits, prune_n_m_, prune_weights_, weight_targets)
@@ -51,6 +53,7 @@ def _rounds(cfg, model: nn.Module, ctx: StepContext) -> CompressionResult:
         if imp.needs_data:
             imp.prepare(model, data, device=ctx.device, batches=cfg.importance_batches)
         layer_rows, masks = rounds.prune(k)
+        model = rounds.model                 # (a layer may have been replaced in it)
         acc_p = _evaluate(ctx, model) if measure else None
         hist = []
         if cfg.finetune is not None:
@@ -185,11 +188,18 @@ class _PatternRounds(_WeightRounds):
                              for name, mod in self.targets}
         self.start = sum(mod.weight.numel() - nz0[name] for name, mod in self.targets) / self.n_sel
         self.kernels: list[str] = []
+        self.conv1d = 0
 
     def prune(self, k: int):
         rows = prune_n_m_(self.targets, self.n, self.m, importance=self.imp, seed=self.cfg.seed,
                           progress=self.progress)
         if (self.n, self.m) == (2, 4):
+            for i, (name, mod) in enumerate(self.targets):
+                if is_conv1d(mod):          # GPT-2's Conv1D: the Linear it is, then 2:4 kernels
+                    lin = as_linear(mod)
+                    self.model = replace(self.model, name, lin)
+                    self.targets[i] = (name, lin)
+                    self.conv1d += 1
             self.kernels = [name for name, mod in self.targets if to_semi_sparse(mod)]
         return rows, _zero_masks(self.targets) if self.cfg.finetune is not None else []
 
@@ -202,7 +212,9 @@ class _PatternRounds(_WeightRounds):
                 f"2:4: {len(self.kernels)} Linear layer(s) run their inference forward on NVIDIA "
                 f"sparse tensor cores (compute capability 8.0+, through "
                 f"torch.sparse.to_sparse_semi_structured); on the CPU and while training they run "
-                f"dense, and the zeros are packed when saved")
+                f"dense, and the zeros are packed when saved"
+                + (f" ({self.conv1d} transformers Conv1D layers became the nn.Linear they are)"
+                   if self.conv1d else ""))
         return (f"weights ({self.imp.name}, {self.cfg.pattern} pattern): {sp:.1%} of "
                 f"{self.n_sel:,} weights in {len(self.targets)} layers are zero")
 
