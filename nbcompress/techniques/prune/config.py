@@ -85,6 +85,16 @@ class PruneConfig(StepConfig):
         help="semi-structured: keep N of every M consecutive weights of each output channel "
              "(2:4 runs on NVIDIA sparse tensor cores, Ampere and newer; AMOUNT is then 1 - N/M "
              "and may be left out)")
+    learned: bool = option(
+        False, kind="bool", requires="finetune",
+        conflicts=("structured", "pattern", "lottery", "sensitivity", "importance") + _TARGETS,
+        help="learn which weights to drop (sparse variational dropout, Molchanov 2017) by "
+             "training on --finetune for --learn-epochs; without AMOUNT the weights it finds to "
+             "be noise go, with AMOUNT that fraction; then the --epochs fine-tune")
+    learn_epochs: int = option(10, kind="int", range="[1, inf)", requires="learned", metavar="E",
+                               help="epochs of variational dropout training")
+    kl_weight: float = option(1.0, kind="float", range="(0, inf)", requires="learned",
+                              metavar="W", help="weight of the KL term (more: sparser)")
     layers: str | None = option(
         None, kind="regex",
         help="only layers whose name matches this regular expression (re.search)")
@@ -165,9 +175,12 @@ class PruneConfig(StepConfig):
         targets = [t for t in _TARGETS if getattr(self, t) is not None]
         if self.amount is not None and self.sensitivity:
             raise FieldError("{sensitivity} scans its own amounts ({amounts}): leave out {amount}")
+        if self.learned and self.steps != 1:
+            raise FieldError("{learned} learns the sparsity in one training run: leave out "
+                             "{steps} (use {learn_epochs} for a longer one)")
         if self.pattern is not None:
             self._validate_pattern(model)
-        elif self.amount is None and not targets and not self.sensitivity:
+        elif self.amount is None and not targets and not self.sensitivity and not self.learned:
             raise FieldError("give {amount} (the fraction to remove, e.g. 0.5), {target_flops=F} "
                              "or {target_params=P}")
         if self.sensitivity and targets:

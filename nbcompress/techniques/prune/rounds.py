@@ -3,6 +3,7 @@ fine-tune with the zeros kept. One round loop serves both kinds: a :class:`_Weig
 :class:`_ChannelRounds` says what one round removes and what its row of the rounds table shows."""
 from __future__ import annotations
 
+import pandas as pd
 import torch
 from torch import nn
 
@@ -17,6 +18,7 @@ from .common import _evaluate, _example, _finetune, _importance_for, _pct, recal
 from .importance import logits_of
 from ...layers import as_linear, is_conv1d
 from ..quantize.common import replace
+from .learned import THRESHOLD, learn_sparsity, learnable
 from .semisparse import to_semi_sparse
 from .weights import (_layer_sparsities, _nonzero, _smallest_amount, _sparsity, _zero_masks,
                       parse_pattern, pattern_fits, prune_n_m_, prune_weights_, weight_targets)
@@ -47,7 +49,8 @@ def _rounds(cfg, model: nn.Module, ctx: StepContext) -> CompressionResult:
     if cfg.sparsity_reg > 0:
         rows.append(_sparsity_reg(cfg, model, ctx, notes))
 
-    kind = _ChannelRounds if cfg.structured else _PatternRounds if cfg.pattern else _WeightRounds
+    kind = (_ChannelRounds if cfg.structured else _PatternRounds if cfg.pattern
+            else _LearnedRounds if cfg.learned else _WeightRounds)
     rounds = kind(cfg, model, ctx, imp, example, data, notes)
     for k in range(cfg.steps):
         if imp.needs_data:
@@ -65,6 +68,7 @@ def _rounds(cfg, model: nn.Module, ctx: StepContext) -> CompressionResult:
     notes.insert(0, rounds.summary(layer_rows))
 
     result = CompressionResult(model=model, layers=layer_rows, notes=notes)
+    result.tables.update(getattr(rounds, "tables", {}))
     if len(rows) > 1 or cfg.finetune is not None:
         df = pd.DataFrame(rows)
         df = df.dropna(axis=1, how="all")
@@ -216,6 +220,56 @@ class _PatternRounds(_WeightRounds):
                 + (f" ({self.conv1d} transformers Conv1D layers became the nn.Linear they are)"
                    if self.conv1d else ""))
         return (f"weights ({self.imp.name}, {self.cfg.pattern} pattern): {sp:.1%} of "
+                f"{self.n_sel:,} weights in {len(self.targets)} layers are zero")
+
+
+class _LearnedRounds(_WeightRounds):
+    """``learned``: one round of sparse variational dropout training (:mod:`.learned`) decides
+    which weights go: those it found to be noise, or, with an amount, the least needed ones over
+    all layers; the fine-tune after it keeps them zero."""
+
+    def __init__(self, cfg, model, ctx, imp, example, data, notes):
+        self.cfg, self.model, self.ctx, self.notes = cfg, model, ctx, notes
+        targets = weight_targets(model, cfg.layers, notes)
+        left = [name for name, mod in targets if not learnable(mod)]
+        if left:
+            notes.append(f"left as they are (no learned dropout for them): {', '.join(left[:8])}"
+                         f"{' ...' if len(left) > 8 else ''}")
+        self.targets = [(name, mod) for name, mod in targets if learnable(mod)]
+        self.n_sel = sum(mod.weight.numel() for _, mod in self.targets)
+        self.progress = ctx.progress
+        nz0 = {name: _nonzero(mod.weight) for name, mod in self.targets}
+        self.start_layers = {name: 1.0 - nz0[name] / mod.weight.numel()
+                             for name, mod in self.targets}
+        self.imp = None
+        self.tables = {}
+
+    def prune(self, k: int):
+        cfg = self.cfg
+        self.imp, learning = learn_sparsity(cfg, self.model, self.ctx, self.targets, self.notes)
+        if learning:
+            self.tables["learning"] = pd.DataFrame(learning)
+        if cfg.amount is not None:
+            rows = prune_weights_(self.model, cfg.amount, importance=self.imp, scope="global",
+                                  targets=self.targets, seed=cfg.seed, progress=self.progress)
+        else:
+            rows = []
+            for name, mod in self.targets:
+                before = _sparsity(mod.weight)
+                with torch.no_grad():
+                    mod.weight.masked_fill_(self.imp.log_alphas[name] >= THRESHOLD, 0.0)
+                rows.append({"layer": name, "type": type(mod).__name__,
+                             "weights": mod.weight.numel(), "sparsity_before": before,
+                             "sparsity": _sparsity(mod.weight)})
+        return rows, _zero_masks(self.targets) if cfg.finetune is not None else []
+
+    def summary(self, layer_rows: list[dict]) -> str:
+        for r in layer_rows:
+            r["sparsity_before"] = self.start_layers[r["layer"]]
+        sp = 1 - self._nonzero() / self.n_sel
+        how = (f"the {self.cfg.amount:.1%} with the highest log alpha" if self.cfg.amount
+               is not None else f"every weight with log alpha >= {THRESHOLD:g}")
+        return (f"weights (learned: sparse variational dropout, {how} dropped): {sp:.1%} of "
                 f"{self.n_sel:,} weights in {len(self.targets)} layers are zero")
 
 
