@@ -3,6 +3,7 @@ declarations cannot say, and the choice of mode that ``run`` dispatches on (the 
 are in ``int8.py``, ``lowbit.py`` and ``cast.py``)."""
 from __future__ import annotations
 
+import io
 import re
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -17,6 +18,8 @@ from ...options import option
 from .cast import cast
 from .int8 import dynamic, engine, int8_kernel_backend, static
 from .lowbit import cluster, code_weights
+from .mixed import choose_bits
+from ...storage import save
 from .common import (AUTO_LAYERS, CONV_LAYERS, DTYPES, DYNAMIC_LAYERS, MODES, STATIC_LAYERS,
                      WEIGHT_LAYERS, low_precision, names, prepare, select, types_found)
 
@@ -78,6 +81,11 @@ class QuantizeConfig(StepConfig):
         None, kind="choice", choices=tuple(DTYPES), metavar="fp16|bf16",
         conflicts=("mode", "bits", "per_channel", "huffman", "calib", "qat"),
         help="cast weights and activations to fp16 or bf16 instead")
+    budget_bytes: int | None = option(
+        None, kind="int", range="[1, inf)", metavar="B",
+        help="cluster / uniform: choose the bits of each layer (up to --bits, default 8) so the "
+             "saved file fits in B bytes, spending them where the loss on --qat data (or the "
+             "weight error) rises most")
     per_channel: bool = option(
         False, kind="bool", optional=False,
         help="one scale per output channel (default: one per tensor)")
@@ -123,6 +131,9 @@ class QuantizeConfig(StepConfig):
         if mode in ("dynamic", "static") and self.bits not in (None, 8):
             raise FieldError(f"{{mode={mode!r}}} runs int8 kernels ({{bits=8}}); for {self.bits}"
                              f"-bit weights use {{mode='uniform'}} or {{mode='cluster'}}")
+        if self.budget_bytes is not None and mode not in ("cluster", "uniform"):
+            raise FieldError("{budget_bytes} chooses bits per layer for {mode='cluster'} or "
+                             "{mode='uniform'}: give one of them")
         if mode == "binary" and self.bits not in (None, 1):
             raise FieldError(f"{{mode='binary'}} stores 1 bit per weight; got {{bits={self.bits}}}")
         if mode == "static" and self.calib is None:
@@ -223,9 +234,23 @@ class QuantizeConfig(StepConfig):
             return dynamic(self, model, targets, notes)
         if mode == "static":
             return static(self, model, ctx, targets, notes)
-        if mode == "cluster":
-            return cluster(self, model, ctx, targets, notes)
-        return code_weights(self, model, ctx, targets, notes, mode)
+        if self.budget_bytes is None:
+            if mode == "cluster":
+                return cluster(self, model, ctx, targets, notes)
+            return code_weights(self, model, ctx, targets, notes, mode)
+        bits_of = choose_bits(self, model, ctx, targets, mode, notes)
+        result = (cluster(self, model, ctx, targets, notes, bits_of=bits_of) if mode == "cluster"
+                  else code_weights(self, model, ctx, targets, notes, mode, bits_of=bits_of))
+        written = save(result.model, io.BytesIO(), huffman=self.huffman)
+        notes.append(f"the file: {written:,} bytes, "
+                     + (f"within the {self.budget_bytes:,}-byte budget" if written <=
+                        self.budget_bytes else f"{written - self.budget_bytes:,} over the "
+                        f"{self.budget_bytes:,}-byte budget (fine-tuning changed how well the "
+                        f"codes compress): give a slightly smaller budget"))
+        result.extra["budget_bytes"] = self.budget_bytes
+        result.extra["file_bytes"] = written
+        result.extra["bits_per_layer"] = bits_of
+        return result
 
     def _choose(self, model: nn.Module, device: torch.device,
                 origin: torch.device | None = None) -> tuple[str, list[str]]:

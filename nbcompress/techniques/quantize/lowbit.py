@@ -188,12 +188,14 @@ class _SharedWeights(nn.Module):
 
 def code_weights(cfg, model, ctx, targets, notes, mode, *, bits: int | None = None,
                  per_channel: bool | None = None, search: bool = True,
-                 kind: str | None = None, int8_matmul: bool = False) -> CompressionResult:
+                 kind: str | None = None, int8_matmul: bool = False,
+                 bits_of: dict[str, int] | None = None) -> CompressionResult:
     """Uniform or binary codes: each selected layer becomes a :class:`QuantizedWeightLayer`
     (after QAT through a straight-through estimator when ``cfg.qat`` is given). ``bits``,
     ``per_channel``: instead of the config's (int8 weight-only sets them); ``search``: the
     clipping search of :func:`uniform_quantize` (off: the plain absmax scale); ``kind``: the
-    layer table's name for it; ``int8_matmul``: 8-bit Linear layers whose sizes allow it become
+    layer table's name for it; ``bits_of``: bits per layer name (a byte budget's choice),
+    instead of one width for all; ``int8_matmul``: 8-bit Linear layers whose sizes allow it become
     :class:`.qmodules.Int8MatmulLinear` (int8 GEMM). The layers are replaced one at a time and ``targets`` is emptied
     as it goes, so a replaced layer's float weight is freed at once (a 1B model is never held
     twice over)."""
@@ -203,20 +205,25 @@ def code_weights(cfg, model, ctx, targets, notes, mode, *, bits: int | None = No
         per_channel = True if mode == "binary" else cfg.per_channel
     symmetric = True if mode == "binary" else cfg.symmetric
 
-    def quantizer(w):
-        if mode == "binary":
-            codes, scale = binarize(w)
-            return _dequant(codes, scale, None, True).to(w.dtype)
-        codes, scale, zp = uniform_quantize(w, bits, per_channel=per_channel,
-                                            symmetric=symmetric, search=search)
-        return _dequant(codes, scale, zp, per_channel).to(w.dtype)
+    bits_of = bits_of or {}
+
+    def quantizer_at(b):
+        def quantizer(w):
+            if mode == "binary":
+                codes, scale = binarize(w)
+                return _dequant(codes, scale, None, True).to(w.dtype)
+            codes, scale, zp = uniform_quantize(w, b, per_channel=per_channel,
+                                                symmetric=symmetric, search=search)
+            return _dequant(codes, scale, zp, per_channel).to(w.dtype)
+        return quantizer
 
     extra: dict = {}
     originals: dict = {}
     if cfg.qat is not None:
         originals = {n: m.weight.detach().clone() for n, m in targets}
-        for _, m in targets:
-            parametrize.register_parametrization(m, "weight", _FakeQuantize(quantizer))
+        for n, m in targets:
+            parametrize.register_parametrization(
+                m, "weight", _FakeQuantize(quantizer_at(bits_of.get(n, bits))))
         try:
             extra["qat"] = fit_qat(cfg, model, ctx, mode)
         finally:
@@ -229,18 +236,19 @@ def code_weights(cfg, model, ctx, targets, notes, mode, *, bits: int | None = No
         for i, (name, m) in enumerate(targets):
             targets[i] = None
             w = m.weight.detach()
+            b = bits_of.get(name, bits)
             if mode == "binary":
                 codes, scale = binarize(w)
                 zp = None
             else:
-                codes, scale, zp = uniform_quantize(w, bits, per_channel=per_channel,
+                codes, scale, zp = uniform_quantize(w, b, per_channel=per_channel,
                                                     symmetric=symmetric, search=search)
-            new = _weight_layer(m, codes, scale, zp, bits, per_channel, symmetric,
+            new = _weight_layer(m, codes, scale, zp, b, per_channel, symmetric,
                                 int8_matmul=int8_matmul)
             gemm += isinstance(new, Int8MatmulLinear)
             mark(new, cfg)
             model = replace(model, name, new)
-            layers.append(row(name, m, new, bits, kind or mode, originals.pop(name, w),
+            layers.append(row(name, m, new, b, kind or mode, originals.pop(name, w),
                               new.dequantized_weight(torch.float32)))
             del m, w, new, codes
             bar.update()
@@ -248,9 +256,11 @@ def code_weights(cfg, model, ctx, targets, notes, mode, *, bits: int | None = No
         notes.append("binary weights: sign(w) * per-output-channel scale (mean |w|), "
                      "stored as 1-bit codes")
     else:
-        notes.append(f"{bits}-bit {'symmetric' if symmetric else 'asymmetric'} codes, "
+        width, at = (f"{bits}-bit", f"{bits} bits") if not bits_of else \
+            ("per-layer-width", "each layer's bits")
+        notes.append(f"{width} {'symmetric' if symmetric else 'asymmetric'} codes, "
                      f"{'per-channel' if per_channel else 'per-tensor'} scales, stored packed "
-                     f"at {bits} bits")
+                     f"at {at}")
     if gemm:
         notes.append(f"{gemm} of {len(layers)} layers compute in int8 (torch._int_mm); "
                      f"the others dequantize their codes in each forward")
@@ -260,7 +270,8 @@ def code_weights(cfg, model, ctx, targets, notes, mode, *, bits: int | None = No
     return CompressionResult(model, layers=layers, notes=notes, extra=extra)
 
 
-def cluster(cfg, model, ctx, targets, notes) -> CompressionResult:
+def cluster(cfg, model, ctx, targets, notes, bits_of: dict[str, int] | None = None
+            ) -> CompressionResult:
     """k-means weight sharing (Deep Compression): each selected layer's weights become their
     centroids (after QAT of the centroids when ``cfg.qat`` is given)."""
     bits = cfg.bits or DEFAULT_BITS["cluster"]
@@ -269,7 +280,7 @@ def cluster(cfg, model, ctx, targets, notes) -> CompressionResult:
     weights = sum(m.weight.numel() for _, m in targets)
     with layer_bar(len(targets), "quantize (k-means)", cfg.progress, weights) as bar:
         for name, m in targets:
-            centroids, index = kmeans_cluster(m.weight, bits)
+            centroids, index = kmeans_cluster(m.weight, (bits_of or {}).get(name, bits))
             shared[name] = (centroids, index)
             bar.update()
     extra: dict = {}
@@ -289,12 +300,14 @@ def cluster(cfg, model, ctx, targets, notes) -> CompressionResult:
         centroids, index = shared[name]
         with torch.no_grad():
             m.weight.copy_(_shared_weight(centroids, index).to(m.weight.dtype))
-        m.nbc_bits = int(bits)
+        b = (bits_of or {}).get(name, bits)
+        m.nbc_bits = int(b)
         mark(m, cfg)
-        r = row(name, m, m, bits, "cluster", originals[name].float(), m.weight.float())
+        r = row(name, m, m, b, "cluster", originals[name].float(), m.weight.float())
         r["clusters"] = int(centroids.numel())
         layers.append(r)
-    notes.append(f"k-means weight sharing: up to {2 ** bits} centroids per layer (linear "
+    most = f"up to {2 ** bits}" if not bits_of else "2^(the layer's bits)"
+    notes.append(f"k-means weight sharing: {most} centroids per layer (linear "
                  f"init), nonzero weights only, zeros kept")
     notes.append("stored as a codebook + " + ("Huffman-coded" if cfg.huffman else
                                               "fixed-width") + " indices")
