@@ -5,9 +5,10 @@
 
 Sections, each timed and kept apart (one failing does not stop the others):
 
-* ``magics``: every magic through a real IPython shell on the device: weight, 2:4 and structured
-  pruning with fine-tuning, quantize in every mode (automatic int8, dynamic, uniform 4-bit,
-  k-means, binary, bf16, QAT), low rank, distillation, early exits; after each step the model
+* ``magics``: every magic through a real IPython shell on the device: weight, 2:4, learned and
+  structured pruning with fine-tuning, quantize in every mode (automatic int8, dynamic, uniform
+  4-bit, k-means, k-means under a byte budget, binary, bf16, QAT), low rank, distillation, early
+  exits; after each step the model
   still lives on the device it came from, and ``%undo`` / ``%redo`` give back the exact tensors.
 * ``amp``: ``fit`` in fp32 against mixed precision (bf16 autocast; on CUDA also fp16 with a
   gradient scaler): samples per second and accuracy.
@@ -165,11 +166,13 @@ def check_magics(dev: torch.device, quick: bool) -> Section:
     steps = [
         ("lenet", "prune", "lenet 0.9 --finetune train --epochs 1" + d),
         ("lenet", "prune", "lenet --pattern 2:4" + d),
+        ("lenet", "prune", "lenet --learned --finetune train --learn-epochs 1 --epochs 1" + d),
         ("cnn", "prune", "cnn 0.5 --structured --finetune train --epochs 1" + d),
         ("lenet", "quantize", "lenet" + d),
         ("lenet", "quantize", "lenet --mode dynamic" + d),
         ("lenet", "quantize", "lenet --mode uniform --bits 4" + d),
         ("lenet", "quantize", "lenet --mode cluster --bits 4" + d),
+        ("lenet", "quantize", "lenet --mode cluster --budget-bytes 300000 --qat train" + d),
         ("lenet", "quantize", "lenet --mode binary" + d),
         ("lenet", "quantize", "lenet --dtype bf16" + d),
         ("lenet", "quantize", "lenet --bits 4 --qat train --epochs 1" + d),

@@ -46,7 +46,7 @@ def test_gpu_check_script_runs_on_the_cpu(tmp_path):
     steps = res["magics"]["steps"]
     magics = {s["magic"].split()[0] for s in steps}
     assert magics == {"%prune", "%quantize", "%lowrank", "%distill", "%earlyexit"}
-    assert len(steps) == 13
+    assert len(steps) == 15
     assert all(s["ok"] and s["undo_identical"] and s["redo_identical"] for s in steps)
     assert all(s["devices"] == ["cpu"] for s in steps)
     two_four = next(s for s in steps if "--pattern 2:4" in s["magic"])
