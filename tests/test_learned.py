@@ -131,3 +131,22 @@ def test_learned_bad_input(shell, line, message):
         shell.run_line_magic("prune", line)
     assert shell.user_ns["net"] is net
     assert all(torch.equal(net.state_dict()[k], v) for k, v in snap.items())
+
+
+def test_learned_on_two_processes_brings_the_rates_back(digits):
+    """The noise parameters train in the workers and come back with the model (rank 0's), so the
+    kernel drops the weights the workers learned to be noise; the per-epoch table stays with
+    rank 0 (on_epoch_end runs there) and the report has none."""
+    tr, _ = digits
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+    nbcompress.train.fit(net, tr, epochs=2, progress=False, seed=0)
+    h = nbcompress.History(net, example_input=torch.zeros(1, 1, 8, 8), measure_latency=False)
+    rep = h.apply(nbcompress.PruneConfig(learned=True, finetune=tr, learn_epochs=2, epochs=1,
+                                         kl_weight=20.0, processes=2), progress=False)
+    # had the rates stayed in the workers, the kernel's log sigma^2 would still be -10: log alpha
+    # near -4 everywhere, and not one weight dropped
+    assert rep.after.sparsity > 0.05
+    assert set(h.current.state_dict()) == set(net.state_dict())
+    assert "learning" not in rep.result.tables
+    assert any("trained on 2 processes" in n for n in rep.notes)
