@@ -133,3 +133,19 @@ def test_readme_magic_table_is_the_registrys():
     table = readme.split(begin, 1)[1].split(end, 1)[0]
     assert table == magic_table(), ("README's technique table is out of date: paste the output "
                                     "of `python -m nbcompress magics` between the markers")
+
+
+def test_builtin_techniques_keep_their_order_and_the_demo_runs(capsys):
+    """The README's first command runs the demo: its pipeline applies the techniques in
+    registration order, and int8 before pruning is refused. An import between techniques once
+    registered quantize first (prune imported a quantize helper at load time) and broke it."""
+    from nbcompress.core import DEMOS, TECHNIQUES
+    from nbcompress.demo import run
+
+    assert list(TECHNIQUES)[:5] == ["prune", "distill", "quantize", "lowrank", "earlyexit"]
+    assert list(DEMOS)[:5] == ["prune", "distill", "quantize", "lowrank", "earlyexit"]
+    histories = run(epochs=1)
+    out = capsys.readouterr().out
+    assert "reloaded outputs identical: True" in out and "done in" in out
+    steps = [v.technique for v in histories["model"].versions]
+    assert steps[:2] == ["baseline", "prune"] and "quantize" in steps

@@ -17,7 +17,6 @@ from .units import HeadPruner, structured_pruner
 from .common import _evaluate, _example, _finetune, _importance_for, _pct, recalibrate_bn
 from .importance import logits_of
 from ...layers import as_linear, is_conv1d
-from ..quantize.common import replace
 from .learned import THRESHOLD, learn_sparsity, learnable
 from .semisparse import to_semi_sparse
 from .weights import (_layer_sparsities, _nonzero, _smallest_amount, _sparsity, _zero_masks,
@@ -198,6 +197,8 @@ class _PatternRounds(_WeightRounds):
         rows = prune_n_m_(self.targets, self.n, self.m, importance=self.imp, seed=self.cfg.seed,
                           progress=self.progress)
         if (self.n, self.m) == (2, 4):
+            from ..quantize.common import replace   # (here: importing quantize at load time
+            #                                          would register it before prune)
             for i, (name, mod) in enumerate(self.targets):
                 if is_conv1d(mod):          # GPT-2's Conv1D: the Linear it is, then 2:4 kernels
                     lin = as_linear(mod)
