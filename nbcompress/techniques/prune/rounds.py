@@ -128,18 +128,36 @@ class _WeightRounds:
 
     def __init__(self, cfg, model, ctx, imp, example, data, notes):
         self.cfg, self.model, self.imp = cfg, model, imp
-        self.targets = targets = weight_targets(model, cfg.layers, notes)
-        self.n_sel = sum(m.weight.numel() for _, m in targets)
-        self.progress = ctx.progress
-        nz0 = {n: _nonzero(m.weight) for n, m in targets}
-        self.start_layers = {n: 1.0 - nz0[n] / m.weight.numel() for n, m in targets}
-        self.start = sum(m.weight.numel() - nz0[n] for n, m in targets) / self.n_sel
+        targets = self._take(weight_targets(model, cfg.layers, notes), ctx)
         self.final = _weight_final_sparsity(cfg, model, ctx, targets, example, imp, data)
         if self.final <= self.start:
             notes.append(f"the selected layers are already {self.start:.1%} sparse (asked for "
                          f"{self.final:.1%}): no weight removed")
         self.outputs = output_layers(model, targets, example)
         self.out_rate = cfg.output_rate if cfg.output_rate is not None else 1.0
+
+    def _take(self, targets, ctx, keep=None, notes=None, why: str = ""):
+        """Select ``targets`` (those ``keep`` accepts; the others named in ``notes`` as left
+        whole, ``why``) and record where their sparsity starts. Returns the selection."""
+        if keep is not None:
+            left = [name for name, mod in targets if not keep(mod)]
+            if left:
+                notes.append(f"{why}: {', '.join(left[:8])}{' ...' if len(left) > 8 else ''}")
+            targets = [(name, mod) for name, mod in targets if keep(mod)]
+        self.targets = targets
+        self.n_sel = sum(m.weight.numel() for _, m in targets)
+        self.progress = ctx.progress
+        nz0 = {n: _nonzero(m.weight) for n, m in targets}
+        self.start_layers = {n: 1.0 - nz0[n] / m.weight.numel() for n, m in targets}
+        self.start = sum(m.weight.numel() - nz0[n] for n, m in targets) / self.n_sel
+        return targets
+
+    def _started(self, layer_rows: list[dict]) -> float:
+        """The layer rows' sparsity before the step (not the last round's), and the selected
+        layers' sparsity now."""
+        for r in layer_rows:
+            r["sparsity_before"] = self.start_layers[r["layer"]]
+        return 1 - self._nonzero() / self.n_sel
 
     def prune(self, k: int):
         cfg, start, final = self.cfg, self.start, self.final
@@ -163,9 +181,7 @@ class _WeightRounds:
         return {"sparsity": 1 - self._nonzero() / self.n_sel}
 
     def summary(self, layer_rows: list[dict]) -> str:
-        for r in layer_rows:       # the sparsity the step started from, not the last round's
-            r["sparsity_before"] = self.start_layers[r["layer"]]
-        sp = 1 - self._nonzero() / self.n_sel
+        sp = self._started(layer_rows)
         return (f"weights ({self.imp.name}, {self.cfg.resolved_scope} scope): {sp:.1%} of "
                 f"{self.n_sel:,} weights in {len(self.targets)} layers are zero")
 
@@ -178,18 +194,9 @@ class _PatternRounds(_WeightRounds):
     def __init__(self, cfg, model, ctx, imp, example, data, notes):
         self.cfg, self.model, self.imp, self.notes = cfg, model, imp, notes
         self.n, self.m = parse_pattern(cfg.pattern)
-        targets = weight_targets(model, cfg.layers, notes)
-        left = [name for name, mod in targets if not pattern_fits(mod, self.m)]
-        if left:
-            notes.append(f"left whole, their inputs per output channel are not a multiple of "
-                         f"{self.m}: {', '.join(left[:8])}{' ...' if len(left) > 8 else ''}")
-        self.targets = [(name, mod) for name, mod in targets if pattern_fits(mod, self.m)]
-        self.n_sel = sum(mod.weight.numel() for _, mod in self.targets)
-        self.progress = ctx.progress
-        nz0 = {name: _nonzero(mod.weight) for name, mod in self.targets}
-        self.start_layers = {name: 1.0 - nz0[name] / mod.weight.numel()
-                             for name, mod in self.targets}
-        self.start = sum(mod.weight.numel() - nz0[name] for name, mod in self.targets) / self.n_sel
+        self._take(weight_targets(model, cfg.layers, notes), ctx,
+                   lambda mod: pattern_fits(mod, self.m), notes,
+                   f"left whole, their inputs per output channel are not a multiple of {self.m}")
         self.kernels: list[str] = []
         self.conv1d = 0
 
@@ -209,9 +216,7 @@ class _PatternRounds(_WeightRounds):
         return rows, _zero_masks(self.targets) if self.cfg.finetune is not None else []
 
     def summary(self, layer_rows: list[dict]) -> str:
-        for r in layer_rows:
-            r["sparsity_before"] = self.start_layers[r["layer"]]
-        sp = 1 - self._nonzero() / self.n_sel
+        sp = self._started(layer_rows)
         if self.kernels:
             self.notes.append(
                 f"2:4: {len(self.kernels)} Linear layer(s) run their inference forward on NVIDIA "
@@ -231,17 +236,8 @@ class _LearnedRounds(_WeightRounds):
 
     def __init__(self, cfg, model, ctx, imp, example, data, notes):
         self.cfg, self.model, self.ctx, self.notes = cfg, model, ctx, notes
-        targets = weight_targets(model, cfg.layers, notes)
-        left = [name for name, mod in targets if not learnable(mod)]
-        if left:
-            notes.append(f"left as they are (no learned dropout for them): {', '.join(left[:8])}"
-                         f"{' ...' if len(left) > 8 else ''}")
-        self.targets = [(name, mod) for name, mod in targets if learnable(mod)]
-        self.n_sel = sum(mod.weight.numel() for _, mod in self.targets)
-        self.progress = ctx.progress
-        nz0 = {name: _nonzero(mod.weight) for name, mod in self.targets}
-        self.start_layers = {name: 1.0 - nz0[name] / mod.weight.numel()
-                             for name, mod in self.targets}
+        self._take(weight_targets(model, cfg.layers, notes), ctx, learnable, notes,
+                   "left as they are (no learned dropout for them)")
         self.imp = None
         self.tables = {}
 
@@ -265,9 +261,7 @@ class _LearnedRounds(_WeightRounds):
         return rows, _zero_masks(self.targets) if cfg.finetune is not None else []
 
     def summary(self, layer_rows: list[dict]) -> str:
-        for r in layer_rows:
-            r["sparsity_before"] = self.start_layers[r["layer"]]
-        sp = 1 - self._nonzero() / self.n_sel
+        sp = self._started(layer_rows)
         how = (f"the {self.cfg.amount:.1%} with the highest log alpha" if self.cfg.amount
                is not None else f"every weight with log alpha >= {THRESHOLD:g}")
         return (f"weights (learned: sparse variational dropout, {how} dropped): {sp:.1%} of "
