@@ -33,35 +33,28 @@ MIN_BITS = 2
 _BATCHES = 4
 
 
-def _coded_weight(cfg, mode: str, w: torch.Tensor, bits: int) -> torch.Tensor:
-    from .lowbit import _dequant, _shared_weight, kmeans_cluster, uniform_quantize
+def _coded(cfg, mode: str, m: nn.Module, w: torch.Tensor, bits: int) -> tuple[torch.Tensor, int]:
+    """``m``'s weight ``w`` coded at ``bits`` (as the float weight it stands for) and the bytes
+    that weight takes in the file; the codes are computed once for both."""
+    from ...storage import breakdown
+    from .common import mark
+    from .lowbit import _dequant, _shared_weight, _weight_layer, kmeans_cluster, uniform_quantize
 
     if mode == "cluster":
         c, i = kmeans_cluster(w, bits)
-        return _shared_weight(c, i).to(w.dtype).reshape(w.shape)
-    codes, scale, zp = uniform_quantize(w, bits, per_channel=cfg.per_channel,
-                                        symmetric=cfg.symmetric)
-    return _dequant(codes, scale, zp, cfg.per_channel).to(w.dtype)
-
-
-def _layer_bytes(cfg, mode: str, m: nn.Module, w: torch.Tensor, bits: int) -> int:
-    """Bytes of ``m``'s weight in the file when coded at ``bits``."""
-    from ...storage import breakdown
-    from .common import mark
-    from .lowbit import _weight_layer, uniform_quantize
-
-    if mode == "cluster":
+        q = _shared_weight(c, i).to(w.dtype).reshape(w.shape)
         layer = copy.deepcopy(m)
         with torch.no_grad():
-            layer.weight.copy_(_coded_weight(cfg, mode, w, bits))
+            layer.weight.copy_(q)
         layer.nbc_bits = bits
     else:
         codes, scale, zp = uniform_quantize(w, bits, per_channel=cfg.per_channel,
                                             symmetric=cfg.symmetric)
+        q = _dequant(codes, scale, zp, cfg.per_channel).to(w.dtype)
         layer = _weight_layer(m, codes, scale, zp, bits, cfg.per_channel, cfg.symmetric)
     mark(layer, cfg)
     rows = breakdown(nn.Sequential(layer), huffman=cfg.huffman)
-    return sum(r["bytes"] for r in rows if r["name"] != "0.bias")
+    return q, sum(r["bytes"] for r in rows if r["name"] != "0.bias")
 
 
 def choose_bits(cfg, model: nn.Module, ctx, targets: list[tuple[str, nn.Module]], mode: str,
@@ -85,8 +78,7 @@ def choose_bits(cfg, model: nn.Module, ctx, targets: list[tuple[str, nn.Module]]
         w = m.weight.detach().clone()
         size[name], cost[name] = {}, {}
         for b in widths:
-            size[name][b] = _layer_bytes(cfg, mode, m, w, b)
-            q = _coded_weight(cfg, mode, w, b)
+            q, size[name][b] = _coded(cfg, mode, m, w, b)
             if base is not None:
                 with torch.no_grad():
                     m.weight.copy_(q)
