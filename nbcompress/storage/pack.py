@@ -110,7 +110,7 @@ def pack(arr: torch.Tensor, owner: torch.Tensor | None, huffman: bool,
     if not want_bytes:
         # measuring: the plan gives every segment's length exactly; no bytes, no CRC (the
         # header's length does not depend on the CRC: see format._deflate_header)
-        plan, scratch = _plan(u, isz, huffman)
+        plan, scratch = _plan(u, isz, huffman, keep=False)
         del scratch
         lens = _seg_lengths(plan, u.size, isz)
         if memo is not None:
