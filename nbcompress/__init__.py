@@ -1,7 +1,7 @@
 """nbcompress: neural-network compression as IPython magics.
 
 In a notebook: ``%load_ext nbcompress``, then ``%nbcompress``, ``%prune``, ``%quantize``,
-``%lowrank``, ``%distill``, ``%undo``/``%redo``, ``%compress_history``, ``%export``. The same techniques are
+``%lowrank``, ``%distill``, ``%earlyexit``, ``%slim``, ``%undo``/``%redo``, ``%compress_history``, ``%export``. The same techniques are
 plain functions here (``nbcompress.prune(model, 0.5)``) and undoable steps through
 :class:`History`.
 """
@@ -20,6 +20,7 @@ from .techniques.earlyexit import EarlyExitConfig, early_exit
 from .techniques.lowrank import LowRankConfig, lowrank
 from .techniques.prune import PruneConfig, prune, sensitivity
 from .techniques.quantize import QuantizeConfig, quantize
+from .techniques.slim import SlimConfig, SlimmableNet, slim
 
 __version__ = "0.1.0"
 
@@ -27,7 +28,8 @@ __all__ = [
     "BadInput", "CompressionResult", "NBCompressError", "StepConfig", "StepContext", "compress",
     "History", "Workspace", "Metrics", "measure", "save", "load", "evaluate", "fit",
     "PruneConfig", "prune", "sensitivity", "QuantizeConfig", "quantize", "DistillConfig", "distill",
-    "LowRankConfig", "lowrank", "EarlyExitConfig", "early_exit", "TECHNIQUES",
+    "LowRankConfig", "lowrank", "EarlyExitConfig", "early_exit", "SlimConfig",
+    "SlimmableNet", "slim", "TECHNIQUES",
     "export", "ExportReport",
     "load_ipython_extension", "unload_ipython_extension",
 ]

@@ -392,3 +392,28 @@ def sweep_plot_png(sweep, *, full_accuracy: float | None = None,
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     return buf.getvalue()
+
+
+def widths_plot_png(table, *, title: str = "slimmable widths") -> bytes:
+    """Accuracy (if measured) or latency against FLOPs, one point per trained width of a
+    slimmable network, the current width marked; PNG bytes."""
+    fig = _figure(6.0, 3.4)
+    ax = fig.add_subplot(1, 1, 1)
+    xs = table["flops"] / 1e6
+    has_acc = table["accuracy"].notna().any()
+    ys = 100 * table["accuracy"] if has_acc else table["latency_ms"]
+    ax.plot(xs, ys, "o-", color="#3b6ea5", ms=5, lw=1.5, label="width")
+    for w, xv, yv in zip(table["width"], xs, ys):
+        ax.annotate(f"{w:g}", (xv, yv), textcoords="offset points", xytext=(4, -10), fontsize=8,
+                    color="#555555")
+    cur = table[table["current"]]
+    if len(cur):
+        ax.plot(cur["flops"] / 1e6, (100 * cur["accuracy"]) if has_acc else cur["latency_ms"],
+                "*", color="#d9822b", ms=13, label=f"runs at {cur['width'].iloc[0]:g}")
+    ax.set_xlabel("MFLOPs per forward of the example")
+    ax.set_ylabel("accuracy %" if has_acc else "latency ms")
+    ax.set_title(title, fontsize=10)
+    _style(ax, "both")
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    return _png(fig)

@@ -384,7 +384,7 @@ def _write(f, prefix: bytes, parts: list[list]) -> None:
 
 
 def save(model: nn.Module, path_or_file, *, huffman: bool = True,
-         progress: bool | None = None) -> int:
+         progress: bool | None = None, width: float | None = None) -> int:
     """Write ``model`` (architecture, parameters, buffers, attributes, train/eval mode) to a path
     or a writable binary file object. Returns the number of bytes written.
 
@@ -393,7 +393,15 @@ def save(model: nn.Module, path_or_file, *, huffman: bool = True,
     Forward/backward hooks are not saved. A path is written under a temporary name and renamed
     when complete: an error or an interruption (Ctrl-C) leaves the target as it was and no
     temporary file. ``progress``: a bar per tensor (None: only for models above 256 MB).
+    ``width``: of a slimmable network (:func:`nbcompress.slim`), write only that width, as the
+    plain narrower network it runs (a smaller file; loads as the model's own class).
     """
+    if width is not None:
+        at_width = getattr(model, "at_width", None)
+        if not callable(at_width):
+            raise BadInput(f"save(width=...) applies to a slimmable network (nbcompress.slim); "
+                           f"this model is a {type(model).__name__}")
+        model = at_width(width)
     is_path = isinstance(path_or_file, (str, os.PathLike))
     if not is_path and not hasattr(path_or_file, "write"):
         raise BadInput(f"save needs a path or a writable binary file, got "

@@ -1,0 +1,213 @@
+"""The slim step: train a network to run at several widths, or (on a slimmable network) switch
+the width it runs at. Options declared once; ``run`` does one or the other."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import pandas as pd
+import torch
+from torch import nn
+
+from ...core import CompressionResult, StepConfig, StepContext
+from ...errors import FieldError
+from ...options import is_given, is_number, option, options_of
+from .model import SlimmableNet
+from .plan import plan_widths
+
+__all__ = ["SlimConfig", "parse_widths"]
+
+DEFAULT_WIDTHS = (0.25, 0.5, 0.75, 1.0)
+WEIGHT_IMPORTANCES = ("l1", "l2", "bn", "random")
+
+
+def parse_widths(value: Any) -> list[float]:
+    """``"0.25,0.5,1"`` / ``[0.25, 0.5, 1]`` -> sorted unique floats in (0, 1], 1 included."""
+    if isinstance(value, str):
+        parts = [p for p in value.replace(" ", "").split(",") if p]
+    elif isinstance(value, (list, tuple)):
+        parts = list(value)
+    else:
+        parts = [value]
+    out = []
+    for p in parts:
+        try:
+            w = float(p)
+        except (TypeError, ValueError):
+            raise FieldError(f"{{widths}} must be numbers in (0, 1], got {p!r}") from None
+        if not 0 < w <= 1:
+            raise FieldError(f"each of {{widths}} must be in (0, 1], got {w:g}")
+        out.append(w)
+    out = sorted(set(out) | {1.0})
+    if len(out) < 2:
+        raise FieldError("{widths} needs at least one width below 1 (e.g. 0.25,0.5,0.75,1)")
+    return out
+
+
+@dataclass
+class SlimConfig(StepConfig):
+    """Slimmable network: one set of weights that runs at several widths.
+
+    Trains the model so that it runs at every width in --widths (each Conv / Linear keeping the
+    first fraction of its channels): channels are first reordered by importance through the
+    dependency graph structured pruning uses (coupled layers and residual adds move together),
+    then trained with the sandwich rule (full width on the labels; smallest and other widths
+    distilled in place from the full width), and each width's BatchNorm statistics are
+    re-estimated after training and kept. On a slimmable model, --width W switches the width it
+    runs at (cheap, undoable): FLOPs and latency are those of the narrower dense network; the
+    size stays that of all widths' weights.
+    """
+
+    technique: ClassVar[str] = "slim"
+    trains_with: ClassVar[str | None] = "data"
+    model_help: ClassVar[str] = "the variable holding the model (rebound to the slimmable network)"
+    summary: ClassVar[str] = "slimmable widths: one set of weights runs at 25/50/75/100% width"
+    examples: ClassVar[tuple] = (
+        "%slim net --widths 0.25,0.5,0.75,1 --data train_loader --epochs 5",
+        "%slim net --width 0.5          # later: run at half width (undoable)",
+    )
+
+    data: Any = option(None, kind="loader", help="DataLoader the widths are trained on (needed "
+                       "to make a model slimmable)")
+    widths: Any = option(None, kind="str", metavar="W[,W...]", accepts=(list, tuple, float, int),
+                         help="the widths to train, each in (0, 1]; 1 is always included "
+                              "(default 0.25,0.5,0.75,1)")
+    width: float | None = option(None, kind="float", range="(0, 1]", metavar="W",
+                                 help="the width to run at: one of the trained widths (after "
+                                      "training, default 1)")
+    epochs: int = option(5, kind="int", range="[1, inf)", help="training epochs")
+    lr: float = option(1e-3, kind="float", range="(0, inf)", help="learning rate (Adam, cosine)")
+    importance: str = option("l1", kind="choice", choices=WEIGHT_IMPORTANCES,
+                             help="how channels are ranked before training (the first k of a "
+                                  "layer are its k most important)")
+    samples: int = option(2, kind="int", range="[0, inf)", metavar="N",
+                          help="widths between the smallest and the full one trained each step "
+                               "(sandwich rule; all of them when there are at most N)")
+    T: float = option(1.0, kind="float", range="(0, inf)", short="-T", flag="--temperature",
+                      metavar="TEMP", help="temperature of the in-place distillation")
+    calib: int = option(2000, kind="int", range="[1, inf)", metavar="N",
+                        help="training samples each width's BatchNorm statistics are "
+                             "re-estimated on")
+    seed: int = option(0, kind="int", help="seed for training")
+
+    # ------------------------------------------------------------------ checks
+    def validate(self, model: nn.Module) -> None:
+        if isinstance(model, SlimmableNet):
+            given = [f.name for f, _ in options_of(self)
+                     if f.name not in ("width",) and is_given(self, f)
+                     and f.name not in ("device", "progress")]
+            if given:
+                raise FieldError(
+                    f"the model is already slimmable (widths "
+                    f"{', '.join(f'{w:g}' for w in model.widths)}): only {{width}} can change "
+                    f"now, not {', '.join('{' + g + '}' for g in given)} (%undo to get the "
+                    f"plain network back)")
+            if self.width is None:
+                raise FieldError("the model is already slimmable: give {width=W} to choose the "
+                                 "width it runs at")
+            if not any(abs(self.width - w) < 1e-9 for w in model.widths):
+                raise FieldError(f"{{width}} {self.width:g} was not trained (trained: "
+                                 f"{', '.join(f'{w:g}' for w in model.widths)})")
+            return
+        if self.data is None:
+            raise FieldError("{data=LOADER} is needed to make the model slimmable (train its "
+                             "widths)" + (", before {width} can choose one"
+                                          if self.width is not None else ""))
+        ws = parse_widths(DEFAULT_WIDTHS if self.widths is None else self.widths)
+        if self.width is not None and not any(abs(self.width - w) < 1e-9 for w in ws):
+            raise FieldError(f"{{width}} {self.width:g} is not among the widths to train "
+                             f"({', '.join(f'{w:g}' for w in ws)})")
+
+    # ------------------------------------------------------------------ run
+    def run(self, model: nn.Module, ctx: StepContext) -> CompressionResult:
+        if isinstance(model, SlimmableNet):
+            return self._switch(model, ctx)
+        from ...batches import example_of, peek_batch, to_device
+        from .training import recalibrate, train_slimmable
+
+        widths = parse_widths(DEFAULT_WIDTHS if self.widths is None else self.widths)
+        example = ctx.example_input
+        if example is None:
+            example = example_of(peek_batch(self.data, "{data}"))
+        example = to_device(example, ctx.device)
+        plan = plan_widths(model, example, widths, importance=self.importance, seed=self.seed)
+        sn = SlimmableNet(model, widths, plan.spec)
+        sn.train(model.training)
+        records = train_slimmable(sn, self.data, epochs=self.epochs, lr=self.lr, T=self.T,
+                                  samples=self.samples, seed=self.seed, device=ctx.device,
+                                  progress=self.progress)
+        recalibrate(sn, self.data, ctx.device, self.calib)
+        sn.width = 1.0 if self.width is None else sn.check_width(self.width)
+        notes = [f"trained widths {', '.join(f'{w:g}' for w in widths)} for {self.epochs} "
+                 f"epoch{'s' if self.epochs != 1 else ''} (sandwich rule, in-place "
+                 f"distillation at T={self.T:g}); channels ranked by {self.importance} first; "
+                 f"BatchNorm statistics re-estimated per width on {self.calib} samples",
+                 f"runs at width {sn.width:g}; the size counts every width's weights (they are "
+                 f"all kept, so switching is free)"] + list(plan.notes)
+        result = CompressionResult(sn, extra={"loss": [round(r["loss"], 4) for r in records],
+                                              "width": sn.width, "widths": widths})
+        self._describe(sn, ctx, result, notes, example)
+        return result
+
+    def _switch(self, sn: SlimmableNet, ctx: StepContext) -> CompressionResult:
+        old = sn.width
+        sn.width = sn.check_width(self.width)
+        result = CompressionResult(sn, extra={"width": sn.width})
+        self._describe(sn, ctx, result, [f"width {old:g} -> {sn.width:g} (weights unchanged)"],
+                       _example(ctx))
+        return result
+
+    def _describe(self, sn: SlimmableNet, ctx: StepContext, result: CompressionResult,
+                  notes: list[str], example: Any) -> None:
+        """Channels per layer at the current width, and accuracy / FLOPs / latency per width."""
+        result.layers = [dict(r, kept=r["channels"] / r["of"]) for r in sn.channels()]
+        rows = width_table(sn, ctx, example)
+        if rows is not None:
+            result.tables["widths"] = rows
+            from ...report.plots import widths_plot_png
+
+            result.figures["accuracy vs FLOPs per width"] = widths_plot_png(rows)
+        result.notes += notes
+
+
+def _example(ctx: StepContext) -> Any:
+    """The step's example input, else the first sample of the evaluation loader, else None."""
+    from ...batches import example_of, head, peek_batch, to_device
+    from ...metrics import is_loader
+
+    if ctx.example_input is not None:
+        return ctx.example_input
+    if is_loader(ctx.evaluator):
+        return to_device(head(example_of(peek_batch(ctx.evaluator, "the evaluator")), 1),
+                         ctx.device)
+    return None
+
+
+def width_table(sn: SlimmableNet, ctx: StepContext, example: Any = None) -> pd.DataFrame | None:
+    """One row per trained width: FLOPs (and their share of the full width's), latency (ms, one
+    forward of the example) and the evaluator's accuracy; None without an example input."""
+    from ...batches import head
+    from ...counting import count_flops
+    from ...latency import measure_latency
+
+    example = ctx.example_input if example is None else example
+    if example is None:
+        return None
+    example = head(example, 1)
+    rows = []
+    current = sn.width
+    try:
+        for w in sn.widths:
+            sn.width = w
+            flops = count_flops(sn, example)[0]
+            ms = measure_latency(sn, example, runs=10, warmup=2, max_seconds=0.5)
+            acc = ctx.evaluate(sn) if ctx.evaluator is not None else None
+            rows.append({"width": w, "flops": flops, "latency_ms": ms,
+                         "accuracy": acc if is_number(acc) else None,
+                         "current": abs(w - current) < 1e-9})
+    finally:
+        sn.width = current
+    df = pd.DataFrame(rows)
+    full = float(df["flops"].iloc[-1]) or 1.0
+    df.insert(2, "flops_fraction", df["flops"] / full)
+    return df

@@ -1,0 +1,182 @@
+"""The slimmable network: one set of weights that runs at several widths.
+
+:class:`SlimmableNet` holds the user's network (``net``, channels ordered most important first),
+the widths it was trained for, what each width keeps of every tensor (``spec``, from
+:mod:`.plan`), each width's own BatchNorm statistics (re-estimated per width after training), and
+the width it runs at. Its forward runs ``net`` with every sliced tensor replaced by its leading
+rows / columns (``torch.func.functional_call``): a narrower width really computes a smaller dense
+network (fewer FLOPs, less time), while the stored weights stay those of the full width, so
+switching width is free. :meth:`SlimmableNet.at_width` cuts out one width as a plain network of
+the user's own class (what ``nbcompress.save(model, f, width=W)`` writes).
+"""
+from __future__ import annotations
+
+import copy
+import weakref
+from typing import Any
+
+import torch
+from torch import nn
+
+from ...errors import BadInput
+from .plan import width_key
+
+__all__ = ["SlimmableNet", "WidthStats"]
+
+#: SlimmableNet -> (key, the plain network at its width): inference without autograd runs the
+#: narrower network itself instead of slicing on every call; rebuilt when the width, a tensor's
+#: values (version counter) or its storage (a move between devices) change. Not part of the
+#: module: not saved, not copied, not counted.
+_PLAIN: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+class WidthStats(nn.Module):
+    """One width's BatchNorm statistics: buffers ``t0, t1, ...`` for the state names in
+    ``names`` (``layer.running_mean``...), each as long as that width's BatchNorm."""
+
+    def __init__(self, names: list[str], tensors: list[torch.Tensor]):
+        super().__init__()
+        self.names = list(names)
+        for i, t in enumerate(tensors):
+            self.register_buffer(f"t{i}", t)
+
+    def as_dict(self) -> dict[str, torch.Tensor]:
+        return {n: getattr(self, f"t{i}") for i, n in enumerate(self.names)}
+
+
+def _is_stat(name: str) -> bool:
+    return name.endswith(".running_mean") or name.endswith(".running_var") or \
+        name in ("running_mean", "running_var")
+
+
+class SlimmableNet(nn.Module):
+    """A network trained to run at several widths (see the module's docstring).
+
+    ``widths``: the trained widths, ascending, the last 1.0; ``width``: the one it runs at;
+    ``spec``: ``{width text: {tensor name: [rows] | [rows, cols]}}``; ``stats``: a WidthStats per
+    width below 1 (the full width's are ``net``'s own buffers)."""
+
+    def __init__(self, net: nn.Module, widths: list[float], spec: dict, width: float = 1.0):
+        super().__init__()
+        self.net = net
+        self.widths = sorted(float(w) for w in widths)
+        self.spec = {k: {n: [int(x) for x in v] for n, v in s.items()} for k, s in spec.items()}
+        self.width = float(width)
+        self.stats = nn.ModuleDict()
+
+    # ------------------------------------------------------------------ widths
+    def check_width(self, width: float) -> float:
+        width = float(width)
+        if not any(abs(width - w) < 1e-9 for w in self.widths):
+            raise BadInput(f"width {width:g} was not trained (trained: "
+                           f"{', '.join(f'{w:g}' for w in self.widths)})")
+        return next(w for w in self.widths if abs(width - w) < 1e-9)
+
+    def _stats_key(self, width: float) -> str:
+        return "w" + width_key(width).replace(".", "_")
+
+    def sliced(self, width: float | None = None, *, own_stats: bool = True) -> dict:
+        """``{tensor name: leading slice}`` for ``width`` (views of ``net``'s tensors; the
+        BatchNorm statistics from that width's own, when ``own_stats`` and they exist)."""
+        width = self.width if width is None else width
+        spec = self.spec.get(width_key(width))
+        if not spec:
+            return {}
+        state = dict(self.net.named_parameters())
+        state.update(self.net.named_buffers())
+        stats = self.stats[self._stats_key(width)].as_dict() \
+            if own_stats and self._stats_key(width) in self.stats else {}
+        out = {}
+        for name, keep in spec.items():
+            if name in stats:
+                out[name] = stats[name]
+                continue
+            t = state[name]
+            out[name] = t[:keep[0]] if len(keep) == 1 else t[:keep[0], :keep[1]]
+        return out
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.width >= 1.0 or not self.spec.get(width_key(self.width)):
+            return self.net(*args, **kwargs)
+        if not self.training and not torch.is_grad_enabled():
+            return self._plain()(*args, **kwargs)
+        return torch.func.functional_call(self.net, self.sliced(), args, kwargs, strict=False,
+                                          tie_weights=False)
+
+    def _plain(self) -> nn.Module:
+        key = (self.width, *((id(t), t.data_ptr(), t._version) for t in self.parameters()),
+               *((id(t), t.data_ptr(), t._version) for t in self.buffers()))
+        got = _PLAIN.get(self)
+        if got is None or got[0] != key:
+            net = self.at_width(self.width).eval()
+            for p in net.parameters():
+                p.requires_grad_(False)
+            got = _PLAIN[self] = (key, net)
+        return got[1]
+
+    def set_stats(self, width: float, stats: dict[str, torch.Tensor]) -> None:
+        """Keep ``stats`` (BatchNorm running mean / var at ``width``) as that width's own."""
+        if width >= 1.0:
+            with torch.no_grad():
+                for n, t in stats.items():
+                    self.net.get_buffer(n).copy_(t)
+            return
+        names = sorted(stats)
+        self.stats[self._stats_key(width)] = WidthStats(names, [stats[n].detach().clone()
+                                                                for n in names])
+
+    def stat_names(self) -> list[str]:
+        return [n for n, _ in self.net.named_buffers() if _is_stat(n)]
+
+    # ------------------------------------------------------------------ one width, plain
+    def at_width(self, width: float | None = None) -> nn.Module:
+        """A plain copy of the network at ``width`` (default the current one): every sliced
+        tensor cut to its leading entries, the layers' sizes set to match, that width's
+        BatchNorm statistics in place."""
+        width = self.check_width(self.width if width is None else width)
+        net = copy.deepcopy(self.net)
+        if width >= 1.0:
+            return net
+        cut = {n: t.detach().clone().contiguous() for n, t in self.sliced(width).items()}
+        for name, t in cut.items():
+            owner, _, leaf = name.rpartition(".")
+            m = net.get_submodule(owner) if owner else net
+            if leaf in m._parameters:
+                m._parameters[leaf] = nn.Parameter(t, requires_grad=m._parameters[leaf]
+                                                   .requires_grad)
+            else:
+                m._buffers[leaf] = t
+        for m in net.modules():
+            _fit_sizes(m)
+        return net
+
+    def channels(self, width: float | None = None) -> list[dict]:
+        """Per sliced layer, its output channels at ``width`` against the full width."""
+        width = self.width if width is None else width
+        spec = self.spec.get(width_key(width), {})
+        rows = []
+        for name, m in self.net.named_modules():
+            w = getattr(m, "weight", None)
+            if not isinstance(w, torch.Tensor) or w.dim() < 1:
+                continue
+            keep = spec.get(f"{name}.weight")
+            rows.append({"layer": name, "type": type(m).__name__, "channels": keep[0] if keep
+                         else w.shape[0], "of": w.shape[0]})
+        return rows
+
+    def extra_repr(self) -> str:
+        return f"width={self.width:g}, widths={[round(w, 4) for w in self.widths]}"
+
+
+def _fit_sizes(m: nn.Module) -> None:
+    """A sliced layer's size attributes set from its tensors."""
+    w = getattr(m, "weight", None)
+    if not isinstance(w, torch.Tensor):
+        return
+    if isinstance(m, nn.modules.conv._ConvNd):
+        m.out_channels = w.shape[0]
+        m.in_channels = w.shape[1] * m.groups
+    elif isinstance(m, nn.Linear):
+        m.out_features, m.in_features = w.shape[0], w.shape[1]
+    elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+        m.num_features = w.shape[0]
