@@ -304,7 +304,8 @@ class History(Records):
             t0 = time.perf_counter()
             result = compress(model, config, ctx=ctx)
             seconds = time.perf_counter() - t0
-            _release_freed_memory()             # the technique's temporaries, before recording
+            # (the technique's temporaries, freed, are where measuring and recording go next:
+            # nothing is handed back to the system before the step ends)
             if not result.changes_model:
                 return StepReport(name=self.name, kind="step", technique=config.technique,
                                   args=config.describe(), before=before, after=before,
@@ -325,7 +326,8 @@ class History(Records):
                                      magic=magic)
             self._push(made, new)
             result.model = None     # the live model is self.live; the record is kept
-            _release_freed_memory()
+            # freed memory beyond the next step's work copy goes back to the system
+            _release_freed_memory(keep=2 * made.nbytes)
             table = self.table(sync=False)       # nothing can have changed since the push
             made.overhead = time.perf_counter() - start - seconds
             return StepReport(name=self.name, kind="step", technique=config.technique,

@@ -28,13 +28,19 @@ def mlp(seed=0):
                          nn.Linear(128, 10))
 
 
+def _spy_counts(monkeypatch) -> list:
+    """The sizes of the tensors whose nonzeros are counted from now on (each a MEMO miss)."""
+    from nbcompress import counting
+
+    calls, real = [], counting._count
+    monkeypatch.setattr(counting, "_count", lambda t: calls.append(t.numel()) or real(t))
+    return calls
+
+
 def test_counts_are_kept_per_tensor_and_follow_every_kind_of_edit(monkeypatch):
     m = mlp()
     x = torch.randn(1, 64)
-    calls = []
-    real = torch.count_nonzero
-    monkeypatch.setattr(torch, "count_nonzero", lambda t, *a, **k: calls.append(t.numel()) or
-                        real(t, *a, **k))
+    calls = _spy_counts(monkeypatch)
     a = nbcompress.measure(m, x, latency=False)
     n_first = len(calls)
     b = nbcompress.measure(m, x, latency=False)
@@ -47,16 +53,13 @@ def test_counts_are_kept_per_tensor_and_follow_every_kind_of_edit(monkeypatch):
         m[2].bias.zero_()                  # an in-place op
     assert nbcompress.measure(m, x, latency=False).nonzero_params == c.nonzero_params - 128
     assert count_params(m) == (sum(p.numel() for p in m.parameters()),
-                               sum(int(real(p)) for p in m.parameters()))
+                               sum(int(torch.count_nonzero(p)) for p in m.parameters()))
 
 
 def test_copies_reuse_what_was_measured_and_stay_exact(monkeypatch):
     h = History(mlp(), example_input=torch.randn(1, 64), measure_latency=False)
     h.metrics_of(h.current_version)
-    calls = []
-    real = torch.count_nonzero
-    monkeypatch.setattr(torch, "count_nonzero", lambda t, *a, **k: calls.append(t.numel()) or
-                        real(t, *a, **k))
+    calls = _spy_counts(monkeypatch)
     h.apply(nbcompress.PruneConfig(amount=0.5, layers="^2$"), progress=False)
     after = h.current_version.metrics
     # the work copy carried the untouched layers' counts: at most the pruned layer's tensors
@@ -236,3 +239,46 @@ def test_fingerprints_of_int8_layers_read_their_kept_codes_and_see_edits(monkeyp
     codes.data[0, 0] += 1                                    # an edit no version counter sees
     assert state_fingerprint(q) != fp
     assert h.sync() and h.current_version.technique == "edited"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64, torch.bfloat16,
+                                   torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64,
+                                   torch.bool, torch.complex64])
+def test_nonzero_count_is_torch_count_nonzero(dtype):
+    """The numpy count (counting.nonzero_count) says what torch.count_nonzero says: -0.0 is zero,
+    NaN is not, on contiguous tensors and strided views alike."""
+    from nbcompress.counting import nonzero_count
+
+    x = torch.randn(3000, generator=torch.Generator().manual_seed(0)) * 3
+    x[::3] = 0.0
+    x[1::7] = -0.0
+    if dtype.is_floating_point:
+        x[2::11] = float("nan")
+    t = x.to(dtype)
+    for v in (t, t[::2], t.view(30, 100).t(), t.view(30, 100)[:, 5:50]):
+        assert nonzero_count(v) == int(torch.count_nonzero(v)), (dtype, v.shape)
+
+
+def test_nonzero_count_of_float8_sees_negative_zero():
+    from nbcompress.counting import nonzero_count
+
+    if not hasattr(torch, "float8_e4m3fn"):
+        pytest.skip("no float8 in this torch")
+    x = torch.tensor([0.0, -0.0, 1.0, -2.0, 0.0, 0.5])
+    assert nonzero_count(x.to(torch.float8_e4m3fn)) == 3
+
+
+def test_freed_memory_within_the_next_steps_work_copy_is_kept(monkeypatch):
+    """A step hands freed memory back to the system only beyond what the next step's work copy
+    will take again (handing it back costs the page faults of taking it again)."""
+    from nbcompress import records
+
+    records._release_freed_memory()            # (resolves glibc, if any)
+    if not records._TRIM or records._FREE is None:
+        pytest.skip("no glibc malloc_trim / mallinfo2 here")
+    trims = []
+    monkeypatch.setattr(records, "_TRIM", lambda pad: trims.append(pad))
+    records._release_freed_memory(keep=1 << 50)
+    assert trims == []
+    records._release_freed_memory(keep=0)
+    assert trims == [0]

@@ -343,3 +343,36 @@ def test_progress_bar_per_tensor(capsys, tmp_path, monkeypatch):
     with pytest.raises(BadInput, match="progress must be"):
         save(m, tmp_path / "b.nbc", progress="yes")
     assert not (tmp_path / "b.nbc").exists()
+
+
+def test_the_hashed_bound_never_exceeds_the_distinct_count():
+    """The no-codebook proof counts filled hash buckets: a lower bound on the distinct values
+    (equal values share a bucket), whatever the values."""
+    g = np.random.default_rng(0)
+    for s in (g.integers(0, 2**32, 80_000, dtype=np.uint64).astype(np.uint32),
+              g.integers(0, 70_000, 90_000).astype(np.uint32),       # collisions galore
+              np.repeat(np.arange(40_000, dtype=np.uint32), 3),
+              g.integers(0, 2**63, 70_000, dtype=np.uint64)):
+        assert codec._hashed_distinct(s) <= np.unique(s).size
+
+
+@pytest.mark.parametrize("n", [1, 9, 65_536, 65_537, 300_001, 3_000_000])
+def test_streamed_gap_histogram_is_the_whole_tensors(n):
+    """Measuring streams over a tensor in chunks (no position arrays the size of the tensor) and
+    finds the same gap histogram, hence the same plan, as saving does on the whole tensor:
+    gaps across chunk borders and gaps longer than the bincount range included."""
+    g = np.random.default_rng(n)
+    for density in (0.001, 0.1, 0.5, 0.97):
+        u = ((g.random(n) < density) * g.integers(1, 9, n)).astype(np.uint32)
+        if n > 2_000_000:
+            u[: 1_500_000] = 0                  # a first gap longer than 2**20
+        if not u.any():
+            continue
+        v1, c1 = codec._gap_histogram(codec._gaps(np.flatnonzero(u)))
+        v2, c2 = codec._streamed_gap_histogram(u)
+        o1, o2 = np.argsort(v1), np.argsort(v2)
+        assert np.array_equal(v1[o1], v2[o2]) and np.array_equal(c1[o1], c2[o2])
+        for huffman in (True, False):
+            kept, _ = codec._plan(u, 4, huffman, keep=True)
+            streamed, _ = codec._plan(u, 4, huffman, keep=False)
+            assert kept["rec"] == streamed["rec"] and kept["size"] == streamed["size"]
