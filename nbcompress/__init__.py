@@ -1,7 +1,7 @@
 """nbcompress: neural-network compression as IPython magics.
 
 In a notebook: ``%load_ext nbcompress``, then ``%nbcompress``, ``%prune``, ``%quantize``,
-``%lowrank``, ``%distill``, ``%earlyexit``, ``%slim``, ``%undo``/``%redo``, ``%compress_history``, ``%export``. The same techniques are
+``%lowrank``, ``%distill``, ``%earlyexit``, ``%slim``, ``%budget``, ``%undo``/``%redo``, ``%compress_history``, ``%export``. The same techniques are
 plain functions here (``nbcompress.prune(model, 0.5)``) and undoable steps through
 :class:`History`.
 """
@@ -21,6 +21,7 @@ from .techniques.lowrank import LowRankConfig, lowrank
 from .techniques.prune import PruneConfig, prune, sensitivity
 from .techniques.quantize import QuantizeConfig, quantize
 from .techniques.slim import SlimConfig, SlimmableNet, slim
+from .techniques.budget import BudgetConfig, choose
 
 __version__ = "0.1.0"
 
@@ -29,7 +30,7 @@ __all__ = [
     "History", "Workspace", "Metrics", "measure", "save", "load", "evaluate", "fit",
     "PruneConfig", "prune", "sensitivity", "QuantizeConfig", "quantize", "DistillConfig", "distill",
     "LowRankConfig", "lowrank", "EarlyExitConfig", "early_exit", "SlimConfig",
-    "SlimmableNet", "slim", "TECHNIQUES",
+    "SlimmableNet", "slim", "BudgetConfig", "choose", "TECHNIQUES",
     "export", "ExportReport",
     "load_ipython_extension", "unload_ipython_extension",
 ]

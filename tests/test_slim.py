@@ -254,3 +254,57 @@ def test_torchvision_resnet_slims():
     assert torch.allclose(a, plain(x), atol=1e-4)
     assert plain.layer4[1].conv2.out_channels == 256 and plain.fc.in_features == 256
     assert count_flops(plain, x[:1])[0] < 0.3 * count_flops(m, x[:1])[0]
+
+
+# ------------------------------------------------------------------ %budget
+def test_budget_picks_the_most_accurate_width_within_the_flops(shell, slim_resnet, digits):
+    _, sn = slim_resnet
+    _, te = digits
+    sn.width = 1.0
+    shell.user_ns.update(net=sn, te=te)
+    r = shell.run_line_magic("budget", "net --flops 0.3 --eval te")
+    chosen = shell.user_ns["net"]
+    table = r.result.tables["candidates"]
+    fits = table[table["flops_fraction"] <= 0.3]
+    assert len(fits) == 2 and len(table) == 4                # widths 0.25 and 0.5 fit
+    assert chosen.width == fits.loc[fits["accuracy"].idxmax(), "setting"]
+    assert table["chosen"].sum() == 1 and table["pareto"].any()
+    assert "candidates" in r.result.figures
+    assert measure(chosen, _x(te, 1)).flops <= 0.3 * measure(sn, _x(te, 1)).flops
+    shell.run_line_magic("budget", "net --flops 1")
+    assert shell.user_ns["net"].width == table.loc[table["accuracy"].idxmax(), "setting"]
+    shell.run_line_magic("undo", "net")
+    assert shell.user_ns["net"].width == chosen.width
+    before = shell.user_ns["net"]
+    with pytest.raises(UsageError, match=r"no configuration fits 1.0% of the FLOPs: the "
+                                         r"cheapest is width 0.25 at \d+\.\d%"):
+        shell.run_line_magic("budget", "net --flops 0.01")
+    assert shell.user_ns["net"] is before and before.width == chosen.width
+
+
+def test_budget_bad_input(shell, digits):
+    shell.user_ns.update(plain=reference_cnn(8, seed=0))
+    with pytest.raises(UsageError, match="nothing to choose in a SmallResNet"):
+        shell.run_line_magic("budget", "plain --flops 0.5")
+    with pytest.raises(UsageError, match="give --flops F"):
+        shell.run_line_magic("budget", "plain")
+    with pytest.raises(UsageError, match=r"--flops must be a number in \(0, 1\]"):
+        shell.run_line_magic("budget", "plain --flops 0")
+
+
+def test_choose_early_exit_threshold(digits):
+    """The Python verb on an early-exit model: the threshold whose measured average FLOPs fit."""
+    tr, te = digits
+    cnn = digits_cnn()
+    nbcompress.fit(cnn, tr, epochs=2, progress=False)
+    ee = nbcompress.early_exit(cnn, tr, exits=[2], epochs=1)
+    from nbcompress.techniques.budget import BudgetConfig
+
+    r = nbcompress.compress(ee, BudgetConfig(flops=0.97, progress=False), evaluator=te)
+    t = r.tables["candidates"]
+    row = t[t["chosen"]].iloc[0]
+    assert row["kind"] == "threshold" and row["flops_fraction"] <= 0.97
+    assert r.model.threshold == row["setting"]
+    assert row["accuracy"] == t[t["flops_fraction"] <= 0.97]["accuracy"].max()
+    picked = nbcompress.choose(ee, flops=0.97, evaluator=te)
+    assert picked.threshold == row["setting"] and picked is not ee

@@ -1,0 +1,124 @@
+"""The budget step: measure every configuration the model was trained for, keep those within the
+FLOPs budget, take the most accurate (the cheaper one on a tie) and switch the model to it."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import pandas as pd
+from torch import nn
+
+from ...core import CompressionResult, StepConfig, StepContext
+from ...errors import BadInput, FieldError
+from ...options import option
+from ..earlyexit.model import EarlyExitModel
+from ..earlyexit.sweep import threshold_sweep
+from ..slim.config import _example, width_table
+from ..slim.model import SlimmableNet
+
+__all__ = ["BudgetConfig", "candidates", "pick"]
+
+
+def candidates(model: nn.Module, ctx: StepContext) -> pd.DataFrame:
+    """One row per configuration the model was trained for: ``setting`` (the width or the
+    threshold), ``flops_fraction`` (of the full network), ``accuracy`` on the evaluator, and
+    ``pareto`` (no other row is at least as accurate for fewer FLOPs)."""
+    from ...metrics import is_loader
+
+    if isinstance(model, SlimmableNet):
+        t = width_table(model, ctx, _example(ctx))
+        if t is None:
+            raise BadInput("%budget needs an evaluation loader (--eval) to measure each width")
+        df = pd.DataFrame({"kind": "width", "setting": t["width"], "flops": t["flops"],
+                           "flops_fraction": t["flops_fraction"], "latency_ms": t["latency_ms"],
+                           "accuracy": t["accuracy"]})
+    elif isinstance(model, EarlyExitModel):
+        if not is_loader(ctx.evaluator):
+            raise BadInput("%budget needs an evaluation loader (--eval) to sweep the thresholds")
+        t = threshold_sweep(model, ctx.evaluator, device=ctx.device)
+        df = pd.DataFrame({"kind": "threshold", "setting": t["threshold"],
+                           "flops": t["avg_flops"], "flops_fraction": t["flops_fraction"],
+                           "accuracy": t["accuracy"]})
+    else:
+        raise BadInput(f"%budget chooses among what a network was trained for: the widths of a "
+                       f"slimmable network (%slim) or the thresholds of an early-exit model "
+                       f"(%earlyexit); this model is a {type(model).__name__}")
+    if df["accuracy"].isna().all():
+        raise BadInput("%budget needs an evaluator that reports an accuracy (a labelled loader "
+                       "or a callable returning one)")
+    df = df.sort_values(["flops_fraction", "accuracy"], ascending=[True, False])
+    best, pareto = -1.0, []
+    for acc in df["accuracy"]:
+        pareto.append(bool(acc > best))
+        best = max(best, acc)
+    df["pareto"] = pareto
+    return df.reset_index(drop=True)
+
+
+def pick(table: pd.DataFrame, flops: float) -> int:
+    """Index of the most accurate row within ``flops`` (fraction of the full network's FLOPs),
+    the cheaper on a tie; BadInput naming the cheapest configuration when none fits."""
+    fits = table[table["flops_fraction"] <= flops + 1e-9]
+    if fits.empty:
+        c = table.loc[table["flops_fraction"].idxmin()]
+        raise BadInput(f"no configuration fits {flops:.1%} of the FLOPs: the cheapest is "
+                       f"{c['kind']} {c['setting']:g} at {c['flops_fraction']:.1%}")
+    top = fits["accuracy"].max()
+    return int(fits[fits["accuracy"] >= top - 1e-12]["flops_fraction"].idxmin())
+
+
+@dataclass
+class BudgetConfig(StepConfig):
+    """Choose the most accurate configuration within a FLOPs budget.
+
+    Measures every configuration the model was trained for on the evaluation data (--eval, or
+    the one set with %nbcompress): a slimmable network's widths, or an early-exit model's
+    thresholds (average FLOPs actually spent per sample). Keeps those within --flops (a fraction
+    of the full network's FLOPs), switches the model to the most accurate (the cheaper on a tie)
+    and shows every candidate with the Pareto front. Undo goes back to the previous choice.
+    """
+
+    technique: ClassVar[str] = "budget"
+    model_help: ClassVar[str] = "the variable holding a slimmable or early-exit model"
+    summary: ClassVar[str] = "the most accurate width / exit threshold within a FLOPs budget"
+    examples: ClassVar[tuple] = (
+        "%budget net --flops 0.3 --eval test_loader     # battery low: at most 30% of the FLOPs",
+        "%budget net --flops 1                          # back to the most accurate",
+    )
+
+    flops: float | None = option(None, kind="float", range="(0, 1]", metavar="F",
+                                 help="at most this fraction of the full network's FLOPs, in "
+                                      "(0, 1]")
+
+    def validate(self, model: nn.Module) -> None:
+        if self.flops is None:
+            raise FieldError("give {flops=F}: the budget, as a fraction of the full network's "
+                             "FLOPs (e.g. 0.3)")
+        if not isinstance(model, (SlimmableNet, EarlyExitModel)):
+            raise FieldError(f"there is nothing to choose in a {type(model).__name__}: budget "
+                             f"chooses among the widths of a slimmable network (slim) or the "
+                             f"thresholds of an early-exit model (earlyexit)")
+
+    def run(self, model: nn.Module, ctx: StepContext) -> CompressionResult:
+        table = candidates(model, ctx)
+        i = pick(table, float(self.flops))
+        row = table.loc[i]
+        if isinstance(model, SlimmableNet):
+            old = f"width {model.width:g}"
+            model.width = model.check_width(float(row["setting"]))
+        else:
+            old = f"threshold {model.threshold:g}"
+            model.threshold = float(row["setting"])
+        table["chosen"] = [j == i for j in range(len(table))]
+        note = (f"{old} -> {row['kind']} {row['setting']:g}: {100 * row['accuracy']:.2f}% at "
+                f"{row['flops_fraction']:.1%} of the FLOPs, the most accurate of "
+                f"{int((table['flops_fraction'] <= self.flops + 1e-9).sum())} configurations "
+                f"within {self.flops:.0%} (of {len(table)})")
+        result = CompressionResult(model, notes=[note],
+                                   extra={"chosen": float(row["setting"]), "kind": row["kind"],
+                                          "flops_fraction": float(row["flops_fraction"])})
+        result.tables["candidates"] = table
+        from ...report.plots import budget_plot_png
+
+        result.figures["candidates"] = budget_plot_png(table, float(self.flops))
+        return result
