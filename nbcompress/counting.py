@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.flop_counter import (FlopCounterMode, _FlopCounterMode, flop_registry,
                                       sdpa_flop_count)
 
-from .fingerprint import MEMO
+from .fingerprint import MEMO, Rebuilt, state_values
 from .train import forward_batch as _forward
 
 
@@ -120,7 +120,7 @@ def nonzero_count(t: torch.Tensor) -> int:
     are the only patterns that become 0)."""
     t = t.detach()
     if (t.device.type != "cpu" or t.layout != torch.strided or t.is_quantized or t.is_complex()
-            or t.is_conj() or t.is_neg() or t.numel() == 0 or t.dtype == torch.bool):
+            or t.is_conj() or t.is_neg() or t.numel() == 0):
         return int(torch.count_nonzero(t).item())
     if t.dtype in _NUMPY_FLOATS or not t.is_floating_point():
         try:
@@ -138,13 +138,13 @@ def code_counts(codes: torch.Tensor, zero_points: torch.Tensor | None = None, ax
     codes' own integer type when the zero points fit it (no widened copy)."""
     if zero_points is not None:
         if not bool(zero_points.any()):
-            return codes.numel(), int(torch.count_nonzero(codes).item())
+            return codes.numel(), nonzero_count(codes)
         shape = [1] * codes.dim()
         shape[axis] = -1
         zp = zero_points.reshape(shape)
         lo, hi = int(zp.min()), int(zp.max())
     elif zero_point == 0:
-        return codes.numel(), int(torch.count_nonzero(codes).item())
+        return codes.numel(), nonzero_count(codes)
     else:
         zp = lo = hi = int(zero_point)
     info = torch.iinfo(codes.dtype)
@@ -152,15 +152,22 @@ def code_counts(codes: torch.Tensor, zero_points: torch.Tensor | None = None, ax
         zp = zp.to(codes.dtype) if isinstance(zp, torch.Tensor) else zp
     else:
         codes = codes.to(torch.int64)
-    return codes.numel(), int(torch.count_nonzero(codes != zp).item())
+    return codes.numel(), nonzero_count(codes != zp)
 
 
 def plain_code_counts(tensors: dict, attrs: dict) -> tuple[int, int]:
     """:func:`code_counts` of the plain form of an int8 weight (``quantize.int8_plain``:
     ``weight_int8`` codes, per-channel ``weight_zero_points`` along ``weight_axis`` or one
-    ``weight_zero_point``)."""
-    return code_counts(tensors["weight_int8"], tensors.get("weight_zero_points"),
-                       int(attrs.get("weight_axis", 0)), int(attrs.get("weight_zero_point", 0)))
+    ``weight_zero_point``), kept in MEMO with the codes while they, the zero points and the axis
+    stay as they are."""
+    codes, zps = tensors["weight_int8"], tensors.get("weight_zero_points")
+    axis, zp = int(attrs.get("weight_axis", 0)), int(attrs.get("weight_zero_point", 0))
+    memo = MEMO.results(codes)
+    key = ("code_counts", axis, zp, None if zps is None else MEMO.results_key(zps))
+    got = memo.get(key)
+    if got is None:
+        got = memo[key] = code_counts(codes, zps, axis, zp)
+    return got
 
 
 def _is_bias(name: str) -> bool:
@@ -233,11 +240,7 @@ def _plain_weight_counts(module: nn.Module) -> tuple[int, int] | None:
     codes = tensors.get("weight_int8")
     if not isinstance(codes, torch.Tensor):
         return None
-    memo = MEMO.results(codes)
-    got = memo.get("plain_counts")
-    if got is None:
-        got = memo["plain_counts"] = plain_code_counts(tensors, attrs)
-    return got
+    return plain_code_counts(tensors, attrs)
 
 
 def count_params(model: nn.Module) -> tuple[int, int]:
@@ -261,22 +264,30 @@ def dense_bytes(model: nn.Module) -> tuple[int, dict]:
     seen: set = set()
     per: dict[str, int] = {}
     for t in _state_tensors(model):
+        name = str(t.dtype).replace("torch.", "")
+        if isinstance(t, Rebuilt):          # made afresh on every call: a storage of its own
+            per[name] = per.get(name, 0) + t.nbytes
+            continue
         key = (t.untyped_storage().data_ptr(), t.device.type) if t.numel() else id(t)
         if key in seen:
             continue
         seen.add(key)
         nbytes = t.untyped_storage().nbytes() if t.numel() else 0
-        name = str(t.dtype).replace("torch.", "")
         per[name] = per.get(name, 0) + nbytes
     return sum(per.values()), per
 
 
-def _state_tensors(model: nn.Module) -> Iterable[torch.Tensor]:
-    for v in model.state_dict(keep_vars=True).values():
-        if isinstance(v, torch.Tensor):
+def _state_tensors(model: nn.Module) -> Iterable[torch.Tensor | Rebuilt]:
+    """The state dict's tensors (:func:`~nbcompress.fingerprint.state_values`: an int8 layer's
+    quantized weight, rebuilt on every call, by its size only)."""
+    for v in state_values(model):
+        if isinstance(v, Rebuilt):
+            yield v
+        elif isinstance(v, torch.Tensor):
             yield v.detach()
         elif isinstance(v, (tuple, list)):
-            yield from (x.detach() for x in v if isinstance(x, torch.Tensor))
+            yield from (x if isinstance(x, Rebuilt) else x.detach() for x in v
+                        if isinstance(x, (torch.Tensor, Rebuilt)))
 
 
 def packed_bytes(model: nn.Module) -> int:

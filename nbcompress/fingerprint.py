@@ -125,10 +125,110 @@ def _model_bytes(model: nn.Module) -> int:
         if id(t) not in seen:
             seen.add(id(t))
             total += t.numel() * t.element_size()
-    for v in model.state_dict().values():   # packed weights live outside parameters()
+    for v in state_values(model):          # packed weights live outside parameters()
         if isinstance(v, (tuple, list)):
-            total += sum(x.numel() * x.element_size() for x in v if isinstance(x, torch.Tensor))
+            total += sum(x.numel() * x.element_size() if isinstance(x, torch.Tensor) else
+                         x.nbytes for x in v if isinstance(x, (torch.Tensor, Rebuilt)))
     return total
+
+
+class Rebuilt(tuple):
+    """A state-dict tensor that its module makes afresh on every call from the plain tensors it
+    keeps (an int8 layer's quantized weight, ``nbc_state``), given by its size and dtype only:
+    ``(nbytes, dtype)``, as ``nbytes`` and ``dtype``. Only sizes are ever read from it."""
+
+    @property
+    def nbytes(self) -> int:
+        return self[0]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self[1]
+
+
+_REBUILT: dict = {}       # (class, extra, plain tensors' shapes and dtypes) -> how its state reads
+
+
+def state_values(model: nn.Module) -> list:
+    """``model.state_dict(keep_vars=True).values()``, except that an entry a module with
+    ``nbc_state()`` rebuilds from its kept plain tensors on every call (an int8 layer's quantized
+    weight: a copy of all its codes) is a :class:`Rebuilt` (its size and dtype, which depend only
+    on the plain tensors' shapes and dtypes: read once per shape) and its other entries are the
+    kept tensors themselves. Counting bytes then copies nothing. A model with state-dict hooks
+    (which may change the entries) is read through ``state_dict`` itself."""
+    modules = list(model.named_modules())
+    if not any(callable(getattr(m, "nbc_state", None)) for _, m in modules) or any(
+            m._state_dict_hooks or m._state_dict_pre_hooks for _, m in modules):
+        return list(model.state_dict(keep_vars=True).values())
+    out: list = []
+    skip = None
+    for name, m in modules:
+        if skip is not None and (name == skip or name.startswith(skip + ".")):
+            continue
+        skip = None
+        prefix = f"{name}." if name else ""
+        dest: dict = {}
+        if callable(getattr(m, "nbc_state", None)):
+            skip = name
+            out.extend(_rebuilt_state(m, prefix))
+            continue
+        m._save_to_state_dict(dest, prefix, True)
+        out.extend(dest.values())
+    return out
+
+
+def _rebuilt_state(m: nn.Module, prefix: str) -> list:
+    """The state-dict values of ``m`` (which has ``nbc_state``) and of its submodules, with each
+    tensor it makes afresh as a :class:`Rebuilt` (see :func:`state_values`)."""
+    tensors, extra = m.nbc_state()
+    key = (type(m), tuple(sorted((str(k), repr(v)) for k, v in extra.items())),
+           tuple((k, tuple(t.shape), t.dtype) for k, t in tensors.items()
+                 if isinstance(t, torch.Tensor)))
+    plan = _REBUILT.get(key)
+    if plan is None:
+        own = {id(t): ("plain", k) for k, t in tensors.items() if isinstance(t, torch.Tensor)}
+        for n, mod in m.named_modules():
+            for k, t in itertools.chain(mod._parameters.items(), mod._buffers.items()):
+                if t is not None:
+                    own[id(t)] = ("module", f"{n}.{k}" if n else k)
+        dest: dict = {}
+        for n, mod in m.named_modules():
+            mod._save_to_state_dict(dest, f"{n}." if n else "", True)
+
+        def how(v):
+            if isinstance(v, torch.Tensor):
+                return own.get(id(v)) or ("fresh", v.untyped_storage().nbytes() if v.numel()
+                                          else 0, v.dtype, v.numel())
+            return ("value", v)
+
+        plan = [("seq", type(v), [how(x) for x in v]) if isinstance(v, (tuple, list)) else how(v)
+                for v in dest.values()]
+        if len(_REBUILT) > 4096:
+            _REBUILT.clear()
+        _REBUILT[key] = plan
+    return [_replay(h, m, tensors) for h in plan]
+
+
+def _replay(how: tuple, m: nn.Module, tensors: dict):
+    kind = how[0]
+    if kind == "seq":
+        return how[1](_replay(h, m, tensors) for h in how[2])
+    if kind == "plain":
+        return tensors[how[1]]
+    if kind == "module":
+        return m.get_parameter(how[1]) if "." not in how[1] and how[1] in m._parameters else \
+            _module_tensor(m, how[1])
+    if kind == "fresh":
+        return Rebuilt((how[1], how[2]))
+    return how[1]
+
+
+def _module_tensor(m: nn.Module, path: str) -> torch.Tensor:
+    *mods, leaf = path.split(".")
+    for k in mods:
+        m = getattr(m, k)
+    t = m._parameters.get(leaf)
+    return t if t is not None else m._buffers[leaf]
 
 
 def host_copy(model: nn.Module) -> nn.Module:
@@ -189,6 +289,11 @@ class TensorMemo:
             except TypeError:
                 pass
         return key
+
+    def results_key(self, t: torch.Tensor) -> tuple:
+        """What :meth:`results` keys ``t``'s values by (identity, version, shape, strides, dtype,
+        device, content sum): part of another tensor's key when its results depend on ``t``."""
+        return self._key(t)
 
     def content_sum(self, t: torch.Tensor) -> int:
         """:func:`_content_sum` of ``t`` as an int; inside :meth:`trusting`, once per tensor."""

@@ -5,6 +5,7 @@ budget go straight to disk, and the faults (no room, Ctrl-C while spilling) leav
 it was. Speed itself is measured in benchmarks/bench_scale.py, not here."""
 from __future__ import annotations
 
+import io
 import os
 import subprocess
 import sys
@@ -282,3 +283,97 @@ def test_freed_memory_within_the_next_steps_work_copy_is_kept(monkeypatch):
     assert trims == []
     records._release_freed_memory(keep=0)
     assert trims == [0]
+
+
+def _state_dict_bytes(model):
+    """dense_bytes and _model_bytes as the state dict itself says them (the reference)."""
+    seen, per, packed = set(), {}, 0
+    for v in model.state_dict(keep_vars=True).values():
+        ts = [v] if isinstance(v, torch.Tensor) else [
+            x for x in v if isinstance(x, torch.Tensor)] if isinstance(v, (tuple, list)) else []
+        if isinstance(v, (tuple, list)):
+            packed += sum(x.numel() * x.element_size() for x in ts)
+        for t in ts:
+            key = (t.untyped_storage().data_ptr(), t.device.type) if t.numel() else id(t)
+            if key not in seen:
+                seen.add(key)
+                name = str(t.dtype).replace("torch.", "")
+                per[name] = per.get(name, 0) + (t.untyped_storage().nbytes() if t.numel() else 0)
+    own = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
+    return (sum(per.values()), per), sum(t.numel() * t.element_size() for t in own.values()) + packed
+
+
+def test_bytes_of_int8_layers_rebuild_no_weight_and_follow_new_weights(monkeypatch):
+    """dense_bytes and the history's record size read an int8 layer's kept codes (its quantized
+    weight, rebuilt by its state dict on every call, is read once per shape): the same numbers
+    as the state dict says, before and after the layer gets a weight of another shape."""
+    import nbcompress.techniques.quantize.int8_plain as plain
+    from nbcompress.counting import dense_bytes
+
+    q = nbcompress.quantize(nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10)),
+                            progress=False)
+    want_dense, want_model = _state_dict_bytes(q)
+    assert dense_bytes(q) == want_dense and _model_bytes(q) == want_model
+    rebuilt = []
+    real = plain.qweight_import
+    monkeypatch.setattr(plain, "qweight_import", lambda *a: rebuilt.append(1) or real(*a))
+    assert dense_bytes(q) == want_dense and _model_bytes(q) == want_model
+    assert rebuilt == []                                    # read again without rebuilding
+    layer = q[2]
+    w = torch.quantize_per_tensor(torch.randn(7, 128), 0.1, 0, torch.qint8)
+    layer._packed_params.set_weight_bias(w, torch.zeros(7))
+    layer.out_features = 7
+    monkeypatch.setattr(plain, "qweight_import", real)
+    want_dense, want_model = _state_dict_bytes(q)
+    assert dense_bytes(q) == want_dense and _model_bytes(q) == want_model
+
+
+def test_int8_code_counts_are_kept_with_the_codes_and_follow_edits():
+    """An int8 layer's nonzero count is kept with its codes (MEMO): an edit to the codes, in
+    place or through .data, and a change of the zero points are both seen."""
+    from nbcompress import counting
+
+    codes = torch.randint(-5, 6, (64, 32), dtype=torch.int8)
+    zps = torch.zeros(64, dtype=torch.int32)
+    tensors, attrs = {"weight_int8": codes, "weight_zero_points": zps}, {"weight_axis": 0}
+    want = lambda: (codes.numel(), int(torch.count_nonzero(codes.int() - zps[:, None])))  # noqa
+    assert counting.plain_code_counts(tensors, attrs) == want()
+    with torch.no_grad():
+        codes.mul_(0)                                       # in place: the version counter moves
+    assert counting.plain_code_counts(tensors, attrs) == want() == (64 * 32, 0)
+    codes.data[:3] = 1                                      # through .data: the content sum moves
+    assert counting.plain_code_counts(tensors, attrs) == want()
+    zps.data[:10] = 1                                       # the zero points, not the codes
+    assert counting.plain_code_counts(tensors, attrs) == want()
+    plain = {"weight_int8": codes}
+    assert counting.plain_code_counts(plain, {"weight_zero_point": 1}) == \
+        (codes.numel(), int(torch.count_nonzero(codes != 1)))
+    assert counting.plain_code_counts(plain, {"weight_zero_point": 0}) == \
+        (codes.numel(), int(torch.count_nonzero(codes)))
+
+
+def test_history_sees_an_in_place_edit_between_steps():
+    """Between two steps the user zeroes a layer in place (w.mul_(0)) and then trains another
+    through .data: the next step's 'before', the edit's version and the step's result are all
+    measured on the values as they are, not on what was measured before."""
+    from nbcompress.counting import count_params
+
+    h = History(mlp(), example_input=torch.randn(1, 64), measure_latency=False)
+    h.apply(nbcompress.PruneConfig(amount=0.3), progress=False)
+    m = h.current
+    with torch.no_grad():
+        m[0].weight.mul_(0)
+    m[2].weight.data[:5] = 1.0
+    h.apply(nbcompress.QuantizeConfig(), progress=False)
+    edited = h.versions[-2]
+    assert edited.technique == "edited"
+    ref = h.version_model(len(h.versions) - 2)
+    torch_count = sum(int(torch.count_nonzero(p)) for p in ref.parameters())   # no MEMO here
+    assert torch_count != h.versions[1].metrics.nonzero_params
+    assert edited.metrics.nonzero_params == torch_count
+    assert ref[0].weight.abs().sum() == 0 and bool((ref[2].weight[:5] == 1).all())
+    buf = io.BytesIO()
+    nbcompress.save(ref, buf)
+    assert edited.metrics.packed_bytes == len(buf.getvalue())
+    after = h.current_version.metrics
+    assert after.nonzero_params == count_params(h.version_model(len(h.versions) - 1))[1]
