@@ -572,6 +572,41 @@ CASES = [
     case("earlyexit net --data train_loader --exits 2 --eval says_hello", HELLO),
     case(f"earlyexit net --data train_loader --exits 2 --epochs 1 --seed {OVERFLOW}", SEED),
 
+    # ---- %slim
+    case("slim number --data train_loader", NOT_A_MODULE),
+    case("slim net", r"^--data LOADER is needed to make the model slimmable \(train its widths\)$"),
+    case("slim net --width 0.5", r"^--data LOADER is needed to make the model slimmable .*, "
+                                 r"before --width can choose one$"),
+    case("slim net --data not_a_loader", r"^--data not_a_loader is a list, not a torch DataLoader$"),
+    case("slim net --data wrong_channels_loader",
+         r"^the model cannot run on a batch of --data \(inputs of shape \(32, 3, 8, 8\)\): "
+         r"RuntimeError: .*but got 3 channels instead; is it the data this model takes\?$"),
+    case("slim net --data empty_loader", r"^--data yielded no batches$"),
+    case("slim net --data unlabelled_loader", r"^--data yields no labels: the full width trains"),
+    case("slim net --data bad_labels_loader", r"^--data has label 5\d, but the model scores 10 "),
+    case("slim net --data train_loader --widths 0,1", r"^each of --widths must be in \(0, 1\], "
+                                                       r"got 0$"),
+    case("slim net --data train_loader --widths 0.5,1.5", r"^each of --widths must be in \(0, 1\], "
+                                                           r"got 1\.5$"),
+    case("slim net --data train_loader --widths 1", r"^--widths needs at least one width below 1"),
+    case("slim net --data train_loader --widths a,b", r"^--widths must be numbers in \(0, 1\], "
+                                                       r"got 'a'$"),
+    case("slim net --data train_loader --widths 0.5 --width 0.75",
+         r"^--width 0\.75 is not among the widths to train \(0\.5, 1\)$"),
+    case("slim net --data train_loader --width 2", r"^--width must be a number in \(0, 1\], got 2"),
+    case("slim net --data train_loader --epochs 0", r"^--epochs must be a whole number >= 1, "),
+    case("slim net --data train_loader --importance taylor", r"^--importance must be one of "),
+    case("slim net --data train_loader -T 0", r"^-T must be a number > 0, got 0\.0$"),
+    case("slim net --data train_loader --widht 0.5", r"^unknown option --widht: did you mean "),
+
+    # ---- %budget
+    case("budget number --flops 0.5", NOT_A_MODULE),
+    case("budget net", r"^give --flops F: the budget, as a fraction of the full network's FLOPs"),
+    case("budget net --flops 0.5", r"^there is nothing to choose in a Sequential: a budget "
+                                   r"chooses among the widths of a slimmable network \(%slim, "),
+    case("budget net --flops 0", r"^--flops must be a number in \(0, 1\], got 0"),
+    case("budget net --flops abc", r"^--flops must be a number"),
+
     # ---- %undo / %redo
     case("undo", r"^the following arguments are required: name$"),
     case("undo net", r"^nothing to undo for net: it is at its first version$", pre=("undo net",)),
@@ -624,7 +659,7 @@ def test_bad_line_is_one_line_and_changes_nothing(sh, line, match, pre):
 def test_matrix_covers_every_magic():
     magics = {p.values[0].split(" ", 1)[0] for p in CASES}
     assert magics == {"nbcompress", "prune", "quantize", "lowrank", "distill", "earlyexit",
-                      "undo", "redo", "compress_history"}
+                      "slim", "budget", "undo", "redo", "compress_history"}
     assert len(CASES) >= 60
 
 

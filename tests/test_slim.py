@@ -284,7 +284,7 @@ def test_budget_picks_the_most_accurate_width_within_the_flops(shell, slim_resne
 
 def test_budget_bad_input(shell, digits):
     shell.user_ns.update(plain=reference_cnn(8, seed=0))
-    with pytest.raises(UsageError, match="nothing to choose in a SmallResNet"):
+    with pytest.raises(UsageError, match="nothing to choose in a SmallResNet: a budget chooses"):
         shell.run_line_magic("budget", "plain --flops 0.5")
     with pytest.raises(UsageError, match="give --flops F"):
         shell.run_line_magic("budget", "plain")

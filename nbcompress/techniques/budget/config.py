@@ -95,9 +95,10 @@ class BudgetConfig(StepConfig):
             raise FieldError("give {flops=F}: the budget, as a fraction of the full network's "
                              "FLOPs (e.g. 0.3)")
         if not isinstance(model, (SlimmableNet, EarlyExitModel)):
-            raise FieldError(f"there is nothing to choose in a {type(model).__name__}: budget "
-                             f"chooses among the widths of a slimmable network (slim) or the "
-                             f"thresholds of an early-exit model (earlyexit)")
+            raise FieldError(f"there is nothing to choose in a {type(model).__name__}: a "
+                             f"budget chooses among the widths of a slimmable network (%slim, "
+                             f"nbcompress.slim) or the thresholds of an early-exit model "
+                             f"(%earlyexit, nbcompress.early_exit)")
 
     def run(self, model: nn.Module, ctx: StepContext) -> CompressionResult:
         table = candidates(model, ctx)

@@ -122,13 +122,19 @@ class SlimConfig(StepConfig):
     def run(self, model: nn.Module, ctx: StepContext) -> CompressionResult:
         if isinstance(model, SlimmableNet):
             return self._switch(model, ctx)
-        from ...batches import example_of, peek_batch, to_device
+        from ...batches import (check_loader_runs, example_of, head, peek_batch, split_batch,
+                                to_device)
         from .training import recalibrate, train_slimmable
 
         widths = parse_widths(DEFAULT_WIDTHS if self.widths is None else self.widths)
+        check_loader_runs(model, self.data, "{data}", ctx.device)
+        first_x, first_y = split_batch(peek_batch(self.data, "{data}"))
+        if first_y is None:
+            raise FieldError("{data} yields no labels: the full width trains on them (the "
+                             "narrower widths learn from the full width)")
         example = ctx.example_input
         if example is None:
-            example = example_of(peek_batch(self.data, "{data}"))
+            example = head(example_of(first_x), 1)
         example = to_device(example, ctx.device)
         plan = plan_widths(model, example, widths, importance=self.importance, seed=self.seed)
         sn = SlimmableNet(model, widths, plan.spec)
