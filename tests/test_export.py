@@ -66,6 +66,8 @@ TECHNIQUES = {
     "separable": (lambda m, tr, x: nbcompress.lowrank(m, conv="separable"), True),
     "fp16": (lambda m, tr, x: nbcompress.quantize(m, dtype="fp16"), False),
     "early exit": (lambda m, tr, x: nbcompress.early_exit(m, tr, epochs=1, threshold=0.8), True),
+    "slim 0.5": (lambda m, tr, x: nbcompress.slim(m, tr, widths=[0.5, 1], width=0.5, epochs=1),
+                 True),
 }
 
 
