@@ -231,10 +231,17 @@ def _module_tensor(m: nn.Module, path: str) -> torch.Tensor:
     return t if t is not None else m._buffers[leaf]
 
 
-def host_copy(model: nn.Module) -> nn.Module:
+def host_copy(model: nn.Module, reuse: nn.Module | None = None) -> nn.Module:
     """A deep copy of ``model`` whose parameters and buffers are in host memory. Tensors on an
-    accelerator are copied to the host one by one (the model is never duplicated on the device)."""
-    memo: dict = {}
+    accelerator are copied to the host one by one (the model is never duplicated on the device).
+
+    ``reuse``: another record (a model the history never hands out nor changes): each of
+    ``model``'s tensors that holds bit for bit what ``reuse``'s tensor of the same state-dict name
+    holds (same type, shape, strides, dtype, ``requires_grad``) is that tensor in the copy,
+    shared, not copied again (:func:`shared_tensors`): a step's record shares what the step left
+    as it was with the record it started from (a quantized BERT's embeddings, a pruned model's
+    biases)."""
+    memo: dict = shared_tensors(model, reuse) if reuse is not None else {}
     for t in itertools.chain(model.parameters(), model.buffers()):
         if t.device.type != "cpu" and id(t) not in memo:
             c = t.detach().to("cpu", copy=True)
@@ -243,6 +250,33 @@ def host_copy(model: nn.Module) -> nn.Module:
             memo[id(t)] = c
     out = copy.deepcopy(model, memo)
     MEMO.carry(memo)
+    return out
+
+
+def shared_tensors(model: nn.Module, record: nn.Module) -> dict:
+    """``{id(t): r}`` for each host tensor ``t`` of ``model`` equal bit for bit to the tensor
+    ``r`` of ``record`` under the same state-dict name (same type, shape, strides, dtype and
+    ``requires_grad``; contiguous). Content sums (kept per command in MEMO) rule out most
+    differing pairs without a comparison; equal sums are confirmed by comparing every bit."""
+    theirs = dict(_state_entries(record, set()))
+    out: dict = {}
+    for k, t in _state_entries(model, set()):
+        r = theirs.get(k)
+        if not isinstance(t, torch.Tensor) or not isinstance(r, torch.Tensor) or t is r:
+            continue
+        if (type(t) is not type(r) or t.device.type != "cpu" or r.device.type != "cpu"
+                or t.layout != torch.strided or r.layout != torch.strided or t.is_quantized
+                or r.is_quantized or t.shape != r.shape or t.dtype != r.dtype
+                or t.stride() != r.stride() or t.requires_grad != r.requires_grad
+                or not t.is_contiguous() or not r.is_contiguous()
+                or t.element_size() not in _BITS or t.is_complex() or t.numel() == 0
+                or id(t) in out):
+            continue
+        if MEMO.content_sum(t) != MEMO.content_sum(r):
+            continue
+        bits = _BITS[t.element_size()]
+        if torch.equal(t.detach().view(bits), r.detach().view(bits)):
+            out[id(t)] = r
     return out
 
 

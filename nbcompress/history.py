@@ -253,7 +253,8 @@ class History(Records):
             return False
         self._push(self._new_version(self.live, metrics=None, technique="edited",
                                      args="outside nbcompress (weights changed in place)",
-                                     home_device=str(model_device(self.live))), self.live)
+                                     home_device=str(model_device(self.live)),
+                                     reuse=self.current_version), self.live)
         return True
 
     def observe(self, model: nn.Module) -> None:
@@ -323,7 +324,7 @@ class History(Records):
             made = self._new_version(new, metrics=after, technique=config.technique,
                                      args=config.describe(), config=config, result=result,
                                      seconds=seconds, home_device=str(model_device(new)),
-                                     magic=magic)
+                                     magic=magic, reuse=self.current_version)
             self._push(made, new)
             result.model = None     # the live model is self.live; the record is kept
             # freed memory beyond the next step's work copy goes back to the system

@@ -68,14 +68,18 @@ class Records:
     def _host_total(self) -> int:
         return sum(v.nbytes for v in self.versions if v.where == "host" and v.record is not None)
 
-    def _new_version(self, model: nn.Module, **fields) -> Version:
+    def _new_version(self, model: nn.Module, *, reuse: Version | None = None,
+                     **fields) -> Version:
         """A version whose record is ``model``'s values now: a host copy when it fits in
         ``host_budget_bytes`` (older records are spilled first, oldest first, to make room), else
         written straight to the spill directory, so a model larger than the budget never has a
-        second copy in host memory."""
+        second copy in host memory. ``reuse``: a version whose record (if in host memory) lends
+        the new record the tensors ``model`` holds unchanged (see :func:`host_copy`); its bytes
+        are still counted in both versions (the budget errs on the side of spilling early)."""
         nbytes = _model_bytes(model)
         if self._make_room(nbytes):
-            return Version(record=host_copy(model), nbytes=nbytes, **fields)
+            lend = reuse.record if reuse is not None and reuse.where == "host" else None
+            return Version(record=host_copy(model, lend), nbytes=nbytes, **fields)
         v = Version(record=None, nbytes=nbytes, **fields)
         if self._write(v, model):
             return v

@@ -377,3 +377,51 @@ def test_history_sees_an_in_place_edit_between_steps():
     assert edited.metrics.packed_bytes == len(buf.getvalue())
     after = h.current_version.metrics
     assert after.nonzero_params == count_params(h.version_model(len(h.versions) - 1))[1]
+
+
+def test_a_steps_record_shares_only_the_tensors_the_step_left_as_they_were():
+    """A record lends the next one the tensors a step (or an edit) left bit-identical (shared,
+    not copied again); anything changed, even a permutation that keeps the content sum, is
+    copied; undo and redo still hand out exactly what each version held."""
+    h = History(mlp(), example_input=torch.randn(1, 64), measure_latency=False)
+    snap0 = snapshot(h.version_model(0))
+    h.apply(nbcompress.PruneConfig(amount=0.5, layers="^0$"), progress=False)
+    r0, r1 = h.versions[0].record, h.versions[1].record
+    assert r1[0].bias is r0[0].bias and r1[2].weight is r0[2].weight     # left as they were
+    assert r1[0].weight is not r0[0].weight                                # pruned: its own
+    snap1 = snapshot(h.version_model(1))
+    live = h.current
+    w = live[2].weight
+    w.data[0] += 1.0                           # an edit through .data (no version counter)
+    assert h.sync() and h.versions[-1].technique == "edited"
+    r2 = h.versions[-1].record
+    assert r2[2].weight is not r1[2].weight and torch.equal(r2[2].weight, w)
+    assert r2[4].weight is r1[4].weight and r2[0].weight is r1[0].weight
+    h.undo()
+    assert same_as_snapshot(h.current, snap1)
+    h.undo()
+    assert same_as_snapshot(h.current, snap0)
+    h.redo(2)
+    assert torch.equal(h.current[2].weight, w) and not torch.equal(w, r1[2].weight)
+
+
+def test_tensors_are_shared_only_when_equal_bit_for_bit():
+    """The content sum only rules pairs out: a permutation (same sum), -0.0 against 0.0 (equal
+    as numbers) and NaNs are told apart by comparing bits."""
+    from nbcompress.fingerprint import MEMO, host_copy, shared_tensors
+
+    a, b = mlp(), mlp()
+    with torch.no_grad():
+        b[0].weight.copy_(a[0].weight.flip(0))              # permuted: same content sum
+        a[2].bias.zero_()
+        b[2].bias.zero_().neg_()                            # -0.0 == 0.0, other bits
+        a[4].bias[0] = b[4].bias[0] = float("nan")          # NaN != NaN, same bits
+    assert MEMO.content_sum(a[0].weight) == MEMO.content_sum(b[0].weight)
+    shared = shared_tensors(a, b)
+    assert id(a[0].weight) not in shared and id(a[2].bias) not in shared
+    assert shared[id(a[4].bias)] is b[4].bias and shared[id(a[2].weight)] is b[2].weight
+    c = host_copy(a, reuse=b)
+    assert c[4].bias is b[4].bias and c[0].weight is not b[0].weight
+    from nbcompress.fingerprint import _same_state
+
+    assert _same_state(c, a)                                # bit for bit, NaN included
