@@ -425,3 +425,15 @@ def test_tensors_are_shared_only_when_equal_bit_for_bit():
     from nbcompress.fingerprint import _same_state
 
     assert _same_state(c, a)                                # bit for bit, NaN included
+
+
+def test_an_int8_layers_count_follows_an_edit_of_its_codes():
+    """count_params of an int8 model reads its kept codes each time (through MEMO, keyed on their
+    values): zeroing codes through .data is counted (it was kept on the layer object, stale)."""
+    q = nbcompress.quantize(nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10)),
+                            progress=False)
+    params, nonzero = count_params(q)
+    codes = q[0]._packed_params._nbc_plain_form()[0]["weight_int8"]
+    zeroed = int(torch.count_nonzero(codes[:10]))
+    codes.data[:10] = 0
+    assert count_params(q) == (params, nonzero - zeroed)

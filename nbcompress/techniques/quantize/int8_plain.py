@@ -92,7 +92,6 @@ class Plain:
         if b is not None:
             tensors["bias"] = b.detach().clone()
         self.__dict__["_nbc_plain"] = (tensors, attrs)
-        self.__dict__["_nbc_counted"] = None
 
     def _nbc_plain_form(self) -> tuple[dict, dict]:
         plain = self.__dict__.get("_nbc_plain")
@@ -103,11 +102,10 @@ class Plain:
         return plain
 
     def _nbc_count(self) -> tuple[int, int]:
-        counted = self.__dict__.get("_nbc_counted")
-        if counted is None:
-            counted = count_plain(*self._nbc_plain_form())
-            self.__dict__["_nbc_counted"] = counted
-        return counted
+        # the codes' count is kept in MEMO while they (and the zero points) keep their values
+        # (counting.plain_code_counts); a count kept on this object would miss an edit of the
+        # codes in place or through .data
+        return count_plain(*self._nbc_plain_form())
 
     def _weight_bias(self):
         tensors, attrs = self._nbc_plain_form()
