@@ -598,6 +598,12 @@ CASES = [
     case("slim net --data train_loader --importance taylor", r"^--importance must be one of "),
     case("slim net --data train_loader -T 0", r"^-T must be a number > 0, got 0\.0$"),
     case("slim net --data train_loader --widht 0.5", r"^unknown option --widht: did you mean "),
+    case("slim net --data train_loader --depths 0.5,1",
+         r"^--depths needs residual blocks to leave out \(a module whose forward adds its own "),
+    case("slim net --data train_loader --depths 0,1", r"^each of --depths must be in \(0, 1\], "
+                                                       r"got 0$"),
+    case("slim net --data train_loader --depth 0.5",
+         r"^--depth 0\.5 is not among the depths to train \(1\); give --depths$"),
 
     # ---- %budget
     case("budget number --flops 0.5", NOT_A_MODULE),

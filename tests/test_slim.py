@@ -230,7 +230,7 @@ def test_layers_it_cannot_slice_are_named(digits):
 def test_already_slimmable_takes_only_a_width(slim_resnet, digits):
     tr, _ = digits
     _, sn = slim_resnet
-    with pytest.raises(BadInput, match=r"only width can change now, not epochs"):
+    with pytest.raises(BadInput, match=r"only width and depth can change now, not epochs"):
         nbcompress.slim(sn, epochs=3)
     with pytest.raises(BadInput, match=r"width 0.6 was not trained"):
         nbcompress.slim(sn, width=0.6)
@@ -308,3 +308,93 @@ def test_choose_early_exit_threshold(digits):
     assert row["accuracy"] == t[t["flops_fraction"] <= 0.97]["accuracy"].max()
     picked = nbcompress.choose(ee, flops=0.97, evaluator=te)
     assert picked.threshold == row["setting"] and picked is not ee
+
+
+# ------------------------------------------------------------------ depth
+def test_residual_blocks_are_found_in_models_we_did_not_write():
+    tv = pytest.importorskip("torchvision")
+    from nbcompress.techniques.slim.plan import residual_blocks
+
+    # the blocks with an identity shortcut (the first of stages 2-4 downsample: not skippable)
+    assert residual_blocks(tv.models.resnet18(), torch.randn(1, 3, 64, 64)) == \
+        ["layer1.0", "layer1.1", "layer2.1", "layer3.1", "layer4.1"]
+    assert residual_blocks(reference_cnn(8, blocks=2), torch.randn(1, 1, 28, 28)) == \
+        ["layer1.0", "layer1.1", "layer2.0", "layer2.1"]
+    assert residual_blocks(digits_cnn(), torch.randn(1, 1, 8, 8)) == []
+
+
+@pytest.fixture(scope="module")
+def _deep(digits):
+    from nbcompress.core import compress
+
+    tr, te = digits
+    m = reference_cnn(8, seed=0, blocks=2)
+    train_reference(m, tr, epochs=2, seed=0)
+    r = compress(m, SlimConfig(data=tr, widths="0.5,1", depths="0.5,1", epochs=2,
+                               progress=False), evaluator=te)
+    return m, r
+
+
+def test_depth_leaves_blocks_out_for_real(_deep, digits):
+    m, r = _deep
+    sn = copy.deepcopy(r.model)
+    _, te = digits
+    x = _x(te, 16)
+    assert sn.blocks == ["layer1.0", "layer1.1", "layer2.0", "layer2.1"]
+    left_out = sn.drops["0.5"]
+    assert len(left_out) == 2 and set(left_out) <= set(sn.blocks)
+    table = r.tables["widths"]
+    assert len(table) == 4 and set(table["depth"]) == {0.5, 1.0}
+    full = count_flops(sn, x[:1])[0]
+    for w in sn.widths:
+        for d in sn.depths:
+            sn.width, sn.depth = w, d
+            plain = sn.at_width().eval()
+            with torch.enable_grad():
+                sliced = sn(x)
+            with torch.no_grad():
+                assert torch.allclose(sliced, plain(x), atol=1e-5), (w, d)
+                assert torch.allclose(sn(x), plain(x), atol=1e-6), (w, d)
+            skipped = [n for n, mod in plain.named_modules() if isinstance(mod, nn.Identity)]
+            assert sorted(skipped) == (sorted(left_out) if d < 1 else [])
+            flops = count_flops(sn, x[:1])[0]
+            assert flops == count_flops(plain, x[:1])[0]
+            if d < 1 and w == 1:
+                assert flops < 0.8 * full
+    # each configuration below full has its own BatchNorm statistics
+    assert set(sn.stats) == {"w0_5", "w0_5_d0_5", "w1_d0_5"}
+    buf = io.BytesIO()
+    sn.width, sn.depth = 1.0, 0.5
+    nbcompress.save(sn, buf)
+    buf.seek(0)
+    back = nbcompress.load(buf)
+    assert back.depth == 0.5 and back.drops == sn.drops
+    with torch.no_grad():
+        assert torch.equal(back.eval()(x), sn.eval()(x))
+
+
+def test_depth_switch_and_budget_over_widths_and_depths(_deep, shell, digits):
+    _, r = _deep
+    _, te = digits
+    shell.user_ns.update(deep=copy.deepcopy(r.model), te=te)
+    out = shell.run_line_magic("slim", "deep --depth 0.5 --eval te")
+    assert shell.user_ns["deep"].depth == 0.5 and "blocks left out" in repr(out)
+    b = shell.run_line_magic("budget", "deep --flops 0.6")
+    t = b.result.tables["candidates"]
+    assert len(t) == 4 and "depth" in t
+    fits = t[t["flops_fraction"] <= 0.6]
+    row = t[t["chosen"]].iloc[0]
+    assert row["accuracy"] == fits["accuracy"].max()
+    chosen = shell.user_ns["deep"]
+    assert (chosen.width, chosen.depth) == (row["setting"], row["depth"])
+    with pytest.raises(UsageError, match=r"--depth 0\.25 was not trained \(trained: 0\.5, 1\)"):
+        shell.run_line_magic("slim", "deep --depth 0.25")
+
+
+def test_depths_need_residual_blocks(digits):
+    tr, _ = digits
+    m = digits_cnn()
+    snap = snapshot(m)
+    with pytest.raises(BadInput, match=r"depths needs residual blocks to leave out"):
+        nbcompress.slim(m, tr, depths="0.5,1", epochs=1)
+    assert same_as_snapshot(m, snap)

@@ -395,21 +395,28 @@ def sweep_plot_png(sweep, *, full_accuracy: float | None = None,
 
 
 def widths_plot_png(table, *, title: str = "slimmable widths") -> bytes:
-    """Accuracy (if measured) or latency against FLOPs, one point per trained width of a
-    slimmable network, the current width marked; PNG bytes."""
+    """Accuracy (if measured) or latency against FLOPs, one point per trained width (and depth)
+    of a slimmable network, one line per depth, the current configuration marked; PNG bytes."""
     fig = _figure(6.0, 3.4)
     ax = fig.add_subplot(1, 1, 1)
-    xs = table["flops"] / 1e6
     has_acc = table["accuracy"].notna().any()
-    ys = 100 * table["accuracy"] if has_acc else table["latency_ms"]
-    ax.plot(xs, ys, "o-", color="#3b6ea5", ms=5, lw=1.5, label="width")
-    for w, xv, yv in zip(table["width"], xs, ys):
-        ax.annotate(f"{w:g}", (xv, yv), textcoords="offset points", xytext=(4, -10), fontsize=8,
-                    color="#555555")
+    ycol = "accuracy" if has_acc else "latency_ms"
+    scale = 100 if has_acc else 1
+    depths = sorted(table["depth"].unique(), reverse=True) if "depth" in table else [None]
+    colors = ["#3b6ea5", "#2e8b57", "#8e44ad", "#c0392b"]
+    for i, d in enumerate(depths):
+        part = table if d is None else table[table["depth"] == d]
+        part = part.sort_values("flops")
+        ax.plot(part["flops"] / 1e6, scale * part[ycol], "o-", color=colors[i % len(colors)],
+                ms=5, lw=1.5, label="width" if d is None else f"depth {d:g}")
+        for w, xv, yv in zip(part["width"], part["flops"] / 1e6, scale * part[ycol]):
+            ax.annotate(f"{w:g}", (xv, yv), textcoords="offset points", xytext=(4, -10),
+                        fontsize=8, color="#555555")
     cur = table[table["current"]]
     if len(cur):
-        ax.plot(cur["flops"] / 1e6, (100 * cur["accuracy"]) if has_acc else cur["latency_ms"],
-                "*", color="#d9822b", ms=13, label=f"runs at {cur['width'].iloc[0]:g}")
+        label = f"runs at {cur['width'].iloc[0]:g}" + (
+            f", depth {cur['depth'].iloc[0]:g}" if "depth" in cur else "")
+        ax.plot(cur["flops"] / 1e6, scale * cur[ycol], "*", color="#d9822b", ms=13, label=label)
     ax.set_xlabel("MFLOPs per forward of the example")
     ax.set_ylabel("accuracy %" if has_acc else "latency ms")
     ax.set_title(title, fontsize=10)
@@ -432,8 +439,10 @@ def budget_plot_png(table, budget: float) -> bytes:
     ax.axvline(100 * budget, color="#c0392b", ls="--", lw=1, label=f"budget {budget:.0%}")
     pick = table[table["chosen"]] if "chosen" in table else table.iloc[:0]
     if len(pick):
+        d = pick["depth"].iloc[0] if "depth" in pick else 1.0
         ax.plot(100 * pick["flops_fraction"], 100 * pick["accuracy"], "*", color="#d9822b",
-                ms=14, label=f"chosen: {pick['kind'].iloc[0]} {pick['setting'].iloc[0]:g}")
+                ms=14, label=f"chosen: {pick['kind'].iloc[0]} {pick['setting'].iloc[0]:g}"
+                + (f", depth {d:g}" if d == d and d < 1 else ""))
     ax.set_xlabel("% of the full network's FLOPs")
     ax.set_ylabel("accuracy %")
     ax.set_title("budget: every trained configuration", fontsize=10)

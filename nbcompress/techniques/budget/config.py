@@ -29,7 +29,8 @@ def candidates(model: nn.Module, ctx: StepContext) -> pd.DataFrame:
         t = width_table(model, ctx, _example(ctx))
         if t is None:
             raise BadInput("%budget needs an evaluation loader (--eval) to measure each width")
-        df = pd.DataFrame({"kind": "width", "setting": t["width"], "flops": t["flops"],
+        df = pd.DataFrame({"kind": "width", "setting": t["width"],
+                           "depth": t["depth"] if "depth" in t else 1.0, "flops": t["flops"],
                            "flops_fraction": t["flops_fraction"], "latency_ms": t["latency_ms"],
                            "accuracy": t["accuracy"]})
     elif isinstance(model, EarlyExitModel):
@@ -62,9 +63,17 @@ def pick(table: pd.DataFrame, flops: float) -> int:
     if fits.empty:
         c = table.loc[table["flops_fraction"].idxmin()]
         raise BadInput(f"no configuration fits {flops:.1%} of the FLOPs: the cheapest is "
-                       f"{c['kind']} {c['setting']:g} at {c['flops_fraction']:.1%}")
+                       f"{_label(c)} at {c['flops_fraction']:.1%}")
     top = fits["accuracy"].max()
     return int(fits[fits["accuracy"] >= top - 1e-12]["flops_fraction"].idxmin())
+
+
+def _label(row) -> str:
+    text = f"{row['kind']} {row['setting']:g}"
+    depth = row.get("depth") if hasattr(row, "get") else None
+    if depth is not None and depth == depth and float(depth) < 1:
+        text += f", depth {float(depth):g}"
+    return text
 
 
 @dataclass
@@ -105,18 +114,21 @@ class BudgetConfig(StepConfig):
         i = pick(table, float(self.flops))
         row = table.loc[i]
         if isinstance(model, SlimmableNet):
-            old = f"width {model.width:g}"
+            old = f"width {model.width:g}" + (f", depth {model.depth:g}" if model.depth < 1
+                                              else "")
             model.width = model.check_width(float(row["setting"]))
+            model.depth = model.check_depth(float(row["depth"]))
         else:
             old = f"threshold {model.threshold:g}"
             model.threshold = float(row["setting"])
         table["chosen"] = [j == i for j in range(len(table))]
-        note = (f"{old} -> {row['kind']} {row['setting']:g}: {100 * row['accuracy']:.2f}% at "
+        note = (f"{old} -> {_label(row)}: {100 * row['accuracy']:.2f}% at "
                 f"{row['flops_fraction']:.1%} of the FLOPs, the most accurate of "
                 f"{int((table['flops_fraction'] <= self.flops + 1e-9).sum())} configurations "
                 f"within {self.flops:.0%} (of {len(table)})")
         result = CompressionResult(model, notes=[note],
                                    extra={"chosen": float(row["setting"]), "kind": row["kind"],
+                                          "depth": float(row.get("depth", 1.0)),
                                           "flops_fraction": float(row["flops_fraction"])})
         result.tables["candidates"] = table
         from ...report.plots import budget_plot_png

@@ -21,7 +21,7 @@ DEFAULT_WIDTHS = (0.25, 0.5, 0.75, 1.0)
 WEIGHT_IMPORTANCES = ("l1", "l2", "bn", "random")
 
 
-def parse_widths(value: Any) -> list[float]:
+def parse_widths(value: Any, field: str = "widths") -> list[float]:
     """``"0.25,0.5,1"`` / ``[0.25, 0.5, 1]`` -> sorted unique floats in (0, 1], 1 included."""
     if isinstance(value, str):
         parts = [p for p in value.replace(" ", "").split(",") if p]
@@ -34,13 +34,14 @@ def parse_widths(value: Any) -> list[float]:
         try:
             w = float(p)
         except (TypeError, ValueError):
-            raise FieldError(f"{{widths}} must be numbers in (0, 1], got {p!r}") from None
+            raise FieldError(f"{{{field}}} must be numbers in (0, 1], got {p!r}") from None
         if not 0 < w <= 1:
-            raise FieldError(f"each of {{widths}} must be in (0, 1], got {w:g}")
+            raise FieldError(f"each of {{{field}}} must be in (0, 1], got {w:g}")
         out.append(w)
     out = sorted(set(out) | {1.0})
     if len(out) < 2:
-        raise FieldError("{widths} needs at least one width below 1 (e.g. 0.25,0.5,0.75,1)")
+        raise FieldError(f"{{{field}}} needs at least one {field[:-1]} below 1 (e.g. "
+                         f"{'0.25,0.5,0.75,1' if field == 'widths' else '0.5,1'})")
     return out
 
 
@@ -75,6 +76,13 @@ class SlimConfig(StepConfig):
     width: float | None = option(None, kind="float", range="(0, 1]", metavar="W",
                                  help="the width to run at: one of the trained widths (after "
                                       "training, default 1)")
+    depths: Any = option(None, kind="str", metavar="D[,D...]", accepts=(list, tuple, float, int),
+                         help="also train for depth: the fractions of the residual blocks "
+                              "(x + f(x)) kept, e.g. 0.5,1; blocks are dropped at random in "
+                              "training (layer dropping) and the ones each depth leaves out "
+                              "are chosen on the data after training")
+    depth: float | None = option(None, kind="float", range="(0, 1]", metavar="D",
+                                 help="the depth to run at: one of the trained depths")
     epochs: int = option(5, kind="int", range="[1, inf)", help="training epochs")
     lr: float = option(1e-3, kind="float", range="(0, inf)", help="learning rate (Adam, cosine)")
     importance: str = option("l1", kind="choice", choices=WEIGHT_IMPORTANCES,
@@ -94,20 +102,22 @@ class SlimConfig(StepConfig):
     def validate(self, model: nn.Module) -> None:
         if isinstance(model, SlimmableNet):
             given = [f.name for f, _ in options_of(self)
-                     if f.name not in ("width",) and is_given(self, f)
-                     and f.name not in ("device", "progress")]
+                     if f.name not in ("width", "depth", "device", "progress")
+                     and is_given(self, f)]
             if given:
                 raise FieldError(
                     f"the model is already slimmable (widths "
-                    f"{', '.join(f'{w:g}' for w in model.widths)}): only {{width}} can change "
-                    f"now, not {', '.join('{' + g + '}' for g in given)} (%undo to get the "
-                    f"plain network back)")
-            if self.width is None:
-                raise FieldError("the model is already slimmable: give {width=W} to choose the "
-                                 "width it runs at")
-            if not any(abs(self.width - w) < 1e-9 for w in model.widths):
-                raise FieldError(f"{{width}} {self.width:g} was not trained (trained: "
-                                 f"{', '.join(f'{w:g}' for w in model.widths)})")
+                    f"{', '.join(f'{w:g}' for w in model.widths)}): only {{width}} and {{depth}} "
+                    f"can change now, not {', '.join('{' + g + '}' for g in given)} (%undo to "
+                    f"get the plain network back)")
+            if self.width is None and self.depth is None:
+                raise FieldError("the model is already slimmable: give {width=W} (or "
+                                 "{depth=D}) to choose what it runs at")
+            for field, value, trained in (("width", self.width, model.widths),
+                                          ("depth", self.depth, model.depths)):
+                if value is not None and not any(abs(value - v) < 1e-9 for v in trained):
+                    raise FieldError(f"{{{field}}} {value:g} was not trained (trained: "
+                                     f"{', '.join(f'{v:g}' for v in trained)})")
             return
         if self.data is None:
             raise FieldError("{data=LOADER} is needed to make the model slimmable (train its "
@@ -117,6 +127,11 @@ class SlimConfig(StepConfig):
         if self.width is not None and not any(abs(self.width - w) < 1e-9 for w in ws):
             raise FieldError(f"{{width}} {self.width:g} is not among the widths to train "
                              f"({', '.join(f'{w:g}' for w in ws)})")
+        ds = [1.0] if self.depths is None else parse_widths(self.depths, "depths")
+        if self.depth is not None and not any(abs(self.depth - d) < 1e-9 for d in ds):
+            raise FieldError(f"{{depth}} {self.depth:g} is not among the depths to train "
+                             f"({', '.join(f'{d:g}' for d in ds)})"
+                             + ("; give {depths}" if self.depths is None else ""))
 
     # ------------------------------------------------------------------ run
     def run(self, model: nn.Module, ctx: StepContext) -> CompressionResult:
@@ -124,7 +139,8 @@ class SlimConfig(StepConfig):
             return self._switch(model, ctx)
         from ...batches import (check_loader_runs, example_of, head, peek_batch, split_batch,
                                 to_device)
-        from .training import recalibrate, train_slimmable
+        from .plan import channels_at, residual_blocks, width_key
+        from .training import order_blocks, recalibrate, train_slimmable
 
         widths = parse_widths(DEFAULT_WIDTHS if self.widths is None else self.widths)
         check_loader_runs(model, self.data, "{data}", ctx.device)
@@ -136,31 +152,57 @@ class SlimConfig(StepConfig):
         if example is None:
             example = head(example_of(first_x), 1)
         example = to_device(example, ctx.device)
+        depths = [1.0] if self.depths is None else parse_widths(self.depths, "depths")
+        blocks = residual_blocks(model, example) if len(depths) > 1 else []
+        if len(depths) > 1 and not blocks:
+            raise FieldError("{depths} needs residual blocks to leave out (a module whose "
+                             "forward adds its own input, x + f(x), and keeps its shape); this "
+                             "model has none")
         plan = plan_widths(model, example, widths, importance=self.importance, seed=self.seed)
-        sn = SlimmableNet(model, widths, plan.spec)
+        sn = SlimmableNet(model, widths, plan.spec, blocks=blocks, depths=depths)
         sn.train(model.training)
         records = train_slimmable(sn, self.data, epochs=self.epochs, lr=self.lr, T=self.T,
                                   samples=self.samples, seed=self.seed, device=ctx.device,
                                   progress=self.progress)
+        if blocks:
+            order = order_blocks(sn, self.data, ctx.device)
+            for d in depths:
+                if d < 1:
+                    sn.drops[width_key(d)] = order[:len(blocks) - channels_at(d, len(blocks))]
         recalibrate(sn, self.data, ctx.device, self.calib)
         sn.width = 1.0 if self.width is None else sn.check_width(self.width)
+        sn.depth = 1.0 if self.depth is None else sn.check_depth(self.depth)
         notes = [f"trained widths {', '.join(f'{w:g}' for w in widths)} for {self.epochs} "
                  f"epoch{'s' if self.epochs != 1 else ''} (sandwich rule, in-place "
                  f"distillation at T={self.T:g}); channels ranked by {self.importance} first; "
                  f"BatchNorm statistics re-estimated per width on {self.calib} samples",
                  f"runs at width {sn.width:g}; the size counts every width's weights (they are "
                  f"all kept, so switching is free)"] + list(plan.notes)
+        if blocks:
+            notes.append(f"depths {', '.join(f'{d:g}' for d in depths)} over {len(blocks)} "
+                         f"residual blocks ({', '.join(blocks)}), each dropped with probability "
+                         f"{1 - min(depths):g} in training; left out first: "
+                         f"{', '.join(order)}")
         result = CompressionResult(sn, extra={"loss": [round(r["loss"], 4) for r in records],
-                                              "width": sn.width, "widths": widths})
+                                              "width": sn.width, "widths": widths,
+                                              "depth": sn.depth, "depths": depths})
         self._describe(sn, ctx, result, notes, example)
         return result
 
     def _switch(self, sn: SlimmableNet, ctx: StepContext) -> CompressionResult:
-        old = sn.width
-        sn.width = sn.check_width(self.width)
-        result = CompressionResult(sn, extra={"width": sn.width})
-        self._describe(sn, ctx, result, [f"width {old:g} -> {sn.width:g} (weights unchanged)"],
-                       _example(ctx))
+        old = (sn.width, sn.depth)
+        if self.width is not None:
+            sn.width = sn.check_width(self.width)
+        if self.depth is not None:
+            sn.depth = sn.check_depth(self.depth)
+        result = CompressionResult(sn, extra={"width": sn.width, "depth": sn.depth})
+        moved = [f"{what} {a:g} -> {b:g}" for what, a, b, given in
+                 (("width", old[0], sn.width, self.width is not None),
+                  ("depth", old[1], sn.depth, self.depth is not None)) if given]
+        skipped = sn.skipped()
+        self._describe(sn, ctx, result, [", ".join(moved) + " (weights unchanged)"
+                                         + (f"; blocks left out: {', '.join(skipped)}"
+                                            if skipped else "")], _example(ctx))
         return result
 
     def _describe(self, sn: SlimmableNet, ctx: StepContext, result: CompressionResult,
@@ -201,19 +243,23 @@ def width_table(sn: SlimmableNet, ctx: StepContext, example: Any = None) -> pd.D
         return None
     example = head(example, 1)
     rows = []
-    current = sn.width
+    current = (sn.width, sn.depth)
     try:
-        for w in sn.widths:
-            sn.width = w
-            flops = count_flops(sn, example)[0]
-            ms = measure_latency(sn, example, runs=10, warmup=2, max_seconds=0.5)
-            acc = ctx.evaluate(sn) if ctx.evaluator is not None else None
-            rows.append({"width": w, "flops": flops, "latency_ms": ms,
-                         "accuracy": acc if is_number(acc) else None,
-                         "current": abs(w - current) < 1e-9})
+        for d in sn.depths:
+            for w in sn.widths:
+                sn.width, sn.depth = w, d
+                flops = count_flops(sn, example)[0]
+                ms = measure_latency(sn, example, runs=10, warmup=2, max_seconds=0.5)
+                acc = ctx.evaluate(sn) if ctx.evaluator is not None else None
+                row = {"width": w, "depth": d, "flops": flops, "latency_ms": ms,
+                       "accuracy": acc if is_number(acc) else None,
+                       "current": abs(w - current[0]) < 1e-9 and abs(d - current[1]) < 1e-9}
+                if not sn.blocks:
+                    row.pop("depth")
+                rows.append(row)
     finally:
-        sn.width = current
+        sn.width, sn.depth = current
     df = pd.DataFrame(rows)
-    full = float(df["flops"].iloc[-1]) or 1.0
-    df.insert(2, "flops_fraction", df["flops"] / full)
+    full = float(df["flops"].max()) or 1.0
+    df.insert(3 if sn.blocks else 2, "flops_fraction", df["flops"] / full)
     return df

@@ -11,6 +11,7 @@ the user's own class (what ``nbcompress.save(model, f, width=W)`` writes).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import weakref
 from typing import Any
@@ -50,19 +51,56 @@ def _is_stat(name: str) -> bool:
 
 
 class SlimmableNet(nn.Module):
-    """A network trained to run at several widths (see the module's docstring).
+    """A network trained to run at several widths, and depths (see the module's docstring).
 
     ``widths``: the trained widths, ascending, the last 1.0; ``width``: the one it runs at;
-    ``spec``: ``{width text: {tensor name: [rows] | [rows, cols]}}``; ``stats``: a WidthStats per
-    width below 1 (the full width's are ``net``'s own buffers)."""
+    ``spec``: ``{width text: {tensor name: [rows] | [rows, cols]}}``; ``depths``: the trained
+    fractions of the residual blocks ``blocks`` kept ([1.0] without depth training), ``depth``
+    the one it runs at, ``drops``: ``{depth text: [block names skipped]}``; ``stats``: a
+    WidthStats per configuration below full width and depth (the full one's are ``net``'s own
+    buffers)."""
 
-    def __init__(self, net: nn.Module, widths: list[float], spec: dict, width: float = 1.0):
+    def __init__(self, net: nn.Module, widths: list[float], spec: dict, width: float = 1.0, *,
+                 blocks: list[str] | None = None, depths: list[float] | None = None,
+                 drops: dict | None = None, depth: float = 1.0):
         super().__init__()
         self.net = net
         self.widths = sorted(float(w) for w in widths)
         self.spec = {k: {n: [int(x) for x in v] for n, v in s.items()} for k, s in spec.items()}
         self.width = float(width)
+        self.blocks = list(blocks or [])
+        self.depths = sorted(float(d) for d in (depths or [1.0]))
+        self.drops = {k: list(v) for k, v in (drops or {}).items()}
+        self.depth = float(depth)
         self.stats = nn.ModuleDict()
+
+    # ------------------------------------------------------------------ depth
+    def check_depth(self, depth: float) -> float:
+        depth = float(depth)
+        if not any(abs(depth - d) < 1e-9 for d in self.depths):
+            raise BadInput(f"depth {depth:g} was not trained (trained: "
+                           f"{', '.join(f'{d:g}' for d in self.depths)})")
+        return next(d for d in self.depths if abs(depth - d) < 1e-9)
+
+    def skipped(self, depth: float | None = None) -> list[str]:
+        """The residual blocks skipped at ``depth`` (default the current one)."""
+        depth = self.depth if depth is None else depth
+        if depth >= 1.0:
+            return []
+        return list(self.drops.get(width_key(depth), []))
+
+    @contextlib.contextmanager
+    def skipping(self, names: list[str]):
+        """Inside, each named block of ``net`` returns its input: a residual block x + f(x)
+        without f (its work really left out)."""
+        mods = [self.net.get_submodule(n) for n in names]
+        for m in mods:
+            m.forward = _identity
+        try:
+            yield
+        finally:
+            for m in mods:
+                m.__dict__.pop("forward", None)
 
     # ------------------------------------------------------------------ widths
     def check_width(self, width: float) -> float:
@@ -72,20 +110,24 @@ class SlimmableNet(nn.Module):
                            f"{', '.join(f'{w:g}' for w in self.widths)})")
         return next(w for w in self.widths if abs(width - w) < 1e-9)
 
-    def _stats_key(self, width: float) -> str:
-        return "w" + width_key(width).replace(".", "_")
+    def _stats_key(self, width: float, depth: float | None = None) -> str:
+        depth = self.depth if depth is None else depth
+        key = "w" + width_key(width).replace(".", "_")
+        return key if depth >= 1.0 else key + "_d" + width_key(depth).replace(".", "_")
 
-    def sliced(self, width: float | None = None, *, own_stats: bool = True) -> dict:
-        """``{tensor name: leading slice}`` for ``width`` (views of ``net``'s tensors; the
-        BatchNorm statistics from that width's own, when ``own_stats`` and they exist)."""
+    def sliced(self, width: float | None = None, *, own_stats: bool = True,
+               depth: float | None = None) -> dict:
+        """``{tensor name: leading slice}`` for ``width`` (views of ``net``'s tensors), with the
+        BatchNorm statistics of that configuration (``width``, ``depth``) when ``own_stats`` and
+        it has its own."""
         width = self.width if width is None else width
-        spec = self.spec.get(width_key(width))
+        key = self._stats_key(width, depth)
+        stats = self.stats[key].as_dict() if own_stats and key in self.stats else {}
+        spec = self.spec.get(width_key(width)) or {}
         if not spec:
-            return {}
+            return dict(stats)
         state = dict(self.net.named_parameters())
         state.update(self.net.named_buffers())
-        stats = self.stats[self._stats_key(width)].as_dict() \
-            if own_stats and self._stats_key(width) in self.stats else {}
         out = {}
         for name, keep in spec.items():
             if name in stats:
@@ -93,54 +135,73 @@ class SlimmableNet(nn.Module):
                 continue
             t = state[name]
             out[name] = t[:keep[0]] if len(keep) == 1 else t[:keep[0], :keep[1]]
+        for name, t in stats.items():
+            out.setdefault(name, t)
         return out
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if self.width >= 1.0 or not self.spec.get(width_key(self.width)):
+        full = self.width >= 1.0 and self.depth >= 1.0
+        if full:
             return self.net(*args, **kwargs)
         if not self.training and not torch.is_grad_enabled():
             return self._plain()(*args, **kwargs)
-        return torch.func.functional_call(self.net, self.sliced(), args, kwargs, strict=False,
-                                          tie_weights=False)
+        sliced = self.sliced()
+        with self.skipping(self.skipped()):
+            if not sliced:
+                return self.net(*args, **kwargs)
+            return torch.func.functional_call(self.net, sliced, args, kwargs, strict=False,
+                                              tie_weights=False)
 
     def _plain(self) -> nn.Module:
-        key = (self.width, *((id(t), t.data_ptr(), t._version) for t in self.parameters()),
+        key = (self.width, self.depth,
+               *((id(t), t.data_ptr(), t._version) for t in self.parameters()),
                *((id(t), t.data_ptr(), t._version) for t in self.buffers()))
         got = _PLAIN.get(self)
         if got is None or got[0] != key:
-            net = self.at_width(self.width).eval()
+            net = self.at_width(self.width, self.depth).eval()
             for p in net.parameters():
                 p.requires_grad_(False)
             got = _PLAIN[self] = (key, net)
         return got[1]
 
-    def set_stats(self, width: float, stats: dict[str, torch.Tensor]) -> None:
-        """Keep ``stats`` (BatchNorm running mean / var at ``width``) as that width's own."""
-        if width >= 1.0:
+    def set_stats(self, width: float, stats: dict[str, torch.Tensor],
+                  depth: float = 1.0) -> None:
+        """Keep ``stats`` (BatchNorm running mean / var at ``width`` and ``depth``) as that
+        configuration's own."""
+        if width >= 1.0 and depth >= 1.0:
             with torch.no_grad():
                 for n, t in stats.items():
                     self.net.get_buffer(n).copy_(t)
             return
         names = sorted(stats)
-        self.stats[self._stats_key(width)] = WidthStats(names, [stats[n].detach().clone()
-                                                                for n in names])
+        self.stats[self._stats_key(width, depth)] = WidthStats(
+            names, [stats[n].detach().clone() for n in names])
 
     def stat_names(self) -> list[str]:
         return [n for n, _ in self.net.named_buffers() if _is_stat(n)]
 
     # ------------------------------------------------------------------ one width, plain
-    def at_width(self, width: float | None = None) -> nn.Module:
-        """A plain copy of the network at ``width`` (default the current one): every sliced
-        tensor cut to its leading entries, the layers' sizes set to match, that width's
-        BatchNorm statistics in place."""
+    def at_width(self, width: float | None = None, depth: float | None = None) -> nn.Module:
+        """A plain copy of the network at ``width`` and ``depth`` (default the current ones):
+        every sliced tensor cut to its leading entries, the layers' sizes set to match, the
+        skipped residual blocks replaced by ``nn.Identity``, that configuration's BatchNorm
+        statistics in place."""
         width = self.check_width(self.width if width is None else width)
+        depth = self.check_depth(self.depth if depth is None else depth)
         net = copy.deepcopy(self.net)
-        if width >= 1.0:
+        for name in self.skipped(depth):
+            owner, _, leaf = name.rpartition(".")
+            setattr(net.get_submodule(owner) if owner else net, leaf, nn.Identity())
+        if width >= 1.0 and depth >= 1.0:
             return net
-        cut = {n: t.detach().clone().contiguous() for n, t in self.sliced(width).items()}
+        cut = {n: t.detach().clone().contiguous()
+               for n, t in self.sliced(width, depth=depth).items()}
         for name, t in cut.items():
             owner, _, leaf = name.rpartition(".")
-            m = net.get_submodule(owner) if owner else net
+            try:
+                m = net.get_submodule(owner) if owner else net
+            except AttributeError:          # inside a skipped block: gone
+                continue
             if leaf in m._parameters:
                 m._parameters[leaf] = nn.Parameter(t, requires_grad=m._parameters[leaf]
                                                    .requires_grad)
@@ -165,7 +226,14 @@ class SlimmableNet(nn.Module):
         return rows
 
     def extra_repr(self) -> str:
-        return f"width={self.width:g}, widths={[round(w, 4) for w in self.widths]}"
+        text = f"width={self.width:g}, widths={[round(w, 4) for w in self.widths]}"
+        if self.blocks:
+            text += f", depth={self.depth:g}, depths={[round(d, 4) for d in self.depths]}"
+        return text
+
+
+def _identity(x, *args, **kwargs):
+    return x
 
 
 def _fit_sizes(m: nn.Module) -> None:

@@ -22,7 +22,7 @@ from torch import nn
 
 from ...errors import BadInput
 
-__all__ = ["SlicePlan", "plan_widths", "width_key", "channels_at"]
+__all__ = ["SlicePlan", "plan_widths", "width_key", "channels_at", "residual_blocks"]
 
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -168,3 +168,55 @@ def plan_widths(model: nn.Module, example_input: Any, widths: list[float], *,
                 spec[prefix + "bias"] = [rows]
         plan.spec[key] = spec
     return plan
+
+
+def _adds_its_input(m: nn.Module) -> bool:
+    """Whether ``m``'s forward (traced with torch.fx) adds its own input to something: a
+    residual block ``x + f(x)``."""
+    import operator
+
+    import torch.fx as fx
+
+    try:
+        graph = fx.symbolic_trace(m).graph
+    except Exception:  # noqa: BLE001 - not traceable: not a block we can tell is residual
+        return False
+    inputs = [n for n in graph.nodes if n.op == "placeholder"]
+    if len(inputs) != 1:
+        return False
+    adds = (operator.add, operator.iadd, torch.add)
+    for n in graph.nodes:
+        if (n.op == "call_function" and n.target in adds) or \
+                (n.op == "call_method" and n.target in ("add", "add_")):
+            if inputs[0] in n.args:
+                return True
+    return False
+
+
+def residual_blocks(model: nn.Module, example_input: Any) -> list[str]:
+    """The innermost sub-modules of ``model`` that are residual blocks with an identity
+    shortcut: their forward adds their own input (``x + f(x)``, found by tracing it) and their
+    output has their input's shape, so leaving one out (its output := its input) still runs."""
+    from ...batches import eval_mode, forward_batch
+
+    shapes: dict[str, tuple] = {}
+    handles = []
+    for name, m in model.named_modules():
+        if not name or not any(isinstance(c, _CONV + (nn.Linear,)) for c in m.modules()):
+            continue
+
+        def hook(mod, args, out, _n=name):
+            if args and isinstance(args[0], torch.Tensor) and isinstance(out, torch.Tensor) \
+                    and len(args) == 1:
+                shapes.setdefault(_n, (tuple(args[0].shape), tuple(out.shape)))
+        handles.append(m.register_forward_hook(hook))
+    try:
+        with torch.no_grad(), eval_mode(model):
+            forward_batch(model, example_input)
+    finally:
+        for h in handles:
+            h.remove()
+    found = [name for name, m in model.named_modules()
+             if name in shapes and shapes[name][0] == shapes[name][1] and _adds_its_input(m)]
+    # the innermost: a stage of several blocks is not one block
+    return [f for f in found if not any(g.startswith(f + ".") for g in found)]

@@ -23,16 +23,20 @@ from ...batches import forward_batch, logits_of, split_batch, to_device
 from ...tokens import task_loss, token_kd_loss
 from .model import SlimmableNet
 
-__all__ = ["sandwich_loss", "recalibrate", "train_slimmable"]
+__all__ = ["sandwich_loss", "recalibrate", "order_blocks", "train_slimmable"]
 
 _BN = nn.modules.batchnorm._BatchNorm
 
 
-def sandwich_loss(widths: list[float], *, T: float = 1.0, samples: int = 2, seed: int = 0):
-    """``loss_fn(model, batch)`` for :func:`nbcompress.train.fit` on a :class:`SlimmableNet`."""
+def sandwich_loss(widths: list[float], *, T: float = 1.0, samples: int = 2, seed: int = 0,
+                  blocks: list[str] | None = None, drop: float = 0.0):
+    """``loss_fn(model, batch)`` for :func:`nbcompress.train.fit` on a :class:`SlimmableNet`.
+    With ``blocks`` and ``drop`` > 0, each narrower pass also skips each of those residual
+    blocks with probability ``drop`` (layer dropping), so any subset can be left out later."""
     ws = sorted(widths)
     full, small, middle = ws[-1], ws[0], ws[1:-1]
     rng = random.Random(seed)
+    blocks = list(blocks or [])
 
     def loss_fn(model: SlimmableNet, batch: Any) -> torch.Tensor:
         x, y = split_batch(batch)
@@ -42,9 +46,14 @@ def sandwich_loss(widths: list[float], *, T: float = 1.0, samples: int = 2, seed
             loss = task_loss(teacher, x, y)
             soft = teacher.detach()
             chosen = middle if len(middle) <= samples else rng.sample(middle, samples)
-            for w in ([small] if small < full else []) + list(chosen):
+            passes = ([small] if small < full else []) + list(chosen)
+            if drop > 0 and blocks:
+                passes.append(full)               # the full width with blocks dropped
+            for w in passes:
                 model.width = w
-                out = logits_of(forward_batch(model, x))
+                skip = [b for b in blocks if rng.random() < drop] if drop > 0 else []
+                with model.skipping(skip):
+                    out = logits_of(forward_batch(model, x))
                 loss = loss + token_kd_loss(out, soft, x, y, T)
         finally:
             model.width = full
@@ -55,53 +64,107 @@ def sandwich_loss(widths: list[float], *, T: float = 1.0, samples: int = 2, seed
 
 @torch.no_grad()
 def recalibrate(sn: SlimmableNet, loader: Any, device: Any, max_samples: int = 2000) -> None:
-    """Re-estimate every trained width's BatchNorm running statistics on up to ``max_samples``
-    samples of ``loader`` and keep them per width."""
+    """Re-estimate the BatchNorm running statistics of every trained configuration (width x
+    depth) on up to ``max_samples`` samples of ``loader`` and keep them per configuration."""
     bns = [(n, m) for n, m in sn.net.named_modules() if isinstance(m, _BN)
            and m.track_running_stats]
     if not bns:
         return
     modes = {m: m.training for m in sn.modules()}
     momenta = {m: m.momentum for _, m in bns}
-    width0 = sn.width
+    width0, depth0 = sn.width, sn.depth
     try:
         sn.eval()
         for _, m in bns:
             m.train()
             m.momentum = None                      # cumulative average over the batches seen
         for w in sn.widths:
-            for _, m in bns:
-                m.reset_running_stats()
-            spec = sn.spec.get(f"{w:g}", {}) if w < 1 else {}
-            own = {}
-            for name, m in bns:
-                for stat, fill in (("running_mean", 0.0), ("running_var", 1.0)):
-                    key = f"{name}.{stat}" if name else stat
-                    if key in spec:
-                        own[key] = torch.full((spec[key][0],), fill, device=m.running_mean.device,
-                                              dtype=m.running_mean.dtype)
-            seen = 0
-            for batch in loader:
-                x, _ = split_batch(batch)
-                x = to_device(x, device)
-                if w >= 1:
-                    sn.width = w
-                    forward_batch(sn, x)
-                else:
-                    sliced = sn.sliced(w, own_stats=False)
-                    sliced.update(own)
-                    fn = (lambda *a, **k: torch.func.functional_call(sn.net, sliced, a, k,
-                                                                      strict=False,
-                                                                      tie_weights=False))
-                    forward_batch(_Call(fn), x)
-                seen += _batch_size(x)
-                if seen >= max_samples:
-                    break
-            if w < 1:
-                sn.set_stats(w, own)
+            for d in sn.depths:
+                _calibrate_one(sn, bns, w, d, loader, device, max_samples)
     finally:
-        sn.width = width0
+        sn.width, sn.depth = width0, depth0
         for _, m in bns:
+            m.momentum = momenta[m]
+        for m, t in modes.items():
+            m.training = t
+
+
+def _calibrate_one(sn, bns, w, d, loader, device, max_samples) -> None:
+    for _, m in bns:
+        m.reset_running_stats()
+    spec = sn.spec.get(f"{w:g}", {}) if w < 1 else {}
+    skipped = sn.skipped(d)
+    own = {}
+    if w < 1 or d < 1:
+        for name, m in bns:
+            if any(name == b or name.startswith(b + ".") for b in skipped):
+                continue                           # inside a skipped block: never runs
+            for stat, fill in (("running_mean", 0.0), ("running_var", 1.0)):
+                key = f"{name}.{stat}" if name else stat
+                n = spec[key][0] if key in spec else m.num_features
+                own[key] = torch.full((n,), fill, device=m.running_mean.device,
+                                      dtype=m.running_mean.dtype)
+    seen = 0
+    with sn.skipping(skipped):
+        for batch in loader:
+            x, _ = split_batch(batch)
+            x = to_device(x, device)
+            if not own:
+                sn.width, sn.depth = 1.0, 1.0
+                forward_batch(sn, x)
+            else:
+                sliced = sn.sliced(w, own_stats=False, depth=1.0)
+                sliced.update(own)
+                fn = (lambda *a, **k: torch.func.functional_call(sn.net, sliced, a, k,
+                                                                  strict=False,
+                                                                  tie_weights=False))
+                forward_batch(_Call(fn), x)
+            seen += _batch_size(x)
+            if seen >= max_samples:
+                break
+    if own:
+        sn.set_stats(w, own, depth=d)
+
+
+@torch.no_grad()
+def order_blocks(sn: SlimmableNet, loader: Any, device: Any, batches: int = 4) -> list[str]:
+    """The residual blocks in the order they are best dropped: greedily, the block whose
+    removal (with those before it) changes the full width's output least (KL divergence on
+    ``batches`` training batches, BatchNorm on each batch's own statistics)."""
+    import torch.nn.functional as F
+
+    xs = []
+    for batch in loader:
+        xs.append(to_device(split_batch(batch)[0], device))
+        if len(xs) >= batches:
+            break
+    bns = [m for m in sn.net.modules() if isinstance(m, _BN)]
+    modes = {m: m.training for m in sn.modules()}
+    momenta = {m: m.momentum for m in bns}
+    width0, depth0 = sn.width, sn.depth
+    try:
+        sn.eval()
+        sn.width, sn.depth = 1.0, 1.0
+        for m in bns:
+            m.train()
+            m.momentum = 0.0                       # batch statistics; running ones untouched
+        ref = [F.log_softmax(logits_of(forward_batch(sn, x)).float(), -1) for x in xs]
+        order: list[str] = []
+        left = list(sn.blocks)
+        while left:
+            cost = {}
+            for b in left:
+                with sn.skipping(order + [b]):
+                    cost[b] = sum(float(F.kl_div(F.log_softmax(logits_of(forward_batch(
+                        sn, x)).float(), -1), r, log_target=True, reduction="batchmean"))
+                        for x, r in zip(xs, ref))
+            best = min(left, key=lambda b: cost[b])
+            order.append(best)
+            left.remove(best)
+        return order
+    finally:
+        sn.width, sn.depth = width0, depth0
+        for m in bns:
             m.momentum = momenta[m]
         for m, t in modes.items():
             m.training = t
@@ -130,9 +193,12 @@ def train_slimmable(sn: SlimmableNet, loader: Any, *, epochs: int, lr: float, T:
     from ...train import fit
 
     sn.train()
+    drop = 1.0 - min(sn.depths) if sn.blocks else 0.0
     records = fit(sn, loader, epochs=epochs, lr=lr, loss_fn=sandwich_loss(sn.widths, T=T,
                                                                           samples=samples,
-                                                                          seed=seed),
+                                                                          seed=seed,
+                                                                          blocks=sn.blocks,
+                                                                          drop=drop),
                   scheduler="cosine", seed=seed, device=device, progress=progress, desc="slim")
     sn.eval()
     return records
