@@ -27,8 +27,8 @@ __all__ = [
     "MNIST_MEAN", "MNIST_STD",
     "mnist_arrays", "mnist_loaders", "digits_arrays", "digits_loaders",
     "text_arrays", "text_loaders", "TokenSequences", "TEXT_VOCAB",
-    "LeNet300100", "LeNet5", "ResidualBlock", "SmallResNet",
-    "lenet_300_100", "lenet5", "reference_cnn", "train_reference",
+    "LeNet300100", "LeNet5", "LeNet5Caffe", "ResidualBlock", "SmallResNet",
+    "lenet_300_100", "lenet5", "lenet5_caffe", "reference_cnn", "train_reference",
 ]
 
 MNIST_MEAN = 0.1307
@@ -329,6 +329,33 @@ class LeNet5(nn.Module):
         return self.fc3(x)
 
 
+class LeNet5Caffe(nn.Module):
+    """The LeNet-5 of Caffe's MNIST example, which the compression papers report on (Han et al.
+    2016's "LeNet-5, 431K weights", Dynamic Network Surgery, Sparse VD, Bayesian Compression):
+    conv(20,5x5)-pool-conv(50,5x5)-pool-500-10 for 28x28 input; 431,080 parameters.
+    :class:`LeNet5` is the smaller textbook variant (6-16-120-84, 61,706 parameters)."""
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, *, seed: int | None = None):
+        super().__init__()
+        self.in_channels = int(in_channels)
+        self.num_classes = int(num_classes)
+        with _seeded(seed):
+            self.conv1 = nn.Conv2d(self.in_channels, 20, 5)
+            self.pool1 = nn.MaxPool2d(2)
+            self.conv2 = nn.Conv2d(20, 50, 5)
+            self.pool2 = nn.MaxPool2d(2)
+            self.flatten = nn.Flatten()
+            self.fc1 = nn.Linear(50 * 4 * 4, 500)
+            self.relu = nn.ReLU()
+            self.fc2 = nn.Linear(500, self.num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool1(self.conv1(x))
+        x = self.pool2(self.conv2(x))
+        x = self.relu(self.fc1(self.flatten(x)))
+        return self.fc2(x)
+
+
 class ResidualBlock(nn.Module):
     """conv3x3-BN-ReLU-conv3x3-BN, plus the identity, then ReLU (channels and size unchanged)."""
 
@@ -351,18 +378,27 @@ class ResidualBlock(nn.Module):
         return self.relu2(out)
 
 
+def _stage(channels: int, blocks: int) -> nn.Module:
+    if blocks == 1:
+        return ResidualBlock(channels)
+    return nn.Sequential(*(ResidualBlock(channels) for _ in range(blocks)))
+
+
 class SmallResNet(nn.Module):
     """The reference CNN for structured pruning: a stem, two residual stages, a linear head.
 
     ``conv1/bn1/relu`` (w channels) -> ``pool`` (/2) -> ``layer1`` ResidualBlock(w) ->
     ``down_conv/down_bn/down_relu`` (2w channels, stride 2) -> ``layer2`` ResidualBlock(2w) ->
     ``avgpool`` -> ``flatten`` -> ``fc``. For 28x28 input the stages are 14x14 and 7x7; any input
-    of at least 4x4 works (the 8x8 digits too).
+    of at least 4x4 works (the 8x8 digits too). ``blocks`` > 1: each stage is an
+    ``nn.Sequential`` of that many residual blocks (a deeper network, e.g. for layer dropping).
     """
 
     def __init__(self, width: int = 32, num_classes: int = 10, in_channels: int = 1, *,
-                 seed: int | None = None):
+                 seed: int | None = None, blocks: int = 1):
         super().__init__()
+        if int(blocks) < 1:
+            raise BadInput(f"blocks must be at least 1, got {blocks!r}")
         self.width = int(width)
         self.num_classes = int(num_classes)
         self.in_channels = int(in_channels)
@@ -372,11 +408,11 @@ class SmallResNet(nn.Module):
             self.bn1 = nn.BatchNorm2d(w)
             self.relu = nn.ReLU()
             self.pool = nn.MaxPool2d(2)
-            self.layer1 = ResidualBlock(w)
+            self.layer1 = _stage(w, int(blocks))
             self.down_conv = nn.Conv2d(w, 2 * w, 3, stride=2, padding=1, bias=False)
             self.down_bn = nn.BatchNorm2d(2 * w)
             self.down_relu = nn.ReLU()
-            self.layer2 = ResidualBlock(2 * w)
+            self.layer2 = _stage(2 * w, int(blocks))
             self.avgpool = nn.AdaptiveAvgPool2d(1)
             self.flatten = nn.Flatten()
             self.fc = nn.Linear(2 * w, self.num_classes)
@@ -400,10 +436,17 @@ def lenet5(seed: int | None = None) -> LeNet5:
     return LeNet5(seed=seed)
 
 
+def lenet5_caffe(seed: int | None = None) -> LeNet5Caffe:
+    """A fresh LeNet-5 as in Caffe's MNIST example (431K parameters), the one the compression
+    papers' LeNet-5 ratios are for."""
+    return LeNet5Caffe(seed=seed)
+
+
 def reference_cnn(width: int = 32, num_classes: int = 10, in_channels: int = 1,
-                  seed: int | None = None) -> SmallResNet:
-    """A fresh :class:`SmallResNet` (the CNN structured pruning is shown on)."""
-    return SmallResNet(width, num_classes, in_channels, seed=seed)
+                  seed: int | None = None, blocks: int = 1) -> SmallResNet:
+    """A fresh :class:`SmallResNet` (the CNN structured pruning is shown on); ``blocks``
+    residual blocks per stage."""
+    return SmallResNet(width, num_classes, in_channels, seed=seed, blocks=blocks)
 
 
 def train_reference(model: nn.Module, train_loader: DataLoader | None = None, epochs: int = 20,

@@ -62,7 +62,8 @@ class SlimConfig(StepConfig):
     technique: ClassVar[str] = "slim"
     trains_with: ClassVar[str | None] = "data"
     model_help: ClassVar[str] = "the variable holding the model (rebound to the slimmable network)"
-    summary: ClassVar[str] = "slimmable widths: one set of weights runs at 25/50/75/100% width"
+    summary: ClassVar[str] = ("slimmable network: one set of weights runs at several widths "
+                              "(and depths: residual blocks left out)")
     examples: ClassVar[tuple] = (
         "%slim net --widths 0.25,0.5,0.75,1 --data train_loader --epochs 5",
         "%slim net --width 0.5          # later: run at half width (undoable)",

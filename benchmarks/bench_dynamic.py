@@ -1,0 +1,243 @@
+"""Dynamic width (issue 17): a slimmable SmallResNet against networks of each width trained alone,
+and against structured pruning at the same FLOPs, on the embedded MNIST (4,000 / 1,000 digits).
+
+For each seed:
+
+* **slimmable**: ``nbcompress.slim(SmallResNet(32), widths=0.25,0.5,0.75,1, epochs=E)`` from
+  random weights (sandwich rule + in-place distillation, BatchNorm re-estimated per width);
+  accuracy at every width on the test digits.
+* **alone**: ``SmallResNet(round(32 w))`` for each width (the same architecture the slimmable
+  network runs at that width), trained alone for the same E epochs with the same optimiser
+  (Adam, lr 1e-3, cosine, ``nbcompress.fit``).
+* **pruned**: the full network trained alone, then ``%prune --structured --target-flops F
+  --finetune`` (L1, E epochs of fine-tuning) with F the slimmable width 0.5's share of the FLOPs.
+
+FLOPs: ``torch.utils.flop_counter`` on one digit. Latency: batch 64, one thread, the width-0.5 and
+full-width slimmable networks alternated, median of --runs runs after warm-up
+(``benchmarks/_timing.py``), wall and thread-CPU milliseconds.
+
+Targets (issue 17): every width within 1 point of the same width trained alone (mean over seeds);
+width 0.5 at most 0.3x the full FLOPs and at least 2x faster at batch 64; the width-0.5 network
+within 0.5 points of structured pruning at the same FLOPs.
+
+Depth (``--parts depth``): SmallResNet(16) with 3 residual blocks a stage (6 in all), made
+slimmable from random weights with ``widths=0.5,1, depths=0.5,1`` (layer dropping), E epochs.
+Targets: leaving half the blocks out (depth 0.5, full width) costs at most 2 points against the
+full configuration; ``%budget --flops 0.5`` (``nbcompress.choose``, on the test digits) is at
+least as accurate as the best network of a single fixed shape within that budget trained alone
+for the same epochs (SmallResNet(11) with 3 blocks a stage, and SmallResNet(16) with 1).
+
+    python benchmarks/bench_dynamic.py                    # seeds 0 1 2, 6 epochs, both parts
+    python benchmarks/bench_dynamic.py --parts depth --seeds 0 --epochs 2 --runs 10
+
+Writes benchmarks/results/dynamic.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from _timing import alternated  # noqa: E402
+import nbcompress  # noqa: E402
+from nbcompress.counting import count_flops  # noqa: E402
+from nbcompress.data import mnist_loaders, reference_cnn  # noqa: E402
+
+WIDTHS = (0.25, 0.5, 0.75, 1.0)
+BASE = 32
+TARGETS = {"vs_alone_pts": 1.0, "flops_05": 0.3, "speedup_05": 2.0, "vs_pruned_pts": 0.5}
+
+
+def log(*a):
+    print(*a, flush=True)
+
+
+def table(headers, rows):
+    w = [max(len(str(h)), *(len(str(r[i])) for r in rows)) for i, h in enumerate(headers)]
+    log("  " + "  ".join(str(h).ljust(w[i]) for i, h in enumerate(headers)))
+    for r in rows:
+        log("  " + "  ".join(str(c).ljust(w[i]) for i, c in enumerate(r)))
+
+
+def run_seed(seed: int, a, train, test) -> dict:
+    x1 = next(iter(test))[0][:1]
+    t0 = time.perf_counter()
+    sn = nbcompress.slim(reference_cnn(BASE, seed=seed), train, widths=list(WIDTHS),
+                         epochs=a.epochs, seed=seed)
+    slim_s = time.perf_counter() - t0
+    out = {"seed": seed, "slim_seconds": round(slim_s, 1), "widths": {}}
+    flops = {}
+    for w in WIDTHS:
+        sn.width = w
+        flops[w] = count_flops(sn, x1)[0]
+        out["widths"][str(w)] = {"slim_accuracy": nbcompress.evaluate(sn, test),
+                                 "flops": flops[w]}
+    alone_full = None
+    t0 = time.perf_counter()
+    for w in WIDTHS:
+        m = reference_cnn(max(1, round(BASE * w)), seed=seed)
+        nbcompress.fit(m, train, epochs=a.epochs, lr=1e-3, scheduler="cosine", seed=seed,
+                       progress=False)
+        row = out["widths"][str(w)]
+        row["alone_accuracy"] = nbcompress.evaluate(m, test)
+        row["alone_flops"] = count_flops(m, x1)[0]
+        row["vs_alone_pts"] = 100 * (row["slim_accuracy"] - row["alone_accuracy"])
+        if w == 1.0:
+            alone_full = m
+    out["alone_seconds"] = round(time.perf_counter() - t0, 1)
+    share = flops[0.5] / flops[1.0]
+    pruned = nbcompress.prune(alone_full, structured=True, target_flops=share, finetune=train,
+                              epochs=a.epochs, seed=seed)
+    out["pruned"] = {"target_flops": share, "flops": count_flops(pruned, x1)[0],
+                     "accuracy": nbcompress.evaluate(pruned, test)}
+    out["vs_pruned_pts"] = 100 * (out["widths"]["0.5"]["slim_accuracy"]
+                                  - out["pruned"]["accuracy"])
+    half, full = sn, nbcompress.slim(sn, width=1.0)
+    half.width = 0.5
+    xb = next(iter(train))[0][:64]
+    t = alternated({"width 0.5": half, "width 1": full}, xb, runs=a.runs, warmup=5)
+    out["latency_b64"] = t
+    out["speedup_05_wall"] = t["width 1"]["wall_ms"] / t["width 0.5"]["wall_ms"]
+    out["speedup_05_cpu"] = t["width 1"]["cpu_ms"] / t["width 0.5"]["cpu_ms"]
+    out["flops_05"] = share
+    return out
+
+
+def run_depth(seed: int, a, train, test) -> dict:
+    x1 = next(iter(test))[0][:1]
+    sn = nbcompress.slim(reference_cnn(16, seed=seed, blocks=3), train, widths=[0.5, 1],
+                         depths=[0.5, 1], epochs=a.depth_epochs, seed=seed)
+    out = {"seed": seed, "left_out": sn.drops["0.5"], "configs": {}}
+    for w in sn.widths:
+        for d in sn.depths:
+            sn.width, sn.depth = w, d
+            out["configs"][f"w{w:g} d{d:g}"] = {"accuracy": nbcompress.evaluate(sn, test),
+                                                "flops": count_flops(sn, x1)[0]}
+    full = out["configs"]["w1 d1"]
+    half = out["configs"]["w1 d0.5"]
+    out["half_depth_drop_pts"] = 100 * (full["accuracy"] - half["accuracy"])
+    out["half_depth_flops"] = half["flops"] / full["flops"]
+    sn.width, sn.depth = 1.0, 1.0
+    picked = nbcompress.choose(sn, flops=0.5, evaluator=test)
+    out["budget"] = {"width": picked.width, "depth": picked.depth,
+                     "accuracy": nbcompress.evaluate(picked, test),
+                     "flops": count_flops(picked, x1)[0] / full["flops"]}
+    fixed = {}
+    for label, m in (("SmallResNet(11, 3 blocks)", reference_cnn(11, seed=seed, blocks=3)),
+                     ("SmallResNet(16, 1 block)", reference_cnn(16, seed=seed, blocks=1))):
+        nbcompress.fit(m, train, epochs=a.depth_epochs, lr=1e-3, scheduler="cosine", seed=seed,
+                       progress=False)
+        fixed[label] = {"accuracy": nbcompress.evaluate(m, test),
+                        "flops": count_flops(m, x1)[0] / full["flops"]}
+    out["fixed"] = fixed
+    fits = [v["accuracy"] for v in fixed.values() if v["flops"] <= 0.5]
+    out["best_fixed_accuracy"] = max(fits) if fits else None
+    return out
+
+
+def depth_part(a, train, test) -> dict:
+    runs = [run_depth(int(s), a, train, test) for s in a.seeds.split(",")]
+    mean = statistics.mean
+    drop = mean(r["half_depth_drop_pts"] for r in runs)
+    bud = mean(r["budget"]["accuracy"] for r in runs)
+    best = mean(r["best_fixed_accuracy"] for r in runs if r["best_fixed_accuracy"] is not None)
+    log(f"\ndepth: SmallResNet(16), 3 blocks a stage, widths 0.5,1 x depths 0.5,1, "
+        f"{a.depth_epochs} epochs, {len(runs)} seeds:")
+    table(["seed", "full %", "half depth %", "drop pts", "FLOPs", "left out", "budget 0.5",
+           "budget %", "best fixed %"],
+          [[r["seed"], f"{100 * r['configs']['w1 d1']['accuracy']:.2f}",
+            f"{100 * r['configs']['w1 d0.5']['accuracy']:.2f}",
+            f"{r['half_depth_drop_pts']:+.2f}", f"{r['half_depth_flops']:.2f}",
+            ",".join(r["left_out"]), f"w{r['budget']['width']:g} d{r['budget']['depth']:g}",
+            f"{100 * r['budget']['accuracy']:.2f}",
+            f"{100 * r['best_fixed_accuracy']:.2f}" if r["best_fixed_accuracy"] else "-"]
+           for r in runs])
+    met = {"half_depth": drop <= 2.0, "budget_vs_fixed": bud >= best - 1e-12}
+    log(f"  half the blocks left out: {drop:+.2f} pts (target <= 2); %budget --flops 0.5: "
+        f"{100 * bud:.2f}% vs the best fixed shape trained alone {100 * best:.2f}%; "
+        + ", ".join(f"{k} {'met' if v else 'NOT met'}" for k, v in met.items()))
+    return {"runs": runs, "half_depth_drop_pts": drop, "budget_accuracy": bud,
+            "best_fixed_accuracy": best, "met": met, "epochs": a.depth_epochs}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--parts", default="width,depth")
+    p.add_argument("--depth-epochs", type=int, default=5)
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--runs", type=int, default=30)
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "dynamic.json"))
+    a = p.parse_args(argv)
+    torch.set_num_threads(1)
+    train, test = mnist_loaders()
+    parts = a.parts.split(",")
+    out_path = Path(a.out)
+    result = json.loads(out_path.read_text()) if out_path.exists() else {}
+    result["env"] = {"torch": torch.__version__, "python": platform.python_version(),
+                     "date": time.strftime("%Y-%m-%d"), "threads": 1,
+                     "data": "embedded MNIST 4,000 / 1,000"}
+    if "width" in parts:
+        result.update(width_part(a, train, test))
+    if "depth" in parts:
+        result["depth"] = depth_part(a, train, test)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps(result, indent=1, default=str) + "\n")
+    log(f"wrote {a.out}")
+    return 0
+
+
+def width_part(a, train, test) -> dict:
+    runs = []
+    for s in a.seeds.split(","):
+        log(f"seed {s}: slimmable + {len(WIDTHS)} networks alone + structured pruning, "
+            f"{a.epochs} epochs each ...")
+        runs.append(run_seed(int(s), a, train, test))
+    mean = statistics.mean
+    rows, summary = [], {}
+    for w in WIDTHS:
+        k = str(w)
+        sa = mean(r["widths"][k]["slim_accuracy"] for r in runs)
+        aa = mean(r["widths"][k]["alone_accuracy"] for r in runs)
+        fl = runs[0]["widths"][k]["flops"]
+        summary[k] = {"slim_accuracy": sa, "alone_accuracy": aa, "vs_alone_pts": 100 * (sa - aa),
+                      "flops": fl, "flops_fraction": fl / runs[0]["widths"]["1.0"]["flops"]}
+        rows.append([f"{w:g}", f"{fl / 1e6:.2f} M", f"{summary[k]['flops_fraction']:.2f}",
+                     f"{100 * sa:.2f}", f"{100 * aa:.2f}", f"{100 * (sa - aa):+.2f}"])
+    log(f"\nslimmable SmallResNet({BASE}) vs each width trained alone ({a.epochs} epochs, mean "
+        f"of {len(runs)} seeds, 1,000 test digits):")
+    table(["width", "FLOPs", "of full", "slimmable %", "alone %", "diff pts"], rows)
+    pr = mean(r["pruned"]["accuracy"] for r in runs)
+    vs_pr = mean(r["vs_pruned_pts"] for r in runs)
+    sp_w = mean(r["speedup_05_wall"] for r in runs)
+    sp_c = mean(r["speedup_05_cpu"] for r in runs)
+    f05 = summary["0.5"]["flops_fraction"]
+    log(f"\nstructured pruning to the same FLOPs ({100 * runs[0]['pruned']['target_flops']:.1f}% "
+        f"target, {runs[0]['pruned']['flops'] / 1e6:.2f} MFLOPs): {100 * pr:.2f}%; width 0.5 "
+        f"{100 * summary['0.5']['slim_accuracy']:.2f}% ({vs_pr:+.2f} pts)")
+    log(f"width 0.5 at batch 64, one thread: {sp_w:.2f}x faster (wall), {sp_c:.2f}x (CPU); "
+        f"FLOPs {f05:.3f}x the full width")
+    worst = min(summary[str(w)]["vs_alone_pts"] for w in WIDTHS)
+    met = {"vs_alone": worst >= -TARGETS["vs_alone_pts"], "flops_05": f05 <= TARGETS["flops_05"],
+           "speedup_05": sp_c >= TARGETS["speedup_05"],
+           "vs_pruned": vs_pr >= -TARGETS["vs_pruned_pts"]}
+    log("targets: " + ", ".join(f"{k} {'met' if v else 'NOT met'}" for k, v in met.items()))
+    return {"settings": {"epochs": a.epochs, "base_width": BASE, "widths": list(WIDTHS),
+                         "runs": a.runs},
+            "targets": TARGETS, "summary": summary, "pruned_accuracy": pr,
+            "vs_pruned_pts": vs_pr, "speedup_05_wall": sp_w, "speedup_05_cpu": sp_c,
+            "met": met, "runs": runs}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
