@@ -476,3 +476,27 @@ def test_generated_magic_help_keeps_the_options(shell):
                  "%earlyexit cnn --threshold 0.97"):
         assert text in doc, text
     assert "%%" not in doc
+
+
+def test_residual_networks_get_exits_between_their_stages():
+    """torchvision's ResNet and VGG (models the project did not write) flatten in their forward
+    before the classifier: that flatten becomes a block, the residual stages stay whole, and at
+    threshold 1 every sample goes through: the output is the network's own."""
+    tv = pytest.importorskip("torchvision")
+    from torch.utils.data import DataLoader, TensorDataset
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(32, 3, 32, 32, generator=g), torch.randint(0, 10, (32,), generator=g)
+    dl = DataLoader(TensorDataset(x, y), batch_size=16)
+    for m, exits in ((tv.models.resnet18(num_classes=10), "layer1,layer2,layer3"),
+                     (tv.models.vgg11(num_classes=10), "features.5,features.10")):
+        m.eval()
+        ee = early_exit(m, dl, exits=exits, epochs=1, threshold=1.0)
+        assert ee.exit_names == tuple(exits.split(","))
+        assert any(isinstance(b, nn.Flatten) for b in ee.backbone)
+        with torch.no_grad():
+            assert torch.allclose(ee.eval()(x[:8]), m(x[:8]), atol=1e-5)
+            ee.threshold = 0.3                        # low: most samples leave early
+            ee.reset_exit_counts()
+            ee(x)
+        assert sum(ee.exit_counts[:-1]) > 0

@@ -6,8 +6,12 @@ registered, each taking the previous one's output (``LeNet-300-100``, ``LeNet-5`
 ``SmallResNet`` in :mod:`nbcompress.data` are such chains). An exit named inside a block
 (``features.3``) opens that block up, which again must be such a chain. Whether a model is a chain
 is checked on a real batch: running the blocks one after another must reproduce the model's
-output; a forward that adds a skip connection, calls functions such as ``F.relu`` or
-``x.view`` between blocks, or reuses a module is refused with a message naming the module.
+output; a forward that adds a skip connection, calls functions such as ``F.relu`` between
+blocks, or reuses a module is refused with a message naming the module. One function is allowed:
+a flatten before a Linear that reads the flattened feature map (``torch.flatten(x, 1)`` before
+the classifier, as in torchvision's ResNet and VGG); it becomes an ``nn.Flatten`` block. So a
+residual network gets exits between its stages (after ``layer1``, ``layer2``, ...), its residual
+blocks staying whole inside them.
 """
 from __future__ import annotations
 
@@ -76,13 +80,29 @@ def list_blocks(model: nn.Module, example_input: torch.Tensor, expand: Sequence[
             mod = chain[pos][1]
             chain[pos:pos + 1] = _children(prefix, mod)
             opened.append((prefix, mod))
-    _check_chains(model, opened, example_input)
+    flatten = _check_chains(model, opened, example_input)
+    for before in flatten:                  # torch.flatten(x, 1) in the forward, before a Linear
+        pos = next(i for i, (n, _) in enumerate(chain) if n == before)
+        chain.insert(pos, (f"(flatten before {before})", nn.Flatten()))
     return chain
 
 
-def _check_chains(model: nn.Module, opened: list[tuple[str, nn.Module]], x: torch.Tensor) -> None:
+def _linear_after_flatten(c: nn.Module, h: Any) -> bool:
+    """``c`` is a Linear that reads ``h`` flattened (``torch.flatten(x, 1)`` / ``x.view(n, -1)``
+    in the model's forward, between a pooling block and the classifier)."""
+    while isinstance(c, nn.Sequential) and len(c):      # VGG's classifier: Linear, ReLU, ...
+        c = c[0]
+    return isinstance(c, nn.Linear) and isinstance(h, torch.Tensor) and h.dim() > 2 and \
+        h.shape[-1] != c.in_features and h[0].numel() == c.in_features
+
+
+def _check_chains(model: nn.Module, opened: list[tuple[str, nn.Module]],
+                  x: torch.Tensor) -> list[str]:
     """Each opened module, fed the input it got in a real forward, must give the same output as its
-    sub-modules run one after another."""
+    sub-modules run one after another, a flatten allowed before a Linear that reads a flattened
+    feature map (what torchvision's ResNet, VGG and the like do in their forward). Returns the
+    blocks a flatten goes before."""
+    flatten: list[str] = []
     seen: dict[int, list] = {id(m): [] for _, m in opened}
     hooks = []
 
@@ -117,8 +137,12 @@ def _check_chains(model: nn.Module, opened: list[tuple[str, nn.Module]], x: torc
                     raise BadInput(f"cannot list the blocks of {label}: its output is a "
                                    f"{type(out).__name__}, not a tensor")
                 h = args[0]
+                flat: list[str] = []
                 try:
-                    for _, c in m.named_children():
+                    for cn, c in m.named_children():
+                        if _linear_after_flatten(c, h):
+                            h = torch.flatten(h, 1)
+                            flat.append(f"{name}.{cn}" if name else cn)
                         h = c(h)
                 except Exception:  # noqa: BLE001 - the children do not chain
                     h = None
@@ -130,10 +154,12 @@ def _check_chains(model: nn.Module, opened: list[tuple[str, nn.Module]], x: torc
                         f"adds a skip connection, calls functions like F.relu or x.view between "
                         f"them, or reuses/skips one); early exits need an nn.Sequential or such a "
                         f"chain")
+                flatten += flat
     finally:
         for h in hooks:
             h.remove()
         model.train(was)
+    return flatten
 
 
 def _has_weights(m: nn.Module) -> bool:
