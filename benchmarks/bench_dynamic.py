@@ -48,6 +48,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from _tables import log, table  # noqa: E402
 from _timing import alternated  # noqa: E402
 import nbcompress  # noqa: E402
 from nbcompress.counting import count_flops  # noqa: E402
@@ -56,17 +57,6 @@ from nbcompress.data import mnist_loaders, reference_cnn  # noqa: E402
 WIDTHS = (0.25, 0.5, 0.75, 1.0)
 BASE = 32
 TARGETS = {"vs_alone_pts": 1.0, "flops_05": 0.3, "speedup_05": 2.0, "vs_pruned_pts": 0.5}
-
-
-def log(*a):
-    print(*a, flush=True)
-
-
-def table(headers, rows):
-    w = [max(len(str(h)), *(len(str(r[i])) for r in rows)) for i, h in enumerate(headers)]
-    log("  " + "  ".join(str(h).ljust(w[i]) for i, h in enumerate(headers)))
-    for r in rows:
-        log("  " + "  ".join(str(c).ljust(w[i]) for i, c in enumerate(r)))
 
 
 def run_seed(seed: int, a, train, test) -> dict:

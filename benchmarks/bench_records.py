@@ -13,9 +13,12 @@ manner of Han et al. 2016, Table 1 (weights kept, bits, bytes in the file) follo
 Published, for reference (full MNIST, parameter-count or bit-count estimates, never a file):
 Deep Compression 40x / 39x, Dynamic Network Surgery 56x / 108x params, Sparse VD 68x / 280x
 params, Bayesian Compression 419x bits (LeNet-5). Targets (issue 21): LeNet-300-100 >= 70x,
-LeNet-5 >= 150x, each within 0.5 points of the dense accuracy, mean over 3 seeds.
+LeNet-5 >= 150x, each within 0.5 points of the dense accuracy, mean over 3 seeds. The papers'
+LeNet-5 is Caffe's 20-50-500 network (431,080 weights; ``nbcompress.data.lenet5_caffe``), so that
+is the one held to the target; the textbook 6-16-120-84 LeNet-5 (61,706 weights) is run and
+reported beside it (``lenet5_small``), with no published row to compare against.
 
-    python benchmarks/bench_records.py                   # both models, seeds 0 1 2
+    python benchmarks/bench_records.py                   # the three models, seeds 0 1 2
     python benchmarks/bench_records.py --models lenet300 --seeds 0
 
 Writes benchmarks/results/records.json.
@@ -38,30 +41,30 @@ from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 os.environ.setdefault("NBCOMPRESS_DISPLAY", "text")
 
+from _tables import log, table  # noqa: E402
 from nbcompress import evaluate, save  # noqa: E402
-from nbcompress.data import lenet5, lenet_300_100, mnist_loaders, train_reference  # noqa: E402
+from nbcompress.data import (lenet5, lenet5_caffe, lenet_300_100, mnist_loaders,  # noqa: E402
+                             train_reference)
 from nbcompress.storage import breakdown  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 TARGETS = {"lenet300": 70.0, "lenet5": 150.0, "drop": 0.5}
+# The papers' LeNet-5 is Caffe's (20-50-500, 431K weights: Han et al. 2016 Table 1, DNS, Sparse VD,
+# Bayesian Compression), so the target and the published rows are for that one. The textbook
+# 6-16-120-84 variant (61.7K weights, nbcompress.data.lenet5) has far less to remove; it is run
+# and reported beside it, with no published row to compare against.
 PUBLISHED = {"lenet300": {"Deep Compression (bits)": 40, "DNS (params)": 56,
                           "Sparse VD (params)": 68},
              "lenet5": {"Deep Compression (bits)": 39, "DNS (params)": 108,
-                        "Sparse VD (params)": 280, "Bayesian Compression (bits)": 419}}
-BUILD = {"lenet300": lenet_300_100, "lenet5": lenet5}
-
-
-def log(*a):
-    print(*a, flush=True)
-
-
-def table(headers, rows):
-    w = [max(len(str(h)), *(len(str(r[i])) for r in rows)) for i, h in enumerate(headers)]
-    log("  " + "  ".join(str(h).ljust(w[i]) for i, h in enumerate(headers)))
-    for r in rows:
-        log("  " + "  ".join(str(c).ljust(w[i]) for i, c in enumerate(r)))
+                        "Sparse VD (params)": 280, "Bayesian Compression (bits)": 419},
+             "lenet5_small": {}}
+BUILD = {"lenet300": lenet_300_100, "lenet5": lenet5_caffe, "lenet5_small": lenet5}
+TITLE = {"lenet300": "LeNet-300-100 (266,610 weights)",
+         "lenet5": "LeNet-5, Caffe's / the papers' (431,080 weights)",
+         "lenet5_small": "LeNet-5, textbook 6-16-120-84 (61,706 weights; no published row)"}
 
 
 def file_bytes(model) -> int:
@@ -140,25 +143,36 @@ def run_one(ip, model_name: str, seed: int, a, train, test) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--models", default="lenet300,lenet5")
+    p.add_argument("--models", default="lenet300,lenet5,lenet5_small")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--epochs", type=int, default=20, help="dense training epochs")
     p.add_argument("--cache-dir", default=None, help="keep the trained dense weights here")
     p.add_argument("--out", default=str(RESULTS / "records.json"))
+    p.add_argument("--lenet300-kl", type=float, default=0.5)
     p.add_argument("--lenet5-kl", type=float, default=1.0)
     p.add_argument("--lenet5-learn", type=int, default=15)
+    p.add_argument("--finetune", type=int, default=4, help="fine-tuning epochs after %%prune")
     a = p.parse_args(argv)
-    a.settings = {"lenet300": {"learn": 10, "kl": 0.5, "finetune": 4, "bits": 5, "qat": 2},
-                  "lenet5": {"learn": a.lenet5_learn, "kl": a.lenet5_kl, "finetune": 4,
-                             "bits": 5, "qat": 2}}
+    ft = a.finetune
+    a.settings = {"lenet300": {"learn": 10, "kl": a.lenet300_kl, "finetune": ft, "bits": 5,
+                               "qat": 2},
+                  "lenet5": {"learn": a.lenet5_learn, "kl": a.lenet5_kl, "finetune": ft,
+                             "bits": 5, "qat": 2},
+                  "lenet5_small": {"learn": 15, "kl": 1.0, "finetune": ft, "bits": 5, "qat": 2}}
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     train, test = mnist_loaders()
     ip = _shell()
-    out = {"env": {"torch": torch.__version__, "python": platform.python_version(),
-                   "date": time.strftime("%Y-%m-%d"), "data": "embedded MNIST 4,000 / 1,000"},
-           "settings": a.settings, "targets": TARGETS}
+    # models not run this time keep their last results (the file holds every model's)
+    prev = json.loads(Path(a.out).read_text()) if Path(a.out).exists() else {}
+    out = {k: v for k, v in prev.items() if k in BUILD}
+    out.update({"env": {"torch": torch.__version__, "python": platform.python_version(),
+                        "date": time.strftime("%Y-%m-%d"),
+                        "data": "embedded MNIST 4,000 / 1,000"},
+                "settings": {**prev.get("settings", {}),
+                             **{k: a.settings[k] for k in a.models.split(",")}},
+                "targets": TARGETS})
     for name in a.models.split(","):
-        log(f"\n== {name}: learned sparsity -> cluster {a.settings[name]['bits']} bits + QAT -> "
+        log(f"\n== {TITLE[name]}: learned sparsity -> cluster {a.settings[name]['bits']} bits + QAT -> "
             f"Huffman, through the magics")
         runs = [run_one(ip, name, int(s), a, train, test) for s in a.seeds.split(",")]
         table(["seed", "dense", "after %prune", "after %quantize", "acc dense", "acc final",
@@ -174,13 +188,15 @@ def main(argv=None) -> int:
                 x["encoding"]] for x in runs[0]["layers"]])
         ratio = statistics.mean(r["ratio"] for r in runs)
         drop = statistics.mean(r["drop_points"] for r in runs)
-        met = ratio >= TARGETS[name] and drop <= TARGETS["drop"]
-        pub = ", ".join(f"{k} {v}x" for k, v in PUBLISHED[name].items())
+        target = TARGETS.get(name)
+        met = None if target is None else (ratio >= target and round(drop, 6) <= TARGETS["drop"])
+        pub = ", ".join(f"{k} {v}x" for k, v in PUBLISHED[name].items()) or "none"
+        verdict = ("no target" if target is None else
+                   f"target {target:g}x within {TARGETS['drop']} pts: {'met' if met else 'NOT met'}")
         log(f"  mean {ratio:.1f}x smaller (min {min(r['ratio'] for r in runs):.1f}x), drop "
-            f"{drop:+.2f} pts; target {TARGETS[name]:g}x within {TARGETS['drop']} pts: "
-            f"{'met' if met else 'NOT met'}   (published: {pub})")
-        out[name] = {"runs": runs, "mean_ratio": ratio, "mean_drop_points": drop,
-                     "target_met": met, "published": PUBLISHED[name]}
+            f"{drop:+.2f} pts; {verdict}   (published: {pub})")
+        out[name] = {"model": TITLE[name], "runs": runs, "mean_ratio": ratio,
+                     "mean_drop_points": drop, "target_met": met, "published": PUBLISHED[name]}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(out, indent=1, default=str) + "\n")
     log(f"\nwrote {a.out}")

@@ -3,7 +3,7 @@ FLOPs budget, take the most accurate (the cheaper one on a tie) and switch the m
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import pandas as pd
 from torch import nn

@@ -6,7 +6,6 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import pandas as pd
-import torch
 from torch import nn
 
 from ...core import CompressionResult, StepConfig, StepContext

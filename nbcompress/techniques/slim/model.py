@@ -76,11 +76,7 @@ class SlimmableNet(nn.Module):
 
     # ------------------------------------------------------------------ depth
     def check_depth(self, depth: float) -> float:
-        depth = float(depth)
-        if not any(abs(depth - d) < 1e-9 for d in self.depths):
-            raise BadInput(f"depth {depth:g} was not trained (trained: "
-                           f"{', '.join(f'{d:g}' for d in self.depths)})")
-        return next(d for d in self.depths if abs(depth - d) < 1e-9)
+        return _trained(depth, self.depths, "depth")
 
     def skipped(self, depth: float | None = None) -> list[str]:
         """The residual blocks skipped at ``depth`` (default the current one)."""
@@ -104,11 +100,7 @@ class SlimmableNet(nn.Module):
 
     # ------------------------------------------------------------------ widths
     def check_width(self, width: float) -> float:
-        width = float(width)
-        if not any(abs(width - w) < 1e-9 for w in self.widths):
-            raise BadInput(f"width {width:g} was not trained (trained: "
-                           f"{', '.join(f'{w:g}' for w in self.widths)})")
-        return next(w for w in self.widths if abs(width - w) < 1e-9)
+        return _trained(width, self.widths, "width")
 
     def _stats_key(self, width: float, depth: float | None = None) -> str:
         depth = self.depth if depth is None else depth
@@ -230,6 +222,16 @@ class SlimmableNet(nn.Module):
         if self.blocks:
             text += f", depth={self.depth:g}, depths={[round(d, 4) for d in self.depths]}"
         return text
+
+
+def _trained(value: float, trained: list[float], what: str) -> float:
+    """``value`` as the trained one it equals; BadInput listing them when it is not one."""
+    value = float(value)
+    for v in trained:
+        if abs(value - v) < 1e-9:
+            return v
+    raise BadInput(f"{what} {value:g} was not trained (trained: "
+                   f"{', '.join(f'{v:g}' for v in trained)})")
 
 
 def _identity(x, *args, **kwargs):
