@@ -180,9 +180,9 @@ class SlimConfig(StepConfig):
                  f"all kept, so switching is free)"] + list(plan.notes)
         if blocks:
             notes.append(f"depths {', '.join(f'{d:g}' for d in depths)} over {len(blocks)} "
-                         f"residual blocks ({', '.join(blocks)}), each dropped with probability "
-                         f"{1 - min(depths):g} in training; left out first: "
-                         f"{', '.join(order)}")
+                         f"residual blocks ({', '.join(blocks)}): in training each narrower pass "
+                         f"drew a depth d and dropped each block with probability 1 - d; left "
+                         f"out first: {', '.join(order)}")
         result = CompressionResult(sn, extra={"loss": [round(r["loss"], 4) for r in records],
                                               "width": sn.width, "widths": widths,
                                               "depth": sn.depth, "depths": depths})

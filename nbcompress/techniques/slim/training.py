@@ -29,10 +29,13 @@ _BN = nn.modules.batchnorm._BatchNorm
 
 
 def sandwich_loss(widths: list[float], *, T: float = 1.0, samples: int = 2, seed: int = 0,
-                  blocks: list[str] | None = None, drop: float = 0.0):
+                  blocks: list[str] | None = None, depths: list[float] | None = None):
     """``loss_fn(model, batch)`` for :func:`nbcompress.train.fit` on a :class:`SlimmableNet`.
-    With ``blocks`` and ``drop`` > 0, each narrower pass also skips each of those residual
-    blocks with probability ``drop`` (layer dropping), so any subset can be left out later."""
+    With ``blocks`` and ``depths`` below 1, each narrower pass (and one more at full width)
+    draws a trained depth ``d`` and skips each of those residual blocks with probability
+    ``1 - d`` (layer dropping), so every width learns both whole and with blocks left out."""
+    depths = [d for d in (depths or [1.0])]
+    drop = 1.0 - min(depths)
     ws = sorted(widths)
     full, small, middle = ws[-1], ws[0], ws[1:-1]
     rng = random.Random(seed)
@@ -49,9 +52,11 @@ def sandwich_loss(widths: list[float], *, T: float = 1.0, samples: int = 2, seed
             passes = ([small] if small < full else []) + list(chosen)
             if drop > 0 and blocks:
                 passes.append(full)               # the full width with blocks dropped
-            for w in passes:
+            for i, w in enumerate(passes):
                 model.width = w
-                skip = [b for b in blocks if rng.random() < drop] if drop > 0 else []
+                p = 1.0 - (min(depths) if i == len(passes) - 1 and w == full
+                           else rng.choice(depths))
+                skip = [b for b in blocks if rng.random() < p] if p > 0 else []
                 with model.skipping(skip):
                     out = logits_of(forward_batch(model, x))
                 loss = loss + token_kd_loss(out, soft, x, y, T)
@@ -193,12 +198,11 @@ def train_slimmable(sn: SlimmableNet, loader: Any, *, epochs: int, lr: float, T:
     from ...train import fit
 
     sn.train()
-    drop = 1.0 - min(sn.depths) if sn.blocks else 0.0
     records = fit(sn, loader, epochs=epochs, lr=lr, loss_fn=sandwich_loss(sn.widths, T=T,
                                                                           samples=samples,
                                                                           seed=seed,
                                                                           blocks=sn.blocks,
-                                                                          drop=drop),
+                                                                          depths=sn.depths),
                   scheduler="cosine", seed=seed, device=device, progress=progress, desc="slim")
     sn.eval()
     return records
