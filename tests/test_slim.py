@@ -225,6 +225,11 @@ def test_layers_it_cannot_slice_are_named(digits):
                        nn.Linear(32, 10))
     with pytest.raises(BadInput, match=r"cannot slim layer '2' \(LayerNorm\)"):
         nbcompress.slim(ln, tr, epochs=1)
+    tv = pytest.importorskip("torchvision")
+    sq = tv.models.squeezenet1_0(num_classes=10).eval()      # Fire modules concat two convs
+    with pytest.raises(BadInput, match=r"cannot slim layer '.*' \(Conv2d\): the channels of "
+                                       r"'.*' reach it in the middle of its input"):
+        plan_widths(sq, torch.randn(1, 3, 64, 64), [0.5, 1.0])
 
 
 def test_already_slimmable_takes_only_a_width(slim_resnet, digits):

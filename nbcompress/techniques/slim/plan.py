@@ -91,15 +91,20 @@ def _dim(m: nn.Module, side: str) -> int:
     return m.weight.shape[0 if side == "out" else 1]
 
 
-def _permute_(m: nn.Module, side: str, perm: list[int]) -> None:
-    idx = torch.as_tensor(perm, dtype=torch.long, device=m.weight.device)
+def _permute_(m: nn.Module, side: str, mapped: list[int]) -> None:
+    """Put the channels at positions ``sorted(mapped)`` of the layer's ``side`` in the order
+    ``mapped`` gives (the other positions, e.g. the rest of a concat, stay)."""
+    d = _dim(m, side)
+    full = torch.arange(d)
+    full[torch.as_tensor(sorted(mapped))] = torch.as_tensor(mapped)
+    idx = full.to(m.weight.device if m.weight is not None else "cpu")
     with torch.no_grad():
         if side == "in" and not isinstance(m, _BN):
             m.weight.data = m.weight.data.index_select(1, idx).contiguous()
             return
         for k in ("weight", "bias", "running_mean", "running_var"):
             t = getattr(m, k, None)
-            if isinstance(t, torch.Tensor) and t.dim() >= 1 and t.shape[0] == len(perm):
+            if isinstance(t, torch.Tensor) and t.dim() >= 1 and t.shape[0] == d:
                 t.data = t.data.index_select(0, idx).contiguous()
 
 
@@ -123,10 +128,15 @@ def plan_widths(model: nn.Module, example_input: Any, widths: list[float], *,
     scores = cp.scores() if reorder else {}
     for gi in cp.groups:
         everything = _items(cp.DG, names, gi, range(gi.channels))
-        for n, m, side, _ in everything:
+        for n, m, side, mapped in everything:
             why = _why_not(m)
             if why:
                 raise BadInput(f"cannot slim layer '{n}' ({type(m).__name__}): {why}")
+            if mapped and (max(mapped) >= _dim(m, side) or len(set(mapped)) != len(mapped)):
+                raise BadInput(f"cannot slim layer '{n}' ({type(m).__name__}): the dependency "
+                               f"graph maps the channels of '{gi.name}' outside its "
+                               f"{'inputs' if side == 'in' else 'outputs'} (channels joined "
+                               f"by a concat, as in DenseNet or Inception)")
         s = scores.get(gi.name)
         if s is not None:
             perm = [int(i) for i in torch.argsort(s, descending=True, stable=True)]
