@@ -149,9 +149,9 @@ def main(argv=None) -> int:
     p.add_argument("--cache-dir", default=None, help="keep the trained dense weights here")
     p.add_argument("--out", default=str(RESULTS / "records.json"))
     p.add_argument("--lenet300-kl", type=float, default=0.5)
-    p.add_argument("--lenet5-kl", type=float, default=1.0)
-    p.add_argument("--lenet5-learn", type=int, default=15)
-    p.add_argument("--finetune", type=int, default=4, help="fine-tuning epochs after %%prune")
+    p.add_argument("--lenet5-kl", type=float, default=0.6)
+    p.add_argument("--lenet5-learn", type=int, default=20)
+    p.add_argument("--finetune", type=int, default=8, help="fine-tuning epochs after %%prune")
     a = p.parse_args(argv)
     ft = a.finetune
     a.settings = {"lenet300": {"learn": 10, "kl": a.lenet300_kl, "finetune": ft, "bits": 5,
