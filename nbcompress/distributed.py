@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import gc
 import math
 import os
 import pickle
@@ -209,6 +210,12 @@ def _worker_main(rank: int, work: Callable, world: int, folder: str, device_type
     import torch.distributed as dist
 
     inside = os.getpid() == kernel_pid
+    if not inside:
+        # Objects the kernel still held as garbage were copied by the fork; collecting them here
+        # can run a destructor that waits for a thread only the kernel has (a leftover c10d
+        # TCPStore joins its libuv daemon thread): the worker would hang in the middle of a
+        # batch. The kernel collected before forking (launch); what remains is left alone.
+        gc.freeze()
     if env and not inside:  # Accelerate / torchelastic set RANK, WORLD_SIZE, MASTER_ADDR/PORT
         rank = int(os.environ.get("RANK", rank))
     if inside:
@@ -281,6 +288,7 @@ def launch(work: Callable[[int, int], Any], processes: int, launcher: str,
     def stop_workers():
         _kill([p for p in multiprocessing.active_children() if p not in before])
 
+    gc.collect()        # garbage with native threads (a c10d store) dies here, not in a worker
     try:
         port = _free_port()
         try:
