@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
 import threading
 import time
 import _thread
@@ -278,6 +279,9 @@ def test_ctrl_c_in_the_kernel_stops_every_worker(digits, launcher, tmp_path):
         time.sleep(0.05)
         return nn.functional.cross_entropy(m(x), y)
 
+    # a process started in the background by a shell inherits SIGINT ignored, and then Python
+    # keeps it ignored and interrupt_main() does nothing: the kernel's handler, as in Jupyter
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
     timer = threading.Thread(target=interrupt_when_training, daemon=True)
     timer.start()
     t0 = time.monotonic()
@@ -287,6 +291,7 @@ def test_ctrl_c_in_the_kernel_stops_every_worker(digits, launcher, tmp_path):
                 progress=False)
     finally:
         stop.set()
+        signal.signal(signal.SIGINT, old)
     assert time.monotonic() - t0 < 60
     assert same_as_snapshot(model, before)
     assert _children() == [], [p.cmdline() for p in _children()]
