@@ -45,11 +45,6 @@ class WidthStats(nn.Module):
         return {n: getattr(self, f"t{i}") for i, n in enumerate(self.names)}
 
 
-def _is_stat(name: str) -> bool:
-    return name.endswith(".running_mean") or name.endswith(".running_var") or \
-        name in ("running_mean", "running_var")
-
-
 class SlimmableNet(nn.Module):
     """A network trained to run at several widths, and depths (see the module's docstring).
 
@@ -139,10 +134,15 @@ class SlimmableNet(nn.Module):
             return self._plain()(*args, **kwargs)
         sliced = self.sliced()
         with self.skipping(self.skipped()):
-            if not sliced:
-                return self.net(*args, **kwargs)
-            return torch.func.functional_call(self.net, sliced, args, kwargs, strict=False,
-                                              tie_weights=False)
+            return self.run_with(sliced, *args, **kwargs)
+
+    def run_with(self, tensors: dict, *args: Any, **kwargs: Any) -> Any:
+        """``net``'s forward with the named tensors in place of its own (slices, a
+        configuration's BatchNorm statistics); none given: ``net`` as it is."""
+        if not tensors:
+            return self.net(*args, **kwargs)
+        return torch.func.functional_call(self.net, tensors, args, kwargs, strict=False,
+                                          tie_weights=False)
 
     def _plain(self) -> nn.Module:
         key = (self.width, self.depth,
@@ -168,9 +168,6 @@ class SlimmableNet(nn.Module):
         names = sorted(stats)
         self.stats[self._stats_key(width, depth)] = WidthStats(
             names, [stats[n].detach().clone() for n in names])
-
-    def stat_names(self) -> list[str]:
-        return [n for n, _ in self.net.named_buffers() if _is_stat(n)]
 
     # ------------------------------------------------------------------ one width, plain
     def at_width(self, width: float | None = None, depth: float | None = None) -> nn.Module:

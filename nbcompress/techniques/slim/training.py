@@ -13,6 +13,7 @@ training would lag behind them; keeping them per width (switchable BN) makes swi
 """
 from __future__ import annotations
 
+import functools
 import random
 from typing import Any
 
@@ -120,10 +121,7 @@ def _calibrate_one(sn, bns, w, d, loader, device, max_samples) -> None:
             else:
                 sliced = sn.sliced(w, own_stats=False, depth=1.0)
                 sliced.update(own)
-                fn = (lambda *a, **k: torch.func.functional_call(sn.net, sliced, a, k,
-                                                                  strict=False,
-                                                                  tie_weights=False))
-                forward_batch(_Call(fn), x)
+                forward_batch(functools.partial(sn.run_with, sliced), x)
             seen += _batch_size(x)
             if seen >= max_samples:
                 break
@@ -173,14 +171,6 @@ def order_blocks(sn: SlimmableNet, loader: Any, device: Any, batches: int = 4) -
             m.momentum = momenta[m]
         for m, t in modes.items():
             m.training = t
-
-
-class _Call:
-    def __init__(self, fn):
-        self.fn = fn
-
-    def __call__(self, *a, **k):
-        return self.fn(*a, **k)
 
 
 def _batch_size(x: Any) -> int:
