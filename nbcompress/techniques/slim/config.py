@@ -139,8 +139,8 @@ class SlimConfig(StepConfig):
             return self._switch(model, ctx)
         from ...batches import (check_loader_runs, example_of, head, peek_batch, split_batch,
                                 to_device)
-        from .plan import channels_at, residual_blocks, width_key
-        from .training import order_blocks, recalibrate, train_slimmable
+        from .plan import residual_blocks
+        from .training import recalibrate, train_slimmable
 
         widths = parse_widths(DEFAULT_WIDTHS if self.widths is None else self.widths)
         check_loader_runs(model, self.data, "{data}", ctx.device)
@@ -164,11 +164,6 @@ class SlimConfig(StepConfig):
         records = train_slimmable(sn, self.data, epochs=self.epochs, lr=self.lr, T=self.T,
                                   samples=self.samples, seed=self.seed, device=ctx.device,
                                   progress=self.progress)
-        if blocks:
-            order = order_blocks(sn, self.data, ctx.device)
-            for d in depths:
-                if d < 1:
-                    sn.drops[width_key(d)] = order[:len(blocks) - channels_at(d, len(blocks))]
         recalibrate(sn, self.data, ctx.device, self.calib)
         sn.width = 1.0 if self.width is None else sn.check_width(self.width)
         sn.depth = 1.0 if self.depth is None else sn.check_depth(self.depth)
@@ -179,10 +174,16 @@ class SlimConfig(StepConfig):
                  f"runs at width {sn.width:g}; the size counts every width's weights (they are "
                  f"all kept, so switching is free)"] + list(plan.notes)
         if blocks:
+            left = "; ".join(f"depth {k}: {', '.join(v)}" for k, v in sn.drops.items())
+            how = ("for the first half of the epochs each narrower pass drew a depth d and "
+                   "dropped each block with probability 1 - d; then the blocks to leave out were "
+                   "chosen (least change to the full output) and trained as chosen"
+                   if self.epochs > 1 else
+                   "each narrower pass drew a depth d and dropped each block with probability "
+                   "1 - d; the blocks to leave out were chosen after training (least change to "
+                   "the full output)")
             notes.append(f"depths {', '.join(f'{d:g}' for d in depths)} over {len(blocks)} "
-                         f"residual blocks ({', '.join(blocks)}): in training each narrower pass "
-                         f"drew a depth d and dropped each block with probability 1 - d; left "
-                         f"out first: {', '.join(order)}")
+                         f"residual blocks ({', '.join(blocks)}): {how}; left out at {left}")
         result = CompressionResult(sn, extra={"loss": [round(r["loss"], 4) for r in records],
                                               "width": sn.width, "widths": widths,
                                               "depth": sn.depth, "depths": depths})

@@ -23,8 +23,9 @@ from torch import nn
 from ...batches import forward_batch, logits_of, split_batch, to_device
 from ...tokens import task_loss, token_kd_loss
 from .model import SlimmableNet
+from .plan import channels_at, width_key
 
-__all__ = ["sandwich_loss", "recalibrate", "order_blocks", "train_slimmable"]
+__all__ = ["sandwich_loss", "recalibrate", "order_blocks", "choose_drops", "train_slimmable"]
 
 _BN = nn.modules.batchnorm._BatchNorm
 
@@ -33,8 +34,10 @@ def sandwich_loss(widths: list[float], *, T: float = 1.0, samples: int = 2, seed
                   blocks: list[str] | None = None, depths: list[float] | None = None):
     """``loss_fn(model, batch)`` for :func:`nbcompress.train.fit` on a :class:`SlimmableNet`.
     With ``blocks`` and ``depths`` below 1, each narrower pass (and one more at full width)
-    draws a trained depth ``d`` and skips each of those residual blocks with probability
-    ``1 - d`` (layer dropping), so every width learns both whole and with blocks left out."""
+    draws a trained depth ``d``. While the model has no blocks chosen for ``d`` yet
+    (``model.drops``), each residual block is skipped with probability ``1 - d`` (layer
+    dropping); once they are chosen (:func:`train_slimmable` does it half-way), exactly those
+    are skipped, so the configurations that will run are the ones trained."""
     depths = [d for d in (depths or [1.0])]
     drop = 1.0 - min(depths)
     ws = sorted(widths)
@@ -55,17 +58,32 @@ def sandwich_loss(widths: list[float], *, T: float = 1.0, samples: int = 2, seed
                 passes.append(full)               # the full width with blocks dropped
             for i, w in enumerate(passes):
                 model.width = w
-                p = 1.0 - (min(depths) if i == len(passes) - 1 and w == full
-                           else rng.choice(depths))
-                skip = [b for b in blocks if rng.random() < p] if p > 0 else []
-                with model.skipping(skip):
+                d = min(depths) if i == len(passes) - 1 and w == full else rng.choice(depths)
+                with model.skipping(_skips(model, d)):
                     out = logits_of(forward_batch(model, x))
                 loss = loss + token_kd_loss(out, soft, x, y, T)
         finally:
             model.width = full
         return loss
 
+    def _skips(model: SlimmableNet, d: float) -> list[str]:
+        if d >= 1 or not blocks:
+            return []
+        chosen = model.drops.get(width_key(d))
+        if chosen is not None:
+            return list(chosen)
+        return [b for b in blocks if rng.random() < 1.0 - d]
+
     return loss_fn
+
+
+def choose_drops(sn: SlimmableNet, loader: Any, device: Any) -> list[str]:
+    """Choose the blocks each trained depth leaves out (:func:`order_blocks`, the first ``n``
+    of the order for a depth that keeps ``len(blocks) - n``) and set ``sn.drops``; the order."""
+    order = order_blocks(sn, loader, device)
+    n = len(sn.blocks)
+    sn.drops = {width_key(d): order[:n - channels_at(d, n)] for d in sn.depths if d < 1}
+    return order
 
 
 @torch.no_grad()
@@ -185,14 +203,29 @@ def _batch_size(x: Any) -> int:
 
 def train_slimmable(sn: SlimmableNet, loader: Any, *, epochs: int, lr: float, T: float,
                     samples: int, seed: int, device: Any, progress: bool) -> list[dict]:
+    """Sandwich training; with depths, layer dropping for the first half of the epochs, then
+    the blocks each depth leaves out are chosen (:func:`choose_drops`) and the rest of the
+    epochs train exactly those configurations (after one epoch alone they are chosen after
+    training)."""
     from ...train import fit
 
+    switch = epochs // 2 if len(sn.depths) > 1 and sn.blocks and epochs > 1 else None
+
+    def on_epoch_end(epoch: int, record: dict):
+        if epoch == switch:
+            choose_drops(sn, loader, device)
+            sn.train()
+
+    sn.drops = {}
     sn.train()
     records = fit(sn, loader, epochs=epochs, lr=lr, loss_fn=sandwich_loss(sn.widths, T=T,
                                                                           samples=samples,
                                                                           seed=seed,
                                                                           blocks=sn.blocks,
                                                                           depths=sn.depths),
-                  scheduler="cosine", seed=seed, device=device, progress=progress, desc="slim")
+                  scheduler="cosine", seed=seed, device=device, progress=progress, desc="slim",
+                  on_epoch_end=on_epoch_end)
+    if len(sn.depths) > 1 and sn.blocks and not sn.drops:
+        choose_drops(sn, loader, device)
     sn.eval()
     return records
