@@ -49,7 +49,8 @@ class SlimmableNet(nn.Module):
     """A network trained to run at several widths, and depths (see the module's docstring).
 
     ``widths``: the trained widths, ascending, the last 1.0; ``width``: the one it runs at;
-    ``spec``: ``{width text: {tensor name: [rows] | [rows, cols]}}``; ``depths``: the trained
+    ``spec``: ``{width text: {tensor name: [rows] | [rows, cols] | [n0, n1, ...]}}`` (the
+    leading entries kept along the first dims: a class token ``[1, 1, k]``); ``depths``: the trained
     fractions of the residual blocks ``blocks`` kept ([1.0] without depth training), ``depth``
     the one it runs at, ``drops``: ``{depth text: [block names skipped]}``; ``stats``: a
     WidthStats per configuration below full width and depth (the full one's are ``net``'s own
@@ -120,8 +121,7 @@ class SlimmableNet(nn.Module):
             if name in stats:
                 out[name] = stats[name]
                 continue
-            t = state[name]
-            out[name] = t[:keep[0]] if len(keep) == 1 else t[:keep[0], :keep[1]]
+            out[name] = state[name][tuple(slice(0, k) for k in keep)]
         for name, t in stats.items():
             out.setdefault(name, t)
         return out
@@ -138,11 +138,14 @@ class SlimmableNet(nn.Module):
 
     def run_with(self, tensors: dict, *args: Any, **kwargs: Any) -> Any:
         """``net``'s forward with the named tensors in place of its own (slices, a
-        configuration's BatchNorm statistics); none given: ``net`` as it is."""
+        configuration's BatchNorm statistics), each sliced layer's sizes (a depthwise conv's
+        ``groups``, a LayerNorm's ``normalized_shape``...) set to match for the call; none
+        given: ``net`` as it is."""
         if not tensors:
             return self.net(*args, **kwargs)
-        return torch.func.functional_call(self.net, tensors, args, kwargs, strict=False,
-                                          tie_weights=False)
+        with _sized(self.net, tensors):
+            return torch.func.functional_call(self.net, tensors, args, kwargs, strict=False,
+                                              tie_weights=False)
 
     def _plain(self) -> nn.Module:
         key = (self.width, self.depth,
@@ -235,15 +238,55 @@ def _identity(x, *args, **kwargs):
     return x
 
 
-def _fit_sizes(m: nn.Module) -> None:
-    """A sliced layer's size attributes set from its tensors."""
-    w = getattr(m, "weight", None)
+#: the size attributes :func:`_fit_sizes` may set
+_SIZES = ("in_channels", "out_channels", "groups", "in_features", "out_features",
+          "num_features", "normalized_shape", "num_groups", "num_channels", "embedding_dim")
+
+
+def _fit_sizes(m: nn.Module, w: torch.Tensor | None = None) -> None:
+    """A sliced layer's size attributes set from its weight ``w`` (default its own): a
+    depthwise convolution (groups == in == out channels) runs with one group per channel kept, a
+    LayerNorm over the kept channels, a GroupNorm with the whole groups kept (``num_groups``
+    1 stays 1)."""
+    w = getattr(m, "weight", None) if w is None else w
     if not isinstance(w, torch.Tensor):
         return
     if isinstance(m, nn.modules.conv._ConvNd):
+        if 1 < m.groups == m.in_channels == m.out_channels and w.shape[1] == 1:
+            m.groups = w.shape[0]
         m.out_channels = w.shape[0]
         m.in_channels = w.shape[1] * m.groups
     elif isinstance(m, nn.Linear):
         m.out_features, m.in_features = w.shape[0], w.shape[1]
     elif isinstance(m, nn.modules.batchnorm._BatchNorm):
         m.num_features = w.shape[0]
+    elif isinstance(m, nn.Embedding):
+        m.embedding_dim = w.shape[1]
+    elif isinstance(m, nn.LayerNorm) and len(m.normalized_shape) == 1:
+        m.normalized_shape = (w.shape[0],)
+    elif isinstance(m, nn.GroupNorm):
+        if m.num_groups > 1:
+            m.num_groups = w.shape[0] * m.num_groups // m.num_channels
+        m.num_channels = w.shape[0]
+
+
+@contextlib.contextmanager
+def _sized(net: nn.Module, tensors: dict):
+    """Inside, every layer of ``net`` whose weight ``tensors`` replaces with a smaller one has
+    its size attributes fitted to it (:func:`_fit_sizes`); restored on the way out."""
+    saved = []
+    for name, t in tensors.items():
+        owner, _, leaf = name.rpartition(".")
+        if leaf != "weight":
+            continue
+        m = net.get_submodule(owner) if owner else net
+        own = m._parameters.get("weight")
+        if own is None or own.shape == t.shape:
+            continue
+        saved.append((m, {k: m.__dict__[k] for k in _SIZES if k in m.__dict__}))
+        _fit_sizes(m, t)
+    try:
+        yield
+    finally:
+        for m, attrs in saved:
+            m.__dict__.update(attrs)
