@@ -1,7 +1,8 @@
 """%slim on models the project did not write (issue 17): for each, plan widths 0.5 / 1 (and
-depths 0.5 / 1 where it has residual blocks), run the sliced width-0.5 forward and check it
-equals the plain network ``at_width(0.5)`` cuts out, and report the FLOPs share; or the one-line
-reason it is refused. Random weights, no download.
+depths 0.5 / 1 where it has residual blocks), check the reorder left the full network's output as
+it was, run the sliced width-0.5 forward and check it equals the plain network ``at_width(0.5)``
+cuts out, and report the FLOPs share and the planner's notes (channel groups left whole); or the
+one-line reason it is refused. Random weights, no download.
 
     python scripts/check_slim_zoo.py                  # torchvision + timm + transformers
 """
@@ -34,7 +35,11 @@ def check(name: str, model, x) -> dict:
     model.eval()
     try:
         blocks = residual_blocks(model, x)
+        with torch.no_grad():
+            before = model(x)
         plan = plan_widths(model, x, [0.5, 1.0])
+        with torch.no_grad():
+            kept = bool(torch.allclose(model(x), before, atol=1e-4, rtol=1e-3))
         sn = SlimmableNet(model, [0.5, 1.0], plan.spec, blocks=blocks).eval()
         sn.width = 0.5
         with torch.enable_grad():
@@ -44,8 +49,10 @@ def check(name: str, model, x) -> dict:
             b = plain(x)
         same = bool(torch.allclose(a, b, atol=1e-4, rtol=1e-3))
         share = count_flops(plain, x)[0] / max(1, count_flops(model, x)[0])
-        return {"model": name, "ok": same, "flops_at_0.5": round(share, 3),
-                "residual_blocks": len(blocks), "seconds": round(time.perf_counter() - t0, 1)}
+        return {"model": name, "ok": same and kept, "full_unchanged": kept,
+                "flops_at_0.5": round(share, 3), "residual_blocks": len(blocks),
+                "notes": [n[:200] for n in plan.notes],
+                "seconds": round(time.perf_counter() - t0, 1)}
     except Exception as e:  # noqa: BLE001 - the reason, in one line
         return {"model": name, "ok": False, "refused": f"{type(e).__name__}: "
                 f"{str(e).splitlines()[0][:160] if str(e) else ''}",
