@@ -264,7 +264,7 @@ def plan_widths(model: nn.Module, example_input: Any, widths: list[float], *,
                             gi.channels})
     plan.notes += list(cp.notes)
     if heads:
-        plan.notes.append(f"left whole {len(heads)} channel group(s) of attention heads, "
+        plan.notes.append(f"left whole {len(heads)} channel group(s) that reach attention heads, "
                           f"{', '.join(repr(h) for h in heads[:3])}"
                           f"{f' and {len(heads) - 3} more' if len(heads) > 3 else ''}: a "
                           f"prefix of the channels would cut across the heads")
