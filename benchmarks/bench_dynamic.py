@@ -21,11 +21,14 @@ width 0.5 at most 0.3x the full FLOPs and at least 2x faster at batch 64; the wi
 within 0.5 points of structured pruning at the same FLOPs.
 
 Depth (``--parts depth``): SmallResNet(16) with 3 residual blocks a stage (6 in all), made
-slimmable from random weights with ``widths=0.5,1, depths=0.5,1`` (layer dropping), E epochs.
+slimmable from random weights with ``widths=0.5,0.7,1, depths=0.5,1``, E epochs on 3,500 of the
+training digits (layer dropping for half the epochs, then the chosen blocks left out exactly).
 Targets: leaving half the blocks out (depth 0.5, full width) costs at most 2 points against the
-full configuration; ``%budget --flops 0.5`` (``nbcompress.choose``, on the test digits) is at
-least as accurate as the best network of a single fixed shape within that budget trained alone
-for the same epochs (SmallResNet(11) with 3 blocks a stage, and SmallResNet(16) with 1).
+full configuration; ``%budget --flops 0.5`` (``nbcompress.choose``, choosing on the 500 held-out
+training digits) is on the test digits at least as accurate as the best single fixed
+configuration of the network within that budget, that one picked in hindsight on the test digits.
+Reported beside it, not a target: networks of a fixed shape within the budget trained alone for
+the same epochs (SmallResNet(11) with 3 blocks a stage, SmallResNet(16) with 1).
 
     python benchmarks/bench_dynamic.py                    # seeds 0 1 2, 6 epochs, both parts
     python benchmarks/bench_dynamic.py --parts depth --seeds 0 --epochs 2 --runs 10
@@ -103,11 +106,17 @@ def run_seed(seed: int, a, train, test) -> dict:
     return out
 
 
-def run_depth(seed: int, a, train, test) -> dict:
+DEPTH_WIDTHS = (0.5, 0.7, 1.0)
+
+
+def run_depth(seed: int, a, train, val, test) -> dict:
     x1 = next(iter(test))[0][:1]
-    sn = nbcompress.slim(reference_cnn(16, seed=seed, blocks=3), train, widths=[0.5, 1],
-                         depths=[0.5, 1], epochs=a.depth_epochs, seed=seed)
-    out = {"seed": seed, "left_out": sn.drops["0.5"], "configs": {}}
+    t0 = time.perf_counter()
+    sn = nbcompress.slim(reference_cnn(16, seed=seed, blocks=3), train,
+                         widths=list(DEPTH_WIDTHS), depths=[0.5, 1], epochs=a.depth_epochs,
+                         seed=seed)
+    out = {"seed": seed, "slim_seconds": round(time.perf_counter() - t0, 1),
+           "left_out": sn.drops["0.5"], "configs": {}}
     for w in sn.widths:
         for d in sn.depths:
             sn.width, sn.depth = w, d
@@ -115,13 +124,18 @@ def run_depth(seed: int, a, train, test) -> dict:
                                                 "flops": count_flops(sn, x1)[0]}
     full = out["configs"]["w1 d1"]
     half = out["configs"]["w1 d0.5"]
+    for c in out["configs"].values():
+        c["flops_fraction"] = c["flops"] / full["flops"]
     out["half_depth_drop_pts"] = 100 * (full["accuracy"] - half["accuracy"])
     out["half_depth_flops"] = half["flops"] / full["flops"]
     sn.width, sn.depth = 1.0, 1.0
-    picked = nbcompress.choose(sn, flops=0.5, evaluator=test)
+    picked = nbcompress.choose(sn, flops=0.5, evaluator=val)       # chosen on held-out digits
     out["budget"] = {"width": picked.width, "depth": picked.depth,
                      "accuracy": nbcompress.evaluate(picked, test),
                      "flops": count_flops(picked, x1)[0] / full["flops"]}
+    inside = {k: c["accuracy"] for k, c in out["configs"].items() if c["flops_fraction"] <= 0.5}
+    out["best_fixed_config"] = max(inside, key=inside.get)
+    out["best_fixed_config_accuracy"] = inside[out["best_fixed_config"]]
     fixed = {}
     for label, m in (("SmallResNet(11, 3 blocks)", reference_cnn(11, seed=seed, blocks=3)),
                      ("SmallResNet(16, 1 block)", reference_cnn(16, seed=seed, blocks=1))):
@@ -136,34 +150,147 @@ def run_depth(seed: int, a, train, test) -> dict:
 
 
 def depth_part(a, train, test) -> dict:
-    runs = [run_depth(int(s), a, train, test) for s in a.seeds.split(",")]
+    from torch.utils.data import DataLoader, random_split
+
+    g = torch.Generator().manual_seed(0)
+    fit_set, val_set = random_split(train.dataset, [len(train.dataset) - 500, 500], generator=g)
+    train = DataLoader(fit_set, batch_size=64, shuffle=True,
+                       generator=torch.Generator().manual_seed(0))
+    val = DataLoader(val_set, batch_size=500)
+    runs = [run_depth(int(s), a, train, val, test) for s in a.seeds.split(",")]
     mean = statistics.mean
     drop = mean(r["half_depth_drop_pts"] for r in runs)
     bud = mean(r["budget"]["accuracy"] for r in runs)
+    inside = mean(r["best_fixed_config_accuracy"] for r in runs)
     best = mean(r["best_fixed_accuracy"] for r in runs if r["best_fixed_accuracy"] is not None)
-    log(f"\ndepth: SmallResNet(16), 3 blocks a stage, widths 0.5,1 x depths 0.5,1, "
-        f"{a.depth_epochs} epochs, {len(runs)} seeds:")
+    log(f"\ndepth: SmallResNet(16), 3 blocks a stage, widths "
+        f"{','.join(f'{w:g}' for w in DEPTH_WIDTHS)} x depths 0.5,1, {a.depth_epochs} epochs on "
+        f"3,500 digits, %budget chosen on 500 held-out ones, accuracy on the 1,000 test digits, "
+        f"{len(runs)} seeds:")
     table(["seed", "full %", "half depth %", "drop pts", "FLOPs", "left out", "budget 0.5",
-           "budget %", "best fixed %"],
+           "budget %", "best fixed config (hindsight)", "best alone %"],
           [[r["seed"], f"{100 * r['configs']['w1 d1']['accuracy']:.2f}",
             f"{100 * r['configs']['w1 d0.5']['accuracy']:.2f}",
             f"{r['half_depth_drop_pts']:+.2f}", f"{r['half_depth_flops']:.2f}",
             ",".join(r["left_out"]), f"w{r['budget']['width']:g} d{r['budget']['depth']:g}",
             f"{100 * r['budget']['accuracy']:.2f}",
+            f"{r['best_fixed_config']} {100 * r['best_fixed_config_accuracy']:.2f}",
             f"{100 * r['best_fixed_accuracy']:.2f}" if r["best_fixed_accuracy"] else "-"]
            for r in runs])
-    met = {"half_depth": drop <= 2.0, "budget_vs_fixed": bud >= best - 1e-12}
-    log(f"  half the blocks left out: {drop:+.2f} pts (target <= 2); %budget --flops 0.5: "
-        f"{100 * bud:.2f}% vs the best fixed shape trained alone {100 * best:.2f}%; "
+    met = {"half_depth": drop <= 2.0, "budget_vs_fixed_config": bud >= inside - 1e-12}
+    log(f"  half the blocks left out: {drop:+.2f} pts (target <= 2); %budget --flops 0.5 "
+        f"(chosen on held-out digits): {100 * bud:.2f}% vs the best fixed configuration within "
+        f"the budget picked in hindsight on the test digits {100 * inside:.2f}%; networks of a "
+        f"fixed shape trained alone: {100 * best:.2f}% (reported, not a target); "
         + ", ".join(f"{k} {'met' if v else 'NOT met'}" for k, v in met.items()))
     return {"runs": runs, "half_depth_drop_pts": drop, "budget_accuracy": bud,
-            "best_fixed_accuracy": best, "met": met, "epochs": a.depth_epochs}
+            "best_fixed_config_accuracy": inside, "best_alone_accuracy": best, "met": met,
+            "epochs": a.depth_epochs, "widths": list(DEPTH_WIDTHS)}
+
+
+class _Padded(torch.utils.data.Dataset):
+    """MNIST digits padded to 32x32 (a VGG's five poolings), repeated to 3 channels if asked."""
+
+    def __init__(self, ds, rgb: bool):
+        self.ds, self.rgb = ds, rgb
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        x, y = self.ds[i]
+        x = torch.nn.functional.pad(x, (2, 2, 2, 2))
+        return (x.expand(3, -1, -1) if self.rgb else x), y
+
+
+def exit_models(seed: int):
+    """(label, model, wants RGB): torchvision's ResNet-18 as it is (10 classes), and a VGG-11-BN
+    chain from torchvision's own ``make_layers`` (configuration A, channels / 4, one input
+    channel) with a CIFAR-style 512/4 -> 10 classifier."""
+    import torchvision
+    from torchvision.models.vgg import cfgs, make_layers
+
+    torch.manual_seed(seed)
+    resnet = torchvision.models.resnet18(num_classes=10)
+    cfg = [c if c == "M" else c // 4 for c in cfgs["A"]]
+    feats = make_layers(cfg, batch_norm=True)
+    first = feats[0]
+    feats[0] = torch.nn.Conv2d(1, first.out_channels, 3, padding=1)
+    vgg = torch.nn.Sequential(feats, torch.nn.Flatten(), torch.nn.Linear(cfg[-2], 10))
+    return [("torchvision resnet18", resnet, True), ("VGG-11-BN chain (tv make_layers, /4)",
+                                                      vgg, False)]
+
+
+def run_exits(seed: int, a, fit_set, val_set, test_set) -> list[dict]:
+    from torch.utils.data import DataLoader
+
+    from nbcompress.techniques.earlyexit import threshold_sweep
+
+    rows = []
+    for label, model, rgb in exit_models(seed):
+        tr = DataLoader(_Padded(fit_set, rgb), batch_size=64, shuffle=True,
+                        generator=torch.Generator().manual_seed(seed))
+        val = DataLoader(_Padded(val_set, rgb), batch_size=500)
+        te = DataLoader(_Padded(test_set, rgb), batch_size=500)
+        t0 = time.perf_counter()
+        nbcompress.fit(model, tr, epochs=a.exit_epochs, lr=1e-3, scheduler="cosine", seed=seed,
+                       progress=False)
+        fit_s = time.perf_counter() - t0
+        full = nbcompress.evaluate(model, te)
+        t0 = time.perf_counter()
+        ee = nbcompress.early_exit(model, tr, evaluator=val, target_flops=a.exit_flops,
+                                   head=a.exit_head, epochs=a.exit_epochs, seed=seed)
+        ee_s = time.perf_counter() - t0
+        sw = threshold_sweep(ee, te, [ee.threshold])
+        cur = sw[sw["current"]].iloc[0]
+        rows.append({"seed": seed, "model": label, "full_accuracy": full,
+                     "exits": list(ee.exit_names), "threshold": ee.threshold,
+                     "accuracy": float(cur["accuracy"]),
+                     "flops_fraction": float(cur["flops_fraction"]),
+                     "drop_pts": 100 * (full - float(cur["accuracy"])),
+                     "fit_seconds": round(fit_s, 1), "earlyexit_seconds": round(ee_s, 1)})
+        log(f"  seed {seed} {label}: full {100 * full:.2f}%, exits {rows[-1]['exits']} at "
+            f"{ee.threshold:g}: {100 * rows[-1]['accuracy']:.2f}% at "
+            f"{rows[-1]['flops_fraction']:.1%} of the FLOPs ({fit_s:.0f} s + {ee_s:.0f} s)")
+    return rows
+
+
+def exits_part(a, train, test) -> dict:
+    from torch.utils.data import random_split
+
+    g = torch.Generator().manual_seed(0)
+    fit_set, val_set = random_split(train.dataset, [len(train.dataset) - 500, 500], generator=g)
+    log(f"\nearly exits chosen for you (--target-flops {a.exit_flops:g}, --head {a.exit_head}) "
+        f"on two architectures the project did not write, {a.exit_epochs} epochs (network, then "
+        f"heads), chosen on 500 held-out training digits, measured on the 1,000 test digits:")
+    runs = [r for s in a.seeds.split(",") for r in run_exits(int(s), a, fit_set, val_set,
+                                                              test.dataset)]
+    mean = statistics.mean
+    summary = {}
+    for label in dict.fromkeys(r["model"] for r in runs):
+        rs = [r for r in runs if r["model"] == label]
+        summary[label] = {"full_accuracy": mean(r["full_accuracy"] for r in rs),
+                          "accuracy": mean(r["accuracy"] for r in rs),
+                          "drop_pts": mean(r["drop_pts"] for r in rs),
+                          "flops_saved": 1 - mean(r["flops_fraction"] for r in rs)}
+        summary[label]["met"] = summary[label]["flops_saved"] >= 0.5 and \
+            summary[label]["drop_pts"] <= 0.5
+    table(["model", "full %", "early exit %", "drop pts", "FLOPs saved", "target"],
+          [[k, f"{100 * v['full_accuracy']:.2f}", f"{100 * v['accuracy']:.2f}",
+            f"{v['drop_pts']:+.2f}", f"{v['flops_saved']:.1%}",
+            "met" if v["met"] else "NOT met"] for k, v in summary.items()])
+    return {"runs": runs, "summary": summary, "epochs": a.exit_epochs,
+            "target_flops": a.exit_flops, "head": a.exit_head,
+            "targets": {"flops_saved": 0.5, "drop_pts": 0.5}}
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--parts", default="width,depth")
+    p.add_argument("--parts", default="width,depth,exits")
     p.add_argument("--depth-epochs", type=int, default=5)
+    p.add_argument("--exit-epochs", type=int, default=2)
+    p.add_argument("--exit-flops", type=float, default=0.5)
+    p.add_argument("--exit-head", default="conv")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--epochs", type=int, default=6)
     p.add_argument("--runs", type=int, default=30)
@@ -181,6 +308,8 @@ def main(argv=None) -> int:
         result.update(width_part(a, train, test))
     if "depth" in parts:
         result["depth"] = depth_part(a, train, test)
+    if "exits" in parts:
+        result["exits"] = exits_part(a, train, test)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(result, indent=1, default=str) + "\n")
     log(f"wrote {a.out}")

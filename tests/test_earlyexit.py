@@ -322,6 +322,14 @@ BAD = [
     ("--data train_loader --head-pool 0", "--head-pool must be a whole number >= 1, got 0"),
     ("--data train_loader --device nosuchdevice", "unknown device"),
     ("--data bad_labels --alpha 0.5", "--data has label 50, but the model scores 10 classes"),
+    ("--data train_loader --target-flops 0.5", "--target-flops chooses the exits on the "
+                                               "evaluation data: give an evaluation loader (--eval LOADER"),
+    ("--data train_loader --target-flops 0.5 --threshold 0.9", "not both"),
+    ("--data train_loader --target-flops 0", "--target-flops must be"),
+    ("--data train_loader --head big", "--head must be one of"),
+    ("--data train_loader --eval train_loader --exits relu1 --target-flops 0.001 --epochs 1",
+     "no choice of exits and threshold fits 0.1% of the FLOPs on the evaluation data: the "
+     "cheapest"),
 ]
 
 
@@ -496,7 +504,87 @@ def test_residual_networks_get_exits_between_their_stages():
         assert any(isinstance(b, nn.Flatten) for b in ee.backbone)
         with torch.no_grad():
             assert torch.allclose(ee.eval()(x[:8]), m(x[:8]), atol=1e-5)
-            ee.threshold = 0.3                        # low: most samples leave early
+            ee.threshold = 1e-6                       # every sample leaves at the first exit
             ee.reset_exit_counts()
-            ee(x)
-        assert sum(ee.exit_counts[:-1]) > 0
+            out = ee(x)
+        assert ee.exit_counts[0] == len(x)
+        with torch.no_grad():
+            assert torch.allclose(out, ee.forward_all(x)[0], atol=1e-5)
+
+
+# ----------------------------------------------------------------- exits chosen for you (--target-flops)
+
+def test_target_flops_chooses_exits_and_threshold_on_the_eval_data(small_cnn, digits):
+    """Heads after every candidate block, then the most accurate (exits, threshold) within the
+    budget; each choice's accuracy and FLOPs, predicted from one pass, are what the model with
+    only those exits really does (its own batched forward, counted by the FLOP counter)."""
+    from nbcompress.techniques.earlyexit.sweep import _Sweep, choose_exits
+
+    train, test = digits
+    snap = snapshot(small_cnn)
+    r = compress(small_cnn, EarlyExitConfig(data=train, target_flops=0.5, head="conv", epochs=2,
+                                            progress=False), evaluator=test)
+    ee = r.model
+    assert same_as_snapshot(small_cnn, snap)
+    cands = r.extra["candidate_exits"]
+    assert cands == ["0", "2", "3", "5", "6"]     # after every conv (past its pool), not the last
+    assert set(ee.exit_names) <= set(cands) and len(ee.heads) == len(ee.exit_names)
+    assert all(r_["head"].startswith("conv 3x3 + BN + ReLU + avgpool ")
+               for r_ in r.layers[:len(ee.heads)])
+    front = r.tables["exit choices (Pareto front)"]
+    assert front["flops_fraction"].is_monotonic_increasing
+    assert front["accuracy"].is_monotonic_increasing
+    m = measure(ee, example_input=next(iter(test))[0][:1], evaluator=test, latency=False)
+    full = measure(small_cnn, next(iter(test))[0][:1], evaluator=test, latency=False)
+    assert m.flops <= 0.5 * full.flops * 1.001
+    note = next(n for n in r.notes if n.startswith("--target-flops 0.5"))
+    assert f"{100 * m.accuracy:.2f}% at" in note
+
+    # the search by brute force: a model with all the candidate heads, every subset measured
+    every = compress(small_cnn, EarlyExitConfig(data=train, exits=",".join(cands), head="conv",
+                                                epochs=2, progress=False)).model.eval()
+    row, table = choose_exits(_Sweep(every, test), 0.5)
+    best = -1.0
+    import itertools
+
+    for k in range(len(cands) + 1):
+        for S in itertools.combinations(range(len(cands)), k):
+            sub = every.keep_exits(S)
+            for t in (0.5, 0.9, 0.99):
+                sub.threshold = t
+                got = measure(sub, example_input=next(iter(test))[0][:1], evaluator=test,
+                              latency=False)
+                pred = table[(table["exits"] == S) & ((table["threshold"] == t) | (k == 0))]
+                assert got.flops == pytest.approx(pred["avg_flops"].iloc[0], rel=0.01)
+                assert got.accuracy == pytest.approx(pred["accuracy"].iloc[0], abs=1e-6)
+                if got.flops <= 0.5 * full.flops:
+                    best = max(best, got.accuracy)
+    assert row["accuracy"] >= best - 1e-6
+
+
+def test_target_flops_on_torchvision_resnet_opens_its_stages():
+    tv = pytest.importorskip("torchvision")
+    from torch.utils.data import DataLoader, TensorDataset
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(48, 3, 32, 32, generator=g), torch.randint(0, 10, (48,), generator=g)
+    dl = DataLoader(TensorDataset(x, y), batch_size=16)
+    m = tv.models.resnet18(num_classes=10).eval()
+    r = compress(m, EarlyExitConfig(data=dl, target_flops=0.6, epochs=1, progress=False),
+                 evaluator=dl)
+    # candidates inside the stages: between residual blocks, never just before the classifier
+    assert r.extra["candidate_exits"] == ["maxpool", "layer1.0", "layer1.1", "layer2.0",
+                                          "layer2.1", "layer3.0", "layer3.1", "layer4.0"]
+    cur = r.tables["threshold sweep"].query("current").iloc[0]
+    assert cur["flops_fraction"] <= 0.6 + 1e-9
+
+
+def test_conv_heads_save_and_load(small_cnn, digits, tmp_path):
+    train, test = digits
+    ee = early_exit(small_cnn, train, exits="1,4", head="conv", epochs=1)
+    assert [type(h[0]).__name__ for h in ee.heads] == ["Conv2d"] * 2
+    nbcompress.save(ee, tmp_path / "ee.nbc")
+    back = nbcompress.load(tmp_path / "ee.nbc")
+    x = next(iter(test))[0][:64]
+    with torch.no_grad():
+        assert torch.equal(back.eval()(x), ee.eval()(x))

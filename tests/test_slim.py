@@ -213,17 +213,20 @@ def test_bad_input_leaves_the_model_unchanged(shell, digits, line, message):
 
 def test_layers_it_cannot_slice_are_named(digits):
     tr, _ = digits
-    dw = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(),
-                       nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.ReLU(),
+    # depthwise convs and channel LayerNorms slim (tests/test_slim_zoo.py); grouped convs and a
+    # LayerNorm over more than the channels do not
+    gc = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(),
+                       nn.Conv2d(8, 8, 3, padding=1, groups=4), nn.ReLU(),
                        nn.Conv2d(8, 16, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
                        nn.Linear(16, 10))
-    snap = snapshot(dw)
-    with pytest.raises(BadInput, match=r"cannot slim layer '2' \(Conv2d\): a depthwise conv"):
-        nbcompress.slim(dw, tr, epochs=1)
-    assert same_as_snapshot(dw, snap)
-    ln = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.LayerNorm(32), nn.ReLU(),
-                       nn.Linear(32, 10))
-    with pytest.raises(BadInput, match=r"cannot slim layer '2' \(LayerNorm\)"):
+    snap = snapshot(gc)
+    with pytest.raises(BadInput, match=r"cannot slim layer '2' \(Conv2d\): a grouped conv"):
+        nbcompress.slim(gc, tr, epochs=1)
+    assert same_as_snapshot(gc, snap)
+    ln = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.LayerNorm([8, 8, 8]), nn.ReLU(),
+                       nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
+    with pytest.raises(BadInput, match=r"cannot slim layer '1' \(LayerNorm\): a LayerNorm over "
+                                       r"more than the channels"):
         nbcompress.slim(ln, tr, epochs=1)
     tv = pytest.importorskip("torchvision")
     sq = tv.models.squeezenet1_0(num_classes=10).eval()      # Fire modules concat two convs

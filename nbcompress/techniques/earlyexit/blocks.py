@@ -191,25 +191,50 @@ def _every_positions(chain: list[tuple[str, nn.Module]], k: int) -> list[int]:
 
 # ----------------------------------------------------------------------------------- the heads
 
-def make_head(feature: torch.Tensor, num_classes: int, pool: int) -> nn.Module:
-    """Average-pool to at most ``pool`` positions per spatial dim, flatten, linear."""
+HEAD_KINDS = ("pool", "conv")
+
+
+def make_head(feature: torch.Tensor, num_classes: int, pool: int, kind: str = "pool"
+              ) -> nn.Module:
+    """Average-pool to at most ``pool`` positions per spatial dim, flatten, linear; ``kind
+    "conv"``: a 3x3 convolution (as many channels as the feature) + BatchNorm + ReLU first,
+    so the head can still combine neighbouring positions before it pools (a feature map of an
+    early layer is too raw for a linear read-out alone). A flat feature gets a linear head."""
+    if kind not in HEAD_KINDS:
+        raise FieldError(f"{{head}} must be one of {', '.join(HEAD_KINDS)}, got {kind!r}")
     shape = tuple(feature.shape[1:])
     if len(shape) == 1:
         return nn.Sequential(nn.Linear(shape[0], num_classes))
-    spatial = shape[1:]
+    c, spatial = shape[0], shape[1:]
     size = tuple(min(pool, s) for s in spatial)
-    poolcls = {1: nn.AdaptiveAvgPool1d, 2: nn.AdaptiveAvgPool2d, 3: nn.AdaptiveAvgPool3d}
-    layer = poolcls[len(spatial)](size if len(size) > 1 else size[0])
-    return nn.Sequential(layer, nn.Flatten(), nn.Linear(shape[0] * math.prod(size), num_classes))
+    nd = len(spatial)
+    poolcls = {1: nn.AdaptiveAvgPool1d, 2: nn.AdaptiveAvgPool2d, 3: nn.AdaptiveAvgPool3d}[nd]
+    front: list[nn.Module] = []
+    if kind == "conv":
+        conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[nd]
+        bn = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}[nd]
+        front = [conv(c, c, 3, padding=1, bias=False), bn(c), nn.ReLU(inplace=True)]
+    layer = poolcls(size if len(size) > 1 else size[0])
+    return nn.Sequential(*front, layer, nn.Flatten(), nn.Linear(c * math.prod(size),
+                                                               num_classes))
 
 
 def _head_text(head: nn.Module) -> str:
-    first = head[0]
-    if isinstance(first, nn.Linear):
-        return "linear"
-    size = first.output_size
-    size = size if isinstance(size, tuple) else (size,)
-    return f"avgpool {'x'.join(str(s) for s in size)} + linear"
+    parts = []
+    for m in head:
+        if isinstance(m, nn.modules.conv._ConvNd):
+            parts.append(f"conv {'x'.join(str(k) for k in m.kernel_size)}")
+        elif isinstance(m, _NORMS):
+            parts.append("BN")
+        elif isinstance(m, nn.ReLU):
+            parts.append("ReLU")
+        elif isinstance(m, (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)):
+            size = m.output_size
+            size = size if isinstance(size, tuple) else (size,)
+            parts.append(f"avgpool {'x'.join(str(s) for s in size)}")
+        elif isinstance(m, nn.Linear):
+            parts.append("linear")
+    return " + ".join(parts)
 
 
 # ------------------------------------------------------------------------------------ the plan
@@ -252,10 +277,28 @@ class Plan:
     num_classes: int
 
 
+def _inside_sequentials(model: nn.Module) -> list[str]:
+    """A sub-module of each nn.Sequential block with two or more blocks with weights inside
+    (a VGG's ``features``, a ResNet stage; not a conv + norm + activation unit), reachable by
+    opening the model and, in turn, those blocks (what :func:`list_blocks` takes to open
+    them)."""
+    out, todo = [], [("", model)]
+    while todo:
+        name, m = todo.pop(0)
+        for cn, c in m.named_children():
+            full = f"{name}.{cn}" if name else cn
+            if isinstance(c, nn.Sequential) and sum(_has_weights(k) for k in c.children()) >= 2:
+                out.append(f"{full}.{next(iter(c._modules))}")
+                todo.append((full, c))
+    return out
+
+
 def plan_exits(model: nn.Module, data: DataLoader, exits: Any, every: int | None,
-               alpha: float) -> Plan:
+               alpha: float, open_all: bool = False) -> Plan:
     """Where the exits go (checked on a batch of ``data``); :class:`FieldError` /
-    :class:`BadInput` for anything wrong."""
+    :class:`BadInput` for anything wrong. ``open_all`` (no ``exits``): the nn.Sequential blocks
+    are opened first, so the candidates are after every block with weights inside them too
+    (a VGG's convolutions, a ResNet's residual blocks)."""
     x, y = first_batch(data)
     dev = next((t.device for t in list(model.parameters()) + list(model.buffers())),
                torch.device("cpu"))
@@ -275,7 +318,7 @@ def plan_exits(model: nn.Module, data: DataLoader, exits: Any, every: int | None
     if len(set(names)) != len(names):
         dup = next(n for n in names if names.count(n) > 1)
         raise FieldError(f"{{exits}} names {dup!r} twice")
-    blocks = list_blocks(model, x, expand=names)
+    blocks = list_blocks(model, x, expand=names or (_inside_sequentials(model) if open_all else ()))
     index = {n: i for i, (n, _) in enumerate(blocks)}
     if names:
         positions = sorted(index[n] for n in names)

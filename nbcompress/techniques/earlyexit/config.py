@@ -11,9 +11,9 @@ from torch import nn
 from ...core import CompressionResult, StepConfig, StepContext
 from ...errors import FieldError
 from ...options import is_given, option, options_of
-from .blocks import Plan, _head_text, make_head, plan_exits
+from .blocks import HEAD_KINDS, Plan, _head_text, make_head, plan_exits
 from .model import DEFAULT_THRESHOLD, EarlyExitModel
-from .sweep import describe_exits
+from .sweep import _Sweep, _exits_text, choose_exits, describe_exits
 from .training import train_heads
 
 __all__ = ["EarlyExitConfig"]
@@ -33,6 +33,10 @@ class EarlyExitConfig(StepConfig):
     The dashboard's FLOPs are the average FLOPs actually spent per sample on the evaluation data
     (same basis as the network before); the step shows the share of samples per exit and a plot
     of accuracy vs average FLOPs as the threshold sweeps.
+
+    With --target-flops F the exits are chosen for you: a head after every candidate block, then
+    the subset of exits and the threshold most accurate on the evaluation data within F of the
+    FLOPs (every subset is scored from one pass); the other heads are dropped.
     """
 
     technique: ClassVar[str] = "earlyexit"
@@ -44,6 +48,7 @@ class EarlyExitConfig(StepConfig):
         "%earlyexit cnn --data train_loader --exits 2,5 --threshold 0.9",
         "%earlyexit cnn --data train_loader --every 1 --epochs 5",
         "%earlyexit cnn --threshold 0.97      # later: only the threshold (undoable)",
+        "%earlyexit net --data train_loader --target-flops 0.5 --head conv --eval val_loader",
     )
 
     data: Any = option(None, kind="loader", help="DataLoader the exit heads are trained on "
@@ -72,6 +77,16 @@ class EarlyExitConfig(StepConfig):
                                "[0, 1] (default 1: distillation only)")
     head_pool: int = option(4, kind="int", range="[1, inf)", metavar="S",
                             help="heads average-pool each spatial dim to at most S")
+    head: str = option("pool", kind="choice", choices=HEAD_KINDS,
+                       help="pool: average-pool + linear; conv: a 3x3 conv + BatchNorm + ReLU "
+                            "first (stronger, costs more FLOPs, counted)")
+    target_flops: float | None = option(
+        None, kind="fraction", conflicts="threshold", metavar="F",
+        help="choose the exits and threshold for you: every candidate exit gets a head, then "
+             "the most accurate choice of exits and threshold whose average FLOPs on the "
+             "evaluation data (--eval) stay within this fraction of the network's is kept; "
+             "without --exits/--every the candidates are after every block with weights, "
+             "nn.Sequential blocks opened")
     seed: int = option(0, kind="int", help="seed for head init and training")
 
     # ------------------------------------------------------------------ checks
@@ -93,13 +108,22 @@ class EarlyExitConfig(StepConfig):
         self.plan(model)
 
     def plan(self, model: nn.Module) -> Plan:
-        """Where the exits go (checked on a batch of ``data``)."""
-        return plan_exits(model, self.data, self.exits, self.every, self.alpha)
+        """Where the exits go (checked on a batch of ``data``); with ``target_flops`` and no
+        ``exits`` / ``every``, the candidates after every block with weights, Sequentials
+        opened."""
+        auto = self.target_flops is not None and self.exits is None and self.every is None
+        return plan_exits(model, self.data, self.exits, self.every, self.alpha, open_all=auto)
 
     # ------------------------------------------------------------------ run
     def run(self, model: nn.Module, ctx: StepContext) -> CompressionResult:
         if isinstance(model, EarlyExitModel):
             return self._retune(model, ctx)
+        from ...metrics import is_loader
+
+        if self.target_flops is not None and not is_loader(ctx.evaluator):
+            raise FieldError("{target_flops} chooses the exits on the evaluation data: give "
+                             "an evaluation loader (--eval LOADER, or evaluator= in Python; "
+                             "labelled, held out from {data})")
         plan = self.plan(model)
         if self.alpha < 1:                 # the heads train on the labels: they must be classes
             from ...batches import check_loader_runs
@@ -107,7 +131,7 @@ class EarlyExitConfig(StepConfig):
             check_loader_runs(model, self.data, "{data}", ctx.device)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
-            heads = nn.ModuleList(make_head(f, plan.num_classes, self.head_pool)
+            heads = nn.ModuleList(make_head(f, plan.num_classes, self.head_pool, self.head)
                                   for f in plan.features)
         backbone = nn.Sequential(*(m for _, m in plan.blocks))
         ee = EarlyExitModel(backbone, heads.to(ctx.device), plan.positions,
@@ -116,13 +140,36 @@ class EarlyExitConfig(StepConfig):
         ee.train(model.training)
         records = train_heads(self, ee, ctx)
         ee.eval()
+        chosen = None
+        if self.target_flops is not None:
+            sw = _Sweep(ee, ctx.evaluator, ctx.device)
+            row, chosen = choose_exits(sw, float(self.target_flops))
+            candidates = len(ee.heads)
+            ee = ee.keep_exits(row["exits"])
+            ee.threshold = float(row["threshold"]) if len(row["exits"]) else DEFAULT_THRESHOLD
+            ee.eval()
         notes = [f"exits after {', '.join(plan.names)} of {len(plan.blocks)} blocks; heads "
                  f"({_head_text(ee.heads[0])}) trained {self.epochs} epoch"
                  f"{'s' if self.epochs != 1 else ''} "
                  f"{'jointly with the backbone' if self.joint else 'with the backbone frozen'}, "
                  f"distilled from the final output (T={self.T:g}"
                  f"{f', alpha={self.alpha:g}' if self.alpha < 1 else ''})"]
+        if chosen is not None:
+            notes.append(
+                f"--target-flops {self.target_flops:g}: of {candidates} candidate exits and "
+                f"{chosen['threshold'].nunique()} thresholds ({len(chosen)} choices), "
+                f"{_exits_text(ee, range(len(ee.heads)))}"
+                + (f" at threshold {ee.threshold:g}" if len(ee.heads) else "")
+                + f" is the most accurate within the budget on the evaluation data: "
+                f"{100 * row['accuracy']:.2f}% at {row['flops_fraction']:.1%} of the FLOPs")
         result = CompressionResult(ee, extra={"head_loss": [round(r["loss"], 4) for r in records]})
+        if chosen is not None:
+            front = chosen[chosen["pareto"]].copy()
+            front["exits"] = [", ".join(plan.names[k] for k in S) or "(none)"
+                              for S in front["exits"]]
+            result.tables["exit choices (Pareto front)"] = front.reset_index(drop=True)
+            result.extra.update({"chosen_exits": list(ee.exit_names),
+                                 "candidate_exits": list(plan.names)})
         describe_exits(ee, ctx, result, notes)
         return result
 

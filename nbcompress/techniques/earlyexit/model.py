@@ -129,12 +129,23 @@ class EarlyExitModel(nn.Module):
         return out
 
     # ---------------------------------------------------------------------- costs
-    def path_flops(self, example_input: torch.Tensor) -> list[int]:
-        """FLOPs (``torch.utils.flop_counter``) of one forward of ``example_input`` for a batch
-        that leaves at exit ``k`` (heads before it included), and last for one that runs to the
-        final output (every head on the way included)."""
+    def keep_exits(self, keep: Sequence[int]) -> "EarlyExitModel":
+        """A model with only the exits ``keep`` (indices into ``heads``), sharing this one's
+        backbone and heads (its threshold, names and classes as here)."""
+        keep = sorted(int(k) for k in keep)
+        out = EarlyExitModel(self.backbone, nn.ModuleList(self.heads[k] for k in keep),
+                             [self.exit_after[k] for k in keep], self.threshold,
+                             [self.exit_names[k] for k in keep], self.block_names,
+                             self.num_classes)
+        out.train(self.training)
+        return out
+
+    def segment_flops(self, example_input: torch.Tensor) -> tuple[list[int], list[int], int]:
+        """``(backbone, heads, full)``: FLOPs (``torch.utils.flop_counter``) of one forward of
+        ``example_input`` through the backbone up to each exit's block, of each head on its own,
+        and of the whole backbone."""
         blocks = list(self.backbone)
-        cum, out, h = 0, [], example_input
+        cum, backbone, heads, h = 0, [], [], example_input
         was = self.training
         self.eval()
         try:
@@ -142,13 +153,22 @@ class EarlyExitModel(nn.Module):
                 for k, seg in enumerate(self.segments()):
                     with FlopCounterMode(display=False) as c:
                         h = self._run(blocks, h, seg)
-                        if k < len(self.heads):
-                            self.heads[k](h)
                     cum += c.get_total_flops()
-                    out.append(int(cum))
+                    if k < len(self.heads):
+                        backbone.append(int(cum))
+                        with FlopCounterMode(display=False) as c:
+                            self.heads[k](h)
+                        heads.append(int(c.get_total_flops()))
         finally:
             self.train(was)
-        return out
+        return backbone, heads, int(cum)
+
+    def path_flops(self, example_input: torch.Tensor) -> list[int]:
+        """FLOPs (``torch.utils.flop_counter``) of one forward of ``example_input`` for a batch
+        that leaves at exit ``k`` (heads before it included), and last for one that runs to the
+        final output (every head on the way included)."""
+        backbone, heads, full = self.segment_flops(example_input)
+        return [b + sum(heads[:k + 1]) for k, b in enumerate(backbone)] + [full + sum(heads)]
 
     def nbc_flops(self, example_input: Any, evaluator: Any):
         """The metrics hook (see :func:`nbcompress.metrics.measure`): FLOPs actually spent on the

@@ -8,7 +8,6 @@ from typing import Any, Sequence
 import pandas as pd
 import torch
 from torch.utils.data import DataLoader
-from torch.utils.flop_counter import FlopCounterMode
 
 from ...core import CompressionResult, StepContext
 from ...errors import BadInput
@@ -54,10 +53,11 @@ class _Sweep:
                         ys.append(y.cpu())
                 if first is None:
                     raise BadInput("the loader yielded no batches")
-                self.cum = ee.path_flops(first)
-                with FlopCounterMode(display=False) as c:
-                    ee.backbone(first)
-                self.full_flops = int(c.get_total_flops()) or 1
+                self.backbone_flops, self.head_flops, full = ee.segment_flops(first)
+                self.cum = [b + sum(self.head_flops[:k + 1])
+                            for k, b in enumerate(self.backbone_flops)] + \
+                    [full + sum(self.head_flops)]
+                self.full_flops = int(full) or 1
         finally:
             ee.train(was)
         logits = [torch.cat([o[k] for o in outs]) for k in range(len(outs[0]))]
@@ -101,6 +101,74 @@ class _Sweep:
             row["current"] = t == float(self.ee.threshold)
             rows.append(row)
         return pd.DataFrame(rows)
+
+
+    def subsets(self, thresholds: Sequence[float] | None = None,
+                max_exhaustive: int = 10) -> pd.DataFrame:
+        """Every subset of the exits (all of them up to ``max_exhaustive`` exits, else those of
+        at most three) at every threshold, as if the model had only those heads: ``exits``
+        (indices into the heads), ``threshold``, ``accuracy``, ``avg_flops`` (per sample, the
+        kept heads included), ``flops_fraction`` (of the network without exits). The empty
+        subset is the network alone."""
+        import itertools
+
+        grid = sorted({float(t) for t in (thresholds or SWEEP_THRESHOLDS)})
+        _check_thresholds(grid)
+        if self.y is None:
+            raise BadInput("choosing exits needs labelled evaluation data")
+        E = len(self.head_flops)
+        sizes = range(E + 1) if E <= max_exhaustive else range(min(E, 3) + 1)
+        subsets = [c for r in sizes for c in itertools.combinations(range(E), r)]
+        right = (self.preds == self.y).float()                                 # (E+1, N)
+        ar = torch.arange(self.n)
+        rows = []
+        for t in grid:
+            leave = self.conf >= t                                             # (E, N)
+            for S in subsets:
+                if not S and t != grid[0]:
+                    continue                   # the network alone: once
+                heads = [self.head_flops[k] for k in S]
+                cost = torch.tensor([self.backbone_flops[k] + sum(heads[:j + 1])
+                                     for j, k in enumerate(S)] + [self.full_flops + sum(heads)],
+                                    dtype=torch.float64)
+                if S:
+                    first = torch.cat([leave[list(S)], torch.ones(1, self.n, dtype=torch.bool)]
+                                      ).float().argmax(dim=0)
+                else:
+                    first = torch.zeros(self.n, dtype=torch.long)
+                where = torch.tensor(list(S) + [E])[first]
+                avg = float(cost[first].mean())
+                rows.append({"exits": S, "threshold": t,
+                             "accuracy": float(right[where, ar].mean()), "avg_flops": avg,
+                             "flops_fraction": avg / self.full_flops})
+        return pd.DataFrame(rows)
+
+
+def choose_exits(sw: "_Sweep", flops: float, thresholds: Sequence[float] | None = None
+                 ) -> tuple[pd.Series, pd.DataFrame]:
+    """The most accurate (exits, threshold) within ``flops`` (a fraction of the network's
+    FLOPs), the cheaper on a tie, and the table of every candidate with its Pareto flag;
+    :class:`BadInput` naming the cheapest when none fits."""
+    df = sw.subsets(thresholds)
+    df = df.sort_values(["flops_fraction", "accuracy"], ascending=[True, False])
+    best, pareto = -1.0, []
+    for acc in df["accuracy"]:
+        pareto.append(bool(acc > best))
+        best = max(best, acc)
+    df["pareto"] = pareto
+    df = df.reset_index(drop=True)
+    fits = df[df["flops_fraction"] <= flops + 1e-9]
+    if fits.empty:
+        c = df.iloc[0]
+        raise BadInput(f"no choice of exits and threshold fits {flops:.1%} of the FLOPs on the "
+                       f"evaluation data: the cheapest ({_exits_text(sw.ee, c['exits'])}, "
+                       f"threshold {c['threshold']:g}) spends {c['flops_fraction']:.1%}")
+    top = fits["accuracy"].max()
+    return fits[fits["accuracy"] >= top - 1e-12].iloc[0], df
+
+
+def _exits_text(ee: EarlyExitModel, S) -> str:
+    return "exits after " + ", ".join(ee.exit_names[k] for k in S) if len(S) else "no exit"
 
 
 def threshold_sweep(ee: EarlyExitModel, loader: DataLoader,

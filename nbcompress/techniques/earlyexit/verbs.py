@@ -22,7 +22,8 @@ def early_exit(model: nn.Module, loader: DataLoader | None = None, *, evaluator:
     ``early_exit(ee, threshold=P)`` returns a copy with only the threshold changed.
 
     ``options``: the fields of :class:`EarlyExitConfig` (``exits``, ``every``, ``threshold``,
-    ``epochs``, ``lr``, ``joint``, ``T``, ``alpha``, ``head_pool``, ``seed``). ``evaluator``: a
+    ``epochs``, ``lr``, ``joint``, ``T``, ``alpha``, ``head_pool``, ``head``,
+    ``target_flops`` (needs ``evaluator``), ``seed``). ``evaluator``: a
     loader for the threshold sweep kept in the step's result (see :func:`compress`).
     """
     EarlyExitConfig.check_options(options, "early_exit", exclude={"data", "progress"})
