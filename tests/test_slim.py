@@ -311,11 +311,41 @@ def test_choose_early_exit_threshold(digits):
     r = nbcompress.compress(ee, BudgetConfig(flops=0.97, progress=False), evaluator=te)
     t = r.tables["candidates"]
     row = t[t["chosen"]].iloc[0]
-    assert row["kind"] == "threshold" and row["flops_fraction"] <= 0.97
-    assert r.model.threshold == row["setting"]
-    assert row["accuracy"] == t[t["flops_fraction"] <= 0.97]["accuracy"].max()
+    assert row["kind"] == "exits" and row["flops_fraction"] <= 0.97
+    assert row["label"] == f"exits after 2 at threshold {row['setting']:g}"
+    assert r.model.threshold == row["setting"] and r.model.exit_names == ("2",)
+    fits = t[t["flops_fraction"] <= 0.97]
+    assert row["agreement"] == fits["agreement"].max()
+    assert row["accuracy"] == fits[fits["agreement"] == fits["agreement"].max()]["accuracy"].max()
     picked = nbcompress.choose(ee, flops=0.97, evaluator=te)
     assert picked.threshold == row["setting"] and picked is not ee
+
+
+def test_budget_chooses_among_the_exits_too(digits, shell):
+    """%budget on an early-exit model with two exits: every subset x threshold is a candidate;
+    a choice that drops an exit leaves a model with the other one, and %undo brings both back."""
+    tr, te = digits
+    cnn = digits_cnn()
+    nbcompress.fit(cnn, tr, epochs=6, lr=1e-2, progress=False)
+    ee = nbcompress.early_exit(cnn, tr, exits=[2, 5], epochs=3)
+    shell.user_ns.update(exits_net=ee, te=te)   # (not a local name: the magic reads locals first)
+    shell.run_line_magic("nbcompress", "exits_net --eval te")
+    r = shell.run_line_magic("budget", "exits_net --flops 0.6 --no-progress")
+    t = r.result.tables["candidates"]
+    labels = set(t["label"])
+    assert "no exit (the network alone)" in labels
+    assert any(x.startswith("exits after 2, 5 at") for x in labels)
+    assert any(x.startswith("exits after 2 at") for x in labels)
+    assert any(x.startswith("exits after 5 at") for x in labels)
+    chosen = t[t["chosen"]].iloc[0]
+    now = shell.user_ns["exits_net"]
+    assert chosen["label"].startswith("exits after " + ", ".join(now.exit_names) + " at")
+    m = measure(now, example_input=next(iter(te))[0][:1], evaluator=te, latency=False)
+    full = measure(cnn, next(iter(te))[0][:1], latency=False)
+    assert m.flops <= 0.6 * full.flops * 1.001
+    assert m.flops == pytest.approx(chosen["flops"], rel=0.01)
+    shell.run_line_magic("undo", "exits_net")
+    assert shell.user_ns["exits_net"].exit_names == ("2", "5")
 
 
 # ------------------------------------------------------------------ depth

@@ -439,10 +439,8 @@ def budget_plot_png(table, budget: float) -> bytes:
     ax.axvline(100 * budget, color="#c0392b", ls="--", lw=1, label=f"budget {budget:.0%}")
     pick = table[table["chosen"]] if "chosen" in table else table.iloc[:0]
     if len(pick):
-        d = pick["depth"].iloc[0] if "depth" in pick else 1.0
         ax.plot(100 * pick["flops_fraction"], 100 * pick["accuracy"], "*", color="#d9822b",
-                ms=14, label=f"chosen: {pick['kind'].iloc[0]} {pick['setting'].iloc[0]:g}"
-                + (f", depth {d:g}" if d == d and d < 1 else ""))
+                ms=14, label=f"chosen: {pick['label'].iloc[0]}")
     ax.set_xlabel("% of the full network's FLOPs")
     ax.set_ylabel("accuracy %")
     ax.set_title("budget: every trained configuration", fontsize=10)

@@ -12,7 +12,7 @@ from ...core import CompressionResult, StepConfig, StepContext
 from ...errors import BadInput, FieldError
 from ...options import option
 from ..earlyexit.model import EarlyExitModel
-from ..earlyexit.sweep import threshold_sweep
+from ..earlyexit.sweep import _Sweep, exit_choices, exits_label, pareto_front, pick_exits
 from ..slim.config import _example, width_table
 from ..slim.model import SlimmableNet
 
@@ -33,13 +33,16 @@ def candidates(model: nn.Module, ctx: StepContext) -> pd.DataFrame:
                            "depth": t["depth"] if "depth" in t else 1.0, "flops": t["flops"],
                            "flops_fraction": t["flops_fraction"], "latency_ms": t["latency_ms"],
                            "accuracy": t["accuracy"]})
+        df["label"] = [f"width {w:g}" + (f", depth {d:g}" if d < 1 else "")
+                       for w, d in zip(df["setting"], df["depth"])]
     elif isinstance(model, EarlyExitModel):
         if not is_loader(ctx.evaluator):
             raise BadInput("%budget needs an evaluation loader (--eval) to sweep the thresholds")
-        t = threshold_sweep(model, ctx.evaluator, device=ctx.device)
-        df = pd.DataFrame({"kind": "threshold", "setting": t["threshold"],
+        t = exit_choices(_Sweep(model, ctx.evaluator, ctx.device))
+        df = pd.DataFrame({"kind": "exits", "setting": t["threshold"], "subset": t["exits"],
                            "flops": t["avg_flops"], "flops_fraction": t["flops_fraction"],
-                           "accuracy": t["accuracy"]})
+                           "accuracy": t["accuracy"], "agreement": t["agreement"],
+                           "label": t["label"]})
     else:
         raise BadInput(f"%budget chooses among what a network was trained for: the widths of a "
                        f"slimmable network (%slim) or the thresholds of an early-exit model "
@@ -47,13 +50,7 @@ def candidates(model: nn.Module, ctx: StepContext) -> pd.DataFrame:
     if df["accuracy"].isna().all():
         raise BadInput("%budget needs an evaluator that reports an accuracy (a labelled loader "
                        "or a callable returning one)")
-    df = df.sort_values(["flops_fraction", "accuracy"], ascending=[True, False])
-    best, pareto = -1.0, []
-    for acc in df["accuracy"]:
-        pareto.append(bool(acc > best))
-        best = max(best, acc)
-    df["pareto"] = pareto
-    return df.reset_index(drop=True)
+    return pareto_front(df)
 
 
 def pick(table: pd.DataFrame, flops: float) -> int:
@@ -69,11 +66,7 @@ def pick(table: pd.DataFrame, flops: float) -> int:
 
 
 def _label(row) -> str:
-    text = f"{row['kind']} {row['setting']:g}"
-    depth = row.get("depth") if hasattr(row, "get") else None
-    if depth is not None and depth == depth and float(depth) < 1:
-        text += f", depth {float(depth):g}"
-    return text
+    return str(row["label"])
 
 
 @dataclass
@@ -81,15 +74,18 @@ class BudgetConfig(StepConfig):
     """Choose the most accurate configuration within a FLOPs budget.
 
     Measures every configuration the model was trained for on the evaluation data (--eval, or
-    the one set with %nbcompress): a slimmable network's widths, or an early-exit model's
-    thresholds (average FLOPs actually spent per sample). Keeps those within --flops (a fraction
-    of the full network's FLOPs), switches the model to the most accurate (the cheaper on a tie)
-    and shows every candidate with the Pareto front. Undo goes back to the previous choice.
+    the one set with %nbcompress): a slimmable network's widths (and depths), or an early-exit
+    model's exits and thresholds (every subset of its exits at every threshold; average FLOPs
+    actually spent per sample). Keeps those within --flops (a fraction of the full network's
+    FLOPs), switches the model to the most accurate (the cheaper on a tie; for exits, the one
+    that agrees most with the full network first, the less noisy measure) and shows every
+    candidate with the Pareto front. Exits not chosen are dropped. Undo goes back to the
+    previous choice.
     """
 
     technique: ClassVar[str] = "budget"
     model_help: ClassVar[str] = "the variable holding a slimmable or early-exit model"
-    summary: ClassVar[str] = "the most accurate width / exit threshold within a FLOPs budget"
+    summary: ClassVar[str] = "the most accurate width / depth / exits within a FLOPs budget"
     examples: ClassVar[tuple] = (
         "%budget net --flops 0.3 --eval test_loader     # battery low: at most 30% of the FLOPs",
         "%budget net --flops 1                          # back to the most accurate",
@@ -111,7 +107,7 @@ class BudgetConfig(StepConfig):
 
     def run(self, model: nn.Module, ctx: StepContext) -> CompressionResult:
         table = candidates(model, ctx)
-        i = pick(table, float(self.flops))
+        i = (pick_exits if isinstance(model, EarlyExitModel) else pick)(table, float(self.flops))
         row = table.loc[i]
         if isinstance(model, SlimmableNet):
             old = f"width {model.width:g}" + (f", depth {model.depth:g}" if model.depth < 1
@@ -119,13 +115,21 @@ class BudgetConfig(StepConfig):
             model.width = model.check_width(float(row["setting"]))
             model.depth = model.check_depth(float(row["depth"]))
         else:
-            old = f"threshold {model.threshold:g}"
-            model.threshold = float(row["setting"])
+            old = exits_label(model, range(len(model.heads)), model.threshold)
+            S = tuple(row["subset"])
+            if S != tuple(range(len(model.heads))):
+                model = model.keep_exits(S)          # the other heads go (%undo brings them)
+            if S:
+                model.threshold = float(row["setting"])
         table["chosen"] = [j == i for j in range(len(table))]
+        how = ("the one that agrees most with the full network (then the most accurate)"
+               if isinstance(model, EarlyExitModel) else "the most accurate")
         note = (f"{old} -> {_label(row)}: {100 * row['accuracy']:.2f}% at "
-                f"{row['flops_fraction']:.1%} of the FLOPs, the most accurate of "
+                f"{row['flops_fraction']:.1%} of the FLOPs, {how} of "
                 f"{int((table['flops_fraction'] <= self.flops + 1e-9).sum())} configurations "
                 f"within {self.flops:.0%} (of {len(table)})")
+        if "subset" in table:
+            table = table.drop(columns=["subset"])    # the label names the exits
         result = CompressionResult(model, notes=[note],
                                    extra={"chosen": float(row["setting"]), "kind": row["kind"],
                                           "depth": float(row.get("depth", 1.0)),

@@ -13,7 +13,7 @@ from ...errors import FieldError
 from ...options import is_given, option, options_of
 from .blocks import HEAD_KINDS, Plan, _head_text, make_head, plan_exits
 from .model import DEFAULT_THRESHOLD, EarlyExitModel
-from .sweep import _Sweep, _exits_text, choose_exits, describe_exits
+from .sweep import _Sweep, choose_exits, describe_exits
 from .training import train_heads
 
 __all__ = ["EarlyExitConfig"]
@@ -35,8 +35,10 @@ class EarlyExitConfig(StepConfig):
     of accuracy vs average FLOPs as the threshold sweeps.
 
     With --target-flops F the exits are chosen for you: a head after every candidate block, then
-    the subset of exits and the threshold most accurate on the evaluation data within F of the
-    FLOPs (every subset is scored from one pass); the other heads are dropped.
+    the subset of exits and the threshold that agree most with the full network on the
+    evaluation data within F of the FLOPs, then the most accurate (every subset is scored from
+    one pass; agreement is the less noisy measure on a few hundred samples, see
+    :func:`~nbcompress.techniques.earlyexit.sweep.pick_exits`); the other heads are dropped.
     """
 
     technique: ClassVar[str] = "earlyexit"
@@ -83,8 +85,9 @@ class EarlyExitConfig(StepConfig):
     target_flops: float | None = option(
         None, kind="fraction", conflicts="threshold", metavar="F",
         help="choose the exits and threshold for you: every candidate exit gets a head, then "
-             "the most accurate choice of exits and threshold whose average FLOPs on the "
-             "evaluation data (--eval) stay within this fraction of the network's is kept; "
+             "the choice of exits and threshold whose average FLOPs on the evaluation data "
+             "(--eval) stay within this fraction of the network's and whose predictions agree "
+             "most with the full network's (then the most accurate) is kept; "
              "without --exits/--every the candidates are after every block with weights, "
              "nn.Sequential blocks opened")
     seed: int = option(0, kind="int", help="seed for head init and training")
@@ -158,15 +161,15 @@ class EarlyExitConfig(StepConfig):
             notes.append(
                 f"--target-flops {self.target_flops:g}: of {candidates} candidate exits and "
                 f"{chosen['threshold'].nunique()} thresholds ({len(chosen)} choices), "
-                f"{_exits_text(ee, range(len(ee.heads)))}"
-                + (f" at threshold {ee.threshold:g}" if len(ee.heads) else "")
-                + f" is the most accurate within the budget on the evaluation data: "
+                f"{row['label']} agrees most with the full network within the budget on "
+                f"the evaluation data ({100 * row['agreement']:.2f}% of its predictions): "
                 f"{100 * row['accuracy']:.2f}% at {row['flops_fraction']:.1%} of the FLOPs")
         result = CompressionResult(ee, extra={"head_loss": [round(r["loss"], 4) for r in records]})
         if chosen is not None:
-            front = chosen[chosen["pareto"]].copy()
+            front = chosen[chosen["pareto"] | (chosen.index == row.name)].copy()
             front["exits"] = [", ".join(plan.names[k] for k in S) or "(none)"
                               for S in front["exits"]]
+            front["chosen"] = front.index == row.name
             result.tables["exit choices (Pareto front)"] = front.reset_index(drop=True)
             result.extra.update({"chosen_exits": list(ee.exit_names),
                                  "candidate_exits": list(plan.names)})
