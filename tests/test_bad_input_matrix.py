@@ -616,11 +616,14 @@ CASES = [
 
     # ---- %budget
     case("budget number --flops 0.5", NOT_A_MODULE),
-    case("budget net", r"^give --flops F: the budget, as a fraction of the full network's FLOPs"),
+    case("budget net", r"^give --flops F: the budget, as a fraction of the full network's FLOPs "
+                       r"\(e\.g\. 0\.3\), or --latency L, a fraction of its latency$"),
     case("budget net --flops 0.5", r"^there is nothing to choose in a Sequential: a budget "
                                    r"chooses among the widths of a slimmable network \(%slim, "),
     case("budget net --flops 0", r"^--flops must be a number in \(0, 1\], got 0"),
     case("budget net --flops abc", r"^--flops must be a number"),
+    case("budget net --latency 1.5", r"^--latency must be a number in \(0, 1\], got 1\.5$"),
+    case("budget net --flops 0.5 --latency 0.5", r"^give --flops or --latency, not both$"),
 
     # ---- %undo / %redo
     case("undo", r"^the following arguments are required: name$"),

@@ -436,3 +436,37 @@ def test_depths_need_residual_blocks(digits):
     with pytest.raises(BadInput, match=r"depths needs residual blocks to leave out"):
         nbcompress.slim(m, tr, depths="0.5,1", epochs=1)
     assert same_as_snapshot(m, snap)
+
+
+def test_latency_budget_picks_within_the_measured_latency(slim_resnet, digits, shell):
+    """%budget --latency L: the measured latency of each trained width (one example) against the
+    full width's; the choice is the most accurate within L; on an early-exit model the Pareto
+    front's choices are timed on one evaluation batch."""
+    tr, te = digits
+    _, sn = slim_resnet
+    from nbcompress.techniques.budget import BudgetConfig
+
+    r = nbcompress.compress(sn, BudgetConfig(latency=0.9, progress=False), evaluator=te)
+    t = r.tables["candidates"]
+    row = t[t["chosen"]].iloc[0]
+    fits = t[t["latency_fraction"] <= 0.9]
+    assert row["latency_fraction"] <= 0.9 and row["accuracy"] == fits["accuracy"].max()
+    assert t[t["setting"] == 1.0]["latency_fraction"].iloc[0] == 1.0
+    assert "of the latency" in r.notes[0]
+    with pytest.raises(BadInput, match=r"no configuration fits 0\.1% of the latency: the "
+                                       r"cheapest is width 0\.25"):
+        nbcompress.choose(sn, latency=0.001, evaluator=te)
+
+    cnn = digits_cnn()
+    nbcompress.fit(cnn, tr, epochs=4, lr=1e-2, progress=False)
+    ee = nbcompress.early_exit(cnn, tr, exits=[2, 5], epochs=2)
+    r = nbcompress.compress(ee, BudgetConfig(latency=0.95, progress=False), evaluator=te)
+    t = r.tables["candidates"]
+    timed = t[t["latency_fraction"].notna()]
+    assert len(timed) >= 2 and len(timed) < len(t)
+    assert (t[t["pareto"]]["latency_fraction"].notna()).all()
+    row = t[t["chosen"]].iloc[0]
+    assert row["latency_fraction"] <= 0.95
+    shell.user_ns.update(lat_net=sn, te=te)
+    with pytest.raises(UsageError, match=r"^give --flops or --latency, not both$"):
+        shell.run_line_magic("budget", "lat_net --flops 0.5 --latency 0.5 --eval te")

@@ -426,22 +426,32 @@ def widths_plot_png(table, *, title: str = "slimmable widths") -> bytes:
     return _png(fig)
 
 
-def budget_plot_png(table, budget: float) -> bytes:
-    """Accuracy against the share of the full FLOPs for every candidate of ``%budget``, the
-    Pareto front joined, the budget as a line and the choice marked; PNG bytes."""
+def budget_plot_png(table, budget: float, column: str = "flops_fraction") -> bytes:
+    """Accuracy against the share of the full FLOPs (or latency: ``column``) for every candidate
+    of ``%budget``, the Pareto front joined, the budget as a line and the choice marked; PNG
+    bytes."""
     fig = _figure(6.0, 3.4)
     ax = fig.add_subplot(1, 1, 1)
-    xs, ys = 100 * table["flops_fraction"], 100 * table["accuracy"]
+    table = table[table[column].notna()]
+    what = "FLOPs" if column == "flops_fraction" else "latency"
+    if column != "flops_fraction":      # the Pareto front by this column
+        best, front = -1.0, []
+        for acc in table.sort_values([column, "accuracy"], ascending=[True, False])["accuracy"]:
+            front.append(bool(acc > best))
+            best = max(best, acc)
+        table = table.sort_values([column, "accuracy"], ascending=[True, False]).assign(
+            pareto=front)
+    xs, ys = 100 * table[column], 100 * table["accuracy"]
     ax.plot(xs, ys, "o", color="#9aa5b1", ms=4, label="candidates")
     front = table[table["pareto"]]
-    ax.plot(100 * front["flops_fraction"], 100 * front["accuracy"], "o-", color="#3b6ea5",
+    ax.plot(100 * front[column], 100 * front["accuracy"], "o-", color="#3b6ea5",
             ms=5, lw=1.5, label="Pareto front")
     ax.axvline(100 * budget, color="#c0392b", ls="--", lw=1, label=f"budget {budget:.0%}")
     pick = table[table["chosen"]] if "chosen" in table else table.iloc[:0]
     if len(pick):
-        ax.plot(100 * pick["flops_fraction"], 100 * pick["accuracy"], "*", color="#d9822b",
+        ax.plot(100 * pick[column], 100 * pick["accuracy"], "*", color="#d9822b",
                 ms=14, label=f"chosen: {pick['label'].iloc[0]}")
-    ax.set_xlabel("% of the full network's FLOPs")
+    ax.set_xlabel(f"% of the full network's {what}")
     ax.set_ylabel("accuracy %")
     ax.set_title("budget: every trained configuration", fontsize=10)
     _style(ax, "both")

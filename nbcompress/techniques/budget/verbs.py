@@ -12,12 +12,13 @@ from .config import BudgetConfig
 __all__ = ["choose"]
 
 
-def choose(model: nn.Module, *, flops: float, evaluator: Any,
-           device: str | torch.device | None = None) -> nn.Module:
+def choose(model: nn.Module, *, flops: float | None = None, latency: float | None = None,
+           evaluator: Any, device: str | torch.device | None = None) -> nn.Module:
     """A copy of ``model`` (a slimmable network or an early-exit model) switched to its most
-    accurate configuration (width or exit threshold) within ``flops``, a fraction of the full
-    network's FLOPs, measured on ``evaluator`` (a labelled DataLoader). The caller's model is
-    unchanged. The step's table of every candidate: ``compress(model, BudgetConfig(flops=F),
+    accurate configuration (width and depth, or exits and threshold) within ``flops``, a
+    fraction of the full network's FLOPs, or ``latency``, a fraction of its measured latency,
+    measured on ``evaluator`` (a labelled DataLoader). The caller's model is unchanged. The
+    step's table of every candidate: ``compress(model, BudgetConfig(flops=F),
     evaluator=...).tables["candidates"]``."""
-    return compress(model, BudgetConfig(flops=flops, progress=False), evaluator=evaluator,
-                    device=device).model
+    return compress(model, BudgetConfig(flops=flops, latency=latency, progress=False),
+                    evaluator=evaluator, device=device).model

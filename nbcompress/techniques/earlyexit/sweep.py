@@ -166,23 +166,26 @@ def pareto_front(df: pd.DataFrame) -> pd.DataFrame:
     return df.reset_index(drop=True)
 
 
-def pick_exits(table: pd.DataFrame, flops: float) -> int:
-    """Index of the choice of exits within ``flops`` (a fraction of the network's FLOPs) whose
-    predictions agree most with the full network's, then the most accurate, then the cheaper;
-    :class:`BadInput` naming the cheapest when none fits.
+def pick_exits(table: pd.DataFrame, budget: float, column: str = "flops_fraction") -> int:
+    """Index of the choice of exits within ``budget`` (of ``column``: a fraction of the network's
+    FLOPs, or ``latency_fraction``) whose predictions agree most with the full network's, then
+    the most accurate, then the cheaper; :class:`BadInput` naming the cheapest when none fits
+    (rows without a value in ``column`` are not candidates).
 
     Why agreement first: the heads learn to imitate the full network, and on a few hundred
     evaluation samples the accuracies of the cheap choices tie or differ by a sample or two, so
     "the most accurate" picks the cheapest of a noisy tie, and that one loses accuracy on new
     data (on the part-6 benchmark, VGG: -2.0 pts on the test digits against -0.2 for agreement
     first). Agreement is a paired count of the samples the choice changes, far less noisy."""
-    fits = table[table["flops_fraction"] <= flops + 1e-9]
+    known = table[table[column].notna()]
+    fits = known[known[column] <= budget + 1e-9]
     if fits.empty:
-        c = table.loc[table["flops_fraction"].idxmin()]
-        raise BadInput(f"no choice of exits and threshold fits {flops:.1%} of the FLOPs on the "
+        c = known.loc[known[column].idxmin()]
+        what = "FLOPs" if column == "flops_fraction" else "latency"
+        raise BadInput(f"no choice of exits and threshold fits {budget:.1%} of the {what} on the "
                        f"evaluation data: the cheapest ({c['label']}) spends "
-                       f"{c['flops_fraction']:.1%}")
-    return int(fits.sort_values(["agreement", "accuracy", "flops_fraction"],
+                       f"{c[column]:.1%}")
+    return int(fits.sort_values(["agreement", "accuracy", column],
                                 ascending=[False, False, True]).index[0])
 
 
