@@ -572,3 +572,61 @@ def test_truncated_or_corrupted_file_is_an_error_never_a_wrong_model(trained_len
         except Exception:  # noqa: BLE001 - a model that cannot even run is not a wrong answer
             continue
         assert same
+
+
+# ------------------------------------------------------- int8 codes block by block (issue 16)
+def _absmax_codes_whole_tensor(w, bits, per_channel):
+    """The symmetric, no-search maths of ``uniform_quantize`` as it was before it went block by
+    block (whole-tensor temporaries): the reference the block path must match bit for bit."""
+    from nbcompress.techniques.quantize.qmodules import round_scale
+
+    rows = w.detach().float().reshape(w.shape[0] if per_channel else 1, -1)
+    qmax = 2 ** (bits - 1) - 1
+    amax = rows.abs().amax(1)
+    scale = round_scale(torch.where(amax > 0, amax * 1.0 / qmax, torch.ones_like(amax)))
+    codes = (rows / scale[:, None]).round_().clamp_(-qmax, qmax).to(torch.int8)
+    return codes.reshape(w.shape), scale
+
+
+def _weights_for_codes():
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(37, 53, generator=g) * torch.logspace(-3, 1, 37)[:, None]
+    w[:, :7] = 0.0                          # pruned columns
+    w[4] = 0.0                              # an all-zero row: scale 1
+    w[5] = -0.0
+    w[6, 3] = -w[6].abs().max() * 2         # the absmax on the negative side
+    w[7] = 1e-9                             # a scale below fp16's normal range
+    big = torch.randn(300, 400, generator=g)
+    conv = torch.randn(8, 3, 5, 5, generator=g)
+    return [w, big, conv, w.to(torch.bfloat16), big.half(), w.t()]
+
+
+@pytest.mark.parametrize("block", [None, 64, 16, 1])
+def test_int8_absmax_codes_bit_identical_to_whole_tensor_maths(monkeypatch, block):
+    """The codes and scales of the block-by-block path (int8 dynamic / static / weight-only) are
+    bit for bit those of the whole-tensor maths, whole rows per block or a row in pieces."""
+    from nbcompress.techniques.quantize import lowbit
+    from nbcompress.techniques.quantize.int8 import int8_weight
+
+    if block is not None:
+        monkeypatch.setattr(lowbit, "_BLOCK", block)
+    for w in _weights_for_codes():
+        for per_channel in (True, False):
+            for bits in (8, 4, 2):
+                codes, scale, zp = uniform_quantize(w, bits, per_channel=per_channel,
+                                                    symmetric=True, search=False)
+                ref_codes, ref_scale = _absmax_codes_whole_tensor(w, bits, per_channel)
+                assert zp is None and codes.dtype == torch.int8 and codes.shape == w.shape
+                assert torch.equal(codes, ref_codes), (tuple(w.shape), w.dtype, per_channel)
+                assert scale.dtype == torch.float32
+                assert torch.equal(scale.view(torch.int32), ref_scale.view(torch.int32))
+            if w.dtype != torch.float32:
+                continue
+            qw = int8_weight(w, per_channel)
+            ref_codes, ref_scale = _absmax_codes_whole_tensor(w, 8, per_channel)
+            assert torch.equal(qw.int_repr(), ref_codes)
+            if per_channel:
+                assert torch.equal(qw.q_per_channel_scales(), ref_scale.double())
+            else:
+                assert qw.q_scale() == float(ref_scale[0])
+

@@ -94,14 +94,17 @@ def mark(module: nn.Module, cfg) -> None:
     module.nbc_huffman = bool(cfg.huffman)
 
 
-def row(name, old, new, bits, kind, w, wq) -> dict:
-    """One row of the step's layer table: what the layer became and its relative weight error."""
+def row(name, old, new, bits, kind, w, wq, *, scratch: bool = False) -> dict:
+    """One row of the step's layer table: what the layer became and its relative weight error.
+    ``scratch``: ``wq`` is the caller's to overwrite (a dequantized weight made for this row):
+    the error is computed in it, with no temporary the size of the layer (same numbers)."""
     w = w.detach().float().cpu()
     wq = wq.detach().float().cpu()
     denom = float(w.norm()) or 1.0
+    diff = wq.sub_(w) if scratch else wq - w
     return {"layer": name or "(model)", "type": f"{type(old).__name__}",
             "new type": type(new).__name__, "kind": kind, "bits": int(bits),
-            "params": int(w.numel()), "weight_error": float((wq - w).norm()) / denom}
+            "params": int(w.numel()), "weight_error": float(diff.norm()) / denom}
 
 
 def low_precision(layers: list, pattern) -> str | None:

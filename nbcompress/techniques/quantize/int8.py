@@ -93,7 +93,9 @@ def dynamic(cfg, model, targets, notes) -> CompressionResult:
                 wq = torch.cat([q.dequantize().flatten() for _, q, _ in gates])
             mark(new, cfg)
             model = replace(model, name, new)
-            layers.append(row(name, mod, new, 8, "int8 dynamic", w, wq))
+            layers.append(row(name, mod, new, 8, "int8 dynamic", w, wq, scratch=True))
+            # the float layer and this layer's temporaries go now, not after the next layer's
+            mod = new = w = wq = qw = gates = None
     extra = {"backend": int8_kernel_backend("cpu"), "engine": engine()}
     if float_convs:
         notes.append(float_convs[0])
@@ -189,7 +191,8 @@ def static(cfg, model, ctx, targets, notes) -> CompressionResult:
             if fused.get(n):
                 model = replace(model, fused[n], nn.Identity())
             kind = "int8 static" + (" +relu" if fused.get(n) else "")
-            layers.append(row(n, mod, new, 8, kind, w, qw.dequantize()))
+            layers.append(row(n, mod, new, 8, kind, w, qw.dequantize(), scratch=True))
+            mod = new = w = qw = bias = None
     with quiet():                       # the int8 model runs (else a one-line refusal; torch.ao's
         check_still_runs(model, None, first, cfg.technique)   # one-time warning spent, silenced)
     notes.append(f"activation ranges from {seen} calibration batches; int8 weights "

@@ -39,6 +39,9 @@ def uniform_quantize(w: torch.Tensor, bits: int, *, per_channel: bool = True,
         rows = w.detach().float().reshape(w.shape[0] if per_channel else 1, -1)
         codes, scale = _binarize_rows(rows)
         return codes.reshape(w.shape), scale, None
+    if symmetric and not search and w.numel():
+        return _absmax_codes(w.detach().reshape(w.shape[0] if per_channel else 1, -1), bits,
+                             w.shape)
     rows = w.detach().float().reshape(w.shape[0] if per_channel else 1, -1)
     ratios = _RATIOS if search else [1.0]
     best_scale = best_zp = best_err = None
@@ -80,6 +83,44 @@ def uniform_quantize(w: torch.Tensor, bits: int, *, per_channel: bool = True,
         codes = codes.to(torch.uint8)
         best_zp = best_zp.to(torch.uint8)
     return codes.reshape(w.shape), best_scale, best_zp
+
+
+# elements per block of the absmax path's temporaries (1 MB of float32)
+_BLOCK = 1 << 18
+
+
+def _blocks(rows: torch.Tensor):
+    """``(row slice, column slice)`` blocks of at most about ``_BLOCK`` elements covering the
+    2-D ``rows``: whole rows when a row fits, else pieces of one row."""
+    n_rows, n_cols = rows.shape
+    if n_cols <= _BLOCK:
+        step = _BLOCK // n_cols
+        for r in range(0, n_rows, step):
+            yield slice(r, r + step), slice(None)
+    else:
+        for r in range(n_rows):
+            for c in range(0, n_cols, _BLOCK):
+                yield slice(r, r + 1), slice(c, c + _BLOCK)
+
+
+def _absmax_codes(rows: torch.Tensor, bits: int, shape) -> tuple:
+    """The symmetric, no-search case of :func:`uniform_quantize` (int8 kernels, int8 weight-only)
+    block by block: the codes and scales are bit for bit those of the whole-tensor maths
+    (``rows.abs().amax(1)`` is ``max(-min, max)`` per row; the division, rounding and clamping are
+    elementwise), but no temporary holds more than a block, nor a float32 copy of a bf16 / fp16
+    weight, so quantizing a layer costs its int8 codes and about 1 MB more."""
+    qmax = 2 ** (bits - 1) - 1
+    amax = torch.empty(rows.shape[0], dtype=torch.float32, device=rows.device)
+    whole_rows = rows.shape[1] <= _BLOCK
+    for rs, cs in _blocks(rows):
+        lo, hi = torch.aminmax(rows[rs, cs].float(), dim=1)
+        m = torch.maximum(lo.neg_(), hi)
+        amax[rs] = m if whole_rows or cs.start == 0 else torch.maximum(amax[rs], m)
+    scale = round_scale(torch.where(amax > 0, amax / qmax, torch.ones_like(amax)))
+    codes = torch.empty(rows.shape, dtype=torch.int8, device=rows.device)
+    for rs, cs in _blocks(rows):
+        codes[rs, cs] = (rows[rs, cs].float() / scale[rs, None]).round_().clamp_(-qmax, qmax)
+    return codes.reshape(shape), scale, None
 
 
 def binarize(w: torch.Tensor):
