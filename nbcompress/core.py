@@ -108,6 +108,14 @@ class StepConfig:
     def run(self, model: nn.Module, ctx: StepContext) -> CompressionResult:  # pragma: no cover
         raise NotImplementedError
 
+    def shared_with_copy(self, model: nn.Module, ctx: StepContext) -> list[torch.Tensor]:
+        """Tensors of ``model`` this step only reads (never changes in place) and replaces in its
+        work copy: :func:`compress` lets the copy hold them instead of copies of them (a step that
+        turns every Linear weight into int8 codes need not first copy every float weight). Any
+        still in the result is copied then: the result never shares a tensor with ``model``.
+        Default: none."""
+        return []
+
     def validate(self, model: nn.Module) -> None:
         """Checks beyond the declared ones, against the model, before any work; raise
         :class:`FieldError` (or :class:`BadInput` for messages that name no option)."""
@@ -226,7 +234,9 @@ def compress(model: nn.Module, config: StepConfig, *, ctx: StepContext | None = 
         ctx = StepContext(device=resolve_device(device if device is not None else config.device),
                           origin_device=origin, evaluator=evaluator,
                           example_input=example_input, progress=config.progress)
-    memo: dict = {}
+    # tensors the step only reads are the model's own in the work copy (on the same device)
+    shared = config.shared_with_copy(model, ctx) if ctx.device == origin else []
+    memo: dict = {id(t): t for t in shared}
     work = copy.deepcopy(model, memo)
     MEMO.carry(memo)              # what was measured on the model holds for its copy
     del memo                      # it holds every copied tensor: a replaced layer's must go
@@ -248,8 +258,27 @@ def compress(model: nn.Module, config: StepConfig, *, ctx: StepContext | None = 
     else:
         if ctx.example_input is not None and ctx.verify_runs:
             check_still_runs(result.model, model, ctx.example_input, config.technique)
+        if shared:
+            _unshare(result.model, shared)
         result.model = _to_device(result.model, origin)
     return result
+
+
+def _unshare(model: nn.Module, shared: list) -> None:
+    """Each of the ``shared`` tensors still held by ``model`` (as a parameter or buffer) becomes
+    a copy of it (one copy per tensor: ties stay tied)."""
+    ids = {id(t) for t in shared}
+    copies: dict = {}
+    for m in model.modules():
+        for slots in (m._parameters, m._buffers):
+            for k, t in slots.items():
+                if t is None or id(t) not in ids:
+                    continue
+                if id(t) not in copies:
+                    c = t.detach().clone()
+                    copies[id(t)] = (nn.Parameter(c, requires_grad=t.requires_grad)
+                                     if isinstance(t, nn.Parameter) else c)
+                slots[k] = copies[id(t)]
 
 
 def check_still_runs(new: nn.Module, original: nn.Module | None, example: Any,

@@ -630,3 +630,77 @@ def test_int8_absmax_codes_bit_identical_to_whole_tensor_maths(monkeypatch, bloc
             else:
                 assert qw.q_scale() == float(ref_scale[0])
 
+
+def test_dynamic_int8_work_copy_shares_the_float_weights_never_the_result(monkeypatch):
+    """Dynamic int8 reads the Linear weights of the model itself (no float copy made only to be
+    dropped); the result holds none of them, the model is unchanged, a tied weight is copied,
+    and a step failing halfway leaves the model as it was."""
+    from nbcompress.core import StepContext, compress
+    from nbcompress.techniques.quantize import int8 as int8_mod
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(),
+                      nn.Linear(32, 32), nn.Linear(32, 4)).eval()
+    m[4].weight = m[2].weight                # tied: left out of the sharing
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    versions = {k: p._version for k, p in m.named_parameters()}
+    cfg = QuantizeConfig(progress=False)
+    ctx = StepContext(device=torch.device("cpu"), origin_device=torch.device("cpu"),
+                      progress=False)
+    shared = cfg.shared_with_copy(m, ctx)
+    assert [id(t) for t in shared] == [id(m[0].weight), id(m[5].weight)]
+    seen = []
+    real = int8_mod.DynamicInt8Linear.from_linear
+
+    def spy(lin, qw):
+        seen.append(lin.weight)
+        return real(lin, qw)
+
+    monkeypatch.setattr(int8_mod.DynamicInt8Linear, "from_linear", spy)
+    q = compress(m, cfg).model
+    assert seen[0] is m[0].weight and seen[-1] is m[5].weight       # read in place
+    assert not any(s is m[2].weight for s in seen)                  # the tied one: a copy
+    mine = {id(t) for t in list(m.parameters()) + list(m.buffers())}
+    assert not any(id(t) in mine for t in list(q.parameters()) + list(q.buffers()))
+    assert all(torch.equal(v, m.state_dict()[k]) for k, v in before.items())
+    assert {k: p._version for k, p in m.named_parameters()} == versions
+    x = torch.randn(3, 16)
+    assert torch.allclose(q(x), m(x), atol=0.1)
+
+    calls = {"n": 0}
+
+    def failing(lin, qw):
+        calls["n"] += 1
+        if calls["n"] == 2:          # the first layer done, the second fails
+            raise RuntimeError("boom")
+        return real(lin, qw)
+
+    monkeypatch.setattr(int8_mod.DynamicInt8Linear, "from_linear", failing)
+    with pytest.raises(RuntimeError, match="boom"):
+        compress(m, cfg)
+    assert all(torch.equal(v, m.state_dict()[k]) for k, v in before.items())
+    assert {k: p._version for k, p in m.named_parameters()} == versions
+    assert m[4].weight is m[2].weight
+
+
+def test_tensors_a_step_shares_with_its_copy_are_copied_when_left_in_the_result():
+    """compress's safety net: a shared tensor the step left in its result is copied there (ties
+    stay tied), so the result never shares a tensor with the caller's model."""
+    from nbcompress.core import CompressionResult, StepConfig, compress
+
+    class Halve(StepConfig):
+        technique = "halve_test"
+
+        def shared_with_copy(self, model, ctx):
+            return [model[0].weight, model[1].weight]
+
+        def run(self, model, ctx):
+            model[0] = nn.Linear(4, 4)          # the first replaced; the second left as it is
+            return CompressionResult(model)
+
+    m = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4))
+    m[2].weight = m[1].weight
+    r = compress(m, Halve(progress=False), device="cpu")
+    assert r.model[1].weight is not m[1].weight and torch.equal(r.model[1].weight, m[1].weight)
+    assert isinstance(r.model[1].weight, nn.Parameter)
+    assert r.model[2].weight is r.model[1].weight

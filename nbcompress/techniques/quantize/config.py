@@ -208,6 +208,24 @@ class QuantizeConfig(StepConfig):
     def _what(mode) -> str:
         return {None: "int8", "dtype": "a cast"}.get(mode, f"{{mode={mode!r}}}")
 
+    def shared_with_copy(self, model: nn.Module, ctx: StepContext) -> list[torch.Tensor]:
+        """Dynamic int8 only reads each selected Linear's float weight (to make its int8 codes)
+        and replaces the layer: the work copy holds the model's own weights, not copies made only
+        to be dropped (they would raise the step's peak memory by the model's size). A weight
+        tied to another layer's is copied as before (the layer may be left whole)."""
+        try:
+            mode, _ = self._choose(model, ctx.device, ctx.origin_device)
+        except FieldError:
+            return []
+        if mode != "dynamic":
+            return []
+        uses: dict[int, int] = {}
+        for _, p in model.named_parameters(remove_duplicate=False):
+            uses[id(p)] = uses.get(id(p), 0) + 1
+        return [m.weight for _, m in select(model, (nn.Linear,), self.pattern())
+                if isinstance(m, nn.Linear) and isinstance(m.weight, torch.Tensor)
+                and uses.get(id(m.weight)) == 1]
+
     # ------------------------------------------------------------------ run
     def run(self, model: nn.Module, ctx: StepContext) -> CompressionResult:
         from ...train import check_loader_runs
