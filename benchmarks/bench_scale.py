@@ -17,7 +17,8 @@ Sections:
   alternated, fresh weights each repeat; per step the technique's time and the bookkeeping time
   (``Version.seconds`` / ``Version.overhead``). Target: History pair <= 1.5x the API pair.
 * ``rss25m``: peak RSS above the model during the History pair (``ru_maxrss`` less the RSS with the
-  model built), in model bytes. Target: <= 3x.
+  model built), in model bytes, and what is held before the quantize step starts (the two records
+  and the live pruned model: about 3x by the history's design). Target: <= 3x.
 * ``storage``: ``save`` / ``load`` against ``torch.save`` / ``torch.load`` of the state dict (rows
   from bench_storage_speed.py). Target: <= 1.5x / <= 2x.
 * ``first``: the first dashboard (``%nbcompress net``, LeNet-300-100, text display) of a freshly
@@ -143,11 +144,15 @@ def sec_rss25m(repeats: int) -> dict:
     nbytes = model_bytes(m)
     h = History(m, example_input=x, measure_latency=False)
     h.apply(PruneConfig(amount=0.5), progress=False)
+    # what the quantize step starts from: the two records and the live pruned model (3x), held
+    # by the history's design whatever the technique does
+    held = rss_now() - base
     h.apply(QuantizeConfig(), progress=False)
     peak = rss_peak()
     above = peak - base
     return {"model_bytes": nbytes, "peak_above_model_bytes": above,
-            "peak_above_model_x": above / nbytes, "target": "<= 3x", "met": above / nbytes <= 3}
+            "peak_above_model_x": above / nbytes, "held_before_quantize_bytes": held,
+            "held_before_quantize_x": held / nbytes, "target": "<= 3x", "met": above / nbytes <= 3}
 
 
 def sec_storage(repeats: int) -> dict:
@@ -349,7 +354,9 @@ def summary(res: dict) -> str:
                     f"(wall {r['ratio_wall']:.2f}x)")
         elif k == "rss25m":
             text = (f"peak {r['peak_above_model_bytes'] / 1e6:.0f} MB above the model = "
-                    f"{r['peak_above_model_x']:.2f}x its {r['model_bytes'] / 1e6:.0f} MB")
+                    f"{r['peak_above_model_x']:.2f}x its {r['model_bytes'] / 1e6:.0f} MB"
+                    + (f" ({r['held_before_quantize_x']:.2f}x held before %quantize)"
+                       if "held_before_quantize_x" in r else ""))
         elif k == "first":
             text = (f"first dashboard {r['first_dashboard_cpu_s']:.3f} s cpu, warm "
                     f"{r['warm_dashboard_cpu_s']:.3f} s: {r['ratio_cpu']:.2f}x")
