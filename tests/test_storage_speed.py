@@ -377,3 +377,42 @@ def test_streamed_gap_histogram_is_the_whole_tensors(n):
             kept, _ = codec._plan(u, 4, huffman, keep=True)
             streamed, _ = codec._plan(u, 4, huffman, keep=False)
             assert kept["rec"] == streamed["rec"] and kept["size"] == streamed["size"]
+
+
+def test_stream_crc_in_pieces_is_zlib_crc32_of_the_whole():
+    """The load's CRC: big chunks checked in a thread pool in pieces, small ones inline, joined
+    in order: the same number as zlib.crc32 over the whole stream, from any starting state."""
+    import os as _os
+    import zlib
+
+    from nbcompress.storage.loader import _StreamCRC
+
+    big = _StreamCRC.BIG
+    chunks = [_os.urandom(n) for n in (10, big + 3, 5, 7, 3 * big + 1, big, 1, 0, 2 * big - 1)]
+    for start in (0, 0x1234ABCD):
+        s = _StreamCRC(start)
+        for c in chunks:
+            s.feed(memoryview(c))
+        assert s.value() == zlib.crc32(b"".join(chunks), start)
+
+
+def test_a_flipped_byte_in_a_big_tensor_is_refused(tmp_path):
+    """A raw tensor over the pool's piece size (checked off the main thread): one flipped byte in
+    its middle and the file is refused as corrupt; the intact file loads bit-identical."""
+    import pytest
+
+    import nbcompress
+    from nbcompress import BadInput
+
+    torch.manual_seed(0)
+    m = torch.nn.Linear(1536, 1536)                      # 9.4 MB of float32 weights
+    p = tmp_path / "big.nbc"
+    nbcompress.save(m, p)
+    back = nbcompress.load(p)
+    assert torch.equal(back.weight, m.weight) and torch.equal(back.bias, m.bias)
+    raw = bytearray(p.read_bytes())
+    raw[len(raw) // 2] ^= 0x10
+    bad = tmp_path / "bad.nbc"
+    bad.write_bytes(bytes(raw))
+    with pytest.raises(BadInput, match="corrupt"):
+        nbcompress.load(bad)

@@ -60,11 +60,63 @@ def _is_raw_dense(tj: dict, n: int, isz: int) -> bool:
             and n > 0 and tj["seg"] == [0, 0, 0, 0, n * isz])
 
 
+class _StreamCRC:
+    """zlib's CRC-32 of byte chunks fed in order, from ``state`` on. A chunk of ``BIG`` bytes or
+    more is checked in a thread pool, in pieces (zlib releases the GIL), while the caller reads
+    the next one; smaller chunks run inline. :meth:`value` joins the pieces in order with
+    :func:`~.pack.crc32_combine`: the same number as ``zlib.crc32`` over the whole stream."""
+
+    BIG = 1 << 22
+    _pool = None
+    _pool_pid = None
+
+    def __init__(self, state: int):
+        self.first = state
+        self.parts: list = []             # [crc or future, length], in order
+
+    @classmethod
+    def _executor(cls):
+        if cls._pool is None or cls._pool_pid != os.getpid():     # (not a forked parent's)
+            from concurrent.futures import ThreadPoolExecutor
+
+            cls._pool = ThreadPoolExecutor(max_workers=max(2, min(4, os.cpu_count() or 2)),
+                                           thread_name_prefix="nbcompress-crc")
+            cls._pool_pid = os.getpid()
+        return cls._pool
+
+    def feed(self, chunk) -> None:
+        n = len(chunk)
+        if not n:
+            return
+        if n < self.BIG:
+            last = self.parts[-1] if self.parts else None
+            if last is not None and isinstance(last[0], int):
+                last[0] = zlib.crc32(chunk, last[0])
+                last[1] += n
+            else:
+                self.parts.append([zlib.crc32(chunk), n])
+            return
+        pool = self._executor()
+        mv = memoryview(chunk).cast("B")
+        step = max(self.BIG, -(-n // 2))
+        for at in range(0, n, step):
+            piece = mv[at:at + step]
+            self.parts.append([pool.submit(zlib.crc32, piece), len(piece)])
+
+    def value(self) -> int:
+        from .pack import crc32_combine
+
+        state = self.first & 0xFFFFFFFF
+        for c, n in self.parts:
+            state = crc32_combine(state, c if isinstance(c, int) else c.result(), n)
+        return state
+
+
 def _read_tensors(f, header: dict, crc: tuple | None, bar=None) -> list[torch.Tensor]:
     """Every stored tensor, read from ``f`` (just after the header) and checked against the CRC
     before any is decoded. A dense raw tensor is read straight into its own memory (no copy of
     the file's bytes); the others' segments are kept until the CRC is checked, then decoded."""
-    state = crc[1] if crc else 0
+    stream = _StreamCRC(crc[1] if crc else 0)
     got, want = 0, header["blob_bytes"]
     try:                                # a file shorter than its header says: before allocating
         left = os.fstat(f.fileno()).st_size - f.tell()
@@ -86,7 +138,7 @@ def _read_tensors(f, header: dict, crc: tuple | None, bar=None) -> list[torch.Te
                 if not k:
                     _truncated(got + done, want)
                 done += k
-            state = zlib.crc32(view, state)
+            stream.feed(view)
             got += done
             t = torch.view_as_complex(t.reshape(list(shape) + [2])) if part is not dtype \
                 else t.reshape(shape)
@@ -98,12 +150,12 @@ def _read_tensors(f, header: dict, crc: tuple | None, bar=None) -> list[torch.Te
                 got += len(seg)
                 if len(seg) < size:
                     _truncated(got, want)
-                state = zlib.crc32(seg, state)
+                stream.feed(seg)
                 segs.append(seg)
             pending.append((tj, segs))
         if bar is not None:
             bar.update(1)
-    _check_crc(crc, state)
+    _check_crc(crc, stream.value())
     return [p if isinstance(p, torch.Tensor) else _decode_tensor(*p) for p in pending]
 
 
