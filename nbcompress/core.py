@@ -116,6 +116,13 @@ class StepConfig:
         Default: none."""
         return []
 
+    def keeps_flops(self, model: nn.Module, ctx: StepContext) -> bool:
+        """Whether every layer of the result computes the FLOPs its layer in ``model`` did (a
+        like-for-like replacement: a float Linear by an int8 one of the same shape): then the
+        result's FLOPs are not counted again by a forward (:func:`~.counting.carry_flops`); its
+        sparse FLOPs are still computed from its weights. Default: False."""
+        return False
+
     def validate(self, model: nn.Module) -> None:
         """Checks beyond the declared ones, against the model, before any work; raise
         :class:`FieldError` (or :class:`BadInput` for messages that name no option)."""
@@ -241,6 +248,11 @@ def compress(model: nn.Module, config: StepConfig, *, ctx: StepContext | None = 
     MEMO.carry(memo)              # what was measured on the model holds for its copy
     del memo                      # it holds every copied tensor: a replaced layer's must go
     work = work.to(ctx.device)
+    flops_key = None
+    if ctx.example_input is not None and config.keeps_flops(model, ctx):
+        from .counting import structure_key
+
+        flops_key = structure_key(model, ctx.example_input)
     from .distributed import scope
 
     with scope(config.processes, config.launcher) as req:
@@ -261,6 +273,10 @@ def compress(model: nn.Module, config: StepConfig, *, ctx: StepContext | None = 
         if shared:
             _unshare(result.model, shared)
         result.model = _to_device(result.model, origin)
+        if flops_key is not None:
+            from .counting import carry_flops
+
+            carry_flops(flops_key, result.model, ctx.example_input)
     return result
 
 

@@ -339,6 +339,29 @@ def count_flops(model: nn.Module, example_input: Any) -> tuple[int, int, dict[st
 
 
 _FLOPS_SEEN: OrderedDict = OrderedDict()      # architecture -> (flops, per-leaf flops)
+
+
+def structure_key(model: nn.Module, example_input: Any) -> tuple | None:
+    """The key :func:`count_flops` keeps a model's count under (None: counted every time)."""
+    return _structure(model, example_input)
+
+
+def carry_flops(before_key: tuple | None, model: nn.Module, example_input: Any) -> bool:
+    """Let ``model``, the result of a step that kept every layer's FLOPs
+    (:meth:`~nbcompress.core.StepConfig.keeps_flops`), reuse the count kept for the architecture
+    it came from (``before_key``), per layer by name, instead of a counted forward. Nothing is
+    carried (False) when that count is not kept or a layer it names is gone."""
+    got = _FLOPS_SEEN.get(before_key) if before_key is not None else None
+    key = _structure(model, example_input) if got is not None else None
+    if key is None:
+        return False
+    units = {n for n, _ in _units(model)}
+    if any(n not in units for n in got[1]):
+        return False
+    _FLOPS_SEEN[key] = (got[0], dict(got[1]))
+    while len(_FLOPS_SEEN) > 16:
+        _FLOPS_SEEN.popitem(last=False)
+    return True
 _PLAIN = (int, float, bool, str, type(None))
 
 

@@ -263,3 +263,39 @@ def test_dynamic_int8_step_peak_memory_stays_below_a_float_copy():
     shared, copied = peak("share"), peak("copy")
     assert shared < 0.75, (shared, copied)          # measured 0.556-0.561
     assert copied > 0.95, (shared, copied)          # measured 1.069-1.075
+
+
+def test_dynamic_int8_reuses_the_flop_count_and_it_is_the_same(monkeypatch):
+    """%quantize (dynamic int8) keeps every Linear's FLOPs: the History's measure of the result
+    takes the count of the model before (no counted forward), and that count is what a fresh
+    forward under the FLOP counter gives, dense, sparse and per layer (an MLP and a small
+    BERT, pruned first so sparse FLOPs differ from dense)."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    import nbcompress
+    from nbcompress import counting
+    from nbcompress.techniques.quantize import QuantizeConfig
+
+    torch.manual_seed(0)
+    cases = [(nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10)),
+              torch.randn(1, 64)),
+             (BertForSequenceClassification(BertConfig(
+                 hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 intermediate_size=128, num_labels=2, vocab_size=500)).eval(),
+              {"input_ids": torch.randint(0, 500, (1, 16))})]
+    real = counting._count_forward
+    for model, x in cases:
+        h = nbcompress.History(model, example_input=x, measure_latency=False)
+        h.apply(nbcompress.PruneConfig(amount=0.5))
+        calls = []
+        monkeypatch.setattr(counting, "_count_forward",
+                            lambda *a, **k: calls.append(1) or real(*a, **k))
+        h.apply(QuantizeConfig(mode="dynamic"))
+        monkeypatch.setattr(counting, "_count_forward", real)
+        assert calls == []                       # no counted forward for the int8 result
+        got = h.current_version.metrics
+        counting._FLOPS_SEEN.clear()
+        flops, sparse, per_leaf = counting.count_flops(h.current, x)
+        assert (got.flops, got.sparse_flops) == (flops, sparse) and sparse < flops
+        _, _, carried = counting.count_flops(h.current, x)    # (recounted, now kept)
+        assert carried == per_leaf

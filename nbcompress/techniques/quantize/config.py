@@ -208,6 +208,14 @@ class QuantizeConfig(StepConfig):
     def _what(mode) -> str:
         return {None: "int8", "dtype": "a cast"}.get(mode, f"{{mode={mode!r}}}")
 
+    def keeps_flops(self, model: nn.Module, ctx: StepContext) -> bool:
+        """Dynamic int8 replaces each Linear by an int8 Linear of the same shape, whose FLOPs the
+        counter counts the same (tested): the count of the model before holds."""
+        try:
+            return self._choose(model, ctx.device, ctx.origin_device)[0] == "dynamic"
+        except FieldError:
+            return False
+
     def shared_with_copy(self, model: nn.Module, ctx: StepContext) -> list[torch.Tensor]:
         """Dynamic int8 only reads each selected Linear's float weight (to make its int8 codes)
         and replaces the layer: the work copy holds the model's own weights, not copies made only
