@@ -268,7 +268,8 @@ def compress(model: nn.Module, config: StepConfig, *, ctx: StepContext | None = 
     if not result.changes_model:
         result.model = model
     else:
-        if ctx.example_input is not None and ctx.verify_runs:
+        # a History measures (runs) the result itself, but not when its FLOPs are carried over
+        if ctx.example_input is not None and (ctx.verify_runs or flops_key is not None):
             check_still_runs(result.model, model, ctx.example_input, config.technique)
         if shared:
             _unshare(result.model, shared)
