@@ -275,3 +275,22 @@ def test_torchvision_models(name):
     tv = pytest.importorskip("torchvision")
     torch.manual_seed(0)
     _check_zoo_model(tv.models.get_model(name, weights=None), torch.randn(1, 3, 64, 64))
+
+
+def test_layers_only_training_reaches_are_pruned_with_their_inputs():
+    """GoogLeNet's auxiliary classifiers run only in training mode: the dependency graph traced in
+    eval mode never reaches them, and pruning the channels they read left a model that failed to
+    train (the zoo's distill step crashed). They are traced in training mode now (BatchNorm's
+    statistics restored after): the pruned model trains, its aux heads read the pruned widths."""
+    tv = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    m = tv.models.googlenet(weights=None, num_classes=10, aux_logits=True, init_weights=False).eval()
+    x = torch.randn(1, 3, 64, 64)
+    stats = {k: v.clone() for k, v in m.state_dict().items() if "running" in k}
+    p = nbcompress.prune(m, 0.3, structured=True, example_input=x)
+    assert all(torch.equal(v, m.state_dict()[k]) for k, v in stats.items())   # original untouched
+    assert p.inception4a.branch1.conv.out_channels < m.inception4a.branch1.conv.out_channels
+    assert p.aux1.conv.conv.in_channels < m.aux1.conv.conv.in_channels
+    out = p.train()(torch.randn(2, 3, 64, 64))                  # logits, aux2, aux1
+    assert [tuple(o.shape) for o in out] == [(2, 10)] * 3
+    assert p.eval()(x).shape == (1, 10)

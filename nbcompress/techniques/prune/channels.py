@@ -86,14 +86,13 @@ class ChannelPruner:
         self.importance = importance
         self.round_to = max(1, int(round_to))
         self.scope = scope
-        built: list = []
         try:
-            with torch.enable_grad(), _eval_mode(model), contextlib.redirect_stdout(io.StringIO()), \
-                    cpl.recording_reshapes(built), cpl.tolerant_reshapes():
-                built.append(tp.DependencyGraph().build_dependency(
-                    model, example_inputs=example_input, verbose=False,
-                    unwrapped_parameters=cpl.unwrapped_parameters(model, tp.DependencyGraph)))
-            self.DG = built[0]
+            self.DG = _trace(model, example_input, train=False)
+            if _train_only_layers(model, self.DG) and isinstance(example_input, torch.Tensor):
+                # layers only the training forward reaches (GoogLeNet's / Inception's auxiliary
+                # classifiers): their input channels are coupled only in that graph, and pruning
+                # without them would leave a model that fails to train
+                self.DG = _trace(model, example_input, train=True)
         except BadInput:
             raise
         except Exception as e:  # noqa: BLE001 - tracing failed: one line for the user
@@ -379,6 +378,49 @@ class ChannelPruner:
         self._base_counts = None
         return rows
 
+
+
+def _trace(model: nn.Module, example_input: Any, *, train: bool):
+    """torch-pruning's dependency graph of ``model`` traced on ``example_input``, in eval mode or
+    (``train``) in training mode on the example doubled to a batch of two (BatchNorm needs more
+    than one value per channel), every buffer (BatchNorm's running statistics) restored after."""
+    import torch_pruning as tp
+
+    built: list = []
+    saved = {n: b.detach().clone() for n, b in model.named_buffers()} if train else {}
+    mode = contextlib.nullcontext() if train else _eval_mode(model)
+    was = model.training
+    x = torch.cat([example_input, example_input]) if train else example_input
+    try:
+        if train:
+            model.train()
+        with torch.enable_grad(), mode, contextlib.redirect_stdout(io.StringIO()), \
+                cpl.recording_reshapes(built), cpl.tolerant_reshapes(), \
+                torch.random.fork_rng(devices=[]):
+            built.append(tp.DependencyGraph().build_dependency(
+                model, example_inputs=x, verbose=False, forward_fn=_train_forward if train else None,
+                unwrapped_parameters=cpl.unwrapped_parameters(model, tp.DependencyGraph)))
+    finally:
+        if train:
+            model.train(was)
+            with torch.no_grad():
+                for n, b in model.named_buffers():
+                    if n in saved:
+                        b.copy_(saved[n])
+    return built[0]
+
+
+def _train_forward(model: nn.Module, x):
+    """torch-pruning traces in eval mode (its ``_trace`` calls ``model.eval()``): back to
+    training mode for the call itself."""
+    model.train()
+    return _forward(model, x)
+
+
+def _train_only_layers(model: nn.Module, DG) -> list[str]:
+    """Conv / Linear layers the graph traced in eval mode never reached."""
+    return [n for n, m in model.named_modules()
+            if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)) and m not in DG.module2node]
 
 
 def _shared_layer(model: nn.Module, example: Any) -> tuple[str, str, int] | None:
