@@ -289,15 +289,17 @@ def test_no_eval_loader_no_sweep(trained_lenet, mnist):
 # -------------------------------------------------------------------------------- bad input
 
 class FunctionalNet(nn.Module):
-    """Blocks glued by functions in forward: cannot be listed as a chain."""
+    """Blocks glued by a function in forward that is not a flatten, ReLU or pooling (tanh):
+    cannot be listed as a chain."""
 
     def __init__(self):
         super().__init__()
         self.fc1 = nn.Linear(784, 32)
-        self.fc2 = nn.Linear(32, 10)
+        self.fc2 = nn.Linear(32, 32)
+        self.fc3 = nn.Linear(32, 10)
 
     def forward(self, x):
-        return self.fc2(F.relu(self.fc1(x.view(len(x), -1))))
+        return self.fc3(self.fc2(torch.tanh(self.fc1(x.view(len(x), -1)))))
 
 
 BAD = [
@@ -510,6 +512,74 @@ def test_residual_networks_get_exits_between_their_stages():
         assert ee.exit_counts[0] == len(x)
         with torch.no_grad():
             assert torch.allclose(out, ee.forward_all(x)[0], atol=1e-5)
+
+
+class _GluedNet(nn.Module):
+    """torchvision's patterns in one net: a ModuleList looped over (MaxViT), F.relu + pooling
+    between the features and the classifier (DenseNet), a classifier that starts with Dropout
+    (EfficientNet / MobileNet), a flatten after the classifier (SqueezeNet)."""
+
+    def __init__(self, end_flatten=False):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.blocks = nn.ModuleList(nn.Sequential(nn.ReLU(inplace=True), nn.Conv2d(8, 8, 3, padding=1))
+                                    for _ in range(3))
+        self.end_flatten = end_flatten
+        self.classifier = (nn.Sequential(nn.Conv2d(8, 10, 1), nn.AdaptiveAvgPool2d(1)) if end_flatten
+                           else nn.Sequential(nn.Dropout(0.2), nn.Linear(8, 10)))
+
+    def forward(self, x):
+        x = self.stem(x)
+        for b in self.blocks:
+            x = b(x)
+        if self.end_flatten:
+            return torch.flatten(self.classifier(x), 1)
+        x = F.relu(x, inplace=True)
+        return self.classifier(x.mean([2, 3]))
+
+
+def test_functions_between_blocks_become_blocks():
+    """The functions a forward calls between its blocks (F.relu, x.mean([2, 3]), a flatten after
+    the last block) are found from each block's real input and become parameter-free blocks; a
+    ModuleList's members are blocks; the chain reproduces the network (threshold 1)."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from nbcompress.techniques.earlyexit.blocks import list_blocks
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(16, 3, 12, 12, generator=g), torch.randint(0, 10, (16,), generator=g)
+    dl = DataLoader(TensorDataset(x, y), batch_size=8)
+    for end_flatten, glue in ((False, "(relu, mean over H, W before classifier)"),
+                              (True, "(flatten after classifier)")):
+        torch.manual_seed(0)
+        m = _GluedNet(end_flatten).eval()
+        names = [n for n, _ in list_blocks(m, x[:4])]
+        assert names[:4] == ["stem", "blocks.0", "blocks.1", "blocks.2"] and glue in names
+        ee = early_exit(m, dl, epochs=1, threshold=1.0)
+        assert ee.exit_names == ("stem", "blocks.0", "blocks.1")
+        with torch.no_grad():
+            assert torch.allclose(ee.eval()(x), m(x), atol=1e-5)
+
+
+def test_a_features_classifier_network_gets_exits_inside_its_features():
+    """A top level of only ``features`` + ``classifier`` (MobileNet, EfficientNet, ConvNeXt,
+    Swin, VGG) puts no exit between them: its ``features`` stages are opened and, with no
+    --every, about four exits are spread over them; the classifier stays whole."""
+    tv = pytest.importorskip("torchvision")
+    from torch.utils.data import DataLoader, TensorDataset
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(16, 3, 64, 64, generator=g), torch.randint(0, 10, (16,), generator=g)
+    dl = DataLoader(TensorDataset(x, y), batch_size=8)
+    torch.manual_seed(0)
+    m = tv.models.mobilenet_v3_small(num_classes=10).eval()
+    ee = early_exit(m, dl, epochs=1, threshold=1.0)
+    assert 3 <= len(ee.exit_names) <= 5
+    assert all(n.startswith("features.") for n in ee.exit_names)
+    with torch.no_grad():
+        assert torch.allclose(ee.eval()(x), m(x), atol=1e-5)
+    two = early_exit(m, dl, epochs=1, every=2, threshold=1.0)       # --every still counts
+    assert len(two.exit_names) > len(ee.exit_names)
 
 
 # ----------------------------------------------------------------- exits chosen for you (--target-flops)

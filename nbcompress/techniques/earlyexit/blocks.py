@@ -7,11 +7,12 @@ registered, each taking the previous one's output (``LeNet-300-100``, ``LeNet-5`
 (``features.3``) opens that block up, which again must be such a chain. Whether a model is a chain
 is checked on a real batch: running the blocks one after another must reproduce the model's
 output; a forward that adds a skip connection, calls functions such as ``F.relu`` between
-blocks, or reuses a module is refused with a message naming the module. One function is allowed:
-a flatten before a Linear that reads the flattened feature map (``torch.flatten(x, 1)`` before
-the classifier, as in torchvision's ResNet and VGG); it becomes an ``nn.Flatten`` block. So a
-residual network gets exits between its stages (after ``layer1``, ``layer2``, ...), its residual
-blocks staying whole inside them.
+blocks, or reuses a module is refused with a message naming the module. A few parameter-free
+functions are allowed between blocks, found by comparing each block's real input with what the
+block before gave: a flatten (``torch.flatten(x, 1)`` before the classifier, as in torchvision's
+ResNet, VGG, EfficientNet), ``F.relu`` and pooling (DenseNet), ``x.mean([2, 3])`` (ShuffleNetV2,
+MNASNet); each becomes a parameter-free block. So a residual network gets exits between its stages
+(after ``layer1``, ``layer2``, ...), its residual blocks staying whole inside them.
 """
 from __future__ import annotations
 
@@ -45,7 +46,19 @@ def _children(name: str, m: nn.Module) -> list[tuple[str, nn.Module]]:
     if own:
         raise BadInput(f"cannot list the blocks of {_label(name, m)}: it holds tensors of its own "
                        f"({own[0]}) outside its sub-modules")
-    return [(f"{name}.{n}" if name else n, c) for n, c in kids]
+    return [(f"{name}.{n}" if name else n, c) for n, c in _kids(m)]
+
+
+def _kids(m: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Direct sub-modules, an ``nn.ModuleList`` standing for its members (``blocks.0``,
+    ``blocks.1``, ...: a forward that loops over it runs them in order)."""
+    out = []
+    for n, c in m.named_children():
+        if isinstance(c, nn.ModuleList):
+            out += [(f"{n}.{k}", cc) for k, cc in c.named_children()]
+        else:
+            out.append((n, c))
+    return out
 
 
 def _close(a: Any, b: Any) -> bool:
@@ -80,37 +93,77 @@ def list_blocks(model: nn.Module, example_input: torch.Tensor, expand: Sequence[
             mod = chain[pos][1]
             chain[pos:pos + 1] = _children(prefix, mod)
             opened.append((prefix, mod))
-    flatten = _check_chains(model, opened, example_input)
-    for before in flatten:                  # torch.flatten(x, 1) in the forward, before a Linear
-        pos = next(i for i, (n, _) in enumerate(chain) if n == before)
-        chain.insert(pos, (f"(flatten before {before})", nn.Flatten()))
+    glue = _check_chains(model, opened, example_input)
+    for where, label, mod in glue:          # parameter-free functions of the forward, as blocks
+        if where.startswith("after "):     # after everything an opened module holds
+            owner = where[len("after "):]
+            pos = max((i for i, (n, _) in enumerate(chain)
+                       if not owner or n == owner or n.startswith(owner + ".")), default=-1) + 1
+        else:
+            pos = next(i for i, (n, _) in enumerate(chain)
+                       if n == where or n.startswith(where + "."))     # where itself opened
+        chain.insert(pos, (label, mod))
     return chain
 
 
-def _linear_after_flatten(c: nn.Module, h: Any) -> bool:
-    """``c`` is a Linear that reads ``h`` flattened (``torch.flatten(x, 1)`` / ``x.view(n, -1)``
-    in the model's forward, between a pooling block and the classifier)."""
-    while isinstance(c, nn.Sequential) and len(c):      # VGG's classifier: Linear, ReLU, ...
-        c = c[0]
-    return isinstance(c, nn.Linear) and isinstance(h, torch.Tensor) and h.dim() > 2 and \
-        h.shape[-1] != c.in_features and h[0].numel() == c.in_features
+class _MeanHW(nn.Module):
+    """``x.mean([2, 3])`` (ShuffleNetV2, MNASNet) as a block."""
+
+    def forward(self, x):
+        return x.mean([2, 3])
+
+
+# functions a forward may call between its blocks (torchvision's classifiers do), tried in this
+# order where the next block's real input is not the previous block's output; each becomes a
+# parameter-free block of the chain
+_GLUE = [
+    ("flatten", lambda: nn.Flatten(1)),
+    ("relu", lambda: nn.ReLU()),
+    ("mean over H, W", lambda: _MeanHW()),
+    ("relu, mean over H, W", lambda: nn.Sequential(nn.ReLU(), _MeanHW())),
+]
+
+
+def _find_glue(h: Any, want: Any) -> tuple[str, nn.Module] | None:
+    if not isinstance(h, torch.Tensor):
+        return None
+    for what, make in _GLUE:
+        g = make()
+        try:
+            if _close(g(h), want):
+                return what, g
+        except Exception:  # noqa: BLE001 - does not apply to this tensor
+            continue
+    return None
 
 
 def _check_chains(model: nn.Module, opened: list[tuple[str, nn.Module]],
-                  x: torch.Tensor) -> list[str]:
+                  x: torch.Tensor) -> list[tuple[str, str, nn.Module]]:
     """Each opened module, fed the input it got in a real forward, must give the same output as its
-    sub-modules run one after another, a flatten allowed before a Linear that reads a flattened
-    feature map (what torchvision's ResNet, VGG and the like do in their forward). Returns the
-    blocks a flatten goes before."""
-    flatten: list[str] = []
-    seen: dict[int, list] = {id(m): [] for _, m in opened}
-    hooks = []
-
-    def record(mod, args, kwargs, out):
-        seen[id(mod)].append((args, kwargs, out))
-
+    sub-modules run one after another. Between two of them (and after the last) a parameter-free
+    function of the forward is allowed where it is one of ``_GLUE`` (a flatten before the
+    classifier, torchvision's ResNet / VGG / EfficientNet; ``F.relu`` + pooling, DenseNet;
+    ``x.mean([2, 3])``, ShuffleNetV2 / MNASNet): found by comparing each block's real input with
+    what the block before it gave. Returns ``(where, label, block)`` for each such function,
+    ``where`` the block it goes before or ``"after <opened module>"``."""
+    glue: list[tuple[str, str, nn.Module]] = []
+    watch = {id(m): m for _, m in opened}
     for _, m in opened:
-        hooks.append(m.register_forward_hook(record, with_kwargs=True))
+        for _, c in _kids(m):
+            watch[id(c)] = c
+    seen: dict[int, list] = {i: [] for i in watch}
+    hooks = []
+    copy = lambda t: t.clone() if isinstance(t, torch.Tensor) else t  # noqa: E731
+
+    def enter(mod, args, kwargs):       # copies: an in-place op later (ReLU(inplace=True))
+        seen[id(mod)].append([tuple(copy(a) for a in args), kwargs, None])   # must not change them
+
+    def leave(mod, args, kwargs, out):
+        seen[id(mod)][-1][2] = copy(out)
+
+    for m in watch.values():
+        hooks.append(m.register_forward_pre_hook(enter, with_kwargs=True))
+        hooks.append(m.register_forward_hook(leave, with_kwargs=True))
     was = model.training
     model.eval()
     try:
@@ -137,29 +190,47 @@ def _check_chains(model: nn.Module, opened: list[tuple[str, nn.Module]],
                     raise BadInput(f"cannot list the blocks of {label}: its output is a "
                                    f"{type(out).__name__}, not a tensor")
                 h = args[0]
-                flat: list[str] = []
+                found: list[tuple[str, str, nn.Module]] = []
+                full = lambda cn: f"{name}.{cn}" if name else cn  # noqa: E731
                 try:
-                    for cn, c in m.named_children():
-                        if _linear_after_flatten(c, h):
-                            h = torch.flatten(h, 1)
-                            flat.append(f"{name}.{cn}" if name else cn)
+                    for cn, c in _kids(m):
+                        real = seen[id(c)]
+                        if len(real) == 1 and len(real[0][0]) == 1 and not real[0][1] \
+                                and not _same(h, real[0][0][0]):
+                            g = _find_glue(h, real[0][0][0])
+                            if g is not None:
+                                found.append((full(cn), f"({g[0]} before {full(cn)})", g[1]))
+                                h = g[1](h)
                         h = c(h)
+                    if not _close(h, out):
+                        g = _find_glue(h, out)
+                        if g is not None:
+                            found.append((f"after {name}", f"({g[0]} after {full(cn)})", g[1]))
+                            h = g[1](h)
                 except Exception:  # noqa: BLE001 - the children do not chain
                     h = None
                 if not _close(h, out):
-                    names = ", ".join(n for n, _ in m.named_children())
+                    names = ", ".join(n for n, _ in _kids(m))
+                    unrun = [n for n, c in _kids(m) if not seen[id(c)]]
+                    why = (f"{', '.join(unrun)} {'is' if len(unrun) == 1 else 'are'} not run in an "
+                           f"evaluation forward" if unrun else
+                           "its forward adds a skip connection, calls functions between them, "
+                           "or reuses one")
                     raise BadInput(
                         f"cannot list the blocks of {label}: running its sub-modules "
-                        f"({names}) one after another does not reproduce its output (its forward "
-                        f"adds a skip connection, calls functions like F.relu or x.view between "
-                        f"them, or reuses/skips one); early exits need an nn.Sequential or such a "
-                        f"chain")
-                flatten += flat
+                        f"({names}) one after another does not reproduce its output ({why}); "
+                        f"early exits need an nn.Sequential or such a chain")
+                glue += found
     finally:
         for h in hooks:
             h.remove()
         model.train(was)
-    return flatten
+    return glue
+
+
+def _same(a: Any, b: Any) -> bool:
+    return a is b or (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)
+                      and a.shape == b.shape and _close(a, b))
 
 
 def _has_weights(m: nn.Module) -> bool:
@@ -293,6 +364,15 @@ def _inside_sequentials(model: nn.Module) -> list[str]:
     return out
 
 
+def _top_sequentials(model: nn.Module) -> list[str]:
+    """What :func:`list_blocks` takes to open each top-level nn.Sequential with two or more
+    blocks with weights (a MobileNet's or ConvNeXt's ``features``), the last one with weights
+    (the classifier) excepted."""
+    kids = [(cn, c) for cn, c in model.named_children() if _has_weights(c)]
+    return [f"{cn}.{next(iter(c._modules))}" for cn, c in kids[:-1]        # not the classifier
+            if isinstance(c, nn.Sequential) and sum(_has_weights(k) for k in c.children()) >= 2]
+
+
 def plan_exits(model: nn.Module, data: DataLoader, exits: Any, every: int | None,
                alpha: float, open_all: bool = False) -> Plan:
     """Where the exits go (checked on a batch of ``data``); :class:`FieldError` /
@@ -324,6 +404,13 @@ def plan_exits(model: nn.Module, data: DataLoader, exits: Any, every: int | None
         positions = sorted(index[n] for n in names)
     else:
         positions = _every_positions(blocks, every or 1)
+        stages = [] if open_all else _top_sequentials(model)
+        if not positions and stages:
+            # too few blocks at the top level (features + classifier): open its nn.Sequential
+            # stages; with no --every, every k-th block so that about four exits are spread
+            blocks = list_blocks(model, x, expand=stages)
+            nw = sum(_has_weights(m) for _, m in blocks)
+            positions = _every_positions(blocks, every or max(1, round(nw / 5)))
         if not positions:
             nw = sum(_has_weights(m) for _, m in blocks)
             raise FieldError(f"{{every={every or 1}}} puts no exit in {type(model).__name__}: it "

@@ -28,7 +28,9 @@ class EarlyExitConfig(StepConfig):
     frozen unless joint) and gives an EarlyExitModel. At inference each sample leaves at the
     first exit whose max softmax probability reaches the threshold; the rest of the batch goes
     on. The model must be an nn.Sequential or a module whose forward runs its sub-modules once
-    each in order (checked on a batch). On an EarlyExitModel only the threshold changes.
+    each in order (checked on a batch; a ModuleList it loops over counts as its members, and a
+    flatten, F.relu or pooling between blocks becomes a block of its own). On an EarlyExitModel
+    only the threshold changes.
 
     The dashboard's FLOPs are the average FLOPs actually spent per sample on the evaluation data
     (same basis as the network before); the step shows the share of samples per exit and a plot
@@ -62,7 +64,9 @@ class EarlyExitConfig(StepConfig):
     every: int | None = option(None, kind="int", range="[1, inf)", metavar="K",
                                help="an exit after every K-th block with weights (default 1), "
                                     "moved past the norm/activation/pool blocks after it, never "
-                                    "just before the classifier")
+                                    "just before the classifier; a model whose top level is only "
+                                    "features + classifier has its nn.Sequential stages opened "
+                                    "(default: K giving about four exits)")
     threshold: float | None = option(None, kind="float", range="(0, 1]", metavar="P",
                                      help="leave at the first exit whose max softmax probability "
                                           f"is >= P, in (0, 1] (default {DEFAULT_THRESHOLD:g}); "
