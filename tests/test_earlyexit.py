@@ -667,3 +667,133 @@ def test_conv_heads_save_and_load(small_cnn, digits, tmp_path):
     x = next(iter(test))[0][:64]
     with torch.no_grad():
         assert torch.equal(back.eval()(x), ee.eval()(x))
+
+
+class _TokenNet(nn.Module):
+    """An MLP-Mixer-like net: patches to tokens (N, T, C), token blocks of LayerNorm + Linear,
+    x.mean(1) over the tokens before the head."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 4, stride=4)
+        self.blocks = nn.Sequential(*(nn.Sequential(nn.LayerNorm(16), nn.Linear(16, 16), nn.GELU())
+                                      for _ in range(4)))
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = self.stem(x).flatten(2).transpose(1, 2)
+        return self.head(self.blocks(x).mean(1))
+
+
+def test_channels_last_features_get_heads_that_pool_positions():
+    """A token sequence (N, T, C) or Swin's (N, H, W, C) map is channels-last: an exit head moves
+    the channels first before pooling (a head that pooled over the channels would read the
+    wrong axis); found from the layers around the exit, and a conv net's heads are unchanged.
+    Here the stem's flatten + transpose is a forward function the chain refuses, so the token
+    blocks are the model (an nn.Sequential) and the stem's output its input."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from nbcompress.techniques.earlyexit.blocks import ChannelsFirst, channels_last
+
+    torch.manual_seed(0)
+    net = _TokenNet().eval()
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(16, 3, 16, 16, generator=g), torch.randint(0, 10, (16,), generator=g)
+    tokens = net.stem(x).flatten(2).transpose(1, 2).detach()          # (16, 16 tokens, 16)
+    seq = nn.Sequential(*net.blocks, _Mean1(), net.head).eval()
+    dl = DataLoader(TensorDataset(tokens, y), batch_size=8)
+    ee = early_exit(seq, dl, epochs=1, threshold=1.0)
+    assert ee.exit_names == ("0", "1", "2")
+    assert all(isinstance(h[0], ChannelsFirst) for h in ee.heads)
+    with torch.no_grad():
+        assert torch.allclose(ee.eval().forward_all(tokens)[-1], seq(tokens), atol=1e-5)
+        assert ee.heads[0](tokens).shape == (16, 10)
+    # the layout: from the layer that made the feature, else the one that reads it next
+    conv = nn.Conv2d(3, 8, 3)
+    assert not channels_last(torch.zeros(2, 8, 5, 5), conv, [nn.BatchNorm2d(8)])
+    assert channels_last(torch.zeros(2, 5, 5, 8), nn.Linear(4, 8), [])
+    assert channels_last(torch.zeros(2, 7, 8), nn.GELU(), [nn.LayerNorm(8)])
+    assert not channels_last(torch.zeros(2, 8, 7), nn.GELU(), [nn.Conv1d(8, 8, 1)])
+
+
+class _Mean1(nn.Module):
+    def forward(self, x):
+        return x.mean(1)
+
+
+def test_mean_over_tokens_between_blocks_is_a_block():
+    """x.mean(1) over the tokens before the head (MLP-Mixer) is found like the other functions
+    between blocks, and the token blocks get exits with channels-first heads."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from nbcompress.techniques.earlyexit.blocks import ChannelsFirst, list_blocks
+
+    class Tokens(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.Sequential(*(nn.Sequential(nn.LayerNorm(16), nn.Linear(16, 16), nn.GELU())
+                                          for _ in range(4)))
+            self.head = nn.Linear(16, 10)
+
+        def forward(self, x):
+            return self.head(self.blocks(x).mean(1))
+
+    torch.manual_seed(0)
+    m = Tokens().eval()
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(16, 9, 16, generator=g), torch.randint(0, 10, (16,), generator=g)
+    assert "(mean over tokens before head)" in [n for n, _ in list_blocks(m, x[:4])]
+    ee = early_exit(m, DataLoader(TensorDataset(x, y), batch_size=8), epochs=1, threshold=1.0)
+    assert ee.exit_names == ("blocks.0", "blocks.1", "blocks.2")
+    assert all(isinstance(h[0], ChannelsFirst) for h in ee.heads)
+    buf = io.BytesIO()
+    nbcompress.save(ee, buf)
+    buf.seek(0)
+    back = nbcompress.load(buf).eval()
+    with torch.no_grad():
+        assert torch.allclose(ee.eval().forward_all(x)[-1], m(x), atol=1e-5)
+        assert torch.equal(back.forward_all(x)[-1], ee.forward_all(x)[-1])
+
+
+def test_vision_transformers_get_exits_between_their_blocks():
+    """A ViT is no chain of its sub-modules (a class token and positions are added between the
+    patch embedding and the blocks); for timm's and torchvision's VisionTransformer the part
+    before the blocks and the part after them become one block each, so exits go between the
+    transformer blocks, with heads that pool the tokens (channels-last). At threshold 1 the
+    output is the network's own; the early-exit model round-trips through save / load; an exit
+    named inside a block is refused in one line."""
+    tv = pytest.importorskip("torchvision")
+    timm = pytest.importorskip("timm")
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from nbcompress.techniques.earlyexit.blocks import ChannelsFirst
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(16, 3, 32, 32, generator=g), torch.randint(0, 10, (16,), generator=g)
+    dl = DataLoader(TensorDataset(x, y), batch_size=8)
+    torch.manual_seed(0)
+    nets = [(tv.models.VisionTransformer(image_size=32, patch_size=8, num_layers=5, num_heads=2,
+                                         hidden_dim=32, mlp_dim=64, num_classes=10),
+             "encoder.layers.encoder_layer_"),
+            (timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32,
+                               patch_size=8, depth=5, embed_dim=32, num_heads=2, num_classes=10),
+             "blocks.")]
+    for m, prefix in nets:
+        m.eval()
+        n_params = sum(p.numel() for p in m.parameters())
+        ee = early_exit(m, dl, epochs=1, threshold=1.0)
+        assert ee.exit_names and all(n.startswith(prefix) for n in ee.exit_names)
+        assert all(isinstance(h[0], ChannelsFirst) for h in ee.heads)
+        backbone = sum(p.numel() for p in ee.backbone.parameters())
+        assert backbone == n_params                       # every parameter once, none lost
+        with torch.no_grad():
+            assert torch.allclose(ee.eval().forward_all(x)[-1], m(x), atol=1e-5)
+        buf = io.BytesIO()
+        nbcompress.save(ee, buf)
+        buf.seek(0)
+        back = nbcompress.load(buf).eval()
+        with torch.no_grad():
+            assert torch.equal(back.forward_all(x)[-1], ee.forward_all(x)[-1])
+        inside = f"{prefix}1.mlp" if prefix == "blocks." else f"{prefix}1.mlp"
+        with pytest.raises(FieldError, match="is inside a block of VisionTransformer"):
+            early_exit(m, dl, exits=inside, epochs=1)

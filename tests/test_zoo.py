@@ -3,8 +3,8 @@
 Each case runs one step of ``benchmarks/bench_zoo.py`` (the same code as the full sweep) on a fresh
 copy of a random-weight model and asserts it passes: a crash, a broken model (a step that returns
 a model that no longer runs, or a save / load or undo that is not bit-identical) or a refusal
-fails it. Only early exits may be refused, in one clear line, and only on the models that are not
-a chain of blocks (a ViT, the transformers models).
+fails it. Only early exits may be refused, in one clear line, and only on the transformers models
+(dict inputs).
 Known failures are ``xfail(strict=True)`` with their reason, so the test fails (XPASS) the day
 they are fixed and the mark must go. torchvision / timm cases skip where those libraries do not
 import (torch 2.13 CPU); transformers cases run wherever transformers is installed. CI sets
@@ -26,10 +26,10 @@ _spec.loader.exec_module(zoo)
 
 MODELS = [(group, name) for group, names in zoo.FAST.items() for name in names]
 # Steps where a one-line refusal is the right answer on some of these models: early exits need a
-# chain of blocks of tensor inputs (ViT holds its own cls_token; HF models take dicts). The CNNs
-# must pass (their features stages are opened, the functions between blocks found).
+# chain of blocks of tensor inputs, and HF models take dicts. The CNNs and timm's ViT must pass
+# (features stages opened, functions between blocks found, a ViT's embedding and head as blocks).
 REFUSAL_OK = {"earlyexit"}
-MAY_REFUSE = {("timm", "test_vit")} | {("transformers", n) for n in zoo.FAST["transformers"]}
+MAY_REFUSE = {("transformers", n) for n in zoo.FAST["transformers"]}
 # (group, name, step): why it is refused today though it should pass (xfail, strict: the case
 # XPASSes, and fails, the day it is fixed; then remove its line).
 KNOWN: dict[tuple[str, str, str], str] = {}

@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader
 
 from ...errors import BadInput, FieldError
 from .model import EarlyExitModel
+from .tokens import adapt
 
 __all__ = ["list_blocks", "make_head", "plan_exits"]
 
@@ -81,6 +82,10 @@ def list_blocks(model: nn.Module, example_input: torch.Tensor, expand: Sequence[
     """
     if isinstance(model, EarlyExitModel):
         raise BadInput("the model already has early exits")
+    adapted = adapt(model)
+    if adapted is not None:           # a vision transformer: embedding, blocks, head
+        _check_adapted(model, adapted, example_input)
+        return adapted
     chain = _children("", model)
     opened: list[tuple[str, nn.Module]] = [("", model)]
     for target in expand:
@@ -106,11 +111,47 @@ def list_blocks(model: nn.Module, example_input: torch.Tensor, expand: Sequence[
     return chain
 
 
+def _check_adapted(model: nn.Module, chain: list[tuple[str, nn.Module]], x: torch.Tensor) -> None:
+    """The chain of :func:`~.tokens.adapt` run one after another reproduces the model."""
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(x)
+            h = x
+            try:
+                for _, b in chain:
+                    h = b(h)
+            except Exception:  # noqa: BLE001 - the parts do not chain
+                h = None
+    finally:
+        model.train(was)
+    if not _close(h, out):
+        raise BadInput(f"cannot list the blocks of {_label('', model)}: its embedding, blocks "
+                       f"and head run one after another do not reproduce its output; early "
+                       f"exits need an nn.Sequential or such a chain")
+
+
 class _MeanHW(nn.Module):
     """``x.mean([2, 3])`` (ShuffleNetV2, MNASNet) as a block."""
 
     def forward(self, x):
         return x.mean([2, 3])
+
+
+class _MeanTokens(nn.Module):
+    """``x.mean(1)`` over the tokens of a (N, tokens, C) sequence (MLP-Mixer's pooling)."""
+
+    def forward(self, x):
+        return x.mean(1)
+
+
+class ChannelsFirst(nn.Module):
+    """(N, ..., C) -> (N, C, ...): an exit head's first step on a channels-last feature (Swin's
+    (N, H, W, C) maps, a token sequence (N, T, C)), so it pools over positions, not channels."""
+
+    def forward(self, x):
+        return x.movedim(-1, 1)
 
 
 # functions a forward may call between its blocks (torchvision's classifiers do), tried in this
@@ -121,6 +162,7 @@ _GLUE = [
     ("relu", lambda: nn.ReLU()),
     ("mean over H, W", lambda: _MeanHW()),
     ("relu, mean over H, W", lambda: nn.Sequential(nn.ReLU(), _MeanHW())),
+    ("mean over tokens", lambda: _MeanTokens()),
 ]
 
 
@@ -246,6 +288,44 @@ def _has_weights(m: nn.Module) -> bool:
     return False
 
 
+def channels_last(feature: torch.Tensor, before: nn.Module, rest: Sequence[nn.Module]) -> bool:
+    """Whether a feature of 3 or more dims is channels-last (N, ..., C): Swin's (N, H, W, C)
+    maps, a transformer's (N, tokens, C). Read from the layers around it: the last layer of the
+    block that made it (``before``) whose width is the feature's last dim and not its dim 1, or
+    the reverse; where that says nothing, the first layer of the blocks after it (``rest``) that
+    reads channels: a Linear or a plain LayerNorm over the last dim, not a conv or BatchNorm."""
+    if feature.dim() < 3:
+        return False
+    first, last = feature.shape[1], feature.shape[-1]
+
+    def width(m: nn.Module, out: bool) -> int | None:
+        if isinstance(m, nn.modules.conv._ConvNd):
+            return m.out_channels if out else m.in_channels
+        if isinstance(m, nn.Linear):
+            return m.out_features if out else m.in_features
+        if isinstance(m, nn.LayerNorm) and type(m).forward is nn.LayerNorm.forward \
+                and len(m.normalized_shape) == 1:         # (LayerNorm2d permutes: not this)
+            return m.normalized_shape[0]
+        if isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm)):
+            return getattr(m, "num_features", None) or m.num_channels
+        return None
+
+    for m in reversed(list(before.modules())):
+        n = width(m, out=True)
+        if n is not None and (n == last) != (n == first):
+            return n == last
+    for block in rest:
+        for m in block.modules():
+            n = width(m, out=False)
+            if n is None:
+                continue
+            if isinstance(m, (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm,
+                              nn.GroupNorm)):
+                return False
+            return n == last
+    return False
+
+
 def _every_positions(chain: list[tuple[str, nn.Module]], k: int) -> list[int]:
     """Exit after every k-th block with weights (norms do not count), moved past the parameter-
     free and normalisation blocks that follow it; never where only the last weighted block (the
@@ -265,14 +345,19 @@ def _every_positions(chain: list[tuple[str, nn.Module]], k: int) -> list[int]:
 HEAD_KINDS = ("pool", "conv")
 
 
-def make_head(feature: torch.Tensor, num_classes: int, pool: int, kind: str = "pool"
-              ) -> nn.Module:
+def make_head(feature: torch.Tensor, num_classes: int, pool: int, kind: str = "pool",
+              channels_last: bool = False) -> nn.Module:
     """Average-pool to at most ``pool`` positions per spatial dim, flatten, linear; ``kind
     "conv"``: a 3x3 convolution (as many channels as the feature) + BatchNorm + ReLU first,
     so the head can still combine neighbouring positions before it pools (a feature map of an
-    early layer is too raw for a linear read-out alone). A flat feature gets a linear head."""
+    early layer is too raw for a linear read-out alone). A flat feature gets a linear head.
+    ``channels_last``: the feature is (N, ..., C) (see :func:`channels_last`); the head moves
+    the channels first."""
     if kind not in HEAD_KINDS:
         raise FieldError(f"{{head}} must be one of {', '.join(HEAD_KINDS)}, got {kind!r}")
+    if channels_last and feature.dim() >= 3:
+        head = make_head(feature.movedim(-1, 1), num_classes, pool, kind)
+        return nn.Sequential(ChannelsFirst(), *head)
     shape = tuple(feature.shape[1:])
     if len(shape) == 1:
         return nn.Sequential(nn.Linear(shape[0], num_classes))
@@ -346,6 +431,7 @@ class Plan:
     names: list[str]              # exit names, in chain order
     features: list[torch.Tensor]  # each exit's features on the example
     num_classes: int
+    channels_last: list[bool] | None = None   # each exit's feature is (N, ..., C)
 
 
 def _inside_sequentials(model: nn.Module) -> list[str]:
@@ -400,17 +486,30 @@ def plan_exits(model: nn.Module, data: DataLoader, exits: Any, every: int | None
         raise FieldError(f"{{exits}} names {dup!r} twice")
     blocks = list_blocks(model, x, expand=names or (_inside_sequentials(model) if open_all else ()))
     index = {n: i for i, (n, _) in enumerate(blocks)}
+    adapted = adapt(model) is not None
     if names:
+        outside = [n for n in names if n not in index]
+        if outside:
+            raise FieldError(f"{{exits}}: {outside[0]} is inside a block of "
+                             f"{type(model).__name__}; exits go after its blocks: "
+                             f"{', '.join(n for n, _ in blocks)}")
         positions = sorted(index[n] for n in names)
     else:
-        positions = _every_positions(blocks, every or 1)
+        nw = sum(_has_weights(m) for _, m in blocks)
+        # a vision transformer's blocks: with no --every, about four exits spread over them
+        positions = _every_positions(blocks, every or (max(1, round(nw / 5)) if adapted else 1))
+        if adapted:                     # not after the embedding alone: no block has run yet
+            positions = [p for p in positions if p > 0]
         stages = [] if open_all else _top_sequentials(model)
-        if not positions and stages:
-            # too few blocks at the top level (features + classifier): open its nn.Sequential
-            # stages; with no --every, every k-th block so that about four exits are spread
-            blocks = list_blocks(model, x, expand=stages)
-            nw = sum(_has_weights(m) for _, m in blocks)
-            positions = _every_positions(blocks, every or max(1, round(nw / 5)))
+        if stages and (not positions or (every is None and len(positions) < 2)):
+            # too few blocks at the top level (features + classifier; stem + blocks + head):
+            # open its nn.Sequential stages; with no --every, every k-th block so that about
+            # four exits are spread
+            opened = list_blocks(model, x, expand=stages)
+            nw = sum(_has_weights(m) for _, m in opened)
+            more = _every_positions(opened, every or max(1, round(nw / 5)))
+            if len(more) > len(positions):
+                blocks, positions = opened, more
         if not positions:
             nw = sum(_has_weights(m) for _, m in blocks)
             raise FieldError(f"{{every={every or 1}}} puts no exit in {type(model).__name__}: it "
@@ -441,4 +540,7 @@ def plan_exits(model: nn.Module, data: DataLoader, exits: Any, every: int | None
             shape = tuple(f.shape) if isinstance(f, torch.Tensor) else type(f).__name__
             raise FieldError(f"{{exits}}: the output of {blocks[p][0]} ({shape}) is not a float "
                              f"feature tensor (N, C[, ...]) a head can read")
-    return Plan(blocks, positions, [blocks[p][0] for p in positions], feats, int(h.shape[1]))
+    layout = [channels_last(f, blocks[p][1], [m for _, m in blocks[p + 1:]])
+              for p, f in zip(positions, feats)]
+    return Plan(blocks, positions, [blocks[p][0] for p in positions], feats, int(h.shape[1]),
+                layout)

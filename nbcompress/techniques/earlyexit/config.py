@@ -138,8 +138,8 @@ class EarlyExitConfig(StepConfig):
             check_loader_runs(model, self.data, "{data}", ctx.device)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
-            heads = nn.ModuleList(make_head(f, plan.num_classes, self.head_pool, self.head)
-                                  for f in plan.features)
+            heads = nn.ModuleList(make_head(f, plan.num_classes, self.head_pool, self.head, last)
+                                  for f, last in zip(plan.features, plan.channels_last))
         backbone = nn.Sequential(*(m for _, m in plan.blocks))
         ee = EarlyExitModel(backbone, heads.to(ctx.device), plan.positions,
                             self.threshold if self.threshold is not None else DEFAULT_THRESHOLD,
