@@ -142,17 +142,33 @@ def build(group: str, name: str):
         model = torchvision.models.get_model(name, weights=None, num_classes=10)
         sizes = [64, 224, 299]
     model.eval()
-    for s in sizes:        # the smallest input the model accepts
+    for s in sizes:        # the smallest input the model accepts, evaluating and training
         x = torch.randn(1, 3, s, s)
         try:
             with torch.no_grad():
                 model(x)
+                _trains(model, torch.randn(2, 3, s, s))
             break
         except Exception:  # noqa: BLE001 - try the next size
             continue
     g = torch.Generator().manual_seed(0)
     xs, ys = torch.randn(N, *x.shape[1:], generator=g), torch.randint(0, 10, (N,), generator=g)
     return model, x, DataLoader(list(zip(xs, ys)), batch_size=BATCH)
+
+
+def _trains(model, x) -> None:
+    """A training-mode forward (Inception's auxiliary classifier needs 299 pixels there, not in
+    evaluation), every buffer put back after."""
+    import torch
+
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    try:
+        model.train()(x)
+    finally:
+        model.eval()
+        with torch.no_grad():
+            for k, v in model.state_dict().items():
+                v.copy_(saved[k])
 
 
 def logits(model, example):

@@ -797,3 +797,24 @@ def test_vision_transformers_get_exits_between_their_blocks():
         inside = f"{prefix}1.mlp" if prefix == "blocks." else f"{prefix}1.mlp"
         with pytest.raises(FieldError, match="is inside a block of VisionTransformer"):
             early_exit(m, dl, exits=inside, epochs=1)
+
+
+def test_auxiliary_classifiers_of_training_are_left_out():
+    """GoogLeNet's auxiliary classifiers run only in training: an evaluation forward is a chain
+    of the other blocks, so the early-exit model leaves them out and says so in the notes; at
+    threshold 1 the output is the network's own."""
+    tv = pytest.importorskip("torchvision")
+    from torch.utils.data import DataLoader, TensorDataset
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(8, 3, 64, 64, generator=g), torch.randint(0, 10, (8,), generator=g)
+    torch.manual_seed(0)
+    m = tv.models.googlenet(weights=None, num_classes=10, aux_logits=True,
+                            init_weights=False).eval()
+    r = compress(m, EarlyExitConfig(data=DataLoader(TensorDataset(x, y), batch_size=4),
+                                    exits="inception3b,inception4e", epochs=1, threshold=1.0))
+    assert any(n.startswith("aux1, aux2 left out") for n in r.notes)
+    ee = r.model.eval()
+    assert not any(n.startswith("aux") for n in ee.block_names)
+    with torch.no_grad():
+        assert torch.allclose(ee.forward_all(x)[-1], m(x), atol=1e-4)

@@ -72,13 +72,15 @@ def _close(a: Any, b: Any) -> bool:
     return False
 
 
-def list_blocks(model: nn.Module, example_input: torch.Tensor, expand: Sequence[str] = ()
-                ) -> list[tuple[str, nn.Module]]:
+def list_blocks(model: nn.Module, example_input: torch.Tensor, expand: Sequence[str] = (),
+                left_out: list | None = None) -> list[tuple[str, nn.Module]]:
     """The model as a chain of ``(name, block)``: its direct sub-modules, with the blocks named in
     ``expand`` (and any block on the way to them) opened up into theirs.
 
     Checked on ``example_input``: every opened module must run its sub-modules once each in order
-    (their chain reproduces its output); :class:`BadInput` names the one that does not.
+    (their chain reproduces its output); :class:`BadInput` names the one that does not. A
+    sub-module an evaluation forward does not run (GoogLeNet's auxiliary classifiers, which run
+    only in training) is not a block; its name goes to ``left_out``.
     """
     if isinstance(model, EarlyExitModel):
         raise BadInput("the model already has early exits")
@@ -100,6 +102,11 @@ def list_blocks(model: nn.Module, example_input: torch.Tensor, expand: Sequence[
             opened.append((prefix, mod))
     glue = _check_chains(model, opened, example_input)
     for where, label, mod in glue:          # parameter-free functions of the forward, as blocks
+        if where.startswith("drop "):      # not run in evaluation: not a block of the chain
+            chain = [(n, b) for n, b in chain if n != label]
+            if left_out is not None:
+                left_out.append(label)
+            continue
         if where.startswith("after "):     # after everything an opened module holds
             owner = where[len("after "):]
             pos = max((i for i, (n, _) in enumerate(chain)
@@ -237,6 +244,9 @@ def _check_chains(model: nn.Module, opened: list[tuple[str, nn.Module]],
                 try:
                     for cn, c in _kids(m):
                         real = seen[id(c)]
+                        if not real:        # not run when evaluating (an auxiliary classifier
+                            found.append((f"drop {full(cn)}", full(cn), None))  # of training)
+                            continue
                         if len(real) == 1 and len(real[0][0]) == 1 and not real[0][1] \
                                 and not _same(h, real[0][0][0]):
                             g = _find_glue(h, real[0][0][0])
@@ -253,10 +263,7 @@ def _check_chains(model: nn.Module, opened: list[tuple[str, nn.Module]],
                     h = None
                 if not _close(h, out):
                     names = ", ".join(n for n, _ in _kids(m))
-                    unrun = [n for n, c in _kids(m) if not seen[id(c)]]
-                    why = (f"{', '.join(unrun)} {'is' if len(unrun) == 1 else 'are'} not run in an "
-                           f"evaluation forward" if unrun else
-                           "its forward adds a skip connection, calls functions between them, "
+                    why = ("its forward adds a skip connection, calls functions between them, "
                            "or reuses one")
                     raise BadInput(
                         f"cannot list the blocks of {label}: running its sub-modules "
@@ -432,6 +439,7 @@ class Plan:
     features: list[torch.Tensor]  # each exit's features on the example
     num_classes: int
     channels_last: list[bool] | None = None   # each exit's feature is (N, ..., C)
+    left_out: list[str] | None = None         # sub-modules evaluation does not run (aux heads)
 
 
 def _inside_sequentials(model: nn.Module) -> list[str]:
@@ -484,7 +492,9 @@ def plan_exits(model: nn.Module, data: DataLoader, exits: Any, every: int | None
     if len(set(names)) != len(names):
         dup = next(n for n in names if names.count(n) > 1)
         raise FieldError(f"{{exits}} names {dup!r} twice")
-    blocks = list_blocks(model, x, expand=names or (_inside_sequentials(model) if open_all else ()))
+    left_out: list[str] = []
+    blocks = list_blocks(model, x, expand=names or (_inside_sequentials(model) if open_all else ()),
+                         left_out=left_out)
     index = {n: i for i, (n, _) in enumerate(blocks)}
     adapted = adapt(model) is not None
     if names:
@@ -505,7 +515,7 @@ def plan_exits(model: nn.Module, data: DataLoader, exits: Any, every: int | None
             # too few blocks at the top level (features + classifier; stem + blocks + head):
             # open its nn.Sequential stages; with no --every, every k-th block so that about
             # four exits are spread
-            opened = list_blocks(model, x, expand=stages)
+            opened = list_blocks(model, x, expand=stages, left_out=left_out)
             nw = sum(_has_weights(m) for _, m in opened)
             more = _every_positions(opened, every or max(1, round(nw / 5)))
             if len(more) > len(positions):
@@ -543,4 +553,4 @@ def plan_exits(model: nn.Module, data: DataLoader, exits: Any, every: int | None
     layout = [channels_last(f, blocks[p][1], [m for _, m in blocks[p + 1:]])
               for p, f in zip(positions, feats)]
     return Plan(blocks, positions, [blocks[p][0] for p in positions], feats, int(h.shape[1]),
-                layout)
+                layout, sorted(set(left_out)))

@@ -161,6 +161,10 @@ class EarlyExitConfig(StepConfig):
                  f"{'jointly with the backbone' if self.joint else 'with the backbone frozen'}, "
                  f"distilled from the final output (T={self.T:g}"
                  f"{f', alpha={self.alpha:g}' if self.alpha < 1 else ''})"]
+        if plan.left_out:
+            notes.append(f"{', '.join(plan.left_out)} left out: the model's forward runs "
+                         f"{'it' if len(plan.left_out) == 1 else 'them'} only in training "
+                         f"(auxiliary classifiers), not when it answers")
         if chosen is not None:
             notes.append(
                 f"--target-flops {self.target_flops:g}: of {candidates} candidate exits and "

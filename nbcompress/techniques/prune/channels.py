@@ -79,8 +79,6 @@ class ChannelPruner:
 
     def __init__(self, model: nn.Module, example_input: Any, importance: Importance, *,
                  layers: str | None = None, round_to: int = 8, scope: str = "layer"):
-        import torch_pruning as tp
-
         self.model = model
         self.example_input = example_input
         self.importance = importance
@@ -88,22 +86,29 @@ class ChannelPruner:
         self.scope = scope
         try:
             self.DG = _trace(model, example_input, train=False)
-            if _train_only_layers(model, self.DG) and isinstance(example_input, torch.Tensor):
-                # layers only the training forward reaches (GoogLeNet's / Inception's auxiliary
-                # classifiers): their input channels are coupled only in that graph, and pruning
-                # without them would leave a model that fails to train
-                self.DG = _trace(model, example_input, train=True)
         except BadInput:
             raise
         except Exception as e:  # noqa: BLE001 - tracing failed: one line for the user
             raise FieldError(f"{{structured}} could not trace the model on the example input: "
                            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+        self._left: dict[str, list[str]] = {}   # why -> groups left whole (see ``notes``)
+        unreached = _train_only_layers(model, self.DG)
+        if unreached and isinstance(example_input, torch.Tensor):
+            # layers only the training forward reaches (GoogLeNet's / Inception's auxiliary
+            # classifiers): their input channels are coupled only in that graph, and pruning
+            # without them would leave a model that fails to train
+            try:
+                self.DG = _trace(model, example_input, train=True)
+            except Exception as e:  # noqa: BLE001 - it does not train on this input at all
+                for n in unreached:
+                    self._leave(n, f"only the training forward runs them, and it fails on the "
+                                   f"example input ({first_line(e)}): the pruned model runs in "
+                                   f"evaluation mode only", verb="did not trace")
         cpl.cut_opaque(self.DG)
         self.names = {m: n for n, m in model.named_modules()}
         pat = re.compile(layers) if layers else None
         self.output_modules = self._output_modules()
         self.groups: list[_GroupInfo] = []
-        self._left: dict[str, list[str]] = {}   # why -> groups left whole (see ``notes``)
         for root, g, err in cpl.all_groups(self.DG, list(self.output_modules),
                                            (nn.modules.conv._ConvNd, nn.Linear)):
             if root not in self.names:
@@ -318,7 +323,8 @@ class ChannelPruner:
         for key, names in self._left.items():
             verb, why = key.split("\0")
             more = f" and {len(names) - 3} more" if len(names) > 3 else ""
-            out.append(f"{{structured}} {verb} {len(names)} channel group(s), "
+            what = "layer(s)" if verb == "did not trace" else "channel group(s)"
+            out.append(f"{{structured}} {verb} {len(names)} {what}, "
                        f"{', '.join(repr(n) for n in names[:3])}{more}: {why}")
         return out
 
