@@ -394,25 +394,19 @@ def _trace(model: nn.Module, example_input: Any, *, train: bool):
 
     built: list = []
     saved = {n: b.detach().clone() for n, b in model.named_buffers()} if train else {}
-    mode = contextlib.nullcontext() if train else _eval_mode(model)
-    was = model.training
     x = torch.cat([example_input, example_input]) if train else example_input
-    try:
-        if train:
-            model.train()
-        with torch.enable_grad(), mode, contextlib.redirect_stdout(io.StringIO()), \
+    try:        # (_eval_mode puts the model's own mode back; _train_forward trains inside it)
+        with torch.enable_grad(), _eval_mode(model), contextlib.redirect_stdout(io.StringIO()), \
                 cpl.recording_reshapes(built), cpl.tolerant_reshapes(), \
                 torch.random.fork_rng(devices=[]):
             built.append(tp.DependencyGraph().build_dependency(
                 model, example_inputs=x, verbose=False, forward_fn=_train_forward if train else None,
                 unwrapped_parameters=cpl.unwrapped_parameters(model, tp.DependencyGraph)))
     finally:
-        if train:
-            model.train(was)
-            with torch.no_grad():
-                for n, b in model.named_buffers():
-                    if n in saved:
-                        b.copy_(saved[n])
+        with torch.no_grad():
+            for n, b in model.named_buffers():
+                if n in saved:
+                    b.copy_(saved[n])
     return built[0]
 
 
