@@ -88,6 +88,16 @@ def head(x: Any, n: int) -> Any:
     return x
 
 
+def batch_size(x: Any) -> int | None:
+    """How many examples a batch of inputs holds: a tensor's first dim (1 for a 0-d tensor),
+    else that of the first tensor of a dict / tuple / list; None when it holds no tensor."""
+    if isinstance(x, torch.Tensor):
+        return int(x.shape[0]) if x.dim() else 1
+    items = list(x.values()) if isinstance(x, Mapping) else \
+        list(x) if isinstance(x, (tuple, list)) else []
+    return next((n for n in map(batch_size, items) if n is not None), None)
+
+
 def example_of(batch: Any) -> Any:
     """A batch-of-1 example input from a loader's batch (a copy), or None when its inputs are
     not tensors."""

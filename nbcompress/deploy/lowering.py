@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core import BadInput
-from ..techniques.earlyexit.model import EarlyExitModel
+from ..techniques.earlyexit.model import EarlyExitModel, confidence
 from ..techniques.quantize.qmodules import QuantizedWeightLayer
 from ..techniques.quantize.qmodules_int8 import (STATIC_CONV, DynamicInt8GRU, DynamicInt8Linear,
                                                  DynamicInt8LSTM, StaticInt8Linear)
@@ -236,8 +236,7 @@ class LoweredEarlyExit(nn.Module):
         outs = self.model.forward_all(x)
         result = outs[-1]
         for logits in reversed(outs[:-1]):
-            conf = torch.softmax(logits.float(), dim=1).amax(dim=1)
-            take = (conf >= self.threshold).reshape((-1,) + (1,) * (logits.dim() - 1))
+            take = (confidence(logits) >= self.threshold).reshape((-1,) + (1,) * (logits.dim() - 1))
             result = torch.where(take, logits.to(result.dtype), result)
         return result
 

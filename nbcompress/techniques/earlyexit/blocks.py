@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader
 
 from ...errors import BadInput, FieldError
 from .chain import ChannelsFirst, list_blocks
+from .hooked import TokenPool, TokenStates, find_stack, plan_hooked
 from .tokens import adapt
 
 __all__ = ["ChannelsFirst", "list_blocks", "make_head", "plan_exits"]
@@ -123,7 +124,13 @@ def make_head(feature: torch.Tensor, num_classes: int, pool: int, kind: str = "p
 def _head_text(head: nn.Module) -> str:
     parts = []
     for m in head:
-        if isinstance(m, nn.modules.conv._ConvNd):
+        if isinstance(m, TokenPool):
+            parts.append("mean over tokens")
+        elif isinstance(m, TokenStates):
+            parts.append("per token")
+        elif isinstance(m, nn.LayerNorm):
+            parts.append("LN")
+        elif isinstance(m, nn.modules.conv._ConvNd):
             parts.append(f"conv {'x'.join(str(k) for k in m.kernel_size)}")
         elif isinstance(m, _NORMS):
             parts.append("BN")
@@ -154,8 +161,11 @@ def exit_list(exits: Any) -> list[str]:
     return out
 
 
-def first_batch(loader: DataLoader, field: str = "data") -> tuple[torch.Tensor, Any]:
-    """The first batch of ``loader`` (the option ``field``) as (inputs, labels or None)."""
+def first_batch(loader: DataLoader, field: str = "data", tensors: bool = True
+                ) -> tuple[Any, Any]:
+    """The first batch of ``loader`` (the option ``field``) as (inputs, labels or None);
+    ``tensors``: the inputs must be one tensor with a batch dim (else a dict of keyword inputs
+    is fine too)."""
     from ...train import split_batch
 
     try:
@@ -163,7 +173,7 @@ def first_batch(loader: DataLoader, field: str = "data") -> tuple[torch.Tensor, 
     except StopIteration:
         raise FieldError(f"{{{field}}} yielded no batches") from None
     x, y = split_batch(batch)
-    if not isinstance(x, torch.Tensor) or x.dim() < 2:
+    if tensors and (not isinstance(x, torch.Tensor) or x.dim() < 2):
         raise FieldError(f"early exits need tensor inputs with a batch dim; {{{field}}} yields "
                          f"{type(x).__name__}")
     return x, y
@@ -178,6 +188,7 @@ class Plan:
     num_classes: int
     channels_last: list[bool] | None = None   # each exit's feature is (N, ..., C)
     left_out: list[str] | None = None         # sub-modules evaluation does not run (aux heads)
+    hooked: dict | None = None                # HookedExitModel arguments (transformers models)
 
 
 def _inside_sequentials(model: nn.Module) -> list[str]:
@@ -211,10 +222,13 @@ def plan_exits(model: nn.Module, data: DataLoader, exits: Any, every: int | None
     :class:`BadInput` for anything wrong. ``open_all`` (no ``exits``): the nn.Sequential blocks
     are opened first, so the candidates are after every block with weights inside them too
     (a VGG's convolutions, a ResNet's residual blocks)."""
-    x, y = first_batch(data)
+    from ...batches import head, to_device
+
+    stack = find_stack(model)
+    x, y = first_batch(data, tensors=stack is None)
     dev = next((t.device for t in list(model.parameters()) + list(model.buffers())),
                torch.device("cpu"))
-    x = x[:_CHECK_SAMPLES].to(dev)
+    x = to_device(head(x, _CHECK_SAMPLES), dev)
     if alpha < 1 and y is None:
         raise FieldError("{alpha} below 1 trains the heads on labels too, but {data} yields no "
                          "labels (use {alpha=1}: distil from the final output only)")
@@ -222,6 +236,10 @@ def plan_exits(model: nn.Module, data: DataLoader, exits: Any, every: int | None
     names = exit_list(exits)
     if exits is not None and not names:
         raise FieldError("{exits} names no module")
+    if stack is not None:           # a transformers model: exits hook its own forward
+        plan, extra = plan_hooked(model, stack, x, names, every, open_all)
+        plan.hooked = extra
+        return plan
     for n in names:
         if n not in modules or n == "":
             top = ", ".join(k for k, _ in model.named_children())

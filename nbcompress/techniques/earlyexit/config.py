@@ -12,6 +12,7 @@ from ...core import CompressionResult, StepConfig, StepContext
 from ...errors import FieldError
 from ...options import is_given, option, options_of
 from .blocks import HEAD_KINDS, Plan, _head_text, make_head, plan_exits
+from .hooked import HookedExitModel, make_hooked_head
 from .model import DEFAULT_THRESHOLD, EarlyExitModel
 from .sweep import _Sweep, choose_exits, describe_exits
 from .training import train_heads
@@ -119,7 +120,11 @@ class EarlyExitConfig(StepConfig):
         ``exits`` / ``every``, the candidates after every block with weights, Sequentials
         opened."""
         auto = self.target_flops is not None and self.exits is None and self.every is None
-        return plan_exits(model, self.data, self.exits, self.every, self.alpha, open_all=auto)
+        plan = plan_exits(model, self.data, self.exits, self.every, self.alpha, open_all=auto)
+        if plan.hooked is not None and self.head != "pool":
+            raise FieldError(f"{{head={self.head}}}: the heads on {type(model).__name__}'s "
+                             f"layers are LayerNorm + linear over its tokens (--head pool)")
+        return plan
 
     # ------------------------------------------------------------------ run
     def run(self, model: nn.Module, ctx: StepContext) -> CompressionResult:
@@ -136,14 +141,29 @@ class EarlyExitConfig(StepConfig):
             from ...batches import check_loader_runs
 
             check_loader_runs(model, self.data, "{data}", ctx.device)
+        threshold = self.threshold if self.threshold is not None else DEFAULT_THRESHOLD
+        hooked = plan.hooked
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
-            heads = nn.ModuleList(make_head(f, plan.num_classes, self.head_pool, self.head, last)
-                                  for f, last in zip(plan.features, plan.channels_last))
-        backbone = nn.Sequential(*(m for _, m in plan.blocks))
-        ee = EarlyExitModel(backbone, heads.to(ctx.device), plan.positions,
-                            self.threshold if self.threshold is not None else DEFAULT_THRESHOLD,
-                            plan.names, [n for n, _ in plan.blocks], plan.num_classes)
+            if hooked is not None:
+                out_emb = model.get_output_embeddings() \
+                    if hasattr(model, "get_output_embeddings") else None
+                heads = nn.ModuleList(make_hooked_head(f, plan.num_classes, hooked["tokens"],
+                                                       out_emb) for f in plan.features)
+            else:
+                heads = nn.ModuleList(make_head(f, plan.num_classes, self.head_pool, self.head,
+                                                last)
+                                      for f, last in zip(plan.features, plan.channels_last))
+        if hooked is not None:
+            dt = next((p.dtype for p in model.parameters() if p.is_floating_point()),
+                      torch.float32)
+            ee = HookedExitModel(model, heads.to(ctx.device).to(dt), plan.positions, threshold,
+                                 plan.names, [n for n, _ in plan.blocks], plan.num_classes,
+                                 **hooked)
+        else:
+            backbone = nn.Sequential(*(m for _, m in plan.blocks))
+            ee = EarlyExitModel(backbone, heads.to(ctx.device), plan.positions, threshold,
+                                plan.names, [n for n, _ in plan.blocks], plan.num_classes)
         ee.train(model.training)
         records = train_heads(self, ee, ctx)
         ee.eval()

@@ -19,9 +19,23 @@ from torch import nn
 from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
-__all__ = ["EarlyExitModel", "DEFAULT_THRESHOLD"]
+__all__ = ["EarlyExitModel", "DEFAULT_THRESHOLD", "confidence"]
 
 DEFAULT_THRESHOLD = 0.95
+
+
+def confidence(logits: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Per sample, the top softmax probability of its scores: ``(N, classes)`` class scores, or
+    for ``(N, seq, vocab)`` token scores the least confident token's (positions ``mask`` drops,
+    where given and ``(N, seq)``, do not count): a sequence leaves an exit only when every one of
+    its tokens would."""
+    p = torch.softmax(logits.float(), dim=-1 if logits.dim() == 3 else 1).amax(
+        dim=-1 if logits.dim() == 3 else 1)
+    if p.dim() == 1:
+        return p
+    if mask is not None and tuple(mask.shape) == tuple(p.shape):
+        p = p.masked_fill(~mask.to(p.device).bool(), 1.0)
+    return p.reshape(p.shape[0], -1).amin(dim=1)
 
 
 class EarlyExitModel(nn.Module):
@@ -82,14 +96,23 @@ class EarlyExitModel(nn.Module):
         return {k: c / n for k, c in zip(self.exit_labels, self.exit_counts)} if n else {}
 
     # ---------------------------------------------------------------------- forward
-    def forward_all(self, x: torch.Tensor) -> list[torch.Tensor]:
+    def exit_features(self, x: Any) -> tuple[list[Any], torch.Tensor]:
+        """(what each head reads, the final output's scores) of one backbone pass."""
+        feats, h = [], x
+        for i, m in enumerate(self.backbone):
+            h = m(h)
+            if i in self.exit_after:
+                feats.append(h)
+        return feats, h
+
+    def forward_all(self, x: Any) -> list[torch.Tensor]:
         """Every exit's class scores for every sample, then the final output's."""
-        blocks = list(self.backbone)
-        outs, h = [], x
-        for k, seg in enumerate(self.segments()):
-            h = self._run(blocks, h, seg)
-            outs.append(self.heads[k](h) if k < len(self.heads) else h)
-        return outs
+        feats, final = self.exit_features(x)
+        return [hd(f) for hd, f in zip(self.heads, feats)] + [final]
+
+    def token_mask(self, x: Any) -> torch.Tensor | None:
+        """The ``(N, seq)`` mask of the positions that count in token scores (None: all)."""
+        return None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         blocks = list(self.backbone)
@@ -106,8 +129,7 @@ class EarlyExitModel(nn.Module):
             logits = self.heads[k](h)
             if out is None:
                 out = logits.new_empty((n,) + tuple(logits.shape[1:]))
-            conf = torch.softmax(logits.float(), dim=1).amax(dim=1)
-            done = conf >= self.threshold
+            done = confidence(logits) >= self.threshold
             n_done = int(done.sum())
             if n_done:
                 rows = done.nonzero().squeeze(1)
@@ -133,12 +155,16 @@ class EarlyExitModel(nn.Module):
         """A model with only the exits ``keep`` (indices into ``heads``), sharing this one's
         backbone and heads (its threshold, names and classes as here)."""
         keep = sorted(int(k) for k in keep)
-        out = EarlyExitModel(self.backbone, nn.ModuleList(self.heads[k] for k in keep),
-                             [self.exit_after[k] for k in keep], self.threshold,
-                             [self.exit_names[k] for k in keep], self.block_names,
-                             self.num_classes)
+        out = type(self)(self.backbone, nn.ModuleList(self.heads[k] for k in keep),
+                         [self.exit_after[k] for k in keep], self.threshold,
+                         [self.exit_names[k] for k in keep], self.block_names,
+                         self.num_classes, **self._extra())
         out.train(self.training)
         return out
+
+    def _extra(self) -> dict:
+        """Constructor arguments a subclass adds (see :meth:`keep_exits`)."""
+        return {}
 
     def segment_flops(self, example_input: torch.Tensor) -> tuple[list[int], list[int], int]:
         """``(backbone, heads, full)``: FLOPs (``torch.utils.flop_counter``) of one forward of
@@ -175,11 +201,12 @@ class EarlyExitModel(nn.Module):
         evaluator's data by the batched early-exit forward, averaged per sample and scaled to the
         example input's batch size; details: the share of samples per exit. ``None`` when the
         evaluator is not a DataLoader (then the example input's own forward is counted)."""
+        from ...batches import batch_size, forward_batch
         from ...train import split_batch, to_device
 
-        if not isinstance(evaluator, DataLoader) or not isinstance(example_input, torch.Tensor):
+        if not isinstance(evaluator, DataLoader) or batch_size(example_input) is None:
             return None
-        dev = next((t.device for t in self.parameters()), example_input.device)
+        dev = next((t.device for t in self.parameters()), torch.device("cpu"))
         was, saved = self.training, self.exit_counts
         self.eval()
         self.reset_exit_counts()
@@ -189,8 +216,8 @@ class EarlyExitModel(nn.Module):
                 for batch in evaluator:
                     x, _ = split_batch(batch)
                     x = to_device(x, dev)
-                    self(x)
-                    n += int(x.shape[0])
+                    forward_batch(self, x)
+                    n += batch_size(x)
             counts = self.exit_counts
         finally:
             self.exit_counts = saved
@@ -198,7 +225,7 @@ class EarlyExitModel(nn.Module):
         if not n:
             return None
         per_sample = c.get_total_flops() / n
-        batch = int(example_input.shape[0]) if example_input.dim() else 1
+        batch = batch_size(example_input)
         details = {f"share {k}": cnt / n for k, cnt in zip(self.exit_labels, counts)}
         return int(round(per_sample * batch)), details
 

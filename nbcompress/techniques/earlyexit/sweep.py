@@ -13,7 +13,7 @@ from ...core import CompressionResult, StepContext
 from ...errors import BadInput
 from ...options import is_number
 from .blocks import _head_text
-from .model import EarlyExitModel
+from .model import EarlyExitModel, confidence
 
 __all__ = ["threshold_sweep", "SWEEP_THRESHOLDS", "describe_exits"]
 
@@ -31,6 +31,7 @@ class _Sweep:
     what the early-exit forward decides at any threshold, without rerunning it."""
 
     def __init__(self, ee: EarlyExitModel, loader: DataLoader, device=None):
+        from ...batches import head
         from ...train import split_batch, to_device
 
         if device is None:
@@ -38,8 +39,8 @@ class _Sweep:
         self.ee = ee
         was = ee.training
         ee.eval()
-        outs: list[list[torch.Tensor]] = []
-        ys: list[torch.Tensor] = []
+        parts: list[tuple] = []
+        labelled = 0
         first = None
         try:
             with torch.no_grad():
@@ -47,10 +48,9 @@ class _Sweep:
                     x, y = split_batch(batch)
                     x = to_device(x, device)
                     if first is None:
-                        first = x[:1]
-                    outs.append([t.float().cpu() for t in ee.forward_all(x)])
-                    if y is not None:
-                        ys.append(y.cpu())
+                        first = head(x, 1)
+                    parts.append(_per_sample(ee.forward_all(x), x, y, ee.token_mask(x)))
+                    labelled += y is not None
                 if first is None:
                     raise BadInput("the loader yielded no batches")
                 self.backbone_flops, self.head_flops, full = ee.segment_flops(first)
@@ -60,17 +60,13 @@ class _Sweep:
                 self.full_flops = int(full) or 1
         finally:
             ee.train(was)
-        logits = [torch.cat([o[k] for o in outs]) for k in range(len(outs[0]))]
-        y = torch.cat(ys) if len(ys) == len(outs) else None
-        if y is not None and y.dim() == 2:
-            y = y.argmax(dim=1)
-        self.y = y
-        self.n = logits[0].shape[0]
-        self.preds = torch.stack([o.argmax(dim=1) for o in logits])                 # (E+1, N)
-        self.conf = torch.stack([torch.softmax(o, dim=1).amax(dim=1) for o in logits[:-1]]) \
-            if len(logits) > 1 else torch.zeros(0, self.n)                          # (E, N)
-        self.alone = [float((p == y).float().mean()) if y is not None else float("nan")
-                      for p in self.preds]
+        self.conf = torch.cat([p[0] for p in parts], dim=1)                        # (E, N)
+        self.same = torch.cat([p[1] for p in parts], dim=1)                        # (E+1, N)
+        self.right = torch.cat([p[2] for p in parts], dim=1) \
+            if labelled == len(parts) else None                                    # (E+1, N)
+        self.n = self.same.shape[1]
+        self.alone = [float(r.mean()) for r in self.right] if self.right is not None else \
+            [float("nan")] * len(self.same)
 
     def exits_at(self, threshold: float) -> torch.Tensor:
         """Index of the exit each sample takes (len(exits) = the final output)."""
@@ -88,12 +84,12 @@ class _Sweep:
         rows = []
         for t in grid:
             where = self.exits_at(t)
-            pred = self.preds[where, torch.arange(self.n)]
+            ar = torch.arange(self.n)
             avg = float(cost[where].mean())
             row = {"threshold": t,
-                   "accuracy": float((pred == self.y).float().mean()) if self.y is not None
+                   "accuracy": float(self.right[where, ar].mean()) if self.right is not None
                    else float("nan"),
-                   "agreement": float((pred == self.preds[-1]).float().mean()),
+                   "agreement": float(self.same[where, ar].mean()),
                    "avg_flops": avg,
                    "flops_fraction": avg / self.full_flops}
             for k, label in enumerate(self.ee.exit_labels):
@@ -114,13 +110,12 @@ class _Sweep:
 
         grid = sorted({float(t) for t in (thresholds or SWEEP_THRESHOLDS)})
         _check_thresholds(grid)
-        if self.y is None:
+        if self.right is None:
             raise BadInput("choosing exits needs labelled evaluation data")
         E = len(self.head_flops)
         sizes = range(E + 1) if E <= max_exhaustive else range(min(E, 3) + 1)
         subsets = [c for r in sizes for c in itertools.combinations(range(E), r)]
-        right = (self.preds == self.y).float()                                 # (E+1, N)
-        same = (self.preds == self.preds[-1]).float()
+        right, same = self.right, self.same                                    # (E+1, N)
         ar = torch.arange(self.n)
         rows = []
         for t in grid:
@@ -144,6 +139,40 @@ class _Sweep:
                              "agreement": float(same[where, ar].mean()), "avg_flops": avg,
                              "flops_fraction": avg / self.full_flops})
         return pd.DataFrame(rows)
+
+
+def _per_sample(outs: list[torch.Tensor], x: Any, y: Any, mask: torch.Tensor | None):
+    """``(confidence (E, n), agreement with the final output (E+1, n), correct (E+1, n) or
+    None)`` of one batch's outputs per sample. Class scores: 0 / 1; token scores: the share of a
+    sample's tokens (those ``mask`` keeps; with labels, those not ignored, lined up as
+    :mod:`nbcompress.tokens` says), and its least confident token's confidence."""
+    from ...tokens import IGNORE_INDEX, aligned, is_token_task
+
+    outs = [o.float() for o in outs]
+    conf = torch.stack([confidence(o, mask).cpu() for o in outs[:-1]]) if len(outs) > 1 \
+        else torch.zeros(0, outs[-1].shape[0])
+    if outs[-1].dim() == 3:
+        preds = [o.argmax(dim=-1) for o in outs]
+        keep = torch.ones_like(preds[-1], dtype=torch.bool) if mask is None or \
+            tuple(mask.shape) != tuple(preds[-1].shape) else mask.to(preds[-1].device).bool()
+        n_keep = keep.sum(1).clamp_min(1)
+        same = torch.stack([((p == preds[-1]) & keep).sum(1) / n_keep for p in preds]).cpu()
+        right = None
+        if isinstance(y, torch.Tensor) and is_token_task(outs[-1], x, y):
+            cols = []
+            for o in outs:
+                s, t, _ = aligned(o, x, y.to(o.device))
+                ok = t != IGNORE_INDEX
+                cols.append(((s.argmax(dim=-1) == t) & ok).sum(1) / ok.sum(1).clamp_min(1))
+            right = torch.stack(cols).cpu()
+        return conf, same.float(), right
+    preds = torch.stack([o.argmax(dim=1) for o in outs]).cpu()                  # (E+1, n)
+    same = (preds == preds[-1]).float()
+    right = None
+    if isinstance(y, torch.Tensor):
+        y = y.cpu()
+        right = (preds == (y.argmax(dim=1) if y.dim() == 2 else y)).float()
+    return conf, same, right
 
 
 def exit_choices(sw: "_Sweep", thresholds: Sequence[float] | None = None) -> pd.DataFrame:
@@ -229,7 +258,7 @@ def _exit_rows(ee: EarlyExitModel, sw: _Sweep | None, cur=None) -> list[dict]:
         if sw is not None:
             row["path_flops"] = sw.cum[k]
             row["share"] = float(cur[f"share {label}"])
-            if sw.y is not None:
+            if sw.right is not None:
                 row["accuracy_alone"] = sw.alone[k]
         rows.append(row)
     return rows
@@ -251,7 +280,7 @@ def describe_exits(ee: EarlyExitModel, ctx: StepContext, result: CompressionResu
     cur = sweep[sweep["current"]].iloc[0]
     result.layers = _exit_rows(ee, sw, cur)
     shares = ", ".join(f"{100 * cur[f'share {k}']:.0f}% {k}" for k in ee.exit_labels)
-    acc = "" if sw.y is None else \
+    acc = "" if sw.right is None else \
         f"; accuracy {100 * cur['accuracy']:.2f}% (full network {100 * sw.alone[-1]:.2f}%)"
     notes.append(f"threshold {ee.threshold:g} on the {where}: {shares}; on average "
                  f"{cur['flops_fraction']:.0%} of the full network's FLOPs{acc}")
@@ -260,7 +289,7 @@ def describe_exits(ee: EarlyExitModel, ctx: StepContext, result: CompressionResu
     from ...report.plots import sweep_plot_png
 
     result.figures["accuracy vs FLOPs"] = sweep_plot_png(
-        sweep, full_accuracy=sw.alone[-1] if sw.y is not None else None,
+        sweep, full_accuracy=sw.alone[-1] if sw.right is not None else None,
         title=f"early exits: threshold sweep on the {where}")
     result.extra.update({"threshold": ee.threshold,
                          "avg_flops_per_sample": float(cur["avg_flops"]),

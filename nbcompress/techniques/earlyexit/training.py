@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import copy
-from typing import Sequence
-
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -22,18 +19,21 @@ CACHE_BYTES = 1 << 30      # largest cache of pooled head inputs kept for frozen
 def train_heads(cfg, ee: EarlyExitModel, ctx: StepContext) -> list[dict]:
     """Train ``ee``'s heads (and with ``cfg.joint`` its backbone) as ``cfg`` (an
     :class:`EarlyExitConfig`) says; the per-epoch records of :func:`nbcompress.fit`."""
+    from ...batches import forward_batch, logits_of
+    from ...tokens import task_loss, token_kd_loss
     from ...train import fit, split_batch
     from ..distill.losses import soft_target_loss
 
     alpha, T = float(cfg.alpha), float(cfg.T)
 
-    def head_loss(outs, teacher, y):
+    def head_loss(outs, teacher, y, x=None):
         loss = 0.0
         for o in outs:
             if alpha > 0:
-                loss = loss + alpha * soft_target_loss(o, teacher, T)
+                loss = loss + alpha * (token_kd_loss(o, teacher, x, y, T) if o.dim() == 3
+                                       else soft_target_loss(o, teacher, T))
             if alpha < 1:
-                loss = loss + (1 - alpha) * F.cross_entropy(o.float(), y)
+                loss = loss + (1 - alpha) * task_loss(o, x, y)
         return loss
 
     if not cfg.joint:
@@ -41,7 +41,8 @@ def train_heads(cfg, ee: EarlyExitModel, ctx: StepContext) -> list[dict]:
         wanted = [(p, p.requires_grad) for p in backbone.parameters()]
         backbone.requires_grad_(False)
         try:
-            cached = _cached_features(ee, cfg.data, ctx.device, ctx.progress)
+            cached = None if getattr(ee, "tokens", False) else \
+                _cached_features(ee, cfg.data, ctx.device, ctx.progress)
             if cached is not None:
                 # the heads' parameter-free front (pooling) ran once; train only the rest
                 tails = nn.ModuleList(hd[_front_len(hd):] for hd in ee.heads)
@@ -58,14 +59,13 @@ def train_heads(cfg, ee: EarlyExitModel, ctx: StepContext) -> list[dict]:
                 return fit(tails, loader, epochs=cfg.epochs, lr=cfg.lr,
                            loss_fn=cached_loss, device=ctx.device, progress=ctx.progress,
                            desc="exit heads", seed=cfg.seed, scheduler="cosine")
-            positions = ee.exit_after
 
             def frozen_loss(heads, batch):
                 x, y = split_batch(batch)
                 backbone.eval()      # frozen: BatchNorm statistics stay as they are
                 with torch.no_grad():
-                    feats, h = _exit_features(backbone, positions, x)
-                return head_loss([hd(f) for hd, f in zip(heads, feats)], h, y)
+                    feats, h = ee.exit_features(x)
+                return head_loss([hd(f) for hd, f in zip(heads, feats)], h, y, x)
 
             return fit(ee.heads, cfg.data, epochs=cfg.epochs, lr=cfg.lr,
                        loss_fn=frozen_loss, device=ctx.device, progress=ctx.progress,
@@ -80,26 +80,19 @@ def train_heads(cfg, ee: EarlyExitModel, ctx: StepContext) -> list[dict]:
     def joint_loss(model, batch):
         x, y = split_batch(batch)
         with torch.no_grad():
-            t = teacher(x)
+            t = logits_of(forward_batch(teacher, x))
         outs = model.forward_all(x)
         final = outs[-1]
-        own = F.cross_entropy(final.float(), y) if y is not None else \
-            soft_target_loss(final, t, T)
-        return own + head_loss(outs[:-1], t, y)
+        if y is not None:
+            own = task_loss(final, x, y)
+        else:           # unlabelled: the final output keeps to the original's
+            own = token_kd_loss(final, t, x, None, T) if final.dim() == 3 else \
+                soft_target_loss(final, t, T)
+        return own + head_loss(outs[:-1], t, y, x)
 
     return fit(ee, cfg.data, epochs=cfg.epochs, lr=cfg.lr, loss_fn=joint_loss,
                device=ctx.device, progress=ctx.progress, desc="early exits (joint)",
                seed=cfg.seed, scheduler="cosine")
-
-
-def _exit_features(backbone: nn.Sequential, positions: Sequence[int], x: torch.Tensor):
-    """(features at each exit, final output) of one backbone pass."""
-    feats, h = [], x
-    for i, m in enumerate(backbone):
-        h = m(h)
-        if i in positions:
-            feats.append(h)
-    return feats, h
 
 
 def _front_len(head: nn.Sequential) -> int:
@@ -130,7 +123,7 @@ def _cached_features(ee: EarlyExitModel, loader: DataLoader, device, progress: b
                                leave=False) as bar:
         for b, batch in enumerate(loader):
             x, y = split_batch(to_device(batch, device))
-            feats, h = _exit_features(ee.backbone, ee.exit_after, x)
+            feats, h = ee.exit_features(x)
             row = [f(t).float().cpu() for f, t in zip(fronts, feats)] + [h.float().cpu()]
             if labelled is None:
                 labelled = y is not None

@@ -192,13 +192,9 @@ def order_blocks(sn: SlimmableNet, loader: Any, device: Any, batches: int = 4) -
 
 
 def _batch_size(x: Any) -> int:
-    if isinstance(x, torch.Tensor):
-        return int(x.shape[0])
-    if isinstance(x, dict):
-        return next((int(v.shape[0]) for v in x.values() if isinstance(v, torch.Tensor)), 1)
-    if isinstance(x, (tuple, list)) and x:
-        return _batch_size(x[0])
-    return 1
+    from ...batches import batch_size
+
+    return batch_size(x) or 1
 
 
 def train_slimmable(sn: SlimmableNet, loader: Any, *, epochs: int, lr: float, T: float,
