@@ -213,3 +213,46 @@ def test_bad_input_is_one_line_and_the_model_unchanged(shell, tokens):
         assert "\n" not in str(e.value)
     assert shell.user_ns["bert"] is m
     assert all(torch.equal(v, m.state_dict()[k]) for k, v in state.items())
+
+
+def test_timm_models_that_are_no_chain_get_exits_on_their_stack():
+    """LeViT (two heads averaged), XCiT (a class token added after its blocks): no chain of
+    sub-modules, but a stack of blocks their forward runs one after another (``stages``,
+    ``blocks``); the exits hook it as on a transformers model. Each row is its first confident
+    exit's; at threshold 1 the model's own output; save / load round-trips. HRNet's parallel
+    branches are refused in one line."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    for name, size, prefix in [("xcit_nano_12_p16_224", 64, "blocks."),
+                               ("levit_128s", 224, "stages.")]:
+        m = timm.create_model(name, pretrained=False, num_classes=10, img_size=size).eval()
+        x = torch.randn(8, 3, size, size, generator=g)
+        ee = nbcompress.early_exit(m, DataLoader([x], batch_size=None), epochs=1,
+                                   progress=False).eval()
+        assert isinstance(ee, HookedExitModel) and not ee.pairs and ee.stack == prefix[:-1]
+        assert ee.exit_names and all(n.startswith(prefix) for n in ee.exit_names)
+        with torch.no_grad():
+            outs = ee.forward_all(x)
+            conf = [confidence(o) for o in outs[:-1]]
+            ee.threshold = float(torch.cat(conf).median())
+            got = ee(x)
+            first = torch.full((8,), len(outs) - 1)
+            for k in reversed(range(len(conf))):
+                first[conf[k] >= ee.threshold] = k
+            want = torch.stack([outs[int(k)][i] for i, k in enumerate(first)])
+            torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-4)
+            ee.threshold = 1.0
+            assert torch.allclose(ee(x), m(x), atol=1e-5)
+        buf = io.BytesIO()
+        nbcompress.save(ee, buf)
+        buf.seek(0)
+        back = nbcompress.load(buf).eval()
+        with torch.no_grad():
+            assert torch.equal(back.forward_all(x)[-1], ee.forward_all(x)[-1])
+    hr = timm.create_model("hrnet_w18_small", pretrained=False, num_classes=10).eval()
+    x = torch.randn(4, 3, 64, 64, generator=g)
+    with pytest.raises(nbcompress.BadInput, match="cannot run on the samples that stay alone") \
+            as e:
+        nbcompress.early_exit(hr, DataLoader([x], batch_size=None), epochs=1)
+    assert "\n" not in str(e.value)

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 
 from ...errors import BadInput, FieldError
 from .chain import ChannelsFirst, list_blocks
-from .hooked import TokenPool, TokenStates, find_stack, plan_hooked
+from .hooked import TokenPool, TokenStates, chain_stack, find_stack, plan_hooked
 from .tokens import adapt
 
 __all__ = ["ChannelsFirst", "list_blocks", "make_head", "plan_exits"]
@@ -249,8 +249,17 @@ def plan_exits(model: nn.Module, data: DataLoader, exits: Any, every: int | None
         dup = next(n for n in names if names.count(n) > 1)
         raise FieldError(f"{{exits}} names {dup!r} twice")
     left_out: list[str] = []
-    blocks = list_blocks(model, x, expand=names or (_inside_sequentials(model) if open_all else ()),
-                         left_out=left_out)
+    try:
+        blocks = list_blocks(model, x, expand=names or (_inside_sequentials(model) if open_all
+                                                        else ()), left_out=left_out)
+    except BadInput as e:
+        # not a chain of its sub-modules: exits may still hook a stack of blocks it runs in turn
+        stack = chain_stack(model, x) if str(e).startswith("cannot list the blocks") else None
+        if stack is None:
+            raise
+        plan, extra = plan_hooked(model, stack, x, names, every, open_all, pairs=False)
+        plan.hooked = extra
+        return plan
     index = {n: i for i, (n, _) in enumerate(blocks)}
     adapted = adapt(model) is not None
     if names:

@@ -35,7 +35,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from ...errors import BadInput, FieldError
 from .model import DEFAULT_THRESHOLD, EarlyExitModel, confidence
 
-__all__ = ["HookedExitModel", "find_stack", "plan_hooked", "TokenPool", "TokenStates"]
+__all__ = ["HookedExitModel", "find_stack", "chain_stack", "plan_hooked", "TokenPool",
+           "TokenStates"]
 
 
 class _Exited(Exception):
@@ -56,6 +57,44 @@ def find_stack(model: nn.Module) -> str | None:
         return None
     dec = [(n, m) for n, m in tops if "decoder" in n.split(".")]
     return max(dec or tops, key=lambda t: len(t[1]))[0]
+
+
+def chain_stack(model: nn.Module, x: torch.Tensor) -> str | None:
+    """For a model that is not a chain of its sub-modules (a class token, two heads averaged, a
+    function between them): of its top-level ``nn.Sequential`` / ``ModuleList`` children with
+    two or more members with weights, the one with the most parameters that its forward runs
+    one after another, each member once, each on the one before's output (checked on ``x``):
+    timm's ``stages`` / ``blocks`` (not a stem); None if none. HRNet's parallel branches are
+    not such a stack."""
+    cands = sorted(((n, c) for n, c in model.named_children()
+                    if isinstance(c, (nn.Sequential, nn.ModuleList))
+                    and sum(any(True for _ in b.parameters()) for b in c) >= 2),
+                   key=lambda t: -sum(p.numel() for p in t[1].parameters()))
+    was = model.training
+    model.eval()
+    try:
+        for name, stack in cands:
+            ins: dict[int, list] = {i: [] for i in range(len(stack))}
+            outs: dict[int, list] = {i: [] for i in range(len(stack))}
+            hooks = []
+            for i, b in enumerate(stack):
+                hooks.append(b.register_forward_pre_hook(
+                    lambda m, a, i=i: ins[i].append(a[0] if a else None)))
+                hooks.append(b.register_forward_hook(lambda m, a, o, i=i: outs[i].append(o)))
+            try:
+                with torch.no_grad():
+                    model(x)
+            except Exception:  # noqa: BLE001 - the model fails on the example: no stack
+                return None
+            finally:
+                for h in hooks:
+                    h.remove()
+            if all(len(ins[i]) == 1 and len(outs[i]) == 1 for i in ins) and all(
+                    ins[i][0] is outs[i - 1][0] for i in range(1, len(stack))):
+                return name
+    finally:
+        model.train(was)
+    return None
 
 
 def _hidden(out: Any) -> torch.Tensor:
@@ -136,15 +175,21 @@ class HookedExitModel(EarlyExitModel):
     def __init__(self, backbone: nn.Module | None = None, heads: nn.ModuleList | None = None,
                  exit_after=(), threshold: float = DEFAULT_THRESHOLD, exit_names=(),
                  block_names=(), num_classes: int = 0, stack: str = "", tokens: bool = False,
-                 mask_key: str = "", output_class: str = ""):
+                 mask_key: str = "", output_class: str = "", pairs: bool = True):
         super().__init__(backbone, heads, exit_after, threshold, exit_names, block_names,
                          num_classes)
         self.stack, self.tokens = str(stack), bool(tokens)
         self.mask_key, self.output_class = str(mask_key), str(output_class)
+        self.pairs = bool(pairs)
 
     def _extra(self) -> dict:
         return dict(stack=self.stack, tokens=self.tokens, mask_key=self.mask_key,
-                    output_class=self.output_class)
+                    output_class=self.output_class, pairs=self.pairs)
+
+    def _head_input(self, h: torch.Tensor, mask: torch.Tensor | None) -> Any:
+        """What a head reads: (hidden states, attention mask) for a transformers model's token
+        heads (``pairs``), else the feature alone."""
+        return (h, mask) if self.pairs else h
 
     def layers(self) -> nn.ModuleList:
         return self.backbone.get_submodule(self.stack)
@@ -183,7 +228,8 @@ class HookedExitModel(EarlyExitModel):
             for h in hooks:
                 h.remove()
         mask = self.token_mask(x)
-        return [(got[k], mask) for k in range(len(self.exit_after))], logits_of(out)
+        return [self._head_input(got[k], mask) for k in range(len(self.exit_after))], \
+            logits_of(out)
 
     # ---------------------------------------------------------------------- forward
     def forward(self, *args, **kwargs):
@@ -214,7 +260,7 @@ class HookedExitModel(EarlyExitModel):
                 if st["n"] is None:
                     st["n"] = n_now
                 m = mask if mask is None or idx is None else mask[idx.to(mask.device)]
-                logits = self.heads[k]((h, m))
+                logits = self.heads[k](self._head_input(h, m))
                 if st["out"] is None:
                     st["out"] = logits.new_empty((st["n"],) + tuple(logits.shape[1:]))
                 done = confidence(logits, m) >= self.threshold
@@ -297,7 +343,7 @@ class HookedExitModel(EarlyExitModel):
                 mask, heads = self.token_mask(example_input), []
                 for k, hd in enumerate(self.heads):
                     with FlopCounterMode(display=False) as ch:
-                        hd((got[k], mask))
+                        hd(self._head_input(got[k], mask))
                     heads.append(int(ch.get_total_flops()))
         finally:
             self.train(was)
@@ -307,9 +353,10 @@ class HookedExitModel(EarlyExitModel):
 # ------------------------------------------------------------------------------------ the plan
 
 def plan_hooked(model: nn.Module, stack: str, x: Any, names: list[str], every: int | None,
-                open_all: bool):
+                open_all: bool, pairs: bool = True):
     """(Plan, the :class:`HookedExitModel` arguments it adds) for exits after the layers of
-    ``stack`` of a transformers model; ``x``: a few samples' inputs (checked on them)."""
+    ``stack``: a transformers model's (``pairs``: token heads), or a model's stack of blocks
+    found by :func:`chain_stack`; ``x``: a few samples' inputs (checked on them)."""
     from ...batches import forward_batch, logits_of
     from .blocks import Plan
 
@@ -354,6 +401,8 @@ def plan_hooked(model: nn.Module, stack: str, x: Any, names: list[str], every: i
     except BadInput as e:
         raise BadInput(f"early exits need class or token scores: {e}") from None
     feats = [got.get(p) for p in positions]
+    if not pairs:
+        return _plan_stack(model, stack, blocks, positions, feats, logits, x)
     if any(not (isinstance(f, torch.Tensor) and f.dim() == 3 and f.is_floating_point())
            for f in feats):
         raise BadInput(f"the layers of {stack} do not give hidden states (N, seq, C): early "
@@ -374,4 +423,45 @@ def plan_hooked(model: nn.Module, stack: str, x: Any, names: list[str], every: i
                  if cls.__module__.startswith("transformers.") else "")
     plan = Plan(blocks, positions, [blocks[p][0] for p in positions], feats,
                 int(logits.shape[-1]), [False] * len(positions), [])
+    return plan, extra
+
+
+def _plan_stack(model, stack, blocks, positions, feats, logits, x):
+    """The plan on a stack of blocks (not a transformers model): feature maps or tokens, class
+    scores; checked that dropping the samples that leave from the later blocks gives each
+    sample what the rule says (with untrained heads and a threshold that splits the batch)."""
+    from .blocks import Plan, channels_last, make_head
+
+    if logits.dim() != 2:
+        raise BadInput(f"the model's output has shape {tuple(logits.shape)}: early exits need "
+                       f"class scores of shape (N, classes)")
+    for p, f in zip(positions, feats):
+        if not (isinstance(f, torch.Tensor) and 2 <= f.dim() <= 5 and f.is_floating_point()):
+            raise FieldError(f"{{exits}}: the output of {blocks[p][0]} is not a float feature "
+                             f"tensor (N, C[, ...]) a head can read")
+    layout = [channels_last(f, blocks[p][1], [m for _, m in blocks[p + 1:]])
+              for p, f in zip(positions, feats)]
+    plan = Plan(blocks, positions, [blocks[p][0] for p in positions], feats,
+                int(logits.shape[1]), layout, [])
+    extra = dict(stack=stack, tokens=False, mask_key="", output_class="", pairs=False)
+    heads = nn.ModuleList(make_head(f, plan.num_classes, 4, "pool", last)
+                          for f, last in zip(feats, layout)).to(logits.device, logits.dtype)
+    ee = HookedExitModel(model, heads, positions, exit_names=plan.names, **extra).eval()
+    with torch.no_grad():
+        outs = ee.forward_all(x)
+        conf = [confidence(o) for o in outs[:-1]]
+        ee.threshold = float(torch.cat(conf).median())
+        try:
+            got = ee(x)
+        except Exception as e:  # noqa: BLE001
+            got = e
+        first = torch.full((len(conf[0]),), len(outs) - 1)
+        for k in reversed(range(len(conf))):
+            first[conf[k] >= ee.threshold] = k
+        want = torch.stack([outs[int(k)][i] for i, k in enumerate(first)])
+    if not isinstance(got, torch.Tensor) or got.shape != want.shape or \
+            not torch.allclose(got, want, rtol=1e-3, atol=1e-4):
+        raise BadInput(f"{type(model).__name__} is not a chain of blocks, and its {stack} "
+                       f"cannot run on the samples that stay alone (its forward mixes the "
+                       f"samples of a batch, or needs the whole batch after them)")
     return plan, extra
