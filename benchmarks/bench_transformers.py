@@ -93,7 +93,9 @@ def saved_bytes(m) -> int:
     return buf.tell()
 
 
-def bench_vit(a) -> dict:
+def _vit(a, layers: int):
+    """(untrained HF ViT of ``layers`` layers for the 28x28 digits, train loader, test loader,
+    test images)."""
     from transformers import ViTConfig, ViTForImageClassification
 
     x_tr, y_tr, x_te, y_te = mnist_arrays()
@@ -101,11 +103,15 @@ def bench_vit(a) -> dict:
                        generator=torch.Generator().manual_seed(0))
     test = DataLoader(Digits(x_te, y_te), batch_size=500)
     cfg = ViTConfig(image_size=28, patch_size=7, num_channels=1, hidden_size=a.vit_hidden,
-                    num_hidden_layers=a.vit_layers, num_attention_heads=a.vit_heads,
+                    num_hidden_layers=layers, num_attention_heads=a.vit_heads,
                     intermediate_size=4 * a.vit_hidden, hidden_dropout_prob=0.0,
                     attention_probs_dropout_prob=0.0, num_labels=10)
     torch.manual_seed(0)
-    vit = ViTForImageClassification(cfg)
+    return ViTForImageClassification(cfg), train, test, x_te
+
+
+def bench_vit(a) -> dict:
+    vit, train, test, x_te = _vit(a, a.vit_layers)
     t = time.perf_counter()
     fit(vit, train, epochs=a.vit_epochs, lr=2e-3, seed=0, progress=False)
     acc0 = evaluate(vit, test)
@@ -255,20 +261,9 @@ def bench_exits(a) -> dict:
     heads after its layers trained with the backbone frozen, the default threshold 0.95 (not
     tuned on the test digits); FLOPs actually spent on the test digits, accuracy, and the CPU
     time of the batched forward against the ViT alone (one thread, alternated)."""
-    from transformers import ViTConfig, ViTForImageClassification
-
     from nbcompress.techniques.earlyexit import threshold_sweep
 
-    x_tr, y_tr, x_te, y_te = mnist_arrays()
-    train = DataLoader(Digits(x_tr, y_tr), batch_size=64, shuffle=True,
-                       generator=torch.Generator().manual_seed(0))
-    test = DataLoader(Digits(x_te, y_te), batch_size=500)
-    cfg = ViTConfig(image_size=28, patch_size=7, num_channels=1, hidden_size=a.vit_hidden,
-                    num_hidden_layers=a.exit_layers, num_attention_heads=a.vit_heads,
-                    intermediate_size=4 * a.vit_hidden, hidden_dropout_prob=0.0,
-                    attention_probs_dropout_prob=0.0, num_labels=10)
-    torch.manual_seed(0)
-    vit = ViTForImageClassification(cfg)
+    vit, train, test, x_te = _vit(a, a.exit_layers)
     fit(vit, train, epochs=a.vit_epochs, lr=2e-3, seed=0, progress=False)
     vit.eval()
     acc0 = evaluate(vit, test)
