@@ -231,7 +231,8 @@ def _module_tensor(m: nn.Module, path: str) -> torch.Tensor:
     return t if t is not None else m._buffers[leaf]
 
 
-def host_copy(model: nn.Module, reuse: nn.Module | None = None) -> nn.Module:
+def host_copy(model: nn.Module, reuse: nn.Module | None = None,
+              deltas: dict | None = None) -> nn.Module:
     """A deep copy of ``model`` whose parameters and buffers are in host memory. Tensors on an
     accelerator are copied to the host one by one (the model is never duplicated on the device).
 
@@ -240,8 +241,21 @@ def host_copy(model: nn.Module, reuse: nn.Module | None = None) -> nn.Module:
     holds (same type, shape, strides, dtype, ``requires_grad``) is that tensor in the copy,
     shared, not copied again (:func:`shared_tensors`): a step's record shares what the step left
     as it was with the record it started from (a quantized BERT's embeddings, a pruned model's
-    biases)."""
+    biases).
+
+    ``deltas`` (with ``reuse``): each large tensor that is ``reuse``'s with some entries zeroed
+    (what unstructured pruning leaves, :func:`masked_tensors`) is held as an empty placeholder in
+    the copy, and ``deltas[name] = (placeholder, reuse's tensor, packed mask bits, op, shape)``
+    says how to rebuild it bit for bit (:func:`rebuild_masked`): a pruned record costs one bit
+    per weight instead of a second copy of the weights."""
     memo: dict = shared_tensors(model, reuse) if reuse is not None else {}
+    if deltas is not None and reuse is not None:
+        for name, t, r, bits, op in masked_tensors(model, reuse, memo):
+            ph = torch.empty(0, dtype=t.dtype)
+            if isinstance(t, nn.Parameter):
+                ph = nn.Parameter(ph, requires_grad=t.requires_grad)
+            memo[id(t)] = ph
+            deltas[name] = (ph, r, bits, op, tuple(t.shape))
     for t in itertools.chain(model.parameters(), model.buffers()):
         if t.device.type != "cpu" and id(t) not in memo:
             c = t.detach().to("cpu", copy=True)
@@ -251,6 +265,73 @@ def host_copy(model: nn.Module, reuse: nn.Module | None = None) -> nn.Module:
     out = copy.deepcopy(model, memo)
     MEMO.carry(memo)
     return out
+
+
+MASKED_MIN_NUMEL = 1 << 16      # smaller tensors are simply copied
+
+
+def masked_tensors(model: nn.Module, record: nn.Module, skip: dict) -> list[tuple]:
+    """``(name, t, r, packed mask bits, op)`` for each host float tensor ``t`` of ``model`` (not
+    in ``skip``, at least ``MASKED_MIN_NUMEL`` entries) that is ``record``'s tensor ``r`` of the
+    same state-dict name with some entries zeroed: ``op "mul"``: ``t == r * mask`` bit for bit
+    (a zeroed negative weight is -0.0, as pruning's multiplication leaves it), ``"where"``: zeros
+    written as +0.0. Confirmed bit for bit; anything else is not listed."""
+    theirs = dict(_state_entries(record, set()))
+    out = []
+    for k, t in _state_entries(model, set()):
+        r = theirs.get(k)
+        if not isinstance(t, torch.Tensor) or not isinstance(r, torch.Tensor) or t is r \
+                or id(t) in skip or type(t) is not type(r) or not t.is_floating_point() \
+                or t.numel() < MASKED_MIN_NUMEL or t.device.type != "cpu" \
+                or r.device.type != "cpu" or t.layout != torch.strided \
+                or r.layout != torch.strided or t.shape != r.shape or t.dtype != r.dtype \
+                or not t.is_contiguous() or not r.is_contiguous() \
+                or t.requires_grad != r.requires_grad or t.element_size() not in _BITS:
+            continue
+        with torch.no_grad():
+            found = _masked_bits(t.detach().reshape(-1), r.detach().reshape(-1))
+        if found is not None:
+            out.append((k, t, r) + found)
+    return out
+
+
+_CHUNK = 1 << 20                # entries compared at a time (small buffers, no big temporaries)
+
+
+def _masked_bits(t: torch.Tensor, r: torch.Tensor):
+    """(packed bits of ``t != 0``, op) when flat ``t`` is flat ``r`` with entries zeroed by one
+    op for the whole tensor (see :func:`masked_tensors`), else None; chunk by chunk."""
+    import numpy as np
+
+    bits_t = _BITS[t.element_size()]
+    ops = ["mul", "where"]
+    packed, zeros = [], False
+    for i in range(0, t.numel(), _CHUNK):
+        tc, rc = t[i:i + _CHUNK], r[i:i + _CHUNK]
+        mask = tc != 0
+        zeros = zeros or not bool(mask.all())
+        tb = tc.view(bits_t)
+        ops = [op for op in ops if torch.equal(rebuild_masked(rc, mask, op).view(bits_t), tb)]
+        if not ops:
+            return None
+        packed.append(np.packbits(mask.numpy()))
+    return (np.concatenate(packed), ops[0]) if zeros else None
+
+
+def rebuild_masked(r: torch.Tensor, mask: Any, op: str, shape: tuple | None = None
+                   ) -> torch.Tensor:
+    """The tensor :func:`masked_tensors` described: ``r`` with the entries ``mask`` drops zeroed
+    (``mask``: a bool tensor, or packed bits with ``shape``)."""
+    import numpy as np
+
+    if not isinstance(mask, torch.Tensor):
+        n = int(np.prod(shape)) if shape else 1
+        mask = torch.from_numpy(np.unpackbits(mask, count=n).astype(bool)).reshape(shape)
+    with torch.no_grad():
+        r = r.detach()
+        if op == "mul":
+            return r * mask.to(r.dtype)
+        return torch.where(mask, r, torch.zeros((), dtype=r.dtype))
 
 
 def shared_tensors(model: nn.Module, record: nn.Module) -> dict:

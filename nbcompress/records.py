@@ -11,6 +11,8 @@ is interrupted (Ctrl-C) leaves no file and the version as it was.
 from __future__ import annotations
 
 import copy
+import itertools
+import math
 import os
 import shutil
 import tempfile
@@ -21,7 +23,7 @@ import torch
 from torch import nn
 
 from .core import BadInput, CompressionResult, StepConfig, _to_device
-from .fingerprint import MEMO, _model_bytes, host_copy
+from .fingerprint import MEMO, _model_bytes, host_copy, rebuild_masked
 from .metrics import Metrics
 
 DEFAULT_HOST_BUDGET = 8 << 30
@@ -54,10 +56,23 @@ class Version:
     overhead: float = 0.0           # seconds the step spent besides the technique (measuring,
     #                                 recording, fingerprinting): its bookkeeping
     exports: list = field(default_factory=list)   # %export of this version: ExportReport.as_row()
+    # tensors the record holds as "its parent's with entries zeroed" (a pruned record): name ->
+    # (empty placeholder in the record, the parent record's tensor, packed mask bits, op, shape)
+    deltas: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if self.record is not None and not self.nbytes:
             self.nbytes = _model_bytes(self.record)
+
+
+def _rebuilt(v: Version) -> dict:
+    """``{id(placeholder): the tensor rebuilt}`` for a record's ``deltas`` (a deepcopy memo)."""
+    out = {}
+    for ph, r, bits, op, shape in v.deltas.values():
+        t = rebuild_masked(r, bits, op, shape)
+        out[id(ph)] = nn.Parameter(t, requires_grad=ph.requires_grad) \
+            if isinstance(ph, nn.Parameter) else t
+    return out
 
 
 class Records:
@@ -79,7 +94,12 @@ class Records:
         nbytes = _model_bytes(model)
         if self._make_room(nbytes):
             lend = reuse.record if reuse is not None and reuse.where == "host" else None
-            return Version(record=host_copy(model, lend), nbytes=nbytes, **fields)
+            deltas: dict = {}
+            record = host_copy(model, lend, deltas if lend is not None else None)
+            # what the record holds: a rebuilt tensor costs its packed mask, not its values
+            nbytes -= sum(ph.dtype.itemsize * math.prod(shape) - bits.nbytes
+                          for ph, _, bits, _, shape in deltas.values())
+            return Version(record=record, nbytes=nbytes, deltas=deltas, **fields)
         v = Version(record=None, nbytes=nbytes, **fields)
         if self._write(v, model):
             return v
@@ -148,11 +168,11 @@ class Records:
     def _spill(self, v: Version) -> bool:
         if v.where == "disk" or v.record is None:
             return False
-        if not self._write(v, v.record):
+        if not self._write(v, self._record(v)):
             return False
         if getattr(self, "_init_view", (None,))[0] is v.record:
             self._init_view = None      # (views of it must not keep the spilled record in memory)
-        v.record = None
+        v.record, v.deltas = None, {}
         return True
 
     def _write(self, v: Version, model: nn.Module) -> bool:
@@ -173,13 +193,19 @@ class Records:
         return True
 
     def _record(self, v: Version) -> nn.Module:
-        """The version's record, read back into host memory if it was spilled."""
+        """The version's record (read-only), read back into host memory if it was spilled; a
+        record with tensors held as masks of its parent's (``deltas``) comes as a view whose
+        other tensors are the record's own and those tensors rebuilt."""
         if v.where == "disk":
             # our own file from this process (see module docstring), hence weights_only=False
             v.record = torch.load(v.spill_path, weights_only=False, map_location="cpu")
             os.remove(v.spill_path)
             v.spill_path, v.where = None, "host"
-        return v.record
+        if not v.deltas:
+            return v.record
+        memo = {id(t): t for t in itertools.chain(v.record.parameters(), v.record.buffers())}
+        memo.update(_rebuilt(v))
+        return copy.deepcopy(v.record, memo)
 
     def _handout(self, v: Version) -> nn.Module:
         """A fresh copy of the version's record on its home device: what the name is bound to.
@@ -190,8 +216,8 @@ class Records:
             if not v.home_device.startswith("cpu"):
                 model = _to_device(model, v.home_device)
             return model
-        memo: dict = {}
-        model = copy.deepcopy(self._record(v), memo)
+        memo: dict = _rebuilt(v)
+        model = copy.deepcopy(self._record(v) if not v.deltas else v.record, memo)
         MEMO.carry(memo)
         if not v.home_device.startswith("cpu"):
             model = _to_device(model, v.home_device)
@@ -200,7 +226,7 @@ class Records:
     def _forget(self, v: Version) -> None:
         if v.spill_path and os.path.exists(v.spill_path):
             os.remove(v.spill_path)
-        v.record, v.spill_path = None, None
+        v.record, v.spill_path, v.deltas = None, None, {}
 
     def close(self) -> None:
         if self._spill_dir:

@@ -23,6 +23,7 @@ __all__ = ["weight_targets", "prune_weights_"]
 
 _PRUNABLE_WEIGHTS = (nn.Linear, nn.modules.conv._ConvNd)
 _EXACT_LIMIT = 1 << 21          # up to this many scores: one exact kthvalue; beyond: sample + refine
+_CHUNK = 1 << 20                # scores handled at a time in the passes over a large layer
 _MAGNITUDE = (MagnitudeImportance,)
 
 
@@ -126,6 +127,27 @@ class _Scores:
             self._value = s
         return s
 
+    def chunks(self):
+        """The flat scores in pieces of ``_CHUNK``, in order: views of the scores, or for a plain
+        magnitude not kept between passes computed piece by piece (no whole-layer temporary at
+        the step's peak)."""
+        imp = self.importance
+        if self._value is None and isinstance(imp, _MAGNITUDE) and \
+                type(imp).elementwise is MagnitudeImportance.elementwise and \
+                self.module.weight.is_contiguous():
+            w = self.module.weight.detach().view(-1)
+            for i in range(0, self.numel, _CHUNK):
+                s = w[i:i + _CHUNK].abs()
+                if imp.p != 1:
+                    s = s.pow(imp.p)
+                if not (imp.p == 1 and s.dtype in (torch.bfloat16, torch.float16)):
+                    s = s.float()
+                yield s
+            return
+        s = self()
+        for i in range(0, s.numel(), _CHUNK):
+            yield s[i:i + _CHUNK]
+
 
 def _kth_smallest(scores: list[Callable[[], torch.Tensor]], numels: list[int], k: int,
                   seed: int = 0, tick: Callable[[], object] = lambda: None) -> tuple[float, int]:
@@ -145,9 +167,12 @@ def _kth_smallest(scores: list[Callable[[], torch.Tensor]], numels: list[int], k
     sample = []
     for f, n in zip(scores, numels):
         take = max(1, int(round(m * n / total)))
-        idx = torch.randint(n, (take,), generator=g)
-        s = f()
-        sample.append(s[idx.to(s.device)].float().cpu())
+        idx = torch.randint(n, (take,), generator=g).sort().values
+        at = 0
+        for c in _chunks_of(f):
+            sel = idx[(idx >= at) & (idx < at + c.numel())] - at
+            sample.append(c[sel.to(c.device)].float().cpu())
+            at += c.numel()
         tick()
     sample = torch.cat(sample).sort().values
     ms = sample.numel()
@@ -161,9 +186,9 @@ def _kth_smallest(scores: list[Callable[[], torch.Tensor]], numels: list[int], k
         below = 0
         cands = []
         for f in scores:
-            s = f()
-            below += int(torch.count_nonzero(s < lo))
-            cands.append(s[(s >= lo) & (s <= hi)].float().cpu())
+            for c in _chunks_of(f):
+                below += int(torch.count_nonzero(c < lo))
+                cands.append(c[(c >= lo) & (c <= hi)].float().cpu())
             tick()
         c = torch.cat(cands)
         if below < k <= below + c.numel():
@@ -172,6 +197,11 @@ def _kth_smallest(scores: list[Callable[[], torch.Tensor]], numels: list[int], k
         if lo == -math.inf and hi == math.inf:   # cannot happen: everything is a candidate
             raise RuntimeError("selection failed")
         d *= 4
+
+
+def _chunks_of(f):
+    """Pieces of one tensor's flat scores: ``f.chunks()`` where it has them, else ``f()``."""
+    return f.chunks() if hasattr(f, "chunks") else [f().reshape(-1)]
 
 
 def _apply_threshold(items: list[_Scores], k: int, seed: int, bar=None) -> None:
@@ -184,23 +214,31 @@ def _apply_threshold(items: list[_Scores], k: int, seed: int, bar=None) -> None:
     t, below = _kth_smallest(items, [it.numel for it in items], k, seed, tick)
     need_eq = k - below
     for it in items:
-        s = it()
-        drop = s < t
-        if need_eq > 0:
-            eq = s == t
-            n_eq = int(torch.count_nonzero(eq))
-            if n_eq:
-                take = min(need_eq, n_eq)
-                if take < n_eq:
-                    pos = eq.nonzero().flatten()[:take]
-                    eq = torch.zeros_like(eq)
-                    eq[pos] = True
-                drop |= eq
-                need_eq -= take
         w = it.module.weight
-        with torch.no_grad():
-            w.masked_fill_(drop.view(w.shape), 0.0)   # +0.0, never -0.0
-        del s, drop
+        flat = w.detach().view(-1) if w.is_contiguous() else None
+        at, drops = 0, []
+        for c in (_chunks_of(it) if flat is not None else [it()]):
+            drop = c < t
+            if need_eq > 0:
+                eq = c == t
+                n_eq = int(torch.count_nonzero(eq))
+                if n_eq:
+                    take = min(need_eq, n_eq)
+                    if take < n_eq:
+                        pos = eq.nonzero().flatten()[:take]
+                        eq = torch.zeros_like(eq)
+                        eq[pos] = True
+                    drop |= eq
+                    need_eq -= take
+            if flat is not None:       # zeroed piece by piece: +0.0, never -0.0
+                with torch.no_grad():
+                    flat[at:at + c.numel()].masked_fill_(drop, 0.0)
+                at += c.numel()
+            else:
+                drops.append(drop)
+        if flat is None:
+            with torch.no_grad():
+                w.masked_fill_(drops[0].view(w.shape), 0.0)   # +0.0, never -0.0
         tick()
 
 
@@ -223,7 +261,10 @@ def prune_weights_(model: nn.Module, sparsity: float | dict[str, float], *,
                          + (f" match {{layers}} {layers!r}" if layers else ""))
     before = {n: _sparsity(m.weight) for n, m in targets}
     total = sum(m.weight.numel() for _, m in targets)
-    cache = total <= (1 << 26)
+    # scores kept between the passes only when they cost more to compute again than to hold:
+    # a magnitude is recomputed (one abs per pass) rather than held beside the weights (a
+    # second copy of them at the step's peak)
+    cache = total <= (1 << 26) and not isinstance(imp, _MAGNITUDE)
     items = [_Scores(n, m, imp, cache) for n, m in targets]
     one_global = not isinstance(sparsity, dict) and scope != "layer"
     passes = 3 if one_global and total > _EXACT_LIMIT else 1
