@@ -75,7 +75,7 @@ def test_negative_zeros_training_in_place_and_spill():
     h.sync()
     edited = bits(net)
     v = h.versions[1]
-    assert v.technique == "edited" and v.deltas["0.weight"][3] == "mul"
+    assert v.technique == "edited" and v.deltas["0.weight"][3] == "sign"
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
     for _ in range(2):                          # the user trains the live model in place
         opt.zero_grad()
