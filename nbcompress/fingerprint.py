@@ -328,23 +328,24 @@ def _masked_bits(t: torch.Tensor, r: torch.Tensor):
     return (np.concatenate(packed), ops[0]) if zeros else None
 
 
-def rebuild_masked(r: torch.Tensor, mask: Any, op: str, shape: tuple | None = None
-                   ) -> torch.Tensor:
-    """The tensor :func:`masked_tensors` described: ``r`` where ``mask`` keeps, zeros elsewhere
-    (``op "where"``: +0.0; ``"sign"``: a zero with ``r``'s sign, as multiplying by a 0/1 mask
-    leaves it); ``mask``: a bool tensor, or packed bits with ``shape``."""
+def rebuild_masked(r: torch.Tensor, bits: Any, op: str, shape: tuple) -> torch.Tensor:
+    """The tensor :func:`masked_tensors` described: ``r`` where the packed mask ``bits`` keeps,
+    zeros elsewhere (``op "where"``: +0.0; ``"sign"``: a zero with ``r``'s sign, as multiplying
+    by a 0/1 mask leaves it), of ``shape``. Built as integers (``r``'s bits AND all-ones or
+    all-zeros), chunk by chunk: exact for any value, NaNs and infinities included."""
     import numpy as np
 
-    if not isinstance(mask, torch.Tensor):
-        n = int(np.prod(shape)) if shape else 1
-        mask = torch.from_numpy(np.unpackbits(mask, count=n).astype(bool)).reshape(shape)
-    with torch.no_grad():
-        r = r.detach()
-        if op == "where":
-            return torch.where(mask, r, torch.zeros((), dtype=r.dtype))
-        ib = _BITS[r.element_size()]
-        rb = r.contiguous().view(ib)
-        return torch.where(mask, rb, rb & torch.iinfo(ib).min).view(r.dtype)
+    ib = _BITS[r.element_size()]
+    rn = r.detach().contiguous().view(ib).reshape(-1).numpy()
+    n = rn.size
+    out = np.empty_like(rn)
+    keep_sign = rn.dtype.type(np.iinfo(rn.dtype).min if op == "sign" else 0)
+    for i in range(0, n, _CHUNK):
+        c = min(_CHUNK, n - i)
+        m = np.unpackbits(bits[i // 8:(i + c + 7) // 8], count=c).astype(rn.dtype)
+        np.negative(m, out=m)                       # 1 -> all ones, 0 -> 0
+        np.bitwise_and(rn[i:i + c], m | keep_sign, out=out[i:i + c])
+    return torch.from_numpy(out).view(r.dtype).reshape(shape)
 
 
 def shared_tensors(model: nn.Module, record: nn.Module) -> dict:

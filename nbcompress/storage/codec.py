@@ -151,18 +151,23 @@ def _no_codebook(u: np.ndarray, nnz: int, idx: np.ndarray | None = None) -> bool
     if nnz <= MAX_CODEBOOK:
         return False
     rng = np.random.default_rng(u.size)
-    if idx is not None:
-        s = u[_draw(idx, _SAMPLE, rng)]
-    else:
-        s = _draw(u, -(-_SAMPLE * u.size // nnz) + (_RUN if nnz < u.size else 0), rng)
-        if nnz < u.size:            # (few zeros here: many zeros come with their positions)
-            s = s[np.flatnonzero(s)]
-    if s.size <= MAX_CODEBOOK:
-        return False
-    if _hashed_distinct(s) > MAX_CODEBOOK:
-        return True
+    # a first sample, then one three times larger when the first falls short: values with many
+    # repeats (a narrow range of floats) can hold fewer than 65,537 distinct values in 73,728
+    # draws and far more in the whole tensor; a larger sample still costs less than the sort
+    zero = 1 if nnz < u.size else 0     # the zero fills one bucket / counts as one value
+    for size in (2 * _SAMPLE, 6 * _SAMPLE):
+        if idx is not None:
+            s = u[_draw(idx, size, rng)]
+        else:                           # (zeros are drawn too: cheaper than dropping them)
+            s = _draw(u, -(-size * u.size // nnz) + (_RUN if zero else 0), rng)
+        if s.size <= MAX_CODEBOOK:
+            return False
+        if _hashed_distinct(s) - zero > MAX_CODEBOOK:
+            return True
+        if s.size >= u.size:            # the sample was the whole tensor: count it exactly
+            break
     s = np.sort(s)                  # (np.unique's hash table is ~100x slower here)
-    return int(np.count_nonzero(s[1:] != s[:-1])) + 1 > MAX_CODEBOOK
+    return int(np.count_nonzero(s[1:] != s[:-1])) + 1 - zero > MAX_CODEBOOK
 
 
 _HASH_BITS = 22

@@ -88,7 +88,7 @@ from torch import nn
 from ..core import BadInput
 from .bits import _Corrupt
 from .codec import _encoding_name
-from .pack import crc32_combine
+from .pack import crc32, crc32_combine
 
 MAGIC = b"NBC1"
 FORMAT_VERSION = 2          # the newest version this nbcompress writes and reads
@@ -172,7 +172,7 @@ def _frame(huffman: bool, root: dict, objects: list[dict], tensors: list[dict],
            blob: bytes, values: list[dict] = (), version: int = 1) -> bytes:
     """The file: magic, header length, JSON header (its CRC-32 of header and blob written in,
     zlib-compressed when that is shorter), then ``blob``."""
-    return _prefix(huffman, root, objects, tensors, len(blob), zlib.crc32(blob), values,
+    return _prefix(huffman, root, objects, tensors, len(blob), crc32(blob), values,
                    version) + blob
 
 
@@ -224,7 +224,7 @@ def _read(path_or_file, keep_blob: bool = True) -> tuple[dict, memoryview | None
             if not piece:
                 _truncated(got, want)
             got += len(piece)
-            state = zlib.crc32(piece, state)
+            state = crc32(piece, state)
             if keep_blob:
                 pieces.append(piece)
         _check_crc(crc, state)

@@ -10,7 +10,6 @@ import math
 import os
 import re
 import types
-import zlib
 from collections.abc import Iterable
 from typing import Any
 
@@ -24,7 +23,7 @@ from .codec import _COMPLEX_PART, _decode, _tensor_from_bits
 from .format import (_ALL_DTYPES, _BOOKKEEPING, _CODECS, _DERIVED, _DTYPES, _check_crc,
                      _check_end, _is_hook_dict, _join, _module_path, _opened, _read_exact,
                      _read_header, _tensor_entries, _truncated)
-from .pack import _bar
+from .pack import _bar, crc32
 from .names import MOVED_MODULES, Resolver
 
 __all__ = ["load", "MOVED_MODULES"]    # MOVED_MODULES: where moved classes live now
@@ -91,17 +90,17 @@ class _StreamCRC:
         if n < self.BIG:
             last = self.parts[-1] if self.parts else None
             if last is not None and isinstance(last[0], int):
-                last[0] = zlib.crc32(chunk, last[0])
+                last[0] = crc32(chunk, last[0])
                 last[1] += n
             else:
-                self.parts.append([zlib.crc32(chunk), n])
+                self.parts.append([crc32(chunk), n])
             return
         pool = self._executor()
         mv = memoryview(chunk).cast("B")
         step = max(self.BIG, -(-n // 2))
         for at in range(0, n, step):
             piece = mv[at:at + step]
-            self.parts.append([pool.submit(zlib.crc32, piece), len(piece)])
+            self.parts.append([pool.submit(crc32, piece), len(piece)])
 
     def value(self) -> int:
         from .pack import crc32_combine
