@@ -59,6 +59,7 @@ class Version:
     # tensors the record holds as "its parent's with entries zeroed" (a pruned record): name ->
     # (empty placeholder in the record, the parent record's tensor, packed mask bits, op, shape)
     deltas: dict = field(default_factory=dict)
+    delta_parent: "Version | None" = None   # the version whose record ``deltas`` read
 
     def __post_init__(self):
         if self.record is not None and not self.nbytes:
@@ -99,7 +100,8 @@ class Records:
             # what the record holds: a rebuilt tensor costs its packed mask, not its values
             nbytes -= sum(ph.dtype.itemsize * math.prod(shape) - bits.nbytes
                           for ph, _, bits, _, shape in deltas.values())
-            return Version(record=record, nbytes=nbytes, deltas=deltas, **fields)
+            return Version(record=record, nbytes=nbytes, deltas=deltas,
+                           delta_parent=reuse if deltas else None, **fields)
         v = Version(record=None, nbytes=nbytes, **fields)
         if self._write(v, model):
             return v
@@ -168,11 +170,16 @@ class Records:
     def _spill(self, v: Version) -> bool:
         if v.where == "disk" or v.record is None:
             return False
+        # a record whose masks read this one's tensors goes to disk first: otherwise those
+        # tensors would stay in memory, counted by no version, after this record leaves it
+        for c in self.versions:
+            if c.delta_parent is v and c.deltas:
+                self._spill(c)
         if not self._write(v, self._record(v)):
             return False
         if getattr(self, "_init_view", (None,))[0] is v.record:
             self._init_view = None      # (views of it must not keep the spilled record in memory)
-        v.record, v.deltas = None, {}
+        v.record, v.deltas, v.delta_parent = None, {}, None
         return True
 
     def _write(self, v: Version, model: nn.Module) -> bool:
@@ -226,7 +233,7 @@ class Records:
     def _forget(self, v: Version) -> None:
         if v.spill_path and os.path.exists(v.spill_path):
             os.remove(v.spill_path)
-        v.record, v.spill_path, v.deltas = None, None, {}
+        v.record, v.spill_path, v.deltas, v.delta_parent = None, None, {}, None
 
     def close(self) -> None:
         if self._spill_dir:

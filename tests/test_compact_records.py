@@ -113,3 +113,27 @@ def test_prune_twice_and_magic_undo(shell):
     assert same_bits(shell.user_ns["net"], snaps[1])
     shell.run_line_magic("redo", "net")
     assert same_bits(shell.user_ns["net"], snaps[2])
+
+
+def test_spilling_the_parent_spills_the_masked_record_first():
+    """A compact record reads its parent record's tensors: when the parent goes to disk, the
+    compact one goes first (written whole), so no tensor stays in memory that no version counts;
+    both come back bit for bit."""
+    x = torch.randn(2, 256)
+    h = History(mlp(3), example_input=x, measure_latency=False)
+    base = bits(h.current)
+    h.apply(nbcompress.PruneConfig(amount=0.5), progress=False)
+    pruned = bits(h.current)
+    h.apply(nbcompress.PruneConfig(amount=0.7), progress=False)
+    v0, v1 = h.versions[0], h.versions[1]
+    assert v1.deltas and v1.delta_parent is v0
+    h.host_budget_bytes = h._host_total() - 1      # the oldest record must go
+    h.enforce_budget()
+    assert v0.where == "disk" and v1.where == "disk" and not v1.deltas
+    h.undo()
+    assert same_bits(h.current, pruned)
+    h.undo()
+    assert same_bits(h.current, base)
+    h.redo()
+    assert same_bits(h.current, pruned)
+    h.close()
