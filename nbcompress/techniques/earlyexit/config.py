@@ -54,6 +54,8 @@ class EarlyExitConfig(StepConfig):
         "%earlyexit cnn --data train_loader --every 1 --epochs 5",
         "%earlyexit cnn --threshold 0.97      # later: only the threshold (undoable)",
         "%earlyexit net --data train_loader --target-flops 0.5 --head conv --eval val_loader",
+        "%earlyexit bert --data train_dl --eval val_dl --epochs 3   # a transformers model: "
+        "dict batches, exits after its layers",
     )
 
     data: Any = option(None, kind="loader", help="DataLoader the exit heads are trained on "
