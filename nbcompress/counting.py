@@ -307,6 +307,16 @@ def _dynamo_not_imported():
             del raw.__dynamo_disable
 
 
+@contextlib.contextmanager
+def flop_mode():
+    """A ``FlopCounterMode`` that counts as :func:`count_flops` does (the fused attention kernels'
+    formulas added, ``torch._dynamo`` not imported): what every FLOP count of nbcompress uses, so
+    two counts of the same work agree (an early-exit model's against the network's)."""
+    with _dynamo_not_imported(), FlopCounterMode(display=False,
+                                                 custom_mapping=ATTENTION_FORMULAS) as c:
+        yield c
+
+
 def count_flops(model: nn.Module, example_input: Any) -> tuple[int, int, dict[str, int]]:
     """(flops, sparse_flops, per-leaf-module flops) of one forward of ``example_input``.
 

@@ -255,3 +255,24 @@ def test_timm_models_that_are_no_chain_get_exits_on_their_stack():
             as e:
         nbcompress.early_exit(hr, DataLoader([x], batch_size=None), epochs=1)
     assert "\n" not in str(e.value)
+
+
+def test_flops_count_attention_as_the_dashboard_does():
+    """The FLOPs an early-exit model reports are counted as ``measure`` counts the network's (the
+    fused attention kernels' formulas included): at threshold 1 every sample runs to the end, so
+    the count is the network's plus its heads', never less (it was 0.78x: the batched evaluation
+    ran an attention kernel the plain counter scores as 0)."""
+    torch.manual_seed(0)
+    vit = tr.ViTForImageClassification(tr.ViTConfig(
+        image_size=28, patch_size=7, num_channels=1, hidden_size=64, num_hidden_layers=2,
+        num_attention_heads=4, intermediate_size=128, num_labels=10)).eval()
+    g = torch.Generator().manual_seed(0)
+    data = [{"pixel_values": torch.randn(50, 1, 28, 28, generator=g),
+             "labels": torch.randint(0, 10, (50,), generator=g)} for _ in range(2)]
+    dl = DataLoader(data, batch_size=None)
+    ex = {"pixel_values": data[0]["pixel_values"][:1]}
+    before = nbcompress.measure(vit, ex, latency=False).flops
+    ee = nbcompress.early_exit(vit, dl, epochs=1, threshold=1.0, progress=False)
+    after = nbcompress.measure(ee, ex, evaluator=dl, latency=False).flops
+    heads = ee.segment_flops(ex)[1]
+    assert after == pytest.approx(before + sum(heads), rel=1e-3)

@@ -30,7 +30,8 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
+
+from ...counting import flop_mode
 
 from ...errors import BadInput, FieldError
 from .model import DEFAULT_THRESHOLD, EarlyExitModel, confidence
@@ -326,7 +327,7 @@ class HookedExitModel(EarlyExitModel):
         self.eval()
         try:
             with torch.no_grad():
-                with FlopCounterMode(display=False) as c:
+                with flop_mode() as c:
                     def hook(k):
                         def f(m, a, o):
                             at[k] = c.get_total_flops()
@@ -342,7 +343,7 @@ class HookedExitModel(EarlyExitModel):
                 full = c.get_total_flops()
                 mask, heads = self.token_mask(example_input), []
                 for k, hd in enumerate(self.heads):
-                    with FlopCounterMode(display=False) as ch:
+                    with flop_mode() as ch:
                         hd(self._head_input(got[k], mask))
                     heads.append(int(ch.get_total_flops()))
         finally:

@@ -5,10 +5,11 @@ threshold; only the samples that stay go on through the rest of the network, so 
 costs a few layers and a hard one the whole network.
 
 FLOPs are honest: an :class:`EarlyExitModel` tells :func:`nbcompress.measure` (through
-``nbc_flops``) the FLOPs actually spent on the evaluation data, counted by
-``torch.utils.flop_counter`` on the real batched early-exit run (heads and the work of samples
-that go on included), averaged per sample and scaled to the example input's batch size, the same
-basis as the dense count of the network before.
+``nbc_flops``) the FLOPs of the example input's forward as the evaluation data takes it: the cost
+of each path (up to an exit, heads on the way included; or the whole network and every head),
+counted on the example input as the network's own FLOPs are, weighted by the share of samples
+that left at each exit in the real batched early-exit run: the same basis as the dense count of
+the network before.
 """
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
-from torch.utils.flop_counter import FlopCounterMode
+
+from ...counting import flop_mode
 
 __all__ = ["EarlyExitModel", "DEFAULT_THRESHOLD", "confidence"]
 
@@ -177,12 +179,12 @@ class EarlyExitModel(nn.Module):
         try:
             with torch.no_grad():
                 for k, seg in enumerate(self.segments()):
-                    with FlopCounterMode(display=False) as c:
+                    with flop_mode() as c:
                         h = self._run(blocks, h, seg)
                     cum += c.get_total_flops()
                     if k < len(self.heads):
                         backbone.append(int(cum))
-                        with FlopCounterMode(display=False) as c:
+                        with flop_mode() as c:
                             self.heads[k](h)
                         heads.append(int(c.get_total_flops()))
         finally:
@@ -197,10 +199,15 @@ class EarlyExitModel(nn.Module):
         return [b + sum(heads[:k + 1]) for k, b in enumerate(backbone)] + [full + sum(heads)]
 
     def nbc_flops(self, example_input: Any, evaluator: Any):
-        """The metrics hook (see :func:`nbcompress.metrics.measure`): FLOPs actually spent on the
-        evaluator's data by the batched early-exit forward, averaged per sample and scaled to the
-        example input's batch size; details: the share of samples per exit. ``None`` when the
-        evaluator is not a DataLoader (then the example input's own forward is counted)."""
+        """The metrics hook (see :func:`nbcompress.metrics.measure`): the FLOPs of the example
+        input's forward as the evaluator's samples take it: each path's count on the example input
+        (the backbone up to an exit and the heads on the way, or the whole network and every head;
+        :meth:`path_flops`, counted as the network's own FLOPs are), weighted by the share of
+        samples that left at each exit in the real batched early-exit run over the evaluator's data.
+        The same basis as the network's count before (a cost a forward pays once, like a weight
+        product a model computes per call, counts once as it does there); details: the shares.
+        ``None`` when the evaluator is not a DataLoader (then the example input's own forward is
+        counted)."""
         from ...batches import batch_size, forward_batch
         from ...train import split_batch, to_device
 
@@ -212,7 +219,7 @@ class EarlyExitModel(nn.Module):
         self.reset_exit_counts()
         n = 0
         try:
-            with torch.no_grad(), FlopCounterMode(display=False) as c:
+            with torch.no_grad():
                 for batch in evaluator:
                     x, _ = split_batch(batch)
                     x = to_device(x, dev)
@@ -224,10 +231,11 @@ class EarlyExitModel(nn.Module):
             self.train(was)
         if not n:
             return None
-        per_sample = c.get_total_flops() / n
-        batch = batch_size(example_input)
+        counts = list(counts)
+        counts[-1] += n - sum(counts)     # (no heads: the forward counts nothing; all went on)
+        paths = self.path_flops(to_device(example_input, dev))
         details = {f"share {k}": cnt / n for k, cnt in zip(self.exit_labels, counts)}
-        return int(round(per_sample * batch)), details
+        return int(round(sum(c * p for c, p in zip(counts, paths)) / n)), details
 
     def extra_repr(self) -> str:
         return f"threshold={self.threshold:g}, exits={list(self.exit_names)}"

@@ -142,7 +142,9 @@ class HeadPruner:
             return calls, inside, inputs
         from torch.utils.flop_counter import FlopCounterMode
 
-        counter = FlopCounterMode(display=False)
+        from ...counting import ATTENTION_FORMULAS
+
+        counter = FlopCounterMode(display=False, custom_mapping=ATTENTION_FORMULAS)
         handles, starts = [], {}
         layer_names = {n for b in blocks for n in b.layers}
         heads = {b.name for b in blocks if b.unit == "head"}
