@@ -276,17 +276,9 @@ def masked_tensors(model: nn.Module, record: nn.Module, skip: dict) -> list[tupl
     same state-dict name with some entries zeroed: ``op "where"``: zeros written as +0.0,
     ``"sign"``: each zero carries ``r``'s sign (a negative weight multiplied by 0 is -0.0).
     Confirmed bit for bit; anything else is not listed."""
-    theirs = dict(_state_entries(record, set()))
     out = []
-    for k, t in _state_entries(model, set()):
-        r = theirs.get(k)
-        if not isinstance(t, torch.Tensor) or not isinstance(r, torch.Tensor) or t is r \
-                or id(t) in skip or type(t) is not type(r) or not t.is_floating_point() \
-                or t.numel() < MASKED_MIN_NUMEL or t.device.type != "cpu" \
-                or r.device.type != "cpu" or t.layout != torch.strided \
-                or r.layout != torch.strided or t.shape != r.shape or t.dtype != r.dtype \
-                or not t.is_contiguous() or not r.is_contiguous() \
-                or t.requires_grad != r.requires_grad or t.element_size() not in _BITS:
+    for k, t, r in _comparable(model, record):
+        if id(t) in skip or not t.is_floating_point() or t.numel() < MASKED_MIN_NUMEL:
             continue
         with torch.no_grad():
             found = _masked_bits(t.detach().reshape(-1), r.detach().reshape(-1))
@@ -348,13 +340,12 @@ def rebuild_masked(r: torch.Tensor, bits: Any, op: str, shape: tuple) -> torch.T
     return torch.from_numpy(out).view(r.dtype).reshape(shape)
 
 
-def shared_tensors(model: nn.Module, record: nn.Module) -> dict:
-    """``{id(t): r}`` for each host tensor ``t`` of ``model`` equal bit for bit to the tensor
-    ``r`` of ``record`` under the same state-dict name (same type, shape, strides, dtype and
-    ``requires_grad``; contiguous). Content sums (kept per command in MEMO) rule out most
-    differing pairs without a comparison; equal sums are confirmed by comparing every bit."""
+def _comparable(model: nn.Module, record: nn.Module):
+    """``(name, t, r)`` for each tensor ``t`` of ``model`` and ``r`` of ``record`` under the same
+    state-dict name whose bits can be compared: distinct tensors of one type, both on the host,
+    plain (strided, not quantized, not complex, not empty), contiguous, of one shape and dtype,
+    with the same ``requires_grad``."""
     theirs = dict(_state_entries(record, set()))
-    out: dict = {}
     for k, t in _state_entries(model, set()):
         r = theirs.get(k)
         if not isinstance(t, torch.Tensor) or not isinstance(r, torch.Tensor) or t is r:
@@ -364,10 +355,19 @@ def shared_tensors(model: nn.Module, record: nn.Module) -> dict:
                 or r.is_quantized or t.shape != r.shape or t.dtype != r.dtype
                 or t.stride() != r.stride() or t.requires_grad != r.requires_grad
                 or not t.is_contiguous() or not r.is_contiguous()
-                or t.element_size() not in _BITS or t.is_complex() or t.numel() == 0
-                or id(t) in out):
+                or t.element_size() not in _BITS or t.is_complex() or t.numel() == 0):
             continue
-        if MEMO.content_sum(t) != MEMO.content_sum(r):
+        yield k, t, r
+
+
+def shared_tensors(model: nn.Module, record: nn.Module) -> dict:
+    """``{id(t): r}`` for each host tensor ``t`` of ``model`` equal bit for bit to the tensor
+    ``r`` of ``record`` under the same state-dict name (:func:`_comparable`). Content sums (kept
+    per command in MEMO) rule out most differing pairs without a comparison; equal sums are
+    confirmed by comparing every bit."""
+    out: dict = {}
+    for _, t, r in _comparable(model, record):
+        if id(t) in out or MEMO.content_sum(t) != MEMO.content_sum(r):
             continue
         bits = _BITS[t.element_size()]
         if torch.equal(t.detach().view(bits), r.detach().view(bits)):

@@ -149,13 +149,14 @@ class _Scores:
             yield s[i:i + _CHUNK]
 
 
-def _kth_smallest(scores: list[Callable[[], torch.Tensor]], numels: list[int], k: int,
+def _kth_smallest(scores: list[_Scores], numels: list[int], k: int,
                   seed: int = 0, tick: Callable[[], object] = lambda: None) -> tuple[float, int]:
     """(t, below): the k-th smallest score over all tensors (1-based) and how many scores are
     strictly below it. Small inputs: one exact ``kthvalue``. Large ones are never concatenated:
     a random sample brackets the k-th value, one pass per tensor counts what lies below the
     bracket and keeps what lies inside it, and ``kthvalue`` runs on that small remainder
-    (widening the bracket in the rare case the sample missed). Scores may be bf16 (exact for
+    (widening the bracket in the rare case the sample missed); ``scores`` give theirs whole
+    (``f()``) or, in those passes, piece by piece (``f.chunks()``). Scores may be bf16 (exact for
     magnitudes); the candidates are compared as they are. ``tick()`` after each tensor's pass."""
     total = sum(numels)
     if total <= _EXACT_LIMIT:
@@ -169,7 +170,7 @@ def _kth_smallest(scores: list[Callable[[], torch.Tensor]], numels: list[int], k
         take = max(1, int(round(m * n / total)))
         idx = torch.randint(n, (take,), generator=g).sort().values
         at = 0
-        for c in _chunks_of(f):
+        for c in f.chunks():
             sel = idx[(idx >= at) & (idx < at + c.numel())] - at
             sample.append(c[sel.to(c.device)].float().cpu())
             at += c.numel()
@@ -186,7 +187,7 @@ def _kth_smallest(scores: list[Callable[[], torch.Tensor]], numels: list[int], k
         below = 0
         cands = []
         for f in scores:
-            for c in _chunks_of(f):
+            for c in f.chunks():
                 below += int(torch.count_nonzero(c < lo))
                 cands.append(c[(c >= lo) & (c <= hi)].float().cpu())
             tick()
@@ -197,11 +198,6 @@ def _kth_smallest(scores: list[Callable[[], torch.Tensor]], numels: list[int], k
         if lo == -math.inf and hi == math.inf:   # cannot happen: everything is a candidate
             raise RuntimeError("selection failed")
         d *= 4
-
-
-def _chunks_of(f):
-    """Pieces of one tensor's flat scores: ``f.chunks()`` where it has them, else ``f()``."""
-    return f.chunks() if hasattr(f, "chunks") else [f().reshape(-1)]
 
 
 def _apply_threshold(items: list[_Scores], k: int, seed: int, bar=None) -> None:
@@ -217,7 +213,7 @@ def _apply_threshold(items: list[_Scores], k: int, seed: int, bar=None) -> None:
         w = it.module.weight
         flat = w.detach().view(-1) if w.is_contiguous() else None
         at, drops = 0, []
-        for c in (_chunks_of(it) if flat is not None else [it()]):
+        for c in it.chunks():
             drop = c < t
             if need_eq > 0:
                 eq = c == t
@@ -236,9 +232,9 @@ def _apply_threshold(items: list[_Scores], k: int, seed: int, bar=None) -> None:
                 at += c.numel()
             else:
                 drops.append(drop)
-        if flat is None:
+        if flat is None:            # (a weight that is not one flat view: zeroed at once)
             with torch.no_grad():
-                w.masked_fill_(drops[0].view(w.shape), 0.0)   # +0.0, never -0.0
+                w.masked_fill_(torch.cat(drops).view(w.shape), 0.0)   # +0.0, never -0.0
         tick()
 
 
