@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core import BadInput
-from ..techniques.earlyexit.model import EarlyExitModel, confidence
+from ..techniques.earlyexit.model import EarlyExitModel, first_confident
 from ..techniques.quantize.qmodules import QuantizedWeightLayer
 from ..techniques.quantize.qmodules_int8 import (STATIC_CONV, DynamicInt8GRU, DynamicInt8Linear,
                                                  DynamicInt8LSTM, StaticInt8Linear)
@@ -233,12 +233,7 @@ class LoweredEarlyExit(nn.Module):
         self.threshold = float(m.threshold)
 
     def forward(self, x):
-        outs = self.model.forward_all(x)
-        result = outs[-1]
-        for logits in reversed(outs[:-1]):
-            take = (confidence(logits) >= self.threshold).reshape((-1,) + (1,) * (logits.dim() - 1))
-            result = torch.where(take, logits.to(result.dtype), result)
-        return result
+        return first_confident(self.model.forward_all(x), self.threshold)
 
 
 # --------------------------------------------------------------------------- the walk

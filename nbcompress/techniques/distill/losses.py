@@ -72,10 +72,7 @@ def distillation_loss(student_logits: torch.Tensor, teacher: torch.Tensor, targe
     if targets is None:
         raise BadInput("hard-label term needs targets: pass labels, or alpha=1 (soft targets "
                          "only) for unlabelled data")
-    s = student_logits.float()
-    if targets.is_floating_point():
-        targets = targets.float()
-    hard = F.cross_entropy(s, targets)
+    hard = task_loss(student_logits, None, targets)      # (soft / one-hot labels as floats)
     if soft is None:
         return hard
     return alpha * soft + (1.0 - alpha) * hard

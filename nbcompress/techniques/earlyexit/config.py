@@ -123,7 +123,7 @@ class EarlyExitConfig(StepConfig):
         opened."""
         auto = self.target_flops is not None and self.exits is None and self.every is None
         plan = plan_exits(model, self.data, self.exits, self.every, self.alpha, open_all=auto)
-        if plan.hooked is not None and plan.hooked.get("pairs", True) and self.head != "pool":
+        if plan.hooked is not None and plan.hooked["pairs"] and self.head != "pool":
             raise FieldError(f"{{head={self.head}}}: the heads on {type(model).__name__}'s "
                              f"layers are LayerNorm + linear over its tokens (--head pool)")
         return plan
@@ -147,7 +147,7 @@ class EarlyExitConfig(StepConfig):
         hooked = plan.hooked
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
-            if hooked is not None and hooked.get("pairs", True):
+            if hooked is not None and hooked["pairs"]:
                 out_emb = model.get_output_embeddings() \
                     if hasattr(model, "get_output_embeddings") else None
                 heads = nn.ModuleList(make_hooked_head(f, plan.num_classes, hooked["tokens"],

@@ -23,18 +23,19 @@ values for its later layers. In training mode the model's own forward runs untou
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib
 import inspect
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
 
 from ...counting import flop_mode
-
 from ...errors import BadInput, FieldError
-from .model import DEFAULT_THRESHOLD, EarlyExitModel, confidence
+from .model import DEFAULT_THRESHOLD, EarlyExitModel, confidence, first_confident
 
 __all__ = ["HookedExitModel", "find_stack", "chain_stack", "plan_hooked", "TokenPool",
            "TokenStates"]
@@ -96,6 +97,23 @@ def chain_stack(model: nn.Module, x: torch.Tensor) -> str | None:
     finally:
         model.train(was)
     return None
+
+
+@contextlib.contextmanager
+def _after(layers: nn.ModuleList, positions: Sequence[int], fn: Callable[[int, Any], None]):
+    """Inside: ``fn(k, output)`` each time layer ``positions[k]`` has run."""
+    hooks = [layers[p].register_forward_hook(lambda m, a, o, k=k: fn(k, o))
+             for k, p in enumerate(positions)]
+    try:
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+@functools.lru_cache(maxsize=None)
+def _takes_use_cache(cls: type) -> bool:
+    return "use_cache" in inspect.signature(cls.forward).parameters
 
 
 def _hidden(out: Any) -> torch.Tensor:
@@ -195,12 +213,8 @@ class HookedExitModel(EarlyExitModel):
     def layers(self) -> nn.ModuleList:
         return self.backbone.get_submodule(self.stack)
 
-    def segments(self) -> list[tuple[int, int]]:
-        bounds, start = [], 0
-        for i in self.exit_after:
-            bounds.append((start, i + 1))
-            start = i + 1
-        return bounds + [(start, len(self.layers()))]
+    def _n_blocks(self) -> int:
+        return len(self.layers())
 
     def token_mask(self, x: Any) -> torch.Tensor | None:
         m = x.get(self.mask_key) if isinstance(x, Mapping) and self.mask_key else None
@@ -208,8 +222,7 @@ class HookedExitModel(EarlyExitModel):
 
     def _call(self, x: Any) -> Any:
         """The model's own forward on a batch's inputs, caches off."""
-        kw = {"use_cache": False} if "use_cache" in inspect.signature(
-            self.backbone.forward).parameters else {}
+        kw = {"use_cache": False} if _takes_use_cache(type(self.backbone)) else {}
         if isinstance(x, Mapping):
             return self.backbone(**{**kw, **x})
         if isinstance(x, (tuple, list)):
@@ -219,15 +232,9 @@ class HookedExitModel(EarlyExitModel):
     def exit_features(self, x: Any) -> tuple[list[Any], torch.Tensor]:
         from ...batches import logits_of
 
-        layers, got = self.layers(), {}
-        hooks = [layers[p].register_forward_hook(
-            lambda m, a, o, k=k: got.__setitem__(k, _hidden(o)))
-            for k, p in enumerate(self.exit_after)]
-        try:
+        got: dict[int, torch.Tensor] = {}
+        with _after(self.layers(), self.exit_after, lambda k, o: got.__setitem__(k, _hidden(o))):
             out = self._call(x)
-        finally:
-            for h in hooks:
-                h.remove()
         mask = self.token_mask(x)
         return [self._head_input(got[k], mask) for k in range(len(self.exit_after))], \
             logits_of(out)
@@ -322,24 +329,18 @@ class HookedExitModel(EarlyExitModel):
 
     # ---------------------------------------------------------------------- costs
     def segment_flops(self, example_input: Any) -> tuple[list[int], list[int], int]:
-        layers, at, got = self.layers(), {}, {}
+        at: dict[int, int] = {}
+        got: dict[int, torch.Tensor] = {}
+
+        def seen(k, o):
+            at[k], got[k] = c.get_total_flops(), _hidden(o)
+
         was = self.training
         self.eval()
         try:
             with torch.no_grad():
-                with flop_mode() as c:
-                    def hook(k):
-                        def f(m, a, o):
-                            at[k] = c.get_total_flops()
-                            got[k] = _hidden(o)
-                        return f
-                    hooks = [layers[p].register_forward_hook(hook(k))
-                             for k, p in enumerate(self.exit_after)]
-                    try:
-                        self._call(example_input)
-                    finally:
-                        for h in hooks:
-                            h.remove()
+                with flop_mode() as c, _after(self.layers(), self.exit_after, seen):
+                    self._call(example_input)
                 full = c.get_total_flops()
                 mask, heads = self.token_mask(example_input), []
                 for k, hd in enumerate(self.heads):
@@ -386,22 +387,19 @@ def plan_hooked(model: nn.Module, stack: str, x: Any, names: list[str], every: i
         if not positions:
             raise FieldError(f"{{every={every}}} puts no exit among the {L} layers of {stack}")
     got: dict[int, torch.Tensor] = {}
-    hooks = [layers[p].register_forward_hook(lambda m, a, o, p=p: got.__setitem__(p, _hidden(o)))
-             for p in positions]
     was = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _after(layers, positions,
+                                     lambda k, o: got.__setitem__(k, _hidden(o))):
             out = forward_batch(model, x)
     finally:
         model.train(was)
-        for h in hooks:
-            h.remove()
     try:
         logits = logits_of(out)
     except BadInput as e:
         raise BadInput(f"early exits need class or token scores: {e}") from None
-    feats = [got.get(p) for p in positions]
+    feats = [got.get(k) for k in range(len(positions))]
     if not pairs:
         return _plan_stack(model, stack, blocks, positions, feats, logits, x)
     if any(not (isinstance(f, torch.Tensor) and f.dim() == 3 and f.is_floating_point())
@@ -417,7 +415,7 @@ def plan_hooked(model: nn.Module, stack: str, x: Any, names: list[str], every: i
         raise BadInput(f"the model's scores have shape {tuple(logits.shape)}: early exits need "
                        f"class scores (N, classes) or token scores (N, seq, vocab)")
     cls = type(out)
-    extra = dict(stack=stack, tokens=tokens,
+    extra = dict(stack=stack, tokens=tokens, pairs=True,
                  mask_key="decoder_attention_mask" if "decoder" in stack.split(".")
                  else "attention_mask",
                  output_class=f"{cls.__module__}.{cls.__qualname__}"
@@ -450,16 +448,12 @@ def _plan_stack(model, stack, blocks, positions, feats, logits, x):
     ee = HookedExitModel(model, heads, positions, exit_names=plan.names, **extra).eval()
     with torch.no_grad():
         outs = ee.forward_all(x)
-        conf = [confidence(o) for o in outs[:-1]]
-        ee.threshold = float(torch.cat(conf).median())
+        ee.threshold = float(torch.cat([confidence(o) for o in outs[:-1]]).median())
         try:
             got = ee(x)
         except Exception as e:  # noqa: BLE001
             got = e
-        first = torch.full((len(conf[0]),), len(outs) - 1)
-        for k in reversed(range(len(conf))):
-            first[conf[k] >= ee.threshold] = k
-        want = torch.stack([outs[int(k)][i] for i, k in enumerate(first)])
+        want = first_confident(outs, ee.threshold)
     if not isinstance(got, torch.Tensor) or got.shape != want.shape or \
             not torch.allclose(got, want, rtol=1e-3, atol=1e-4):
         raise BadInput(f"{type(model).__name__} is not a chain of blocks, and its {stack} "

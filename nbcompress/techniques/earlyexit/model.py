@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 
 from ...counting import flop_mode
 
-__all__ = ["EarlyExitModel", "DEFAULT_THRESHOLD", "confidence"]
+__all__ = ["EarlyExitModel", "DEFAULT_THRESHOLD", "confidence", "first_confident"]
 
 DEFAULT_THRESHOLD = 0.95
 
@@ -38,6 +38,17 @@ def confidence(logits: torch.Tensor, mask: torch.Tensor | None = None) -> torch.
     if mask is not None and tuple(mask.shape) == tuple(p.shape):
         p = p.masked_fill(~mask.to(p.device).bool(), 1.0)
     return p.reshape(p.shape[0], -1).amin(dim=1)
+
+
+def first_confident(outs: Sequence[torch.Tensor], threshold: float) -> torch.Tensor:
+    """The rule an early-exit forward follows, computed from every exit's scores (``outs``, the
+    final output last): per sample, the scores of the first exit whose :func:`confidence`
+    reaches ``threshold``, else the final output's."""
+    result = outs[-1]
+    for logits in reversed(outs[:-1]):
+        take = (confidence(logits) >= threshold).reshape((-1,) + (1,) * (logits.dim() - 1))
+        result = torch.where(take, logits.to(result.dtype), result)
+    return result
 
 
 class EarlyExitModel(nn.Module):
@@ -81,8 +92,12 @@ class EarlyExitModel(nn.Module):
         for i in self.exit_after:
             bounds.append((start, i + 1))
             start = i + 1
-        bounds.append((start, len(self.backbone)))
+        bounds.append((start, self._n_blocks()))
         return bounds
+
+    def _n_blocks(self) -> int:
+        """How many blocks the exits are placed among (``exit_after`` indexes them)."""
+        return len(self.backbone)
 
     def _run(self, blocks: list, h: Any, seg: tuple[int, int]) -> Any:
         for i in range(*seg):

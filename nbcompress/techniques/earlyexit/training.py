@@ -20,21 +20,20 @@ def train_heads(cfg, ee: EarlyExitModel, ctx: StepContext) -> list[dict]:
     """Train ``ee``'s heads (and with ``cfg.joint`` its backbone) as ``cfg`` (an
     :class:`EarlyExitConfig`) says; the per-epoch records of :func:`nbcompress.fit`."""
     from ...batches import forward_batch, logits_of
-    from ...tokens import task_loss, token_kd_loss
     from ...train import fit, split_batch
-    from ..distill.losses import soft_target_loss
+    from ..distill.losses import distillation_loss, token_distillation_loss
 
     alpha, T = float(cfg.alpha), float(cfg.T)
 
+    def kd(o, teacher, y, x, a=alpha):
+        """distillation's own loss: ``a`` x the soft targets + (1 - a) x the labels' loss
+        (per token for token scores)."""
+        if o.dim() == 3:
+            return token_distillation_loss(o, teacher, x, y, T, a)
+        return distillation_loss(o, teacher, y, T, a, teacher_is_probs=False)
+
     def head_loss(outs, teacher, y, x=None):
-        loss = 0.0
-        for o in outs:
-            if alpha > 0:
-                loss = loss + alpha * (token_kd_loss(o, teacher, x, y, T) if o.dim() == 3
-                                       else soft_target_loss(o, teacher, T))
-            if alpha < 1:
-                loss = loss + (1 - alpha) * task_loss(o, x, y)
-        return loss
+        return sum(kd(o, teacher, y, x) for o in outs)
 
     if not cfg.joint:
         backbone = ee.backbone
@@ -83,11 +82,8 @@ def train_heads(cfg, ee: EarlyExitModel, ctx: StepContext) -> list[dict]:
             t = logits_of(forward_batch(teacher, x))
         outs = model.forward_all(x)
         final = outs[-1]
-        if y is not None:
-            own = task_loss(final, x, y)
-        else:           # unlabelled: the final output keeps to the original's
-            own = token_kd_loss(final, t, x, None, T) if final.dim() == 3 else \
-                soft_target_loss(final, t, T)
+        # labelled: the labels' loss; unlabelled: the final output keeps to the original's
+        own = kd(final, t, y, x, 0.0 if y is not None else 1.0)
         return own + head_loss(outs[:-1], t, y, x)
 
     return fit(ee, cfg.data, epochs=cfg.epochs, lr=cfg.lr, loss_fn=joint_loss,
