@@ -2,7 +2,6 @@
 honest average FLOPs in the history, the threshold-only step, and every bad input."""
 from __future__ import annotations
 
-import io
 from collections import OrderedDict
 
 import pandas as pd
@@ -18,6 +17,7 @@ from nbcompress.errors import FieldError
 from nbcompress.techniques.earlyexit import (EarlyExitConfig, EarlyExitModel, demo_config,
                                              early_exit, sequential_cnn, threshold_sweep)
 from conftest import same_as_snapshot, snapshot, state_equal
+from test_storage import roundtrip
 
 FC1, FC2, FC3 = 2 * 784 * 300, 2 * 300 * 100, 2 * 100 * 10
 LENET_FLOPS = FC1 + FC2 + FC3
@@ -267,10 +267,7 @@ def test_frozen_training_without_the_feature_cache(trained_lenet, mnist, monkeyp
 def test_save_load_round_trip(trained_lenet, mnist):
     train, test = mnist
     ee = early_exit(trained_lenet, train, exits="relu1", threshold=0.8, epochs=1)
-    buf = io.BytesIO()
-    nbcompress.save(ee, buf)
-    buf.seek(0)
-    back = nbcompress.load(buf)
+    back = roundtrip(ee)[0]
     assert isinstance(back, EarlyExitModel)
     assert (back.threshold, back.exit_names, back.exit_after) == (0.8, ("relu1",), (2,))
     x = next(iter(test))[0]
@@ -746,10 +743,7 @@ def test_mean_over_tokens_between_blocks_is_a_block():
     ee = early_exit(m, DataLoader(TensorDataset(x, y), batch_size=8), epochs=1, threshold=1.0)
     assert ee.exit_names == ("blocks.0", "blocks.1", "blocks.2")
     assert all(isinstance(h[0], ChannelsFirst) for h in ee.heads)
-    buf = io.BytesIO()
-    nbcompress.save(ee, buf)
-    buf.seek(0)
-    back = nbcompress.load(buf).eval()
+    back = roundtrip(ee)[0].eval()
     with torch.no_grad():
         assert torch.allclose(ee.eval().forward_all(x)[-1], m(x), atol=1e-5)
         assert torch.equal(back.forward_all(x)[-1], ee.forward_all(x)[-1])
@@ -788,10 +782,7 @@ def test_vision_transformers_get_exits_between_their_blocks():
         assert backbone == n_params                       # every parameter once, none lost
         with torch.no_grad():
             assert torch.allclose(ee.eval().forward_all(x)[-1], m(x), atol=1e-5)
-        buf = io.BytesIO()
-        nbcompress.save(ee, buf)
-        buf.seek(0)
-        back = nbcompress.load(buf).eval()
+        back = roundtrip(ee)[0].eval()
         with torch.no_grad():
             assert torch.equal(back.forward_all(x)[-1], ee.forward_all(x)[-1])
         inside = f"{prefix}1.mlp" if prefix == "blocks." else f"{prefix}1.mlp"

@@ -9,7 +9,6 @@ honest FLOPs, save / load and undo; bad input is one line, the model unchanged."
 from __future__ import annotations
 
 import copy
-import io
 
 import pytest
 import torch
@@ -23,6 +22,7 @@ from nbcompress.techniques.earlyexit import threshold_sweep
 from nbcompress.techniques.earlyexit.hooked import HookedExitModel, find_stack
 from nbcompress.techniques.earlyexit.model import confidence
 from nbcompress.train import evaluate, evaluation, fit
+from test_storage import roundtrip
 
 tr = pytest.importorskip("transformers")
 tr.logging.set_verbosity_error()
@@ -64,6 +64,20 @@ def batch(name: str, n: int = 12, seed: int = 0) -> dict:
     return x
 
 
+def split_by_the_rule(ee, x):
+    """Set ``ee``'s threshold to the median of its exits' confidences on ``x`` (so samples leave
+    at the exits and go on), and return (every exit's scores, the exit each sample takes by the
+    rule, computed here from them, the scores it must get)."""
+    outs = ee.forward_all(x)
+    mask = ee.token_mask(x)
+    conf = [confidence(o, mask) for o in outs[:-1]]
+    ee.threshold = float(torch.cat(conf).median())
+    first = torch.full((len(conf[0]),), len(outs) - 1)
+    for k in reversed(range(len(conf))):
+        first[conf[k] >= ee.threshold] = k
+    return outs, first, torch.stack([outs[int(k)][i] for i, k in enumerate(first)])
+
+
 def attach(name: str, m, data):
     loader = DataLoader([data], batch_size=None)
     return nbcompress.early_exit(m, loader, exits="0,1", epochs=1, progress=False)
@@ -78,17 +92,9 @@ def test_each_row_is_its_first_confident_exit(name):
     assert ee.stack == find_stack(m) and ("decoder" in ee.stack) == (name == "t5")
     ee.eval()
     with torch.no_grad():
-        outs = ee.forward_all(x)
-        mask = ee.token_mask(x)
-        conf = [confidence(o, mask) for o in outs[:-1]]
-        # a threshold between the exits' confidences, so samples leave at both exits and go on
-        ee.threshold = float(torch.cat(conf).median())
+        outs, first, want = split_by_the_rule(ee, x)
         ee.reset_exit_counts()
         got = forward_batch(ee, x)
-        first = torch.full((len(conf[0]),), len(outs) - 1)
-        for k in reversed(range(len(conf))):
-            first[conf[k] >= ee.threshold] = k
-        want = torch.stack([outs[int(k)][i] for i, k in enumerate(first)])
     assert type(got) is type(forward_batch(m, x))          # the model's own ModelOutput
     torch.testing.assert_close(logits_of(got), want, rtol=1e-4, atol=1e-5)
     assert ee.exit_counts == tuple(int((first == k).sum()) for k in range(len(outs)))
@@ -232,21 +238,12 @@ def test_timm_models_that_are_no_chain_get_exits_on_their_stack():
         assert isinstance(ee, HookedExitModel) and not ee.pairs and ee.stack == prefix[:-1]
         assert ee.exit_names and all(n.startswith(prefix) for n in ee.exit_names)
         with torch.no_grad():
-            outs = ee.forward_all(x)
-            conf = [confidence(o) for o in outs[:-1]]
-            ee.threshold = float(torch.cat(conf).median())
+            *_, want = split_by_the_rule(ee, x)
             got = ee(x)
-            first = torch.full((8,), len(outs) - 1)
-            for k in reversed(range(len(conf))):
-                first[conf[k] >= ee.threshold] = k
-            want = torch.stack([outs[int(k)][i] for i, k in enumerate(first)])
             torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-4)
             ee.threshold = 1.0
             assert torch.allclose(ee(x), m(x), atol=1e-5)
-        buf = io.BytesIO()
-        nbcompress.save(ee, buf)
-        buf.seek(0)
-        back = nbcompress.load(buf).eval()
+        back = roundtrip(ee)[0].eval()
         with torch.no_grad():
             assert torch.equal(back.forward_all(x)[-1], ee.forward_all(x)[-1])
     hr = timm.create_model("hrnet_w18_small", pretrained=False, num_classes=10).eval()
