@@ -137,3 +137,44 @@ def test_spilling_the_parent_spills_the_masked_record_first():
     h.redo()
     assert same_bits(h.current, pruned)
     h.close()
+
+
+def test_masked_bits_rebuild_exactly_or_refuse():
+    """The compact check on its own, across chunk borders: whatever it accepts is rebuilt bit for
+    bit (signed zeros, NaN payloads, r's own -0.0 kept), and what is not r with entries zeroed by
+    one op is refused."""
+    import numpy as np
+
+    from nbcompress.fingerprint import _CHUNK, _masked_bits, rebuild_masked
+
+    g = torch.Generator().manual_seed(0)
+    n = _CHUNK + 1000                                     # two chunks
+    r = torch.randn(n, generator=g)
+    r[:50] = -0.0                                         # r's own negative zeros
+    r[50:60] = float("nan")
+    r.view(torch.int32)[60:70] |= 0x12345                 # odd NaN / denormal-like payloads
+    keep = torch.rand(n, generator=g) < 0.5
+    as_where = torch.where(keep, r, torch.zeros(()))      # +0.0 written (masked_fill)
+    as_sign = r * keep                                    # a negative weight times 0 is -0.0
+    late_sign = as_where.clone()
+    late_sign[-1] = -0.0 if r[-1] < 0 else 0.0            # "where" fails only in the last chunk
+    cases = {"where": as_where, "sign": as_sign, "late": late_sign}
+    for name, t in cases.items():
+        found = _masked_bits(t, r)
+        assert found is not None, name
+        packed, op = found
+        back = rebuild_masked(r, packed, op, (n,))
+        assert torch.equal(back.view(torch.int32), t.view(torch.int32)), name
+    assert _masked_bits(cases["where"], r)[1] == "where"
+    assert _masked_bits(cases["sign"], r)[1] == "sign" or bool((r >= 0).all())
+    # refused: a changed value, a zero with the wrong sign under both ops, nothing zeroed
+    bad = as_where.clone()
+    bad[n - 5] = 3.0 if bad[n - 5] != 3.0 else 4.0
+    assert _masked_bits(bad, r) is None
+    mixed = as_sign.clone()
+    neg = int(np.flatnonzero((r < 0).numpy() & ~keep.numpy())[0])
+    pos = int(np.flatnonzero((r > 0).numpy() & ~keep.numpy())[0])
+    mixed[pos] = -0.0                                     # -0.0 where r is positive: neither op
+    mixed[neg] = 0.0
+    assert _masked_bits(mixed, r) is None
+    assert _masked_bits(r.clone(), r) is None
