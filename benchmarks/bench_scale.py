@@ -30,8 +30,9 @@ Sections:
   steps, the technique's CPU time, the measurements the user asked for (the evaluator's
   forwards over their data and the latency timing: ``run_evaluator`` and ``measure_latency``), and
   the bookkeeping: the rest (counting, packed size, FLOPs, recording, fingerprints, the history
-  table, the text dashboard). Target: bookkeeping <= 50% of the technique (shown also with the
-  asked-for measurements added).
+  table, the text dashboard). The cycle (prune, quantize, undo, redo, undo 2) runs ``--repeats``
+  times from the baseline; each figure is the median over the repeats (each share also listed).
+  Target: bookkeeping <= 50% of the technique (shown also with the asked-for measurements added).
 * ``gpt1b``: a 1.1B-parameter GPT-2-style config in bf16 (2.2 GB): register, prune 0.5, int8
   weight-only, save, load, undo, redo, ``%compress_history``; host budget = the model's bytes (older
   records spill to disk). Targets: peak RSS <= 4x the model's bytes; no step's bookkeeping above the
@@ -272,14 +273,27 @@ def sec_bert110m(repeats: int) -> dict:
     sh.user_ns.update(bert=bert, loader=loader)
     sh.run_line_magic("load_ext", "nbcompress")
     params = sum(p.numel() for p in bert.parameters())
-    rows = _magic_steps(sh, "bert", [("nbcompress", "bert --eval loader"),
-                                     ("prune", "bert 0.5 --no-progress"),
-                                     ("quantize", "bert --no-progress"),
-                                     ("undo", "bert"), ("redo", "bert")])
+    rows = _magic_steps(sh, "bert", [("nbcompress", "bert --eval loader")])
+    # the cycle again and again from the baseline (the last %undo returns to it, the next %prune
+    # drops the undone versions): one magic's time varies by 15% on a shared 2-core machine
+    cycle = [("prune", "bert 0.5 --no-progress"), ("quantize", "bert --no-progress"),
+             ("undo", "bert"), ("redo", "bert"), ("undo", "bert 2")]
+    runs = [_magic_steps(sh, "bert", cycle) for _ in range(max(1, repeats))]
+    for i, step in enumerate(cycle):
+        same = [run[i] for run in runs]
+        row = dict(min(same, key=lambda r: r["cpu_s"]))   # (replaced by medians below)
+        for k in ("wall_s", "cpu_s", "eval_and_latency_s", "technique_s", "technique_wall_s",
+                  "bookkeeping_s", "bookkeeping_share", "with_measuring_share"):
+            if k in row:
+                row[k] = statistics.median(r[k] for r in same)
+        if "bookkeeping_share" in row:
+            row["bookkeeping_share_each"] = [r["bookkeeping_share"] for r in same]
+        rows.append(row)
     shares = [r["bookkeeping_share"] for r in rows if "bookkeeping_share" in r]
-    # (the same with the evaluator's and latency's forwards counted as bookkeeping, for the note)
-    return {"params": params, "rows": rows, "worst_bookkeeping_share": max(shares),
-            "target": "bookkeeping <= 50% of the technique", "met": max(shares) <= 0.5}
+    return {"params": params, "rows": rows, "repeats": len(runs),
+            "worst_bookkeeping_share": max(shares),
+            "target": "bookkeeping <= 50% of the technique (median of the repeats)",
+            "met": max(shares) <= 0.5}
 
 
 def sec_gpt1b(repeats: int) -> dict:

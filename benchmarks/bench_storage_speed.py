@@ -63,11 +63,18 @@ def _timed(fn) -> tuple[float, float]:
 
 
 def _alternate(fns: dict, repeats: int) -> dict:
-    """{name: {"wall_ms", "cpu_ms"}}: medians, the functions called in turn each round."""
+    """{name: {"wall_ms", "cpu_ms"}}: medians, the functions called in turn each round. Each call
+    starts with the process's freed memory handed back to the system (as in a fresh process):
+    otherwise whether a load's 100 MB of new tensors are faulted in page by page (24,000 faults,
+    ~50 ms here) or land in memory the previous call freed depends on the allocator's state,
+    and the same two loaders measured 1.1x apart in one run and 3x in the next."""
+    from nbcompress.records import _release_freed_memory
+
     wall = {k: [] for k in fns}
     cpu = {k: [] for k in fns}
     for _ in range(repeats):
         for k, fn in fns.items():
+            _release_freed_memory()
             w, c = _timed(fn)
             wall[k].append(w)
             cpu[k].append(c)

@@ -97,14 +97,26 @@ def mark(module: nn.Module, cfg) -> None:
 def row(name, old, new, bits, kind, w, wq, *, scratch: bool = False) -> dict:
     """One row of the step's layer table: what the layer became and its relative weight error.
     ``scratch``: ``wq`` is the caller's to overwrite (a dequantized weight made for this row):
-    the error is computed in it, with no temporary the size of the layer (same numbers)."""
-    w = w.detach().float().cpu()
-    wq = wq.detach().float().cpu()
-    denom = float(w.norm()) or 1.0
-    diff = wq.sub_(w) if scratch else wq - w
+    the error is computed in it, with no temporary the size of the layer (same numbers). A
+    torch quantized ``wq`` (int8 kernels' weights) is dequantized a block of rows at a time: no
+    float copy of the layer is made at all."""
+    w = w.detach()
+    if wq.is_quantized:
+        err = den = 0.0
+        step = max(1, (1 << 18) // max(1, w[0].numel())) if w.dim() else 1
+        for r in range(0, w.shape[0] if w.dim() else 1, step):
+            a = w[r:r + step].float().cpu()
+            den += float(a.norm()) ** 2
+            err += float(wq[r:r + step].dequantize().cpu().sub_(a).norm()) ** 2
+        denom, err = den ** 0.5 or 1.0, err ** 0.5
+    else:
+        w = w.float().cpu()
+        wq = wq.detach().float().cpu()
+        denom = float(w.norm()) or 1.0
+        err = float((wq.sub_(w) if scratch else wq - w).norm())
     return {"layer": name or "(model)", "type": f"{type(old).__name__}",
             "new type": type(new).__name__, "kind": kind, "bits": int(bits),
-            "params": int(w.numel()), "weight_error": float(diff.norm()) / denom}
+            "params": int(w.numel()), "weight_error": err / denom}
 
 
 def low_precision(layers: list, pattern) -> str | None:
