@@ -178,4 +178,3 @@ def test_masked_bits_rebuild_exactly_or_refuse():
     mixed[neg] = 0.0
     assert _masked_bits(mixed, r) is None
     assert _masked_bits(r.clone(), r) is None
-
