@@ -65,13 +65,15 @@ def batch(name: str, n: int = 12, seed: int = 0) -> dict:
 
 
 def split_by_the_rule(ee, x):
-    """Set ``ee``'s threshold to the median of its exits' confidences on ``x`` (so samples leave
-    at the exits and go on), and return (every exit's scores, the exit each sample takes by the
-    rule, computed here from them, the scores it must get)."""
+    """Set ``ee``'s threshold between the two middle values of its exits' confidences on ``x``
+    (so samples leave at the exits and go on, and none sits on the threshold, where another
+    runtime's rounding could send it the other way), and return (every exit's scores, the exit
+    each sample takes by the rule, computed here from them, the scores it must get)."""
     outs = ee.forward_all(x)
     mask = ee.token_mask(x)
     conf = [confidence(o, mask) for o in outs[:-1]]
-    ee.threshold = float(torch.cat(conf).median())
+    c = torch.cat(conf).sort().values
+    ee.threshold = float((c[len(c) // 2 - 1] + c[len(c) // 2]) / 2)
     first = torch.full((len(conf[0]),), len(outs) - 1)
     for k in reversed(range(len(conf))):
         first[conf[k] >= ee.threshold] = k
@@ -164,6 +166,10 @@ def test_bert_exits_through_the_magic_save_load_and_undo(shell, tokens, tmp_path
     shell.run_line_magic("redo", "bert")
     shell.run_line_magic("earlyexit", "bert --threshold 0.99")
     assert shell.user_ns["bert"].threshold == 0.99
+    # exported from the magic: the graph takes the model's keyword inputs, each sample its exit
+    r = shell.run_line_magic("export", f"bert {tmp_path}/bert_ee.onnx --check test_dl "
+                                       f"--no-latency")
+    assert "early exit" in r.notes and r.check["agreement"] >= 0.99, r
 
 
 def test_gpt2_exits_on_real_text(tokens):
@@ -273,3 +279,24 @@ def test_flops_count_attention_as_the_dashboard_does():
     after = nbcompress.measure(ee, ex, evaluator=dl, latency=False).flops
     heads = ee.segment_flops(ex)[1]
     assert after == pytest.approx(before + sum(heads), rel=1e-3)
+
+
+@pytest.mark.parametrize("name", ["bert", "gpt2", "t5", "vit"])
+def test_exits_export_to_onnx_and_the_runtime_takes_each_rows_exit(name, tmp_path):
+    """``export`` of a transformers model with exits: its keyword inputs go into the graph, every
+    exit is computed there and each row takes its first confident exit (token scores over the
+    positions its padding mask keeps): ONNX Runtime gives each row what the rule gives it."""
+    ort = pytest.importorskip("onnxruntime")
+    ee = attach(name, build(name), batch(name)).eval()
+    x = batch(name, seed=1)
+    with torch.no_grad():
+        outs, first, want = split_by_the_rule(ee, x)
+    assert 0 < int((first < len(outs) - 1).sum()) < len(first)   # some rows leave, some go on
+    r = nbcompress.export(ee, tmp_path / "ee.onnx", example_input=x, latency=False)
+    assert "early exit" in r.notes and r.dynamic_batch
+    s = ort.InferenceSession(str(tmp_path / "ee.onnx"), providers=["CPUExecutionProvider"])
+    got = s.run(None, {i.name: x[i.name].numpy() for i in s.get_inputs()})[0]
+    torch.testing.assert_close(torch.from_numpy(got), want, rtol=1e-4, atol=1e-5)
+    half = {k: v[:5] for k, v in x.items()}                      # another batch size runs too
+    got5 = s.run(None, {i.name: half[i.name].numpy() for i in s.get_inputs()})[0]
+    torch.testing.assert_close(torch.from_numpy(got5), want[:5], rtol=1e-4, atol=1e-5)

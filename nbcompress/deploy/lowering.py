@@ -225,15 +225,19 @@ def _float_rnn(m) -> nn.Module:
 
 class LoweredEarlyExit(nn.Module):
     """An early-exit model as one graph: every exit's scores, and per sample the first exit
-    whose softmax confidence reaches the threshold (else the final output)."""
+    whose softmax confidence reaches the threshold (else the final output). A transformers model
+    with exits (``HookedExitModel``) takes its keyword inputs; token scores count only the
+    positions its attention mask keeps, as its own forward does."""
 
     def __init__(self, m: EarlyExitModel):
         super().__init__()
         self.model = m
         self.threshold = float(m.threshold)
 
-    def forward(self, x):
-        return first_confident(self.model.forward_all(x), self.threshold)
+    def forward(self, *args, **kwargs):
+        x = kwargs if not args else args[0]
+        return first_confident(self.model.forward_all(x), self.threshold,
+                               self.model.token_mask(x))
 
 
 # --------------------------------------------------------------------------- the walk

@@ -40,13 +40,15 @@ def confidence(logits: torch.Tensor, mask: torch.Tensor | None = None) -> torch.
     return p.reshape(p.shape[0], -1).amin(dim=1)
 
 
-def first_confident(outs: Sequence[torch.Tensor], threshold: float) -> torch.Tensor:
+def first_confident(outs: Sequence[torch.Tensor], threshold: float,
+                    mask: torch.Tensor | None = None) -> torch.Tensor:
     """The rule an early-exit forward follows, computed from every exit's scores (``outs``, the
     final output last): per sample, the scores of the first exit whose :func:`confidence`
-    reaches ``threshold``, else the final output's."""
+    (token scores: over the positions ``mask`` keeps) reaches ``threshold``, else the final
+    output's."""
     result = outs[-1]
     for logits in reversed(outs[:-1]):
-        take = (confidence(logits) >= threshold).reshape((-1,) + (1,) * (logits.dim() - 1))
+        take = (confidence(logits, mask) >= threshold).reshape((-1,) + (1,) * (logits.dim() - 1))
         result = torch.where(take, logits.to(result.dtype), result)
     return result
 
