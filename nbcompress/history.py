@@ -305,7 +305,8 @@ class History(Records):
             t0 = time.perf_counter()
             result = compress(model, config, ctx=ctx)
             seconds = time.perf_counter() - t0
-            # (the technique's temporaries, freed, are where measuring goes next)
+            # (the technique's temporaries, freed, are where measuring and recording go next:
+            # nothing is handed back to the system before the step ends)
             if not result.changes_model:
                 return StepReport(name=self.name, kind="step", technique=config.technique,
                                   args=config.describe(), before=before, after=before,
@@ -320,10 +321,6 @@ class History(Records):
                 raise no_longer_runs(config.technique, str(e).split(": ", 1)[-1]) from None
             beside = {label: self._measure(m) for label, m in result.compare.items()}
             result.compare = {}   # do not keep other models alive in the history
-            # freed memory goes back to the system before the record is copied: the copy would
-            # otherwise grow the heap beside fragments of the technique's temporaries (peak RSS
-            # of the 25M MLP's History pair 2.75x the model's bytes, against 2.82-2.99x)
-            _release_freed_memory()
             made = self._new_version(new, metrics=after, technique=config.technique,
                                      args=config.describe(), config=config, result=result,
                                      seconds=seconds, home_device=str(model_device(new)),
