@@ -68,6 +68,11 @@ def _spread():
     out["few_zeros"] = few_zeros
     out["some_zeros"] = torch.where(torch.rand(n, generator=g) < 0.05, 0.0, dense)
     out["int8_codes"] = torch.randint(-128, 128, (n,), generator=g, dtype=torch.int8)
+    codes = torch.clamp(torch.randn(n, generator=g) * 40, -127, 127).round().to(torch.int8)
+    out["int8_pruned_codes"] = torch.where(torch.rand(n, generator=g) < 0.5, 0, codes)
+    # 128 distinct nonzero codes (a 7-bit codebook beats raw bytes) and 129 (it cannot)
+    out["int8_128_values"] = torch.randint(-64, 64, (n,), generator=g, dtype=torch.int8)
+    out["int8_129_values"] = torch.randint(-64, 65, (n,), generator=g, dtype=torch.int8)
     out["int32_codes"] = torch.randint(-7, 8, (n,), generator=g, dtype=torch.int32)
     out["few_values"] = torch.randint(0, 16, (n,), generator=g).float() * 0.125
     out["few_values_sparse"] = torch.where(torch.rand(n, generator=g) < 0.8, 0.0,
@@ -113,6 +118,27 @@ def test_the_shortcuts_skip_the_sort_where_it_is_provable(monkeypatch):
     assert plan["rec"] == {"pos": "dense", "val": "raw", "nnz": int(torch.count_nonzero(t))}
     assert plan["rec"]["nnz"] <= 1_000_000 - 100
     assert max(sorted_sizes) < 300_000 and "d" not in scratch
+
+
+def test_int8_codes_of_a_real_layer_are_planned_without_counting_every_byte(monkeypatch):
+    """Without Huffman codes (int8 layers), a byte tensor whose sample already has more than 128
+    distinct nonzero values cannot use a codebook: its plan skips the exact count; one with 128
+    values is counted and gets its 7-bit codebook."""
+    counted = []
+    real = codec._distinct
+    monkeypatch.setattr(codec, "_distinct", lambda u, isz: (counted.append(u.size),
+                                                             real(u, isz))[1])
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(768, 768, generator=g)
+    w = torch.where(w.abs() < 0.67, 0.0, w)                     # pruned about half
+    scale = w.abs().amax(1, keepdim=True) / 127
+    codes = torch.round(w / scale).to(torch.int8)               # absmax per row, as int8 layers
+    plan, _ = codec._plan(codec._bits_of(codes), 1, huffman=False)
+    assert plan["rec"]["val"] == "raw" and plan["rec"]["pos"] == "bitmask" and counted == []
+    few = torch.randint(-64, 64, (768, 768), generator=g, dtype=torch.int8)
+    plan, _ = codec._plan(codec._bits_of(few), 1, huffman=False)
+    assert plan["rec"]["val"] == "codebook" and plan["rec"]["idx_bits"] == 7
+    assert counted == [few.numel()]
 
 
 # ------------------------------------------------------------------------------ packed_size
