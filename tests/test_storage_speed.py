@@ -17,7 +17,7 @@ import nbcompress
 from nbcompress import History, PruneConfig
 from nbcompress.core import BadInput
 from nbcompress.fingerprint import MEMO, _same_state
-from nbcompress.storage import codec, load, pack, packed_size, save, saver
+from nbcompress.storage import codec, gaps, load, pack, packed_size, save, saver
 
 
 def lenet(seed=0):
@@ -71,6 +71,11 @@ def _spread():
     codes = torch.clamp(torch.randn(n, generator=g) * 40, -127, 127).round().to(torch.int8)
     out["int8_pruned_codes"] = torch.where(torch.rand(n, generator=g) < 0.5, 0, codes)
     # 128 distinct nonzero codes (a 7-bit codebook beats raw bytes) and 129 (it cannot)
+    out["int8_2_of_4"] = torch.where(torch.arange(n) % 4 < 2, codes, 0).masked_fill(codes == 0, 1)
+    tail = out["int8_pruned_codes"].clone()
+    tail[-64:] = 0                                   # trailing zeros: 1-bit gaps beat the mask
+    out["int8_trailing_zeros"] = tail
+    out["int8_30pct"] = torch.where(torch.rand(n, generator=g) < 0.3, codes, 0)
     out["int8_128_values"] = torch.randint(-64, 64, (n,), generator=g, dtype=torch.int8)
     out["int8_129_values"] = torch.randint(-64, 65, (n,), generator=g, dtype=torch.int8)
     out["int32_codes"] = torch.randint(-7, 8, (n,), generator=g, dtype=torch.int32)
@@ -139,6 +144,43 @@ def test_int8_codes_of_a_real_layer_are_planned_without_counting_every_byte(monk
     plan, _ = codec._plan(codec._bits_of(few), 1, huffman=False)
     assert plan["rec"]["val"] == "codebook" and plan["rec"]["idx_bits"] == 7
     assert counted == [few.numel()]
+
+
+def test_the_gap_bound_never_refuses_a_gap_coding_that_would_win():
+    """``fixed_gaps_lose`` (no fixed-width gap coding beats the bitmask, proved without the gaps'
+    histogram) agrees with the exact search whenever it says so, on random masks of every
+    density, structured masks, runs and trailing zeros; and it does decide pruned int8 codes."""
+    rng = np.random.default_rng(0)
+    decided = 0
+    for trial in range(300):
+        n = int(rng.integers(8, 5000))
+        kind = trial % 4
+        if kind == 0:
+            m = rng.random(n) < rng.uniform(0.05, 0.95)
+        elif kind == 1:                         # repeating patterns (N:M sparsity and others)
+            period = int(rng.integers(2, 12))
+            m = np.resize(rng.random(period) < 0.5, n)
+        elif kind == 2:                         # runs of zeros of random lengths
+            m = np.repeat(rng.random(n // 4 + 1) < 0.5, rng.integers(1, 8, n // 4 + 1))[:n]
+        else:                                   # dense with trailing zeros
+            m = rng.random(n) < 0.6
+            m[n - int(rng.integers(0, 40)):] = False
+        u = (m * rng.integers(1, 256, m.size)).astype(np.uint8)
+        nnz = int(np.count_nonzero(u))
+        if nnz == 0:
+            continue
+        budget = (u.size + 7) // 8
+        exact = codec._plan_gaps(codec._gaps(np.flatnonzero(u)), False, budget)
+        if gaps.fixed_gaps_lose(u, nnz, budget):
+            decided += 1
+            assert exact is None, (trial, kind)
+    assert decided > 50
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(1024, 1024, generator=g)
+    codes = torch.round(torch.where(w.abs() < 0.67, 0.0, w) / w.abs().amax(1, keepdim=True)
+                        * 127).to(torch.int8)
+    u = codec._bits_of(codes)
+    assert gaps.fixed_gaps_lose(u, int(np.count_nonzero(u)), (u.size + 7) // 8)
 
 
 # ------------------------------------------------------------------------------ packed_size

@@ -6,6 +6,7 @@ reading the packed nonzero mask a byte at a time when nonzeros are not rare)."""
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 _HIST = 1 << 20          # gaps below this are counted in one bincount; longer ones are few
 
@@ -107,6 +108,51 @@ def _byte_tables() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 _FIRST_BIT, _LAST_BIT, _INNER_GAPS = _byte_tables()
 _BYTE_CHUNK = 1 << 19      # elements (a multiple of 8: chunks start on a byte)
+# per byte of a packed mask: its set bits with at least 3 / 7 clear bits of the same byte just
+# before them (each is a nonzero whose gap-minus-one is at least 3 / 7)
+_AFTER_3 = _INNER_GAPS[:, 3:].sum(1) + (_FIRST_BIT >= 3) * (np.arange(256) > 0)
+_AFTER_7 = (np.arange(256) == 1).astype(np.int64)
+
+
+def _packed_mask(c: np.ndarray) -> np.ndarray:
+    """``np.packbits(c != 0)``; bytes are packed as they are (packbits sets a bit for any nonzero
+    element: one pass, not two, 2.2x faster)."""
+    return np.packbits(c) if c.dtype.itemsize == 1 else np.packbits(c != 0)
+
+
+def fixed_gaps_lose(u: np.ndarray, nnz: int, budget: int) -> bool:
+    """True when no fixed-width gap coding of ``u``'s nonzero positions can take fewer than
+    ``budget`` bytes (the bitmask's), proved without the gaps' histogram: with ``b``-bit symbols
+    (filler ``C = 2**b - 1``) the stream has ``nnz + sum(gap // C)`` symbols, exactly ``last + 1``
+    for ``b = 1`` (``last``: the last nonzero's place), at least ``nnz`` plus the gaps of 3 (7)
+    or more seen inside single bytes of the packed mask for ``b = 2`` (3), at least ``nnz`` for
+    wider symbols. The mask's bytes are read only until the bound is reached: int8 codes of a
+    pruned layer (about half nonzero) are decided from ``nnz`` and a fifth of the mask, where the
+    histogram of every gap (:func:`_byte_gap_histogram`) reads all of it, several times slower."""
+    n = u.size
+    tail = 4096
+    while True:                                   # the last nonzero, from the end
+        at = np.flatnonzero(u[max(0, n - tail):])
+        if at.size or tail >= n:
+            break
+        tail *= 8
+    last = n - min(tail, n) + int(at[-1]) if at.size else -1
+    if (last + 8) // 8 < budget or (4 * nnz + 7) // 8 < budget:
+        return False
+    need3 = -(-(8 * budget - 7 - 2 * nnz) // 2)   # the b = 2 (3) bound reaches the budget with
+    need7 = -(-(8 * budget - 7 - 3 * nnz) // 3)   # this many long gaps
+    got3 = got7 = 0
+    for start in range(0, n, _BOUND_CHUNK):
+        if got3 >= need3 and got7 >= need7:
+            return True
+        seen = torch.bincount(torch.from_numpy(_packed_mask(u[start:start + _BOUND_CHUNK])),
+                              minlength=256).numpy()      # (torch: 2x numpy's bincount of bytes)
+        got3 += int(seen @ _AFTER_3)
+        got7 += int(seen[1])
+    return got3 >= need3 and got7 >= need7
+
+
+_BOUND_CHUNK = 1 << 17    # elements (a multiple of 8)
 
 
 def _byte_gap_histogram(u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -119,7 +165,7 @@ def _byte_gap_histogram(u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     big: list[np.ndarray] = []
     last = -1
     for start in range(0, u.size, _BYTE_CHUNK):
-        packed = np.packbits(u[start:start + _BYTE_CHUNK] != 0)
+        packed = _packed_mask(u[start:start + _BYTE_CHUNK])
         bytes_seen += np.bincount(packed, minlength=256)
         j = np.flatnonzero(packed != 0)
         if not j.size:
