@@ -611,6 +611,8 @@ def test_int8_absmax_codes_bit_identical_to_whole_tensor_maths(monkeypatch, bloc
     if block is not None:
         monkeypatch.setattr(lowbit, "_BLOCK", block)
     for w in _weights_for_codes():
+        if block == 1 and w.numel() > 5_000:   # (a block per element: the 300x400 weight alone
+            continue                            # took 110 s; block 16 cuts its rows in pieces)
         for per_channel in (True, False):
             for bits in (8, 4, 2):
                 codes, scale, zp = uniform_quantize(w, bits, per_channel=per_channel,
