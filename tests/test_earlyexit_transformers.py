@@ -292,6 +292,14 @@ def test_exits_export_to_onnx_and_the_runtime_takes_each_rows_exit(name, tmp_pat
     with torch.no_grad():
         outs, first, want = split_by_the_rule(ee, x)
     assert 0 < int((first < len(outs) - 1).sum()) < len(first)   # some rows leave, some go on
+    from nbcompress.deploy.lowering import LoweredEarlyExit
+
+    lowered = LoweredEarlyExit(ee)
+    with torch.no_grad():
+        torch.testing.assert_close(lowered(**x), want)         # the graph before export
+    first_key, *rest = x
+    with pytest.raises(TypeError, match="one batch"):          # positional and keywords at once
+        lowered(x[first_key], **({k: x[k] for k in rest} or {"output_hidden_states": False}))
     r = nbcompress.export(ee, tmp_path / "ee.onnx", example_input=x, latency=False)
     assert "early exit" in r.notes and r.dynamic_batch
     s = ort.InferenceSession(str(tmp_path / "ee.onnx"), providers=["CPUExecutionProvider"])

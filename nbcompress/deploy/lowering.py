@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core import BadInput
-from ..techniques.earlyexit.model import EarlyExitModel, first_confident
+from ..techniques.earlyexit.model import EarlyExitModel, call_batch, first_confident
 from ..techniques.quantize.qmodules import QuantizedWeightLayer
 from ..techniques.quantize.qmodules_int8 import (STATIC_CONV, DynamicInt8GRU, DynamicInt8Linear,
                                                  DynamicInt8LSTM, StaticInt8Linear)
@@ -235,7 +235,10 @@ class LoweredEarlyExit(nn.Module):
         self.threshold = float(m.threshold)
 
     def forward(self, *args, **kwargs):
-        x = kwargs if not args else args[0]
+        x = call_batch(args, kwargs)
+        if x is None:
+            raise TypeError("an early-exit model takes one batch: a tensor, or the model's "
+                            "inputs as keywords, not both")
         return first_confident(self.model.forward_all(x), self.threshold,
                                self.model.token_mask(x))
 

@@ -35,7 +35,8 @@ from torch import nn
 
 from ...counting import flop_mode
 from ...errors import BadInput, FieldError
-from .model import DEFAULT_THRESHOLD, EarlyExitModel, confidence, first_confident
+from .model import (DEFAULT_THRESHOLD, EarlyExitModel, call_batch, confidence,
+                    first_confident)
 
 __all__ = ["HookedExitModel", "find_stack", "chain_stack", "plan_hooked", "TokenPool",
            "TokenStates"]
@@ -241,11 +242,9 @@ class HookedExitModel(EarlyExitModel):
 
     # ---------------------------------------------------------------------- forward
     def forward(self, *args, **kwargs):
-        x = kwargs if not args else (args[0] if len(args) == 1 and not kwargs else None)
+        x = call_batch(args, kwargs)
         if x is None or self.training or not len(self.heads):
             return self.backbone(*args, **kwargs)
-        if isinstance(x, Mapping):
-            x = {k: v for k, v in x.items() if k not in ("labels", "label")}
         return self._exit_forward(x)
 
     def _exit_forward(self, x: Any) -> Any:

@@ -13,6 +13,7 @@ the network before.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Sequence
 
 import torch
@@ -38,6 +39,16 @@ def confidence(logits: torch.Tensor, mask: torch.Tensor | None = None) -> torch.
     if mask is not None and tuple(mask.shape) == tuple(p.shape):
         p = p.masked_fill(~mask.to(p.device).bool(), 1.0)
     return p.reshape(p.shape[0], -1).amin(dim=1)
+
+
+def call_batch(args: tuple, kwargs: dict) -> Any:
+    """The one batch a forward was called with, as an exit forward reads it: its single
+    positional argument, or its keyword inputs as a mapping (labels left out: exits score the
+    inputs); None when it was called with several positional arguments or with both kinds."""
+    x = kwargs if not args else (args[0] if len(args) == 1 and not kwargs else None)
+    if isinstance(x, Mapping):
+        x = {k: v for k, v in x.items() if k not in ("labels", "label")}
+    return x
 
 
 def first_confident(outs: Sequence[torch.Tensor], threshold: float,
