@@ -97,23 +97,34 @@ def model_bytes(m) -> int:
     return _model_bytes(m)
 
 
+def small_mlp():
+    import torch
+
+    return torch.nn.Sequential(torch.nn.Linear(2048, 512), torch.nn.ReLU(),
+                               torch.nn.Linear(512, 2048))
+
+
+def history_pair(m, x):
+    """``prune 0.5`` then int8 through a History (no latency timing): the pair the sections time."""
+    from nbcompress import History, PruneConfig, QuantizeConfig
+
+    h = History(m, example_input=x, measure_latency=False)
+    h.apply(PruneConfig(amount=0.5), progress=False)
+    h.apply(QuantizeConfig(), progress=False)
+    return h
+
+
 # ----------------------------------------------------------------------------- sections
 def sec_mlp25m(repeats: int) -> dict:
     import torch
 
     import nbcompress
-    from nbcompress import History, PruneConfig, QuantizeConfig
 
     x = torch.randn(1, 2048)
     # first-call costs (imports, kernels' set-up) paid before timing, by both pairs on a small
     # MLP: the section "first" measures them
-    small = lambda: torch.nn.Sequential(torch.nn.Linear(2048, 512), torch.nn.ReLU(),  # noqa: E731
-                                        torch.nn.Linear(512, 2048))
-    nbcompress.quantize(nbcompress.prune(small(), 0.5, progress=False), progress=False)
-    w = History(small(), example_input=x, measure_latency=False)
-    w.apply(PruneConfig(amount=0.5), progress=False)
-    w.apply(QuantizeConfig(), progress=False)
-    w.close()
+    nbcompress.quantize(nbcompress.prune(small_mlp(), 0.5, progress=False), progress=False)
+    history_pair(small_mlp(), x).close()
     nbcompress.measure(mlp25m(99), x, latency=False)
     api, hist, steps = [], [], []
     for r in range(repeats):
@@ -125,9 +136,7 @@ def sec_mlp25m(repeats: int) -> dict:
         del p
         m = mlp25m(r)
         with Clock() as c:
-            h = History(m, example_input=x, measure_latency=False)
-            h.apply(PruneConfig(amount=0.5), progress=False)
-            h.apply(QuantizeConfig(), progress=False)
+            h = history_pair(m, x)
         hist.append(c)
         steps.append([{"technique": v.technique, "technique_s": v.seconds,
                        "bookkeeping_s": v.overhead} for v in h.versions[1:]])
@@ -156,13 +165,7 @@ def sec_rss25m(repeats: int) -> dict:
     # the same pair on a small MLP first: the modules the steps import (tens of MB of code and
     # data, the same for any model) are loaded before the baseline, so what is measured is what
     # grows with the model
-    small = torch.nn.Sequential(torch.nn.Linear(2048, 512), torch.nn.ReLU(),
-                                torch.nn.Linear(512, 2048))
-    w = History(small, example_input=x, measure_latency=False)
-    w.apply(PruneConfig(amount=0.5), progress=False)
-    w.apply(QuantizeConfig(), progress=False)
-    w.close()
-    del w, small
+    history_pair(small_mlp(), x).close()
     m = mlp25m()
     base = rss_now()
     nbytes = model_bytes(m)

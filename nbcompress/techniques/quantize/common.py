@@ -103,8 +103,8 @@ def row(name, old, new, bits, kind, w, wq, *, scratch: bool = False) -> dict:
     w = w.detach()
     if wq.is_quantized:
         err = den = 0.0
-        step = max(1, (1 << 18) // max(1, w[0].numel())) if w.dim() else 1
-        for r in range(0, w.shape[0] if w.dim() else 1, step):
+        step = max(1, (1 << 18) // max(1, w[0].numel()))    # (int8 kernels' weights: 2-D+)
+        for r in range(0, w.shape[0], step):
             a = w[r:r + step].float().cpu()
             den += float(a.norm()) ** 2
             err += float(wq[r:r + step].dequantize().cpu().sub_(a).norm()) ** 2
